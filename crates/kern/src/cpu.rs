@@ -1,0 +1,343 @@
+//! CPUs: per-CPU state and the layout of the pending word.
+//!
+//! A [`Cpu`] is owned by one virtual CPU (a host thread, in the `machine`
+//! crate). Most fields are touched only by that CPU, from thread code and
+//! from its own interrupt handlers, and are atomics so that a signal handler
+//! interrupting the owner sees a coherent value; the pending line and the
+//! run queue are shared with other CPUs and devices.
+//!
+//! # The pending word
+//! One 64-bit word per CPU holds every pending source, ordered so that a
+//! higher bit never has a lower priority than a lower bit:
+//!
+//! | bits | source |
+//! |---|---|
+//! | 0 | an AST is pending (runs only at IPL none, in thread context) |
+//! | 1-4 | soft interrupts: softclock, softbio, softnet, softserial |
+//! | 8-23 | hardware vectors at bio |
+//! | 24-31 | net |
+//! | 32-39 | tty |
+//! | 40-47 | vm |
+//! | 48-55 | sched |
+//! | 56-63 | high |
+//!
+//! So "what may run at IPL *l*" is the constant mask [`unmasked`]`(l)`, and
+//! "what runs first" is the highest set bit.
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
+
+use crate::ipl::Ipl;
+use crate::lock::SpinMutex;
+use crate::pending::PendingLine;
+use crate::sched::{RunQueue, Thread};
+
+/// The most CPUs a kernel may have.
+pub const MAXCPU: usize = 64;
+/// The AST bit of the pending word.
+pub const AST_BIT: u64 = 1;
+/// First bit of the soft levels.
+pub const SOFT_BIT0: u32 = 1;
+
+/// The first bit and the number of vector bits of a hardware level.
+pub const fn hard_bits(level: Ipl) -> (u32, u32) {
+    match level {
+        Ipl::Bio => (8, 16),
+        Ipl::Net => (24, 8),
+        Ipl::Tty => (32, 8),
+        Ipl::Vm => (40, 8),
+        Ipl::Sched => (48, 8),
+        Ipl::High => (56, 8),
+        _ => (0, 0),
+    }
+}
+
+/// The pending-word bit of a soft level.
+pub const fn soft_bit(level: Ipl) -> u64 {
+    match level.soft_index() {
+        Some(i) => 1 << (SOFT_BIT0 + i as u32),
+        None => 0,
+    }
+}
+
+/// The level of a pending-word bit (`None` for the AST bit and unused bits).
+pub const fn bit_level(bit: u32) -> Ipl {
+    match bit {
+        1 => Ipl::SoftClock,
+        2 => Ipl::SoftBio,
+        3 => Ipl::SoftNet,
+        4 => Ipl::SoftSerial,
+        8..=23 => Ipl::Bio,
+        24..=31 => Ipl::Net,
+        32..=39 => Ipl::Tty,
+        40..=47 => Ipl::Vm,
+        48..=55 => Ipl::Sched,
+        56..=63 => Ipl::High,
+        _ => Ipl::None,
+    }
+}
+
+const fn compute_unmasked() -> [u64; Ipl::COUNT] {
+    let mut t = [0u64; Ipl::COUNT];
+    let mut l = 0;
+    while l < Ipl::COUNT {
+        let mut m = 0u64;
+        let mut b = 0u32;
+        while b < 64 {
+            let lvl = bit_level(b) as usize;
+            let runs = if b == 0 {
+                l == 0 // the AST bit: only at IPL none
+            } else {
+                lvl != 0 && lvl > l
+            };
+            if runs {
+                m |= 1 << b;
+            }
+            b += 1;
+        }
+        t[l] = m;
+        l += 1;
+    }
+    t
+}
+
+static UNMASKED: [u64; Ipl::COUNT] = compute_unmasked();
+
+/// The pending-word bits that may run while the CPU is at `level`.
+#[inline(always)]
+pub fn unmasked(level: u8) -> u64 {
+    UNMASKED[level as usize]
+}
+
+/// Per-CPU counters, readable from any thread at any time.
+#[derive(Debug)]
+pub struct CpuStats {
+    /// Interrupt signals (traps) taken.
+    pub traps: AtomicU64,
+    /// Traps that interrupted an allocator (kmem or a pool) mid-operation.
+    pub traps_in_alloc: AtomicU64,
+    /// Traps that found nothing they could run.
+    pub traps_idle: AtomicU64,
+    /// Hardware handler invocations, per pending-word bit.
+    pub intr: [AtomicU64; 64],
+    /// Interrupts replayed by `splx` after being deferred by the IPL.
+    pub splx_replays: AtomicU64,
+    /// Interrupts dispatched by the idle loop without a signal.
+    pub idle_dispatch: AtomicU64,
+    /// Posts that found their bit already pending.
+    pub posts_coalesced: AtomicU64,
+    /// Posts that required a signal.
+    pub kicks_intr: AtomicU64,
+    /// Posts or wakeups that woke the CPU from idle sleep.
+    pub kicks_wake: AtomicU64,
+    /// Soft-interrupt handler invocations.
+    pub softints: AtomicU64,
+    /// Soft-interrupt passes that exhausted their budget.
+    pub softint_overruns: AtomicU64,
+    /// Soft-interrupt handler invocations by the softint daemon.
+    pub softints_daemon: AtomicU64,
+    /// Kernel thread switches.
+    pub switches: AtomicU64,
+    /// ASTs delivered by a frame pushed at interrupt return.
+    pub ast_pushed: AtomicU64,
+    /// Interrupt returns that left an AST pending (not a safe point).
+    pub ast_deferred: AtomicU64,
+    /// ASTs delivered at a later safe point (splx, lock release, yield).
+    pub ast_safepoint: AtomicU64,
+    /// AST handler invocations.
+    pub ast_handlers: AtomicU64,
+    /// Idle sleeps.
+    pub idle_sleeps: AtomicU64,
+}
+
+impl Default for CpuStats {
+    fn default() -> Self {
+        Self {
+            traps: AtomicU64::new(0),
+            traps_in_alloc: AtomicU64::new(0),
+            traps_idle: AtomicU64::new(0),
+            intr: [const { AtomicU64::new(0) }; 64],
+            splx_replays: AtomicU64::new(0),
+            idle_dispatch: AtomicU64::new(0),
+            posts_coalesced: AtomicU64::new(0),
+            kicks_intr: AtomicU64::new(0),
+            kicks_wake: AtomicU64::new(0),
+            softints: AtomicU64::new(0),
+            softint_overruns: AtomicU64::new(0),
+            softints_daemon: AtomicU64::new(0),
+            switches: AtomicU64::new(0),
+            ast_pushed: AtomicU64::new(0),
+            ast_deferred: AtomicU64::new(0),
+            ast_safepoint: AtomicU64::new(0),
+            ast_handlers: AtomicU64::new(0),
+            idle_sleeps: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Per-CPU state.
+#[repr(align(64))]
+pub struct Cpu {
+    pub(crate) index: usize,
+    pub(crate) line: PendingLine,
+    pub(crate) mask_mode: bool,
+    /// `mask` spl: the hardware level the host signal mask blocks now.
+    pub(crate) hw_blocked: AtomicU8,
+    /// An AST upcall frame was pushed and has not been entered yet.
+    pub(crate) ast_armed: AtomicBool,
+    /// Hard and soft interrupt nesting depth.
+    pub(crate) depth: AtomicU32,
+    /// Spin mutexes held (NetBSD `ci_mtx_count`).
+    pub(crate) mtx_count: AtomicU32,
+    /// The IPL to return to when the last spin mutex is released.
+    pub(crate) mtx_oldspl: AtomicU8,
+    /// Nonzero inside a region that is not an AST safe point (the allocator
+    /// under the `safepoint` protection).
+    pub(crate) no_ast: AtomicU32,
+    /// Nonzero while this CPU is inside an allocator (kmem, a pool): traps
+    /// that land then are counted in [`CpuStats::traps_in_alloc`].
+    pub(crate) in_alloc: AtomicU32,
+    /// Set while kernel-thread code runs (not the scheduler, the idle loop or
+    /// the coroutine switch).
+    pub(crate) in_kthread: AtomicBool,
+    /// Set while the CPU runs soft-interrupt handlers from the daemon.
+    pub(crate) in_softint_thread: AtomicBool,
+    pub(crate) curthread: AtomicPtr<Thread>,
+    pub(crate) stack_lo: AtomicUsize,
+    pub(crate) stack_hi: AtomicUsize,
+    /// Scheduled soft interrupts, bit = handle id.
+    pub(crate) soft_pending: AtomicU64,
+    /// Soft interrupts left over by a pass that ran out of budget.
+    pub(crate) soft_deferred: AtomicU64,
+    /// Pending ASTs, bit = handle id.
+    pub(crate) ast_pending: AtomicU64,
+    pub(crate) runq: SpinMutex<RunQueue>,
+    pub(crate) runq_len: AtomicU32,
+    /// Threads placed on this CPU and not yet exited.
+    pub(crate) nthreads: AtomicU32,
+    /// The softint daemon's wait channel word.
+    pub(crate) softintd_wchan: AtomicU32,
+    /// Counters.
+    pub stats: CpuStats,
+}
+
+impl Cpu {
+    pub(crate) fn new(index: usize, mask_mode: bool) -> Self {
+        Self {
+            index,
+            line: PendingLine::new(),
+            mask_mode,
+            hw_blocked: AtomicU8::new(0),
+            ast_armed: AtomicBool::new(false),
+            depth: AtomicU32::new(0),
+            mtx_count: AtomicU32::new(0),
+            mtx_oldspl: AtomicU8::new(0),
+            no_ast: AtomicU32::new(0),
+            in_alloc: AtomicU32::new(0),
+            in_kthread: AtomicBool::new(false),
+            in_softint_thread: AtomicBool::new(false),
+            curthread: AtomicPtr::new(core::ptr::null_mut()),
+            stack_lo: AtomicUsize::new(0),
+            stack_hi: AtomicUsize::new(0),
+            soft_pending: AtomicU64::new(0),
+            soft_deferred: AtomicU64::new(0),
+            ast_pending: AtomicU64::new(0),
+            runq: SpinMutex::new(Ipl::Sched, RunQueue::new()),
+            runq_len: AtomicU32::new(0),
+            nthreads: AtomicU32::new(0),
+            softintd_wchan: AtomicU32::new(0),
+            stats: CpuStats::default(),
+        }
+    }
+
+    /// This CPU's number.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The current IPL.
+    pub fn ipl(&self) -> Ipl {
+        Ipl::from_u8(self.line.ipl()).unwrap_or(Ipl::High)
+    }
+
+    /// The pending line (state word, pending bits).
+    pub fn line(&self) -> &PendingLine {
+        &self.line
+    }
+
+    /// Interrupt nesting depth.
+    pub fn intr_depth(&self) -> u32 {
+        self.depth.load(core::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The current CPU, if the caller runs on one.
+#[inline(always)]
+pub fn curcpu_opt() -> Option<&'static Cpu> {
+    let p = crate::md::curcpu_ptr();
+    // SAFETY: the machine returns null or a pointer to a `Cpu` of the booted
+    // kernel, which outlives every CPU thread (md.rs, `dvma_md_curcpu`).
+    unsafe { p.as_ref() }
+}
+
+/// The current CPU. Panics on a host thread that is not a CPU.
+#[inline(always)]
+pub fn curcpu() -> &'static Cpu {
+    match curcpu_opt() {
+        Some(c) => c,
+        None => not_on_a_cpu(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn not_on_a_cpu() -> ! {
+    panic!("kern: called from a host thread that is not a CPU")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmasked_table_matches_the_lattice() {
+        // At none everything runs, including the AST.
+        assert_eq!(unmasked(Ipl::None as u8) & AST_BIT, AST_BIT);
+        // Above none the AST never runs.
+        for l in &Ipl::ALL[1..] {
+            assert_eq!(unmasked(*l as u8) & AST_BIT, 0, "{l}");
+        }
+        for b in 1..64u32 {
+            let lvl = bit_level(b);
+            if lvl == Ipl::None {
+                continue;
+            }
+            for cur in Ipl::ALL {
+                let runs = unmasked(cur as u8) & (1 << b) != 0;
+                assert_eq!(runs, lvl > cur, "bit {b} ({lvl}) at {cur}");
+            }
+        }
+        assert_eq!(unmasked(Ipl::High as u8), 0);
+    }
+
+    #[test]
+    fn higher_bit_never_lower_priority() {
+        let mut last = Ipl::None;
+        for b in 1..64 {
+            let l = bit_level(b);
+            if l == Ipl::None {
+                continue;
+            }
+            assert!(l >= last, "bit {b}");
+            last = l;
+        }
+        for h in Ipl::HARD {
+            let (first, n) = hard_bits(h);
+            for b in first..first + n {
+                assert_eq!(bit_level(b), h);
+            }
+        }
+        for s in Ipl::SOFT {
+            assert_eq!(bit_level(soft_bit(s).trailing_zeros()), s);
+        }
+    }
+}

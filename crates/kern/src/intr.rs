@@ -1,0 +1,305 @@
+//! Hardware interrupts: establishing handlers, posting, dispatching.
+//!
+//! * [`intr_establish`] (attach time, thread or host context) gives a
+//!   handler a vector at a hardware IPL.
+//! * [`intr_post`] (any thread: a device) marks the vector pending on a CPU
+//!   and kicks the CPU only if it would not notice otherwise
+//!   ([`crate::pending`]).
+//! * [`trap`] is what the machine calls from its interrupt entry (a signal
+//!   handler): it runs every source pending above the interrupted IPL,
+//!   highest first, then soft interrupts whose level is above the
+//!   interrupted IPL, then decides whether to push an AST frame.
+//!
+//! Handlers nest by IPL: while a handler runs the CPU is at the handler's
+//! level, so only strictly higher sources preempt it; equal or lower ones
+//! stay pending and run when it returns. A handler may be called when its
+//! device has nothing to report (a coalesced or replayed post): it must
+//! tolerate that, as a shared interrupt line's handler does.
+//!
+//! # Rules for handlers (interrupt context)
+//! A handler receives an [`IntrCtx`]. It must not sleep (the sleeping APIs
+//! take a [`crate::ThreadCtx`], which it does not have), must not allocate
+//! from the host allocator, must not print, and may take only spin mutexes
+//! ([`crate::lock::SpinMutex`]) whose IPL is at least its own level: thread
+//! code holding such a mutex has raised the CPU to that level, so the
+//! handler cannot interrupt it on the same CPU and only spins briefly
+//! against other CPUs. It may call [`crate::sched::wakeup`],
+//! [`crate::softint::softint_schedule`], [`crate::ast::ast_push`] and
+//! `Pool::get_nowait`.
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicPtr, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+
+use crate::cpu::{AST_BIT, Cpu, bit_level, curcpu_opt, hard_bits, unmasked};
+use crate::ctx::IntrCtx;
+use crate::ipl::Ipl;
+use crate::kernel::kernel;
+use crate::pending::Post;
+
+/// Errors of [`intr_establish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntrError {
+    /// The level is not a hardware level.
+    NotHardLevel {
+        /// The level asked for.
+        level: Ipl,
+    },
+    /// Every vector of the level is taken.
+    NoVector {
+        /// The level asked for.
+        level: Ipl,
+    },
+}
+
+impl core::fmt::Display for IntrError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            IntrError::NotHardLevel { level } => {
+                write!(
+                    f,
+                    "intr_establish: {level} is not a hardware interrupt level"
+                )
+            }
+            IntrError::NoVector { level } => {
+                write!(f, "intr_establish: no free vector at {level}")
+            }
+        }
+    }
+}
+
+/// An established interrupt vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntrHandle {
+    bit: u8,
+}
+
+impl IntrHandle {
+    /// The vector's IPL.
+    pub fn level(&self) -> Ipl {
+        bit_level(self.bit as u32)
+    }
+    /// The vector's bit in the pending word.
+    pub fn bit(&self) -> u32 {
+        self.bit as u32
+    }
+}
+
+pub(crate) struct Handler {
+    f: Box<dyn Fn(&IntrCtx) + Send + Sync>,
+    pub(crate) name: &'static str,
+}
+
+/// The vector table: a handler per pending-word bit.
+pub(crate) struct Vectors {
+    slots: [AtomicPtr<Handler>; 64],
+}
+
+impl Vectors {
+    pub(crate) fn new() -> Self {
+        Self {
+            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; 64],
+        }
+    }
+
+    pub(crate) fn name(&self, bit: u32) -> Option<&'static str> {
+        let p = self.slots[bit as usize].load(Acquire);
+        // SAFETY: non-null slots point to leaked `Handler`s freed only when
+        // the kernel is torn down (`Drop for Vectors`).
+        unsafe { p.as_ref() }.map(|h| h.name)
+    }
+}
+
+impl Drop for Vectors {
+    fn drop(&mut self) {
+        for s in &self.slots {
+            let p = s.swap(core::ptr::null_mut(), Acquire);
+            if !p.is_null() {
+                // SAFETY: created by `Box::into_raw` in `intr_establish`; the
+                // kernel is being torn down, so no CPU can run it any more.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        }
+    }
+}
+
+/// Establish `handler` for a new vector at hardware level `level`.
+///
+/// Thread or host context. The handler runs in interrupt context on
+/// whichever CPU the vector is posted to.
+pub fn intr_establish(
+    level: Ipl,
+    name: &'static str,
+    handler: impl Fn(&IntrCtx) + Send + Sync + 'static,
+) -> Result<IntrHandle, IntrError> {
+    if !level.is_hard() {
+        return Err(IntrError::NotHardLevel { level });
+    }
+    let (first, n) = hard_bits(level);
+    let h = Box::into_raw(Box::new(Handler {
+        f: Box::new(handler),
+        name,
+    }));
+    let k = kernel();
+    for bit in first..first + n {
+        if k.vectors.slots[bit as usize]
+            .compare_exchange(core::ptr::null_mut(), h, Release, Relaxed)
+            .is_ok()
+        {
+            return Ok(IntrHandle { bit: bit as u8 });
+        }
+    }
+    // SAFETY: `h` came from `Box::into_raw` above and was never published.
+    drop(unsafe { Box::from_raw(h) });
+    Err(IntrError::NoVector { level })
+}
+
+/// Post vector `h` on CPU `cpu`: any thread, any context (devices call it).
+///
+/// Sets the vector pending and kicks the CPU only when it would not notice
+/// by itself; a vector already pending coalesces.
+pub fn intr_post(cpu: usize, h: IntrHandle) {
+    let k = kernel();
+    let c = k.cpu(cpu);
+    match c.line.post(1u64 << h.bit, h.level()) {
+        Post::Coalesced => {
+            c.stats.posts_coalesced.fetch_add(1, Relaxed);
+        }
+        Post::Noticed => {}
+        Post::Kick(kick) => {
+            match kick {
+                crate::md::Kick::Interrupt(_) => c.stats.kicks_intr.fetch_add(1, Relaxed),
+                crate::md::Kick::Wake => c.stats.kicks_wake.fetch_add(1, Relaxed),
+            };
+            k.md().kick(cpu, kick);
+        }
+    }
+}
+
+/// What the machine knows about an interrupted context (a signal frame).
+pub trait TrapFrame {
+    /// The hardware level whose signal brought us here: the host blocks it
+    /// and everything below it while the handler runs (`mask` spl).
+    fn signal_level(&self) -> Ipl;
+    /// The interrupted stack pointer.
+    fn sp(&self) -> usize;
+    /// Did we interrupt another trap (a signal handler), or the machine's
+    /// entry, exit or AST trampoline code?
+    fn interrupted_trap(&self) -> bool;
+    /// Make the interrupted context call the AST upcall before it resumes:
+    /// push a frame onto its stack (edit the saved context).
+    fn push_upcall(&mut self);
+}
+
+/// Where a dispatch pass was entered from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A trap (signal).
+    Trap,
+    /// `splx` replaying what the IPL deferred.
+    Splx,
+    /// The idle loop, which polls instead of taking signals.
+    Idle,
+}
+
+/// The interrupt entry: called by the machine's signal handler.
+///
+/// Interrupt context. Runs what is pending above the interrupted IPL, then,
+/// at the outermost trap, pushes an AST frame if an AST is pending and the
+/// interrupted context is a safe point.
+pub fn trap(frame: &mut dyn TrapFrame) {
+    let Some(cpu) = curcpu_opt() else { return };
+    cpu.stats.traps.fetch_add(1, Relaxed);
+    if cpu.in_alloc.load(Relaxed) != 0 {
+        cpu.stats.traps_in_alloc.fetch_add(1, Relaxed);
+    }
+    let s = cpu.line.ipl();
+    // `mask` spl: the host blocks up to the signal's level until we change it.
+    let hw_saved = cpu.hw_blocked.load(Relaxed);
+    if cpu.mask_mode {
+        let sig = frame.signal_level() as u8;
+        if sig > hw_saved {
+            cpu.hw_blocked.store(sig, Relaxed);
+        }
+    }
+    let ran = if cpu.line.pending() & unmasked(s) & !AST_BIT != 0 {
+        dispatch(cpu, s, Origin::Trap)
+    } else {
+        false
+    };
+    if !ran {
+        cpu.stats.traps_idle.fetch_add(1, Relaxed);
+    }
+    if cpu.mask_mode {
+        // sigreturn restores the interrupted mask.
+        cpu.hw_blocked.store(hw_saved, Relaxed);
+    }
+    if cpu.line.pending() & AST_BIT != 0 {
+        crate::ast::at_trap_exit(cpu, s, frame);
+    }
+}
+
+/// Run every source pending above `s`, highest first, until none is left.
+/// Returns whether anything ran. Interrupt context (depth is raised).
+pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
+    let k = kernel();
+    let runnable = unmasked(s) & !AST_BIT;
+    let prev = cpu.line.enter_intr();
+    cpu.depth.fetch_add(1, Relaxed);
+    let mut ran = false;
+    loop {
+        loop {
+            let p = cpu.line.pending() & runnable;
+            if p == 0 {
+                break;
+            }
+            let b = 63 - p.leading_zeros();
+            let bit = 1u64 << b;
+            if !cpu.line.claim(bit) {
+                continue; // a nested dispatch took it
+            }
+            let level = bit_level(b);
+            set_level(cpu, level as u8);
+            if level.is_hard() {
+                let h = k.vectors.slots[b as usize].load(Acquire);
+                // SAFETY: see `Vectors::name`.
+                if let Some(h) = unsafe { h.as_ref() } {
+                    (h.f)(&IntrCtx::new(level));
+                }
+                cpu.stats.intr[b as usize].fetch_add(1, Relaxed);
+                match origin {
+                    Origin::Splx => cpu.stats.splx_replays.fetch_add(1, Relaxed),
+                    Origin::Idle => cpu.stats.idle_dispatch.fetch_add(1, Relaxed),
+                    Origin::Trap => 0,
+                };
+            } else {
+                crate::softint::run_level(cpu, level);
+            }
+            // Lower before looking at the pending word again (pending.rs).
+            cpu.line.set_ipl_sync(s);
+            ran = true;
+        }
+        if cpu.line.leave_intr(prev, runnable) == 0 {
+            break;
+        }
+        cpu.line.enter_intr();
+    }
+    cpu.depth.fetch_sub(1, Relaxed);
+    if cpu.mask_mode && origin != Origin::Trap {
+        crate::spl::mask_sync(cpu, s);
+    }
+    ran
+}
+
+/// Raise (or set) the CPU's level inside the dispatch loop.
+#[inline]
+fn set_level(cpu: &Cpu, level: u8) {
+    if cpu.mask_mode {
+        crate::spl::mask_sync(cpu, level);
+    }
+    cpu.line.set_ipl_sync(level);
+}
+
+/// Name of the handler of pending-word bit `bit`, if any (statistics).
+pub fn vector_name(bit: u32) -> Option<&'static str> {
+    kernel().vectors.name(bit)
+}

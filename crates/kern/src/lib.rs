@@ -1,0 +1,57 @@
+//! # kern: the dvma kernel core
+//!
+//! `kern` is the machine-independent half of dvma: interrupt priority levels
+//! ([`spl`]), interrupts ([`intr`]), soft interrupts ([`softint`]), kernel
+//! threads ([`sched`]), the "kernel signal" of the 1995 mail ([`ast`]),
+//! spin mutexes bound to an IPL ([`lock`]), the 1995-style kernel malloc
+//! ([`kmem`]) and IPL-bound pools ([`pool`]).
+//!
+//! It is `#![no_std]` + `alloc` and knows nothing of Linux. Everything
+//! host-specific is behind the [`md`] interface, which the `machine` crate
+//! implements (vCPUs as host threads, interrupts as real-time signals, the
+//! AST trampoline in assembly).
+//!
+//! ## Contexts
+//!
+//! Code in this kernel runs in one of four contexts, and each kind of
+//! handler receives a token naming its context ([`ctx`]):
+//!
+//! | context | token | may sleep | entered from |
+//! |---|---|---|---|
+//! | kernel thread | [`ThreadCtx`] | yes | [`sched::kthread_create`], AST upcalls |
+//! | soft interrupt | [`SoftCtx`] | no | interrupt return, `splx`, the softint daemon |
+//! | hard interrupt | [`IntrCtx`] | no | a signal, `splx` replay, the idle loop |
+//! | host / boot | none | no | the machine, before or outside the CPUs |
+//!
+//! Functions that may sleep take `&ThreadCtx`; calling them from an
+//! interrupt handler does not compile (see `tests/ui`).
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
+
+extern crate alloc;
+#[cfg(any(test, loom))]
+extern crate std;
+
+pub mod ast;
+pub mod completion;
+pub mod cpu;
+pub mod ctx;
+pub mod intr;
+pub mod ipl;
+pub mod kernel;
+pub mod kmem;
+pub mod lock;
+pub mod md;
+pub mod pending;
+pub mod pool;
+pub mod race;
+pub mod sched;
+pub mod softint;
+pub mod spl;
+pub mod stats;
+
+pub use completion::Completion;
+pub use ctx::{IntrCtx, SoftCtx, ThreadCtx};
+pub use ipl::Ipl;
+pub use kernel::{Kernel, KernelConfig, kernel};

@@ -1,0 +1,94 @@
+//! The machine-dependent interface.
+//!
+//! The kernel core asks the machine for exactly these things; the `machine`
+//! crate provides them for a Linux process, and a port to real hardware
+//! would provide them with IPIs, interrupt controllers and `hlt`.
+//!
+//! * [`Md`]: a trait object registered at [`crate::kernel::boot`]: kicking a
+//!   CPU (an inter-processor interrupt, or waking it from idle), time,
+//!   masking hardware interrupts for the `mask` spl implementation, idling,
+//!   and kernel-thread stacks.
+//! * `dvma_md_curcpu`: the current CPU. It is on every `spl` call, so it is
+//!   a link-time hook (like `#[global_allocator]`), not a trait method, and
+//!   with LTO it inlines into a single thread-pointer-relative load, as
+//!   `curcpu()` is a `%gs`-relative load in a real kernel.
+//!
+//! # Contexts
+//! [`Md::kick`], [`Md::nanotime`] and [`Md::hw_mask`] are called from
+//! interrupt context and must be async-signal-safe: no allocation, no locks,
+//! errno preserved. The others are called from thread or host context only.
+
+use crate::cpu::Cpu;
+use crate::ipl::Ipl;
+use core::sync::atomic::AtomicU32;
+
+/// How to make a CPU notice that something is pending for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// The CPU is running code that will not look: interrupt it (a signal,
+    /// an IPI) at this hardware level.
+    Interrupt(Ipl),
+    /// The CPU sleeps in its idle loop: wake it.
+    Wake,
+}
+
+/// A kernel-thread stack handed out by the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackMem {
+    /// Lowest address, including the guard page(s).
+    pub limit: usize,
+    /// Highest address (the stack grows down from here); 16-byte aligned.
+    pub base: usize,
+}
+
+/// What the kernel core needs from the machine.
+pub trait Md: Sync {
+    /// Make CPU `cpu` notice pending work. Called from any context,
+    /// including interrupt handlers and host threads (devices).
+    fn kick(&self, cpu: usize, how: Kick);
+    /// Monotonic nanoseconds. Async-signal-safe.
+    fn nanotime(&self) -> u64;
+    /// `mask` spl: block on the calling CPU every hardware interrupt level at
+    /// or below `level` and unblock the others. Async-signal-safe.
+    fn hw_mask(&self, level: Ipl);
+    /// Idle the calling CPU until `word` no longer holds `expect` (or
+    /// spuriously). Host context of the CPU's own thread only.
+    fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32);
+    /// Wake host threads waiting (futex) on `word`: a kernel thread exited
+    /// (see `KThread::exit_word`). Thread or host context.
+    fn host_wake(&self, word: &AtomicU32);
+    /// Allocate a kernel-thread stack of at least `size` usable bytes with a
+    /// guard page below it.
+    fn stack_alloc(&self, size: usize) -> Option<StackMem>;
+    /// Free a stack returned by [`Md::stack_alloc`].
+    ///
+    /// # Safety
+    /// 1. `mem` came from `stack_alloc` on this machine and is freed once.
+    /// 2. Nothing runs on it any more.
+    unsafe fn stack_free(&self, mem: StackMem);
+}
+
+unsafe extern "Rust" {
+    /// The current CPU, or null on a host thread that is not a CPU.
+    ///
+    /// Provided by the machine (`#[unsafe(no_mangle)]`). It must be
+    /// async-signal-safe and return, on a CPU's thread, a pointer to that
+    /// CPU's [`Cpu`] inside the booted kernel.
+    safe fn dvma_md_curcpu() -> *const Cpu;
+}
+
+/// The current CPU, if the caller runs on one.
+#[inline(always)]
+pub fn curcpu_ptr() -> *const Cpu {
+    dvma_md_curcpu()
+}
+
+/// Kernel unit tests run on host threads that are not CPUs.
+#[cfg(test)]
+mod test_md {
+    use super::Cpu;
+    #[unsafe(no_mangle)]
+    fn dvma_md_curcpu() -> *const Cpu {
+        core::ptr::null()
+    }
+}

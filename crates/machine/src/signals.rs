@@ -1,0 +1,152 @@
+//! Device interrupts as real-time signals.
+//!
+//! One signal per hardware IPL: `SIGRTMIN+2` for bio up to `SIGRTMIN+7` for
+//! high. A device that must interrupt a CPU sends that CPU's host thread
+//! the signal of the source's level with `tgkill` (see `kern::pending` for
+//! when it must). The handler is installed per boot:
+//!
+//! * `lazy` spl: `SA_NODEFER` and an empty `sa_mask`: every interrupt
+//!   signal may nest; the kernel's dispatch loop defers what the IPL blocks.
+//! * `mask` spl: `sa_mask` blocks the signals of every level up to the
+//!   handler's own, as an interrupt controller would; `spl` changes the
+//!   thread's signal mask.
+//! * interrupt stack on: `SA_ONSTACK`, with a per-CPU `sigaltstack`.
+//!
+//! # Interrupt context
+//! [`dvma_sig_body`] runs in a signal handler. It allocates nothing, takes
+//! no lock that thread code may hold (only kernel spin mutexes at or above
+//! the handler's IPL, see `kern::intr`), prints nothing, and saves and
+//! restores errno. A panic in it aborts the process (it is `extern "C"`).
+
+use kern::intr::TrapFrame;
+use kern::ipl::Ipl;
+
+use crate::arch;
+use crate::sys;
+
+/// `SA_RESTORER` (not exported by the libc crate for glibc).
+const SA_RESTORER: i32 = 0x0400_0000;
+
+/// First interrupt signal (bio) relative to `SIGRTMIN`.
+const SIG_OFFSET: i32 = 2;
+
+/// The signal of hardware level `level`.
+pub fn sig_of(level: Ipl) -> i32 {
+    libc::SIGRTMIN() + SIG_OFFSET + level.hard_index().unwrap_or(0) as i32
+}
+
+/// The hardware level of signal `sig`, if it is one of ours.
+pub fn level_of(sig: i32) -> Option<Ipl> {
+    let i = sig - libc::SIGRTMIN() - SIG_OFFSET;
+    if (0..6).contains(&i) {
+        Some(Ipl::HARD[i as usize])
+    } else {
+        None
+    }
+}
+
+/// Kernel sigset of the hardware levels at or below `level`.
+pub fn hard_set(level: Ipl) -> u64 {
+    Ipl::HARD
+        .iter()
+        .filter(|h| **h <= level)
+        .map(|h| sys::sigbit(sig_of(*h)))
+        .fold(0, |a, b| a | b)
+}
+
+/// Kernel sigset of every interrupt signal.
+pub fn all_set() -> u64 {
+    hard_set(Ipl::High)
+}
+
+/// Install the interrupt handlers for this boot.
+pub fn install(mask_mode: bool, on_stack: bool) -> std::io::Result<()> {
+    for h in Ipl::HARD {
+        let mut flags = (libc::SA_SIGINFO | libc::SA_RESTART | SA_RESTORER) as u64;
+        if on_stack {
+            flags |= libc::SA_ONSTACK as u64;
+        }
+        let mask = if mask_mode {
+            hard_set(h)
+        } else {
+            flags |= libc::SA_NODEFER as u64;
+            0
+        };
+        let act = sys::KernelSigaction {
+            handler: arch::sigentry_addr(),
+            flags,
+            restorer: arch::sigreturn_addr(),
+            mask,
+        };
+        let r = sys::rt_sigaction(sig_of(h), &act);
+        if r < 0 {
+            return Err(std::io::Error::from_raw_os_error(-r as i32));
+        }
+    }
+    Ok(())
+}
+
+/// The saved context of an interrupted CPU.
+struct LinuxFrame {
+    uc: *mut libc::ucontext_t,
+    sig: i32,
+}
+
+impl LinuxFrame {
+    fn greg(&self, r: i32) -> u64 {
+        // SAFETY: `uc` is the ucontext the kernel passed to this handler;
+        // it is valid and exclusively ours until the handler returns.
+        unsafe { (*self.uc).uc_mcontext.gregs[r as usize] as u64 }
+    }
+}
+
+impl TrapFrame for LinuxFrame {
+    fn signal_level(&self) -> Ipl {
+        level_of(self.sig).unwrap_or(Ipl::High)
+    }
+
+    fn sp(&self) -> usize {
+        self.greg(libc::REG_RSP) as usize
+    }
+
+    fn interrupted_trap(&self) -> bool {
+        arch::in_trap() > 1 || arch::in_stubs(self.greg(libc::REG_RIP) as usize)
+    }
+
+    fn push_upcall(&mut self) {
+        let rip = self.greg(libc::REG_RIP);
+        arch::set_ast_ret(rip);
+        // SAFETY: as in `greg`; the kernel restores this context at
+        // sigreturn, so the thread resumes in the trampoline.
+        unsafe {
+            (*self.uc).uc_mcontext.gregs[libc::REG_RIP as usize] = arch::trampoline() as i64;
+        }
+    }
+}
+
+/// The body of the interrupt entry (called by `dvma_sigentry`).
+pub(crate) extern "C" fn dvma_sig_body(
+    sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut frame = LinuxFrame {
+        uc: uc as *mut libc::ucontext_t,
+        sig,
+    };
+    kern::intr::trap(&mut frame);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The AST upcall, called by the trampoline on the interrupted thread's
+/// stack (thread context: it may sleep).
+pub(crate) extern "C" fn dvma_ast_upcall() {
+    // SAFETY: this thread's errno slot.
+    let errno = unsafe { *libc::__errno_location() };
+    kern::ast::upcall();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}

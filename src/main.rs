@@ -1,0 +1,2 @@
+//! dvma: see README.md.
+fn main() {}
