@@ -1,2 +1,45 @@
-//! dvma: see README.md.
-fn main() {}
+//! `dvma`: a kernel I/O stack that runs as a Linux process, built to answer
+//! the 1995 port-sparc mail on DVMA with measurements. See README.md.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod race;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Command line.
+#[derive(Parser)]
+#[command(
+    name = "dvma",
+    version,
+    about = "DVMA modes and I/O completion mechanisms of the 1995 port-sparc mail, built side by side and measured"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Reproduce the ccd/vnd malloc race of the mail under every completion
+    /// mode and protection.
+    Race(race::RaceArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Race(a) => race::main(a),
+        Cmd::Bench(a) => bench::main(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dvma: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

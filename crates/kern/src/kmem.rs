@@ -204,8 +204,9 @@ struct Protected<'a> {
 }
 
 impl Kmem {
-    /// An allocator over a fresh arena of `bytes` (rounded to pages).
-    pub(crate) fn new(bytes: usize, ncpu: usize) -> Self {
+    /// An allocator over a fresh arena of `bytes` (rounded to pages), with
+    /// free lists for `ncpu` CPUs. Thread or host context.
+    pub fn new(bytes: usize, ncpu: usize) -> Self {
         let len = bytes.div_ceil(PAGE).max(1) * PAGE;
         let layout = Layout::from_size_align(len, PAGE).expect("kmem arena layout");
         // SAFETY: non-zero size.

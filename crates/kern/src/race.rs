@@ -35,7 +35,7 @@ use alloc::string::{String, ToString};
 use core::ptr::NonNull;
 use core::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
+    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
 };
 
 use crate::ast::{AstHandle, ast_establish, ast_push};
@@ -45,7 +45,7 @@ use crate::ctx::ThreadCtx;
 use crate::intr::{IntrHandle, intr_establish, intr_post};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
-use crate::kmem::KmemProtect;
+use crate::kmem::{Kmem, KmemProtect};
 use crate::pool::Pool;
 use crate::sched::{KThread, kthread_create, tsleep, wakeup, wchan, yield_now};
 use crate::softint::{SoftintHandle, softint_establish, softint_schedule};
@@ -130,6 +130,10 @@ impl RaceRow {
 
 /// Size of a component buf.
 pub const BUFSZ: usize = 256;
+/// A done slot being filled (tokens are never all ones).
+const RESERVED: usize = usize::MAX;
+/// Each row's kmem arena.
+const ARENA: usize = 1 << 20;
 const SLOTS: usize = 64;
 
 struct RaceState {
@@ -148,6 +152,13 @@ struct RaceState {
     completions: AtomicU64,
     thread_chan: AtomicU32,
     stop: AtomicBool,
+    /// The storm device may complete requests (only during the storm phase).
+    storming: AtomicBool,
+    /// Storm ticks in progress (the row waits for none before draining).
+    ticking: AtomicU32,
+    /// This row's allocator: every row starts on a fresh arena, since the
+    /// corrupting rows leak what the lost frees held.
+    kmem: AtomicPtr<Kmem>,
 }
 
 static RACE: AtomicPtr<RaceState> = AtomicPtr::new(core::ptr::null_mut());
@@ -159,10 +170,17 @@ fn state() -> Option<&'static RaceState> {
 }
 
 impl RaceState {
+    fn kmem(&self) -> &Kmem {
+        // SAFETY: `kmem` always points to a live `Box<Kmem>`: `run_row`
+        // replaces it only while no request is outstanding and no storm
+        // runs, and frees the old one afterwards.
+        unsafe { &*self.kmem.load(Acquire) }
+    }
+
     fn complete_all(&self) {
         for d in &self.done {
-            let tok = d.swap(0, AcqRel);
-            if tok != 0 {
+            let tok = d.load(Acquire);
+            if tok != 0 && tok != RESERVED && d.compare_exchange(tok, 0, AcqRel, Relaxed).is_ok() {
                 self.free_token(tok);
                 self.completions.fetch_add(1, Relaxed);
             }
@@ -170,7 +188,9 @@ impl RaceState {
     }
 
     fn has_done(&self) -> bool {
-        self.done.iter().any(|d| d.load(Relaxed) != 0)
+        self.done
+            .iter()
+            .any(|d| !matches!(d.load(Relaxed), 0 | RESERVED))
     }
 
     fn free_token(&self, tok: usize) {
@@ -180,7 +200,7 @@ impl RaceState {
             // `swap`, so it is rebuilt once.
             drop(unsafe { self.pool.from_raw((tok >> 1) as u32) });
         } else if let Some(p) = NonNull::new(tok as *mut u8) {
-            kernel().kmem.free(p, BUFSZ);
+            self.kmem().free(p, BUFSZ);
         }
     }
 
@@ -190,7 +210,7 @@ impl RaceState {
                 .get_nowait()
                 .map(|it| ((it.into_raw() as usize) << 1) | 1)
         } else {
-            kernel().kmem.alloc(BUFSZ).map(|p| p.as_ptr() as usize)
+            self.kmem().alloc(BUFSZ).map(|p| p.as_ptr() as usize)
         }
     }
 
@@ -203,20 +223,24 @@ impl RaceState {
         false
     }
 
-    /// The pseudo-device finishes one outstanding request.
+    /// The pseudo-device finishes one outstanding request: reserve a done
+    /// slot first, then take a request, so that nothing is ever put back.
     fn device_complete_one(&self) -> bool {
+        let Some(slot) = self
+            .done
+            .iter()
+            .find(|d| d.compare_exchange(0, RESERVED, AcqRel, Relaxed).is_ok())
+        else {
+            return false;
+        };
         for o in &self.outstanding {
             let tok = o.swap(0, AcqRel);
             if tok != 0 {
-                for d in &self.done {
-                    if d.compare_exchange(0, tok, AcqRel, Relaxed).is_ok() {
-                        return true;
-                    }
-                }
-                o.store(tok, Release);
-                return false;
+                slot.store(tok, Release);
+                return true;
             }
         }
+        slot.store(0, Release);
         false
     }
 
@@ -292,6 +316,9 @@ impl RaceKit {
             completions: AtomicU64::new(0),
             thread_chan: AtomicU32::new(0),
             stop: AtomicBool::new(false),
+            storming: AtomicBool::new(false),
+            ticking: AtomicU32::new(0),
+            kmem: AtomicPtr::new(Box::into_raw(Box::new(Kmem::new(ARENA, kernel().ncpu())))),
         }));
         RACE.store(st as *const RaceState as *mut RaceState, Release);
         st.pool.set_inject(Some(inject));
@@ -329,14 +356,17 @@ impl RaceKit {
     /// the interrupt. Returns whether it posted.
     pub fn device_tick(&self) -> bool {
         let k = kernel();
-        if !self.st.device_complete_one() {
-            return false;
+        let st = self.st;
+        st.ticking.fetch_add(1, SeqCst);
+        let posted = st.storming.load(SeqCst) && st.device_complete_one();
+        if posted {
+            if k.cpu(st.cpu).in_alloc.load(Relaxed) != 0 {
+                st.storm_injections.fetch_add(1, Relaxed);
+            }
+            intr_post(st.cpu, st.intr);
         }
-        if k.cpu(self.st.cpu).in_alloc.load(Relaxed) != 0 {
-            self.st.storm_injections.fetch_add(1, Relaxed);
-        }
-        intr_post(self.st.cpu, self.st.intr);
-        true
+        st.ticking.fetch_sub(1, SeqCst);
+        posted
     }
 
     /// Run one row: `iterations` injected allocations, then `storm_ns` of
@@ -353,7 +383,14 @@ impl RaceKit {
         let k = kernel();
         let st = self.st;
         assert_eq!(ctx.cpu(), st.cpu, "run_row on the kit's CPU");
-        let kmem = &k.kmem;
+        // A fresh allocator for the row.
+        let old = st
+            .kmem
+            .swap(Box::into_raw(Box::new(Kmem::new(ARENA, k.ncpu()))), AcqRel);
+        // SAFETY: nothing is outstanding between rows (the last row drained
+        // everything) and no storm runs, so nothing uses the old one.
+        drop(unsafe { Box::from_raw(old) });
+        let kmem = st.kmem();
         st.completion.store(
             Completion::ALL
                 .iter()
@@ -406,6 +443,7 @@ impl RaceKit {
         // The storm: allocate and free as fast as possible while the device
         // completes and interrupts.
         if storm_ns > 0 {
+            st.storming.store(true, Release);
             let until = k.md().nanotime() + storm_ns;
             let mut n = 0u64;
             while k.md().nanotime() < until {
@@ -425,16 +463,31 @@ impl RaceKit {
             }
         }
 
-        // Drain: complete everything from thread context.
-        while st.device_complete_one() {}
-        st.complete_all();
-        yield_now(ctx);
-        st.complete_all();
+        st.storming.store(false, SeqCst);
+        while st.ticking.load(SeqCst) != 0 {
+            core::hint::spin_loop();
+        }
+        // Drain: complete everything from thread context (the done ring may
+        // be full, so alternate until both rings are empty).
+        loop {
+            while st.device_complete_one() {}
+            st.complete_all();
+            yield_now(ctx);
+            st.complete_all();
+            if st.outstanding.iter().all(|o| o.load(Acquire) == 0)
+                && st.done.iter().all(|d| d.load(Acquire) == 0)
+            {
+                break;
+            }
+        }
         audit(&mut first);
         kmem.set_inject(None);
         kmem.set_protection(KmemProtect::None);
 
         let c1 = kmem.stats.corruptions.load(Relaxed) + st.pool.stats.corruptions.load(Relaxed);
+        if first.is_none() && c1 > c0 {
+            first = kmem.last_corruption().map(|c| c.to_string());
+        }
         let storm = st.storm_injections.load(Relaxed);
         RaceRow {
             completion,

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod host;
 pub mod md;
 pub mod mem;
 pub mod signals;

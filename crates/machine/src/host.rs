@@ -1,0 +1,69 @@
+//! Host-side helpers for measurements and devices: pinning, OS-thread
+//! ping-pong (the baseline kernel threads are compared with).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::*};
+use std::time::Instant;
+
+use crate::sys;
+
+/// Pin the calling host thread to host CPU `cpu`. Returns false if the
+/// host refused.
+pub fn pin_current_thread(cpu: usize) -> bool {
+    // SAFETY: `cpu_set_t` is plain data; CPU_ZERO/CPU_SET only write into it
+    // and `sched_setaffinity(0, ...)` reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Undo [`pin_current_thread`]: allow every host CPU.
+pub fn unpin_current_thread() {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // SAFETY: as in `pin_current_thread`.
+    unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for c in 0..n {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Nanoseconds per switch between two OS threads ping-ponging through a
+/// futex `iters` times each; both pinned to host CPU 0 if `same_cpu`,
+/// else to CPUs 0 and 1.
+pub fn os_thread_switch_ns(iters: u32, same_cpu: bool) -> f64 {
+    let word = Arc::new(AtomicU32::new(0));
+    let w2 = word.clone();
+    let other = if same_cpu { 0 } else { 1 };
+    let b = std::thread::spawn(move || {
+        pin_current_thread(other);
+        for _ in 0..iters {
+            while w2.load(Acquire) != 1 {
+                sys::futex_wait(&w2, 0);
+            }
+            w2.store(0, Release);
+            sys::futex_wake(&w2, 1);
+        }
+    });
+    pin_current_thread(0);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        word.store(1, Release);
+        sys::futex_wake(&word, 1);
+        while word.load(Acquire) != 0 {
+            sys::futex_wait(&word, 1);
+        }
+    }
+    let dt = t0.elapsed();
+    unpin_current_thread();
+    let _ = b.join();
+    dt.as_nanos() as f64 / (2.0 * iters as f64)
+}
