@@ -155,18 +155,18 @@ pub(crate) fn at_trap_exit(cpu: &Cpu, s: u8, frame: &mut dyn TrapFrame) {
     if frame_push_ok(cpu, s, frame) {
         cpu.ast_armed.store(true, Relaxed);
         frame.push_upcall();
-        cpu.stats.ast_pushed.fetch_add(1, Relaxed);
+        cpu.stats.ast_pushed.inc();
     } else {
-        cpu.stats.ast_deferred.fetch_add(1, Relaxed);
+        cpu.stats.ast_deferred.inc();
     }
 }
 
 fn frame_push_ok(cpu: &Cpu, s: u8, frame: &dyn TrapFrame) -> bool {
     if s != 0
-        || cpu.depth.load(Relaxed) != 0
+        || cpu.depth.get() != 0
         || !cpu.in_kthread.load(Relaxed)
-        || cpu.mtx_count.load(Relaxed) != 0
-        || cpu.no_ast.load(Relaxed) != 0
+        || cpu.mtx_count.get() != 0
+        || cpu.no_ast.get() != 0
         || cpu.ast_armed.load(Relaxed)
         || frame.interrupted_trap()
     {
@@ -180,8 +180,7 @@ fn frame_push_ok(cpu: &Cpu, s: u8, frame: &dyn TrapFrame) -> bool {
         return false;
     }
     let sp = frame.sp();
-    let lo = cpu.stack_lo.load(Relaxed);
-    let hi = cpu.stack_hi.load(Relaxed);
+    let (lo, hi) = t.stack_bounds();
     sp > lo + AST_STACK_RESERVE && sp <= hi
 }
 
@@ -195,11 +194,7 @@ pub fn upcall() {
     t.in_upcall.store(true, Relaxed);
     run_pending(cpu);
     debug_assert_eq!(cpu.line.ipl(), 0, "AST handler returned at a raised IPL");
-    debug_assert_eq!(
-        cpu.mtx_count.load(Relaxed),
-        0,
-        "AST handler kept a spin mutex"
-    );
+    debug_assert_eq!(cpu.mtx_count.get(), 0, "AST handler kept a spin mutex");
     t.in_upcall.store(false, Relaxed);
 }
 
@@ -209,9 +204,9 @@ pub(crate) fn safepoint(cpu: &Cpu) {
     if cpu.line.pending() & AST_BIT == 0
         || cpu.line.ipl() != 0
         || !cpu.in_kthread.load(Relaxed)
-        || cpu.depth.load(Relaxed) != 0
-        || cpu.mtx_count.load(Relaxed) != 0
-        || cpu.no_ast.load(Relaxed) != 0
+        || cpu.depth.get() != 0
+        || cpu.mtx_count.get() != 0
+        || cpu.no_ast.get() != 0
     {
         return;
     }
@@ -220,7 +215,7 @@ pub(crate) fn safepoint(cpu: &Cpu) {
         return;
     }
     t.in_upcall.store(true, Relaxed);
-    cpu.stats.ast_safepoint.fetch_add(1, Relaxed);
+    cpu.stats.ast_safepoint.inc();
     run_pending(cpu);
     t.in_upcall.store(false, Relaxed);
 }
@@ -243,7 +238,7 @@ fn run_pending(cpu: &Cpu) {
             if let Some(h) = unsafe { k.asts.slots[id].load(Acquire).as_ref() } {
                 (h.f)(&ctx);
                 h.runs.fetch_add(1, Relaxed);
-                cpu.stats.ast_handlers.fetch_add(1, Relaxed);
+                cpu.stats.ast_handlers.inc();
             }
         }
     }
@@ -253,7 +248,7 @@ fn run_pending(cpu: &Cpu) {
 /// guard drops (then deliver what is pending). Any context on a CPU.
 pub fn no_ast() -> NoAst {
     let cpu = curcpu();
-    cpu.no_ast.fetch_add(1, Relaxed);
+    cpu.no_ast.inc();
     NoAst {
         cpu,
         _not_send: core::marker::PhantomData,
@@ -268,7 +263,7 @@ pub struct NoAst {
 
 impl Drop for NoAst {
     fn drop(&mut self) {
-        if self.cpu.no_ast.fetch_sub(1, Relaxed) == 1 {
+        if self.cpu.no_ast.dec_is_zero() {
             safepoint(self.cpu);
         }
     }

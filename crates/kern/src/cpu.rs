@@ -27,8 +27,8 @@
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
 
 use crate::ipl::Ipl;
-use crate::lock::SpinMutex;
 use crate::pending::PendingLine;
+use crate::percpu::CpuLocal;
 use crate::sched::{RunQueue, Thread};
 
 /// The most CPUs a kernel may have.
@@ -76,8 +76,8 @@ pub const fn bit_level(bit: u32) -> Ipl {
     }
 }
 
-const fn compute_unmasked() -> [u64; Ipl::COUNT] {
-    let mut t = [0u64; Ipl::COUNT];
+const fn compute_unmasked() -> [u64; 16] {
+    let mut t = [0u64; 16];
     let mut l = 0;
     while l < Ipl::COUNT {
         let mut m = 0u64;
@@ -100,29 +100,31 @@ const fn compute_unmasked() -> [u64; Ipl::COUNT] {
     t
 }
 
-static UNMASKED: [u64; Ipl::COUNT] = compute_unmasked();
+/// Indexed by IPL; 16 entries so that `level & 15` needs no bounds check
+/// (levels above `high` never occur; their entries are zero).
+static UNMASKED: [u64; 16] = compute_unmasked();
 
 /// The pending-word bits that may run while the CPU is at `level`.
 #[inline(always)]
 pub fn unmasked(level: u8) -> u64 {
-    UNMASKED[level as usize]
+    UNMASKED[(level & 15) as usize]
 }
 
 /// Per-CPU counters, readable from any thread at any time.
 #[derive(Debug)]
 pub struct CpuStats {
     /// Interrupt signals (traps) taken.
-    pub traps: AtomicU64,
+    pub traps: CpuLocal,
     /// Traps that interrupted an allocator (kmem or a pool) mid-operation.
-    pub traps_in_alloc: AtomicU64,
+    pub traps_in_alloc: CpuLocal,
     /// Traps that found nothing they could run.
-    pub traps_idle: AtomicU64,
+    pub traps_idle: CpuLocal,
     /// Hardware handler invocations, per pending-word bit.
-    pub intr: [AtomicU64; 64],
+    pub intr: [CpuLocal; 64],
     /// Interrupts replayed by `splx` after being deferred by the IPL.
-    pub splx_replays: AtomicU64,
+    pub splx_replays: CpuLocal,
     /// Interrupts dispatched by the idle loop without a signal.
-    pub idle_dispatch: AtomicU64,
+    pub idle_dispatch: CpuLocal,
     /// Posts that found their bit already pending.
     pub posts_coalesced: AtomicU64,
     /// Posts that required a signal.
@@ -130,46 +132,46 @@ pub struct CpuStats {
     /// Posts or wakeups that woke the CPU from idle sleep.
     pub kicks_wake: AtomicU64,
     /// Soft-interrupt handler invocations.
-    pub softints: AtomicU64,
+    pub softints: CpuLocal,
     /// Soft-interrupt passes that exhausted their budget.
-    pub softint_overruns: AtomicU64,
+    pub softint_overruns: CpuLocal,
     /// Soft-interrupt handler invocations by the softint daemon.
-    pub softints_daemon: AtomicU64,
+    pub softints_daemon: CpuLocal,
     /// Kernel thread switches.
-    pub switches: AtomicU64,
+    pub switches: CpuLocal,
     /// ASTs delivered by a frame pushed at interrupt return.
-    pub ast_pushed: AtomicU64,
+    pub ast_pushed: CpuLocal,
     /// Interrupt returns that left an AST pending (not a safe point).
-    pub ast_deferred: AtomicU64,
+    pub ast_deferred: CpuLocal,
     /// ASTs delivered at a later safe point (splx, lock release, yield).
-    pub ast_safepoint: AtomicU64,
+    pub ast_safepoint: CpuLocal,
     /// AST handler invocations.
-    pub ast_handlers: AtomicU64,
+    pub ast_handlers: CpuLocal,
     /// Idle sleeps.
-    pub idle_sleeps: AtomicU64,
+    pub idle_sleeps: CpuLocal,
 }
 
 impl Default for CpuStats {
     fn default() -> Self {
         Self {
-            traps: AtomicU64::new(0),
-            traps_in_alloc: AtomicU64::new(0),
-            traps_idle: AtomicU64::new(0),
-            intr: [const { AtomicU64::new(0) }; 64],
-            splx_replays: AtomicU64::new(0),
-            idle_dispatch: AtomicU64::new(0),
+            traps: CpuLocal::new(),
+            traps_in_alloc: CpuLocal::new(),
+            traps_idle: CpuLocal::new(),
+            intr: [const { CpuLocal::new() }; 64],
+            splx_replays: CpuLocal::new(),
+            idle_dispatch: CpuLocal::new(),
             posts_coalesced: AtomicU64::new(0),
             kicks_intr: AtomicU64::new(0),
             kicks_wake: AtomicU64::new(0),
-            softints: AtomicU64::new(0),
-            softint_overruns: AtomicU64::new(0),
-            softints_daemon: AtomicU64::new(0),
-            switches: AtomicU64::new(0),
-            ast_pushed: AtomicU64::new(0),
-            ast_deferred: AtomicU64::new(0),
-            ast_safepoint: AtomicU64::new(0),
-            ast_handlers: AtomicU64::new(0),
-            idle_sleeps: AtomicU64::new(0),
+            softints: CpuLocal::new(),
+            softint_overruns: CpuLocal::new(),
+            softints_daemon: CpuLocal::new(),
+            switches: CpuLocal::new(),
+            ast_pushed: CpuLocal::new(),
+            ast_deferred: CpuLocal::new(),
+            ast_safepoint: CpuLocal::new(),
+            ast_handlers: CpuLocal::new(),
+            idle_sleeps: CpuLocal::new(),
         }
     }
 }
@@ -185,33 +187,38 @@ pub struct Cpu {
     /// An AST upcall frame was pushed and has not been entered yet.
     pub(crate) ast_armed: AtomicBool,
     /// Hard and soft interrupt nesting depth.
-    pub(crate) depth: AtomicU32,
+    pub(crate) depth: CpuLocal,
     /// Spin mutexes held (NetBSD `ci_mtx_count`).
-    pub(crate) mtx_count: AtomicU32,
+    pub(crate) mtx_count: CpuLocal,
     /// The IPL to return to when the last spin mutex is released.
     pub(crate) mtx_oldspl: AtomicU8,
     /// Nonzero inside a region that is not an AST safe point (the allocator
     /// under the `safepoint` protection).
-    pub(crate) no_ast: AtomicU32,
+    pub(crate) no_ast: CpuLocal,
     /// Nonzero while this CPU is inside an allocator (kmem, a pool): traps
     /// that land then are counted in [`CpuStats::traps_in_alloc`].
-    pub(crate) in_alloc: AtomicU32,
+    pub(crate) in_alloc: CpuLocal,
     /// Set while kernel-thread code runs (not the scheduler, the idle loop or
     /// the coroutine switch).
     pub(crate) in_kthread: AtomicBool,
     /// Set while the CPU runs soft-interrupt handlers from the daemon.
     pub(crate) in_softint_thread: AtomicBool,
     pub(crate) curthread: AtomicPtr<Thread>,
-    pub(crate) stack_lo: AtomicUsize,
-    pub(crate) stack_hi: AtomicUsize,
+    /// The idle context's saved stack pointer (the CPU's host stack).
+    pub(crate) idle_sp: AtomicUsize,
+    /// A thread that exited and waits to be reaped off its own stack.
+    pub(crate) dead: AtomicPtr<Thread>,
     /// Scheduled soft interrupts, bit = handle id.
     pub(crate) soft_pending: AtomicU64,
     /// Soft interrupts left over by a pass that ran out of budget.
     pub(crate) soft_deferred: AtomicU64,
     /// Pending ASTs, bit = handle id.
     pub(crate) ast_pending: AtomicU64,
-    pub(crate) runq: SpinMutex<RunQueue>,
-    pub(crate) runq_len: AtomicU32,
+    /// Run queue: this CPU only, under splsched.
+    pub(crate) runq: RunQueue,
+    /// Threads made runnable by other CPUs (or above IPL_SCHED): a
+    /// lock-free stack that the scheduler moves into `runq`.
+    pub(crate) inbox: AtomicU32,
     /// Threads placed on this CPU and not yet exited.
     pub(crate) nthreads: AtomicU32,
     /// The softint daemon's wait channel word.
@@ -228,21 +235,21 @@ impl Cpu {
             mask_mode,
             hw_blocked: AtomicU8::new(0),
             ast_armed: AtomicBool::new(false),
-            depth: AtomicU32::new(0),
-            mtx_count: AtomicU32::new(0),
+            depth: CpuLocal::new(),
+            mtx_count: CpuLocal::new(),
             mtx_oldspl: AtomicU8::new(0),
-            no_ast: AtomicU32::new(0),
-            in_alloc: AtomicU32::new(0),
+            no_ast: CpuLocal::new(),
+            in_alloc: CpuLocal::new(),
             in_kthread: AtomicBool::new(false),
             in_softint_thread: AtomicBool::new(false),
             curthread: AtomicPtr::new(core::ptr::null_mut()),
-            stack_lo: AtomicUsize::new(0),
-            stack_hi: AtomicUsize::new(0),
+            idle_sp: AtomicUsize::new(0),
+            dead: AtomicPtr::new(core::ptr::null_mut()),
             soft_pending: AtomicU64::new(0),
             soft_deferred: AtomicU64::new(0),
             ast_pending: AtomicU64::new(0),
-            runq: SpinMutex::new(Ipl::Sched, RunQueue::new()),
-            runq_len: AtomicU32::new(0),
+            runq: RunQueue::new(),
+            inbox: AtomicU32::new(u32::MAX),
             nthreads: AtomicU32::new(0),
             softintd_wchan: AtomicU32::new(0),
             stats: CpuStats::default(),
@@ -266,7 +273,7 @@ impl Cpu {
 
     /// Interrupt nesting depth.
     pub fn intr_depth(&self) -> u32 {
-        self.depth.load(core::sync::atomic::Ordering::Relaxed)
+        self.depth.get() as u32
     }
 }
 

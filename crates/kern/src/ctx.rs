@@ -113,7 +113,7 @@ pub fn might_sleep() {
         cpu.in_kthread.load(core::sync::atomic::Ordering::Relaxed),
         "might_sleep: not in a kernel thread"
     );
-    let m = cpu.mtx_count.load(core::sync::atomic::Ordering::Relaxed);
+    let m = cpu.mtx_count.get();
     assert!(m == 0, "might_sleep: holding {m} spin mutex(es)");
     assert!(
         !cpu.in_softint_thread

@@ -208,9 +208,9 @@ pub enum Origin {
 /// interrupted context is a safe point.
 pub fn trap(frame: &mut dyn TrapFrame) {
     let Some(cpu) = curcpu_opt() else { return };
-    cpu.stats.traps.fetch_add(1, Relaxed);
-    if cpu.in_alloc.load(Relaxed) != 0 {
-        cpu.stats.traps_in_alloc.fetch_add(1, Relaxed);
+    cpu.stats.traps.inc();
+    if cpu.in_alloc.get() != 0 {
+        cpu.stats.traps_in_alloc.inc();
     }
     let s = cpu.line.ipl();
     // `mask` spl: the host blocks up to the signal's level until we change it.
@@ -227,7 +227,7 @@ pub fn trap(frame: &mut dyn TrapFrame) {
         false
     };
     if !ran {
-        cpu.stats.traps_idle.fetch_add(1, Relaxed);
+        cpu.stats.traps_idle.inc();
     }
     if cpu.mask_mode {
         // sigreturn restores the interrupted mask.
@@ -244,7 +244,7 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
     let k = kernel();
     let runnable = unmasked(s) & !AST_BIT;
     let prev = cpu.line.enter_intr();
-    cpu.depth.fetch_add(1, Relaxed);
+    cpu.depth.inc();
     let mut ran = false;
     loop {
         loop {
@@ -265,11 +265,11 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
                 if let Some(h) = unsafe { h.as_ref() } {
                     (h.f)(&IntrCtx::new(level));
                 }
-                cpu.stats.intr[b as usize].fetch_add(1, Relaxed);
+                cpu.stats.intr[b as usize].inc();
                 match origin {
-                    Origin::Splx => cpu.stats.splx_replays.fetch_add(1, Relaxed),
-                    Origin::Idle => cpu.stats.idle_dispatch.fetch_add(1, Relaxed),
-                    Origin::Trap => 0,
+                    Origin::Splx => cpu.stats.splx_replays.inc(),
+                    Origin::Idle => cpu.stats.idle_dispatch.inc(),
+                    Origin::Trap => {}
                 };
             } else {
                 crate::softint::run_level(cpu, level);
@@ -283,7 +283,7 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
         }
         cpu.line.enter_intr();
     }
-    cpu.depth.fetch_sub(1, Relaxed);
+    cpu.depth.dec();
     if cpu.mask_mode && origin != Origin::Trap {
         crate::spl::mask_sync(cpu, s);
     }

@@ -291,23 +291,23 @@ impl Kmem {
                 ));
             }
             2 => {
-                cpu.no_ast.fetch_add(1, Relaxed);
+                cpu.no_ast.inc();
                 p.no_ast = true;
             }
             _ => {}
         }
         self.busy[cpu.index()].fetch_add(1, Relaxed);
-        cpu.in_alloc.fetch_add(1, Relaxed);
+        cpu.in_alloc.inc();
         p
     }
 
     fn exit(&self, p: Protected<'_>) {
-        p.cpu.in_alloc.fetch_sub(1, Relaxed);
+        p.cpu.in_alloc.dec();
         self.busy[p.cpu.index()].fetch_sub(1, Relaxed);
         if let Some(s) = p.spl {
             crate::spl::splx_cpu(p.cpu, s);
         }
-        if p.no_ast && p.cpu.no_ast.fetch_sub(1, Relaxed) == 1 {
+        if p.no_ast && p.cpu.no_ast.dec_is_zero() {
             crate::ast::safepoint(p.cpu);
         }
     }

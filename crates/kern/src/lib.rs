@@ -44,6 +44,7 @@ pub mod kmem;
 pub mod lock;
 pub mod md;
 pub mod pending;
+pub mod percpu;
 pub mod pool;
 pub mod race;
 pub mod sched;

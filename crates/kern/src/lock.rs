@@ -129,7 +129,7 @@ impl<T> SpinMutex<T> {
 #[inline]
 fn enter(c: &Cpu, ipl: Ipl) {
     let s = crate::spl::splraise_cpu(c, ipl as u8);
-    if c.mtx_count.fetch_add(1, Relaxed) == 0 {
+    if c.mtx_count.inc_was_zero() {
         c.mtx_oldspl.store(s, Relaxed);
     }
     compiler_fence(core::sync::atomic::Ordering::SeqCst);
@@ -138,7 +138,7 @@ fn enter(c: &Cpu, ipl: Ipl) {
 #[inline]
 fn exit(c: &Cpu) {
     compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    if c.mtx_count.fetch_sub(1, Relaxed) == 1 {
+    if c.mtx_count.dec_is_zero() {
         let s = c.mtx_oldspl.load(Relaxed);
         crate::spl::splx_cpu(c, s);
     }

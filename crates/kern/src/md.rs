@@ -12,6 +12,8 @@
 //!   a link-time hook (like `#[global_allocator]`), not a trait method, and
 //!   with LTO it inlines into a single thread-pointer-relative load, as
 //!   `curcpu()` is a `%gs`-relative load in a real kernel.
+//! * `dvma_md_switch`: `cpu_switchto`, the context switch between two
+//!   kernel stacks, also a link-time hook because it is on every switch.
 //!
 //! # Contexts
 //! [`Md::kick`], [`Md::nanotime`] and [`Md::hw_mask`] are called from
@@ -60,6 +62,15 @@ pub trait Md: Sync {
     /// Allocate a kernel-thread stack of at least `size` usable bytes with a
     /// guard page below it.
     fn stack_alloc(&self, size: usize) -> Option<StackMem>;
+    /// Prepare a fresh stack so that the first [`cpu_switchto`] to the
+    /// returned stack pointer calls `entry(arg)` on it, with a clean call
+    /// frame (16-byte aligned, end of the unwind chain). `entry` never
+    /// returns.
+    fn thread_init(&self, stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize;
+    /// Run a kernel thread's body, catching a panic if the host can: on a
+    /// panic, record it (the machine reports it and fails) and return, so
+    /// that the thread exits cleanly instead of tearing down its CPU.
+    fn run_thread(&self, body: &mut dyn FnMut());
     /// Free a stack returned by [`Md::stack_alloc`].
     ///
     /// # Safety
@@ -75,12 +86,36 @@ unsafe extern "Rust" {
     /// async-signal-safe and return, on a CPU's thread, a pointer to that
     /// CPU's [`Cpu`] inside the booted kernel.
     safe fn dvma_md_curcpu() -> *const Cpu;
+
+    /// `cpu_switchto`: save the callee-saved registers and the stack pointer
+    /// of the running context into `*from`, load `to` (a value saved by an
+    /// earlier switch, or made by [`Md::thread_init`]) and continue there.
+    /// Returns when some later switch loads what was saved in `*from`.
+    ///
+    /// # Safety
+    /// 1. `from` is valid for writes and stays so until the saved context is
+    ///    resumed or abandoned.
+    /// 2. `to` is a context saved by a switch and not resumed since, or a
+    ///    fresh one from `thread_init`, on a stack that is still mapped.
+    /// 3. The caller runs at IPL_SCHED or above, on the CPU that will own
+    ///    both contexts.
+    fn dvma_md_switch(from: *mut usize, to: usize);
 }
 
 /// The current CPU, if the caller runs on one.
 #[inline(always)]
 pub fn curcpu_ptr() -> *const Cpu {
     dvma_md_curcpu()
+}
+
+/// `cpu_switchto` (see `dvma_md_switch`).
+///
+/// # Safety
+/// The obligations of `dvma_md_switch`.
+#[inline(always)]
+pub unsafe fn cpu_switchto(from: *mut usize, to: usize) {
+    // SAFETY: forwarded to the caller.
+    unsafe { dvma_md_switch(from, to) }
 }
 
 /// Kernel unit tests run on host threads that are not CPUs.
@@ -90,5 +125,9 @@ mod test_md {
     #[unsafe(no_mangle)]
     fn dvma_md_curcpu() -> *const Cpu {
         core::ptr::null()
+    }
+    #[unsafe(no_mangle)]
+    fn dvma_md_switch(_from: *mut usize, _to: usize) {
+        panic!("no context switches in kernel unit tests")
     }
 }

@@ -137,7 +137,7 @@ impl<T> Pool<T> {
         let cpu = curcpu_opt();
         let mut g = self.inner.lock();
         if let Some(c) = cpu {
-            c.in_alloc.fetch_add(1, Relaxed);
+            c.in_alloc.inc();
         }
         let hook = self.inject.load(Acquire);
         if hook != 0 {
@@ -147,7 +147,7 @@ impl<T> Pool<T> {
         }
         let idx = g.free.pop();
         if let Some(c) = cpu {
-            c.in_alloc.fetch_sub(1, Relaxed);
+            c.in_alloc.dec();
         }
         drop(g);
         match idx {

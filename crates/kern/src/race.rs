@@ -360,7 +360,7 @@ impl RaceKit {
         st.ticking.fetch_add(1, SeqCst);
         let posted = st.storming.load(SeqCst) && st.device_complete_one();
         if posted {
-            if k.cpu(st.cpu).in_alloc.load(Relaxed) != 0 {
+            if k.cpu(st.cpu).in_alloc.get() != 0 {
                 st.storm_injections.fetch_add(1, Relaxed);
             }
             intr_post(st.cpu, st.intr);

@@ -1,8 +1,13 @@
-//! Kernel threads: green threads on each CPU, tsleep/wakeup, the idle loop.
+//! Kernel threads: tsleep/wakeup, run queues, `cpu_switchto`, the idle loop.
 //!
-//! A kernel thread is a stackful coroutine (corosensei) pinned to one CPU.
-//! Each CPU runs [`cpu_run`] on its host thread: a loop that takes the next
-//! thread from its run queue and resumes it, and idles when there is none.
+//! A kernel thread is a stack of its own, pinned to one CPU. Switching is
+//! the machine's `cpu_switchto` (save the callee-saved registers and the
+//! stack pointer, load the other's), called by the thread that gives up the
+//! CPU, straight to the next runnable thread: thread to thread, with no
+//! scheduler context in between. Each CPU's host stack is its *idle
+//! context*, which [`cpu_run`] runs: it idles when nothing is runnable and
+//! switches to whatever becomes so.
+//!
 //! The kernel is non-preemptive: a thread runs until it sleeps, yields or
 //! exits. Interrupts still run on top of it (they are signals), and the
 //! only way anything else runs in its context is an AST ([`crate::ast`]).
@@ -12,39 +17,48 @@
 //! | [`kthread_create`] | thread or host | a new thread on a CPU (round-robin by default) |
 //! | [`tsleep`] | thread | sleep on a wait channel until [`wakeup`] |
 //! | [`sleep_interlocked`] | thread | the same, releasing a spin mutex atomically (use it when the waker runs on another CPU) |
-//! | [`wakeup`], [`wakeup_one`] | any | make the sleepers of a channel runnable |
+//! | [`wakeup`], [`wakeup_one`] | any, at IPL_SCHED or below on the thread's CPU | make the sleepers of a channel runnable |
 //! | [`yield_now`] | thread | let the other runnable threads of this CPU run |
 //! | [`KThread::join`] | thread | wait for a thread to exit |
 //!
 //! `tsleep` at a raised IPL is the BSD idiom for a waker on the *same* CPU
-//! (`s = splbio(); while (!done) tsleep(); splx(s)`): the IPL is saved per
-//! thread across the switch, so the interrupt cannot run between the test
-//! and the sleep. For a waker on another CPU use [`sleep_interlocked`].
+//! (`s = splbio(); while (!done) tsleep(); splx(s)`): the level is restored
+//! by the sleeper when it resumes, so the interrupt cannot run between the
+//! test and the sleep. For a waker on another CPU use [`sleep_interlocked`].
+//!
+//! # The switch protocol (NetBSD's)
+//! Every switch happens at IPL_SCHED or above: the switching thread raises
+//! to IPL_SCHED, queues itself where it belongs (run queue, sleep queue,
+//! the dead slot), and switches. The IPL belongs to the CPU, not to the
+//! thread: the thread that resumes returns from its own switch and lowers to
+//! the level *it* saved before switching (a new thread starts by lowering to
+//! none). A thread that exits is reaped by whichever context runs next on
+//! the CPU, once that context is off the dead thread's stack.
+//!
+//! # Run queues
+//! A CPU's run queue is touched only by that CPU, at IPL_SCHED: no lock.
+//! Other CPUs, and handlers above IPL_SCHED, make a thread runnable by
+//! pushing it onto the CPU's lock-free *inbox*, which the CPU moves into its
+//! run queue when it next picks a thread, and kick it if it idles.
 //!
 //! # The idle loop
 //! With nothing to run, a CPU polls its pending word (dispatching
-//! interrupts itself, without any signal) and its run queue for
+//! interrupts itself, without any signal), its run queue and its inbox for
 //! [`crate::KernelConfig::idle_poll_ns`], then sleeps on its state word
 //! (a futex) until a device or a wakeup moves it back to polling.
 //!
 //! # Teardown
 //! Threads end by returning. At shutdown every sleeper is woken with
 //! `Err(Interrupted)`, and a CPU leaves [`cpu_run`] once its last thread
-//! is gone. Suspended coroutines are never dropped (that would unwind
-//! through the AST trampoline).
+//! is gone.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
-use core::num::NonZeroUsize;
 use core::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicUsize,
+    AtomicBool, AtomicU8, AtomicU32, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release, SeqCst},
-    compiler_fence,
 };
-
-use corosensei::stack::{Stack, StackPointer};
-use corosensei::{Coroutine, CoroutineResult, Yielder};
 
 use crate::cpu::{AST_BIT, Cpu, curcpu, curcpu_opt, unmasked};
 use crate::ctx::ThreadCtx;
@@ -115,23 +129,10 @@ const EMBRYO: u8 = 1;
 const RUNNABLE: u8 = 2;
 const ONPROC: u8 = 3;
 const SLEEPING: u8 = 4;
+const ZOMBIE: u8 = 5;
 
-/// A stack handed out by the machine, as corosensei wants it.
-pub(crate) struct KStack(StackMem);
-
-// SAFETY: `StackMem` comes from `Md::stack_alloc`, which promises a guard
-// page below `limit` and at least the asked size between limit and base;
-// base is 16-byte aligned (`StackMem` docs).
-unsafe impl Stack for KStack {
-    fn base(&self) -> StackPointer {
-        NonZeroUsize::new(self.0.base).unwrap_or(NonZeroUsize::MIN)
-    }
-    fn limit(&self) -> StackPointer {
-        NonZeroUsize::new(self.0.limit).unwrap_or(NonZeroUsize::MIN)
-    }
-}
-
-type Co = Coroutine<(), (), (), KStack>;
+/// What a kernel thread runs.
+type ThreadBody = Box<dyn FnOnce(&ThreadCtx) + Send>;
 
 /// A kernel thread's slot in the thread table.
 pub struct Thread {
@@ -140,23 +141,22 @@ pub struct Thread {
     cpu: AtomicUsize,
     state: AtomicU8,
     wchan: AtomicUsize,
-    /// Run-queue or sleep-queue link (a thread is on at most one).
+    /// Run-queue, inbox or sleep-queue link (a thread is on at most one).
     link: AtomicU32,
-    saved_ipl: AtomicU8,
+    /// The stack pointer saved by `cpu_switchto` while the thread is off CPU.
+    sp: AtomicUsize,
     saved_no_ast: AtomicU32,
     pub(crate) in_upcall: AtomicBool,
     interrupted: AtomicBool,
     exit_gen: AtomicU32,
     stack_lo: AtomicUsize,
     stack_hi: AtomicUsize,
-    co: UnsafeCell<Option<Co>>,
-    yielder: AtomicPtr<Yielder<(), ()>>,
+    body: UnsafeCell<Option<ThreadBody>>,
 }
 
-// SAFETY: `name` is written only while the slot is EMBRYO (owned by its
-// creator) and read afterwards; `co` is written by the creator before the
-// thread is published on a run queue (the run-queue lock orders it), and
-// afterwards touched only by the scheduler of the thread's own CPU.
+// SAFETY: `name` and `body` are written only while the slot is EMBRYO
+// (owned by its creator, before `setrunqueue` publishes it with a release
+// operation) and afterwards read (`body` taken) only by the thread itself.
 unsafe impl Sync for Thread {}
 
 impl Thread {
@@ -168,15 +168,14 @@ impl Thread {
             state: AtomicU8::new(FREE),
             wchan: AtomicUsize::new(0),
             link: AtomicU32::new(NIL),
-            saved_ipl: AtomicU8::new(0),
+            sp: AtomicUsize::new(0),
             saved_no_ast: AtomicU32::new(0),
             in_upcall: AtomicBool::new(false),
             interrupted: AtomicBool::new(false),
             exit_gen: AtomicU32::new(0),
             stack_lo: AtomicUsize::new(0),
             stack_hi: AtomicUsize::new(0),
-            co: UnsafeCell::new(None),
-            yielder: AtomicPtr::new(core::ptr::null_mut()),
+            body: UnsafeCell::new(None),
         }
     }
 
@@ -190,21 +189,68 @@ impl Thread {
         // SAFETY: see `unsafe impl Sync for Thread`.
         unsafe { *self.name.get() }
     }
+
+    /// Its stack's bounds (lowest, highest address).
+    pub(crate) fn stack_bounds(&self) -> (usize, usize) {
+        (self.stack_lo.load(Relaxed), self.stack_hi.load(Relaxed))
+    }
+
+    fn stack(&self) -> StackMem {
+        StackMem {
+            limit: self.stack_lo.load(Relaxed),
+            base: self.stack_hi.load(Relaxed),
+        }
+    }
 }
 
 /// A CPU's run queue: a FIFO linked through the threads (no allocation, so
-/// interrupt handlers may make threads runnable).
+/// interrupt handlers may make threads runnable). Only its own CPU touches
+/// it, at IPL_SCHED or above; the fields are atomics used as plain per-CPU
+/// words (relaxed loads and stores).
 pub struct RunQueue {
-    head: u32,
-    tail: u32,
+    head: AtomicU32,
+    tail: AtomicU32,
+    len: AtomicU32,
 }
 
 impl RunQueue {
     pub(crate) const fn new() -> Self {
         Self {
-            head: NIL,
-            tail: NIL,
+            head: AtomicU32::new(NIL),
+            tail: AtomicU32::new(NIL),
+            len: AtomicU32::new(0),
         }
+    }
+
+    fn len(&self) -> u32 {
+        self.len.load(Relaxed)
+    }
+
+    fn push(&self, k: &Kernel, t: &Thread) {
+        t.link.store(NIL, Relaxed);
+        let tail = self.tail.load(Relaxed);
+        if tail == NIL {
+            self.head.store(t.tid, Relaxed);
+        } else {
+            k.threads.get(tail).link.store(t.tid, Relaxed);
+        }
+        self.tail.store(t.tid, Relaxed);
+        self.len.store(self.len.load(Relaxed) + 1, Relaxed);
+    }
+
+    fn pop(&self, k: &'static Kernel) -> Option<&'static Thread> {
+        let h = self.head.load(Relaxed);
+        if h == NIL {
+            return None;
+        }
+        let t = k.threads.get(h);
+        let next = t.link.load(Relaxed);
+        self.head.store(next, Relaxed);
+        if next == NIL {
+            self.tail.store(NIL, Relaxed);
+        }
+        self.len.store(self.len.load(Relaxed) - 1, Relaxed);
+        Some(t)
     }
 }
 
@@ -232,8 +278,13 @@ impl Threads {
         }
     }
 
+    #[inline(always)]
     fn get(&self, tid: u32) -> &Thread {
-        &self.slots[tid as usize]
+        debug_assert!((tid as usize) < self.slots.len());
+        // SAFETY: thread ids are slot indices handed out by this table
+        // (`kthread_create`) and stored only in its own links and queues;
+        // none is ever out of range.
+        unsafe { self.slots.get_unchecked(tid as usize) }
     }
 
     /// Free every pooled stack (teardown, host context).
@@ -246,8 +297,7 @@ impl Threads {
         }
     }
 
-    /// Threads still alive (not FREE): (tid, name, cpu, state).
-    pub(crate) fn live(&self) -> impl Iterator<Item = (&Thread, u8)> {
+    fn live(&self) -> impl Iterator<Item = (&Thread, u8)> {
         self.slots
             .iter()
             .map(|t| (t, t.state.load(Acquire)))
@@ -335,45 +385,59 @@ pub fn kthread_create(
         return Err(SchedError::NoStack);
     };
     // SAFETY: the slot is EMBRYO: we own it until it is published.
-    unsafe { *t.name.get() = name };
+    unsafe {
+        *t.name.get() = name;
+        *t.body.get() = Some(Box::new(f));
+    }
     t.cpu.store(cpu, Relaxed);
-    t.saved_ipl.store(0, Relaxed);
     t.saved_no_ast.store(0, Relaxed);
     t.in_upcall.store(false, Relaxed);
     t.interrupted.store(false, Relaxed);
     t.stack_lo.store(stack.limit, Relaxed);
     t.stack_hi.store(stack.base, Relaxed);
-    let tid = t.tid;
-    let co = Coroutine::with_stack(KStack(stack), move |y: &Yielder<(), ()>, ()| {
-        thread_main(tid, y, f)
-    });
-    // SAFETY: as above; `setrunqueue` publishes it under the run-queue lock.
-    unsafe { *t.co.get() = Some(co) };
+    t.sp.store(
+        k.md().thread_init(stack, thread_start, t.tid as usize),
+        Relaxed,
+    );
     let generation = t.exit_gen.load(Acquire);
     k.cpu(cpu).nthreads.fetch_add(1, SeqCst);
     setrunqueue(k, t);
-    Ok(KThread { tid, generation })
+    Ok(KThread {
+        tid: t.tid,
+        generation,
+    })
 }
 
-fn thread_main(tid: u32, y: &Yielder<(), ()>, f: impl FnOnce(&ThreadCtx)) {
+/// Where a new thread starts, on its own stack, switched to at IPL_SCHED.
+extern "C" fn thread_start(tid: usize) -> ! {
     let k = kernel();
-    let t = k.threads.get(tid);
-    t.yielder
-        .store(y as *const Yielder<(), ()> as *mut Yielder<(), ()>, Release);
     let cpu = curcpu();
-    switched_in(cpu);
-    f(&ThreadCtx::new());
-    assert!(
-        cpu.mtx_count.load(Relaxed) == 0,
-        "kernel thread {} exited holding a spin mutex",
-        t.name()
-    );
-    if cpu.line.ipl() != 0 {
-        crate::spl::splx_cpu(cpu, 0);
+    let t = k.threads.get(tid as u32);
+    after_switch(k, cpu);
+    crate::spl::splx_cpu(cpu, 0);
+    // SAFETY: the body was stored before the thread was published, and
+    // only the thread itself takes it.
+    let mut body = unsafe { (*t.body.get()).take() };
+    k.md().run_thread(&mut || {
+        if let Some(f) = body.take() {
+            f(&ThreadCtx::new());
+        }
+    });
+    thread_exit(k, cpu, t)
+}
+
+fn thread_exit(k: &'static Kernel, cpu: &Cpu, t: &'static Thread) -> ! {
+    if cpu.mtx_count.get() != 0 {
+        // Only after a panic in the body (`run_thread` caught it and the
+        // machine has failed): let the CPU carry on to shutdown.
+        cpu.mtx_count.set(0);
     }
-    compiler_fence(SeqCst);
-    cpu.in_kthread.store(false, Relaxed);
-    compiler_fence(SeqCst);
+    crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
+    t.state.store(ZOMBIE, Release);
+    cpu.dead.store(t as *const Thread as *mut Thread, Relaxed);
+    let next = runq_take(k, cpu);
+    switch(k, cpu, Some(t), next);
+    unreachable!("exited thread {} resumed", t.name())
 }
 
 /// The current thread of `cpu` (thread context).
@@ -387,6 +451,16 @@ pub(crate) fn curthread(cpu: &Cpu) -> &'static Thread {
     }
 }
 
+/// The current thread's name, if a kernel thread is running.
+pub fn current_name() -> Option<&'static str> {
+    let cpu = curcpu_opt()?;
+    if !cpu.in_kthread.load(Relaxed) {
+        return None;
+    }
+    // SAFETY: as in `curthread`.
+    unsafe { cpu.curthread.load(Relaxed).as_ref() }.map(|t| t.name())
+}
+
 /// The current thread's id, if a kernel thread is running.
 pub fn current_tid() -> Option<u32> {
     let cpu = curcpu_opt()?;
@@ -397,49 +471,117 @@ pub fn current_tid() -> Option<u32> {
     unsafe { cpu.curthread.load(Relaxed).as_ref() }.map(|t| t.tid)
 }
 
-/// Back in thread code after a switch (or at the first run).
-fn switched_in(cpu: &Cpu) {
-    compiler_fence(SeqCst);
-    cpu.in_kthread.store(true, Relaxed);
-    compiler_fence(SeqCst);
-    crate::ast::safepoint(cpu);
+/// Switch from the running context (`me`, or the idle context) to `next`
+/// (or the idle context). The caller runs at IPL_SCHED or above and has put
+/// `me` where it belongs. Returns when something switches back to `me`.
+#[inline(always)]
+fn switch(k: &'static Kernel, cpu: &Cpu, me: Option<&Thread>, next: Option<&'static Thread>) {
+    let from = match me {
+        Some(t) => {
+            t.saved_no_ast.store(cpu.no_ast.get() as u32, Relaxed);
+            t.sp.as_ptr()
+        }
+        None => cpu.idle_sp.as_ptr(),
+    };
+    let to = match next {
+        Some(t) => {
+            cpu.curthread
+                .store(t as *const Thread as *mut Thread, Relaxed);
+            cpu.no_ast.set(t.saved_no_ast.load(Relaxed) as u64);
+            cpu.in_kthread.store(true, Relaxed);
+            t.state.store(ONPROC, Relaxed);
+            t.sp.load(Relaxed)
+        }
+        None => {
+            cpu.curthread.store(core::ptr::null_mut(), Relaxed);
+            cpu.no_ast.set(0);
+            cpu.in_kthread.store(false, Relaxed);
+            cpu.idle_sp.load(Relaxed)
+        }
+    };
+    cpu.stats.switches.inc();
+    // SAFETY: `from` is the saved-sp word of the running context (a thread
+    // slot or this CPU's idle slot: both outlive the switch); `to` was saved
+    // by an earlier switch on this CPU or made by `thread_init`, and has not
+    // been resumed since (a thread is on at most one queue, and only this
+    // CPU takes it off); the callers run at IPL_SCHED.
+    unsafe { crate::md::cpu_switchto(from, to) };
+    after_switch(k, cpu);
 }
 
-/// Switch from the current thread to the scheduler. The caller has put the
-/// thread where it belongs (run queue, sleep queue) or lets it exit.
-fn mi_switch(cpu: &Cpu, t: &Thread) {
+/// What runs after every switch: reap the thread that exited, if any.
+#[inline(always)]
+fn after_switch(k: &Kernel, cpu: &Cpu) {
+    // Owner CPU only, at IPL_SCHED: a plain load and store, no `xchg`.
+    let d = cpu.dead.load(Relaxed);
+    if !d.is_null() {
+        cpu.dead.store(core::ptr::null_mut(), Relaxed);
+        // SAFETY: `dead` holds a pointer into the thread table, set by
+        // `thread_exit` just before it switched away for good.
+        reap(k, cpu, unsafe { &*d });
+    }
+}
+
+/// The running thread gives up the CPU: run the next runnable thread, or
+/// the idle context. The caller is at IPL_SCHED and has queued `me`.
+#[inline(always)]
+fn mi_switch(k: &'static Kernel, cpu: &Cpu, me: &Thread) {
     assert!(
-        cpu.mtx_count.load(Relaxed) == 0,
+        cpu.mtx_count.get() == 0,
         "{}: switching while holding a spin mutex",
-        t.name()
+        me.name()
     );
-    t.saved_ipl.store(cpu.line.ipl(), Relaxed);
-    compiler_fence(SeqCst);
-    cpu.in_kthread.store(false, Relaxed);
-    compiler_fence(SeqCst);
-    t.saved_no_ast.store(cpu.no_ast.swap(0, Relaxed), Relaxed);
-    let y = t.yielder.load(Acquire);
-    // SAFETY: `y` was stored by `thread_main` from the yielder of this very
-    // coroutine, which lives as long as the coroutine runs, and we are
-    // running on that coroutine's stack.
-    unsafe { (*y).suspend(()) };
-    switched_in(cpu);
+    let next = runq_take(k, cpu);
+    if let Some(n) = next
+        && core::ptr::eq(n, me)
+    {
+        me.state.store(ONPROC, Relaxed);
+        return;
+    }
+    switch(k, cpu, Some(me), next);
+}
+
+#[cold]
+#[inline(never)]
+fn reap(k: &Kernel, cpu: &Cpu, t: &Thread) {
+    k.threads.stacks.lock().push(t.stack());
+    {
+        let _g = k.threads.join_lock.lock();
+        t.exit_gen.fetch_add(1, Release);
+    }
+    t.state.store(FREE, Release);
+    cpu.nthreads.fetch_sub(1, SeqCst);
+    wakeup(wchan(&t.exit_gen));
+    k.md().host_wake(&t.exit_gen);
 }
 
 /// Make `t` runnable on its CPU and make that CPU notice.
 fn setrunqueue(k: &Kernel, t: &Thread) {
-    let cpu = k.cpu(t.cpu.load(Relaxed));
+    let target = t.cpu.load(Relaxed);
     t.state.store(RUNNABLE, Release);
+    if let Some(c) = curcpu_opt()
+        && c.index() == target
+        && c.line.ipl() <= Ipl::Sched as u8
     {
-        let mut q = cpu.runq.lock();
-        t.link.store(NIL, Relaxed);
-        if q.tail == NIL {
-            q.head = t.tid;
-        } else {
-            k.threads.get(q.tail).link.store(t.tid, Relaxed);
+        // Our own queue: no lock, only IPL_SCHED against our own handlers.
+        let s = crate::spl::splraise_cpu(c, Ipl::Sched as u8);
+        c.runq.push(k, t);
+        if s < Ipl::Sched as u8 {
+            crate::spl::splx_cpu(c, s);
         }
-        q.tail = t.tid;
-        cpu.runq_len.fetch_add(1, SeqCst);
+        return;
+    }
+    let cpu = k.cpu(target);
+    let mut head = cpu.inbox.load(Relaxed);
+    loop {
+        t.link.store(head, Relaxed);
+        match cpu
+            .inbox
+            .compare_exchange_weak(head, t.tid, SeqCst, Relaxed)
+        {
+            Ok(_) => break,
+            Err(h) => head = h,
+        }
     }
     if let Post::Kick(kick) = cpu.line.notify(Ipl::None) {
         if kick == Kick::Wake {
@@ -449,23 +591,38 @@ fn setrunqueue(k: &Kernel, t: &Thread) {
     }
 }
 
-fn runq_pop(k: &Kernel, cpu: &Cpu) -> Option<&'static Thread> {
-    if cpu.runq_len.load(SeqCst) == 0 {
-        return None;
+/// Is anything runnable on `cpu` (owner)?
+fn runnable(cpu: &Cpu) -> bool {
+    cpu.runq.len() != 0 || cpu.inbox.load(SeqCst) != NIL
+}
+
+/// Move the inbox into the run queue, oldest first (owner, at IPL_SCHED).
+#[cold]
+fn drain_inbox(k: &Kernel, cpu: &Cpu) {
+    let mut list = cpu.inbox.swap(NIL, Acquire);
+    let mut rev = NIL;
+    while list != NIL {
+        let t = k.threads.get(list);
+        let next = t.link.load(Relaxed);
+        t.link.store(rev, Relaxed);
+        rev = list;
+        list = next;
     }
-    let mut q = cpu.runq.lock();
-    if q.head == NIL {
-        return None;
+    while rev != NIL {
+        let t = k.threads.get(rev);
+        let next = t.link.load(Relaxed);
+        cpu.runq.push(k, t);
+        rev = next;
     }
-    let t = k.threads.get(q.head);
-    q.head = t.link.load(Relaxed);
-    if q.head == NIL {
-        q.tail = NIL;
+}
+
+/// Take the next runnable thread (owner CPU, at IPL_SCHED or above).
+#[inline(always)]
+fn runq_take(k: &'static Kernel, cpu: &Cpu) -> Option<&'static Thread> {
+    if cpu.inbox.load(Relaxed) != NIL {
+        drain_inbox(k, cpu);
     }
-    cpu.runq_len.fetch_sub(1, SeqCst);
-    // SAFETY: the thread table lives as long as the kernel, which outlives
-    // every CPU loop; `kernel()` hands out `&'static`.
-    Some(unsafe { &*(t as *const Thread) })
+    cpu.runq.pop(k)
 }
 
 fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), Interrupted> {
@@ -476,16 +633,23 @@ fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), In
         cpu.in_kthread.load(Relaxed) && !cpu.in_softint_thread.load(Relaxed),
         "tsleep outside a kernel thread"
     );
-    // Deliver pending ASTs before sleeping, then none until switched out:
-    // an AST that slept here would queue the thread twice.
+    // Deliver pending ASTs before sleeping.
     crate::ast::safepoint(cpu);
-    cpu.no_ast.fetch_add(1, Relaxed);
+    // The level to come back to: the caller's, before its interlock if any.
+    let s = if cpu.mtx_count.get() > 0 {
+        cpu.mtx_oldspl.load(Relaxed)
+    } else {
+        cpu.line.ipl()
+    };
     let b = bucket(k, chan);
     let mut q = b.lock();
+    // Releasing the last spin mutex must leave us at IPL_SCHED until the
+    // switch: nothing may run on this CPU between queueing and switching.
+    cpu.mtx_oldspl.store(s.max(Ipl::Sched as u8), Relaxed);
     if k.is_shutting_down() {
         drop(q);
         release();
-        cpu.no_ast.fetch_sub(1, Relaxed);
+        crate::spl::splx_cpu(cpu, s);
         return Err(Interrupted);
     }
     t.wchan.store(chan, Relaxed);
@@ -494,9 +658,8 @@ fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), In
     *q = t.tid;
     release();
     drop(q);
-    mi_switch(cpu, t);
-    cpu.no_ast.fetch_sub(1, Relaxed);
-    crate::ast::safepoint(cpu);
+    mi_switch(k, cpu, t);
+    crate::spl::splx_cpu(cpu, s);
     if t.interrupted.swap(false, Relaxed) {
         Err(Interrupted)
     } else {
@@ -568,103 +731,58 @@ pub fn wakeup_one(chan: WChan) -> bool {
 /// lock, so no thread can go to sleep after its bucket was emptied here.
 pub(crate) fn interrupt_all(k: &Kernel) {
     for i in 0..SLEEPQ_BUCKETS {
-        wake_bucket(k, i);
-    }
-}
-
-fn wake_bucket(k: &Kernel, i: usize) {
-    let mut q = k.threads.sleepq[i].lock();
-    let mut cur = *q;
-    *q = NIL;
-    while cur != NIL {
-        let t = k.threads.get(cur);
-        let next = t.link.load(Relaxed);
-        t.wchan.store(0, Relaxed);
-        t.interrupted.store(true, Relaxed);
-        setrunqueue(k, t);
-        cur = next;
+        let mut q = k.threads.sleepq[i].lock();
+        let mut cur = *q;
+        *q = NIL;
+        while cur != NIL {
+            let t = k.threads.get(cur);
+            let next = t.link.load(Relaxed);
+            t.wchan.store(0, Relaxed);
+            t.interrupted.store(true, Relaxed);
+            setrunqueue(k, t);
+            cur = next;
+        }
     }
 }
 
 /// Let the other runnable threads of this CPU run. Thread context.
 pub fn yield_now(_ctx: &ThreadCtx) {
     let cpu = curcpu();
-    let k = kernel();
-    let t = curthread(cpu);
-    crate::ast::safepoint(cpu);
-    if cpu.runq_len.load(SeqCst) == 0 {
+    if cpu.line.pending() & AST_BIT != 0 {
+        crate::ast::safepoint(cpu);
+    }
+    if !runnable(cpu) {
         return;
     }
-    cpu.no_ast.fetch_add(1, Relaxed);
-    setrunqueue(k, t);
-    mi_switch(cpu, t);
-    cpu.no_ast.fetch_sub(1, Relaxed);
-    crate::ast::safepoint(cpu);
+    let k = kernel();
+    let t = curthread(cpu);
+    let s = crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
+    t.state.store(RUNNABLE, Relaxed);
+    cpu.runq.push(k, t);
+    mi_switch(k, cpu, t);
+    crate::spl::splx_cpu(cpu, s);
 }
 
-/// The scheduler of the calling CPU: runs threads until shutdown, idling
+/// The idle context of the calling CPU: runs threads until shutdown, idling
 /// in between. Called by the machine on each CPU's host thread; returns
 /// when the kernel shuts down and this CPU's last thread has exited.
 pub fn cpu_run() {
     let k = kernel();
     let cpu = curcpu();
+    cpu.in_kthread.store(false, Relaxed);
     loop {
-        if let Some(t) = runq_pop(k, cpu) {
-            switch_to(k, cpu, t);
+        let s = crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
+        if let Some(t) = runq_take(k, cpu) {
+            switch(k, cpu, None, Some(t));
+            crate::spl::splx_cpu(cpu, s);
             continue;
         }
+        crate::spl::splx_cpu(cpu, s);
         if k.is_shutting_down() && cpu.nthreads.load(SeqCst) == 0 {
             break;
         }
         idle(k, cpu);
     }
-}
-
-fn switch_to(k: &Kernel, cpu: &Cpu, t: &'static Thread) {
-    cpu.curthread
-        .store(t as *const Thread as *mut Thread, Relaxed);
-    cpu.stack_lo.store(t.stack_lo.load(Relaxed), Relaxed);
-    cpu.stack_hi.store(t.stack_hi.load(Relaxed), Relaxed);
-    cpu.no_ast.store(t.saved_no_ast.load(Relaxed), Relaxed);
-    t.state.store(ONPROC, Release);
-    let lvl = t.saved_ipl.load(Relaxed);
-    if lvl != 0 {
-        crate::spl::splraise_cpu(cpu, lvl);
-    }
-    cpu.stats.switches.fetch_add(1, Relaxed);
-    compiler_fence(SeqCst);
-    // SAFETY: only this CPU's scheduler touches a published thread's
-    // coroutine (see `unsafe impl Sync for Thread`).
-    let co = unsafe { &mut *t.co.get() };
-    let r = match co.as_mut() {
-        Some(co) => co.resume(()),
-        None => panic!("thread {} runnable without a coroutine", t.name()),
-    };
-    compiler_fence(SeqCst);
-    cpu.curthread.store(core::ptr::null_mut(), Relaxed);
-    cpu.stack_lo.store(0, Relaxed);
-    cpu.stack_hi.store(0, Relaxed);
-    cpu.no_ast.store(0, Relaxed);
-    // The scheduler runs at IPL none: what the thread deferred runs now.
-    crate::spl::splx_cpu(cpu, 0);
-    if let CoroutineResult::Return(()) = r {
-        reap(k, cpu, t, co);
-    }
-}
-
-fn reap(k: &Kernel, cpu: &Cpu, t: &Thread, co: &mut Option<Co>) {
-    if let Some(co) = co.take() {
-        let stack = co.into_stack();
-        k.threads.stacks.lock().push(stack.0);
-    }
-    {
-        let _g = k.threads.join_lock.lock();
-        t.exit_gen.fetch_add(1, Release);
-    }
-    t.state.store(FREE, Release);
-    cpu.nthreads.fetch_sub(1, SeqCst);
-    wakeup(wchan(&t.exit_gen));
-    k.md().host_wake(&t.exit_gen);
 }
 
 fn idle(k: &Kernel, cpu: &Cpu) {
@@ -678,7 +796,7 @@ fn idle(k: &Kernel, cpu: &Cpu) {
         if cpu.line.pending() & work != 0 {
             crate::intr::dispatch(cpu, 0, crate::intr::Origin::Idle);
         }
-        if cpu.runq_len.load(SeqCst) != 0 || k.is_shutting_down() {
+        if runnable(cpu) || k.is_shutting_down() {
             break;
         }
         if !handed_asts && cpu.line.pending() & AST_BIT != 0 {
@@ -690,14 +808,11 @@ fn idle(k: &Kernel, cpu: &Cpu) {
         let now = md.nanotime();
         if now >= until {
             if cpu.line.idle_try_sleep() {
-                if cpu.line.pending() & work != 0
-                    || cpu.runq_len.load(SeqCst) != 0
-                    || k.is_shutting_down()
-                {
+                if cpu.line.pending() & work != 0 || runnable(cpu) || k.is_shutting_down() {
                     cpu.line.idle_poll();
                     continue;
                 }
-                cpu.stats.idle_sleeps.fetch_add(1, Relaxed);
+                cpu.stats.idle_sleeps.inc();
                 md.idle_wait(cpu.index(), cpu.line.state_word(), SLEEP);
                 cpu.line.idle_poll();
             }
@@ -719,6 +834,7 @@ pub fn live_threads(mut f: impl FnMut(u32, &'static str, usize, &'static str)) {
             RUNNABLE => "runnable",
             ONPROC => "onproc",
             SLEEPING => "sleeping",
+            ZOMBIE => "zombie",
             _ => "?",
         };
         f(t.tid, t.name(), t.cpu.load(Relaxed), state);

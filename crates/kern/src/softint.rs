@@ -157,7 +157,7 @@ pub fn softint_schedule(h: &SoftintHandle) {
     // From thread context below its level nothing else would run it soon:
     // do what the `splx` would.
     let ipl = cpu.line.ipl();
-    if cpu.depth.load(Relaxed) == 0 && ipl < h.level as u8 {
+    if cpu.depth.get() == 0 && ipl < h.level as u8 {
         crate::intr::dispatch(cpu, ipl, crate::intr::Origin::Splx);
     }
 }
@@ -173,9 +173,9 @@ fn run_bits(cpu: &Cpu, bits: u64, level: Ipl, daemon: bool) {
             (h.f)(&SoftCtx::new(level));
             h.runs.fetch_add(1, Relaxed);
             if daemon {
-                cpu.stats.softints_daemon.fetch_add(1, Relaxed);
+                cpu.stats.softints_daemon.inc();
             } else {
-                cpu.stats.softints.fetch_add(1, Relaxed);
+                cpu.stats.softints.inc();
             }
         }
     }
@@ -205,7 +205,7 @@ pub(crate) fn run_level(cpu: &Cpu, level: Ipl) {
             let left = cpu.soft_pending.fetch_and(!mask, Acquire) & mask;
             if left != 0 {
                 cpu.soft_deferred.fetch_or(left, Release);
-                cpu.stats.softint_overruns.fetch_add(1, Relaxed);
+                cpu.stats.softint_overruns.inc();
                 crate::sched::wakeup(crate::sched::wchan(&cpu.softintd_wchan));
             }
             return;

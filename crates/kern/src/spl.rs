@@ -129,9 +129,10 @@ pub(crate) fn splraise_cpu(cpu: &Cpu, level: u8) -> u8 {
     let old = cpu.line.ipl();
     if level > old {
         if cpu.mask_mode {
-            mask_sync(cpu, level);
+            mask_raise(cpu, level);
+        } else {
+            cpu.line.set_ipl_relaxed(level);
         }
-        cpu.line.set_ipl_relaxed(level);
         compiler_fence(core::sync::atomic::Ordering::SeqCst);
     }
     old
@@ -141,14 +142,33 @@ pub(crate) fn splraise_cpu(cpu: &Cpu, level: u8) -> u8 {
 #[inline(always)]
 pub(crate) fn splx_cpu(cpu: &Cpu, level: u8) {
     compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    cpu.line.set_ipl_relaxed(level);
     if cpu.mask_mode {
-        mask_sync(cpu, level);
+        mask_lower(cpu, level);
+    } else {
+        cpu.line.set_ipl_relaxed(level);
     }
     compiler_fence(core::sync::atomic::Ordering::SeqCst);
     if cpu.line.pending_relaxed() & unmasked(level) != 0 {
         spl_dispatch(cpu, level);
     }
+}
+
+/// `mask` spl, raising: block at the host first, then record the level.
+#[cold]
+#[inline(never)]
+fn mask_raise(cpu: &Cpu, level: u8) {
+    mask_sync(cpu, level);
+    cpu.line.set_ipl_relaxed(level);
+}
+
+/// `mask` spl, lowering: record the level first, then unblock at the host
+/// (which may deliver a blocked signal right there, at the new level).
+#[cold]
+#[inline(never)]
+fn mask_lower(cpu: &Cpu, level: u8) {
+    cpu.line.set_ipl_relaxed(level);
+    compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    mask_sync(cpu, level);
 }
 
 /// `mask` mode: make the host signal mask block exactly the hard part of

@@ -60,24 +60,24 @@ impl CpuSnapshot {
     fn read(cpu: usize, s: &CpuStats) -> Self {
         Self {
             cpu,
-            traps: s.traps.load(Relaxed),
-            traps_idle: s.traps_idle.load(Relaxed),
-            traps_in_alloc: s.traps_in_alloc.load(Relaxed),
-            intr: s.intr.iter().map(|c| c.load(Relaxed)).sum(),
-            splx_replays: s.splx_replays.load(Relaxed),
-            idle_dispatch: s.idle_dispatch.load(Relaxed),
+            traps: s.traps.get(),
+            traps_idle: s.traps_idle.get(),
+            traps_in_alloc: s.traps_in_alloc.get(),
+            intr: s.intr.iter().map(|c| c.get()).sum(),
+            splx_replays: s.splx_replays.get(),
+            idle_dispatch: s.idle_dispatch.get(),
             posts_coalesced: s.posts_coalesced.load(Relaxed),
             kicks_intr: s.kicks_intr.load(Relaxed),
             kicks_wake: s.kicks_wake.load(Relaxed),
-            softints: s.softints.load(Relaxed),
-            softint_overruns: s.softint_overruns.load(Relaxed),
-            softints_daemon: s.softints_daemon.load(Relaxed),
-            switches: s.switches.load(Relaxed),
-            ast_pushed: s.ast_pushed.load(Relaxed),
-            ast_deferred: s.ast_deferred.load(Relaxed),
-            ast_safepoint: s.ast_safepoint.load(Relaxed),
-            ast_handlers: s.ast_handlers.load(Relaxed),
-            idle_sleeps: s.idle_sleeps.load(Relaxed),
+            softints: s.softints.get(),
+            softint_overruns: s.softint_overruns.get(),
+            softints_daemon: s.softints_daemon.get(),
+            switches: s.switches.get(),
+            ast_pushed: s.ast_pushed.get(),
+            ast_deferred: s.ast_deferred.get(),
+            ast_safepoint: s.ast_safepoint.get(),
+            ast_handlers: s.ast_handlers.get(),
+            idle_sleeps: s.idle_sleeps.get(),
         }
     }
 }
@@ -132,7 +132,7 @@ pub fn snapshot() -> Snapshot {
                 per_cpu: k
                     .cpus()
                     .iter()
-                    .map(|c| c.stats.intr[bit as usize].load(Relaxed))
+                    .map(|c| c.stats.intr[bit as usize].get())
                     .collect(),
             });
         }

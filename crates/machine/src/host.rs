@@ -67,3 +67,53 @@ pub fn os_thread_switch_ns(iters: u32, same_cpu: bool) -> f64 {
     let _ = b.join();
     dt.as_nanos() as f64 / (2.0 * iters as f64)
 }
+
+/// Nanoseconds per bare `cpu_switchto` between two contexts running the
+/// same code (as two kernel threads yielding to each other do), with no
+/// kernel bookkeeping at all: the floor under a kernel-thread switch here.
+pub fn raw_switch_ns(iters: u64) -> f64 {
+    use std::sync::atomic::AtomicUsize;
+    static MAIN_SP: AtomicUsize = AtomicUsize::new(0);
+    static SP: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    static LEFT: AtomicUsize = AtomicUsize::new(0);
+    unsafe extern "Rust" {
+        fn dvma_md_switch(from: *mut usize, to: usize);
+    }
+    extern "C" fn bounce(me: usize) -> ! {
+        loop {
+            let n = LEFT.load(Relaxed);
+            let to = if n == 0 {
+                MAIN_SP.load(Relaxed)
+            } else {
+                LEFT.store(n - 1, Relaxed);
+                SP[1 - me].load(Relaxed)
+            };
+            // SAFETY: `to` is a context saved by the other bouncer (or by
+            // the main loop), parked in this very call or at its start.
+            unsafe { dvma_md_switch(SP[me].as_ptr(), to) };
+        }
+    }
+    let mut maps = Vec::new();
+    for (i, sp) in SP.iter().enumerate() {
+        let Some((addr, len)) = crate::mem::map_stack(64 * 1024) else {
+            return f64::NAN;
+        };
+        // SAFETY: a fresh stack of ours; its top is page-aligned.
+        sp.store(
+            unsafe { crate::arch::thread_frame(addr + len, bounce as *const () as usize, i) },
+            Relaxed,
+        );
+        maps.push((addr, len));
+    }
+    LEFT.store(iters as usize, Relaxed);
+    let t0 = Instant::now();
+    // SAFETY: SP[0] is bouncer 0's fresh context; the bouncers switch back
+    // to MAIN_SP once they have switched `iters` times.
+    unsafe { dvma_md_switch(MAIN_SP.as_ptr(), SP[0].load(Relaxed)) };
+    let dt = t0.elapsed();
+    for (addr, len) in maps {
+        // SAFETY: both bouncers are parked in a switch and never resumed.
+        unsafe { crate::mem::unmap(addr, len) };
+    }
+    dt.as_nanos() as f64 / iters as f64
+}

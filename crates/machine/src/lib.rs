@@ -110,6 +110,26 @@ struct Shared {
     failed: AtomicBool,
 }
 
+/// The running machine's shared state (for panics caught in kernel threads).
+static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+/// Record a panic of a kernel thread: the machine is failed from now on.
+/// Thread context (it takes a host lock; a kernel thread that panicked is
+/// about to exit).
+pub(crate) fn record_panic(cpu: usize, msg: String) {
+    if let Some(sh) = SHARED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+    {
+        sh.panics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((cpu, msg));
+        sh.failed.store(true, Relaxed);
+    }
+}
+
 /// A running machine.
 pub struct Machine {
     _guard: MutexGuard<'static, ()>,
@@ -141,7 +161,7 @@ fn base_mask() -> u64 {
     .fold(0, |a, b| a | b)
 }
 
-fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = e.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = e.downcast_ref::<String>() {
@@ -217,6 +237,7 @@ impl Machine {
             panics: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
         });
+        *SHARED.lock().unwrap_or_else(PoisonError::into_inner) = Some(shared.clone());
         let mut cpus = Vec::with_capacity(ncpu);
         for i in 0..ncpu {
             let sh = shared.clone();
@@ -374,8 +395,9 @@ impl Machine {
             let _ = h.join();
         }
         let snap = kern::stats::snapshot();
+        *SHARED.lock().unwrap_or_else(PoisonError::into_inner) = None;
         if let Err(e) = self.check() {
-            // Threads of the dead CPU are still suspended: leak the kernel.
+            // Threads of a dead CPU may still be suspended: leak the kernel.
             kern::kernel::abandon();
             return Err(e);
         }

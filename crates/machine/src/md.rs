@@ -145,6 +145,21 @@ impl Md for LinuxMd {
         })
     }
 
+    fn thread_init(&self, stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize {
+        // SAFETY: `stack` came from `stack_alloc` (a fresh mapping, base
+        // 16-byte aligned) and belongs to the thread being created.
+        unsafe { crate::arch::thread_frame(stack.base & !15, entry as usize, arg) }
+    }
+
+    fn run_thread(&self, body: &mut dyn FnMut()) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            let msg = crate::panic_message(&*e);
+            let cpu = kern::cpu::curcpu_opt().map(|c| c.index()).unwrap_or(0);
+            let name = kern::sched::current_name().unwrap_or("?");
+            crate::record_panic(cpu, format!("kernel thread {name}: {msg}"));
+        }
+    }
+
     unsafe fn stack_free(&self, mem: StackMem) {
         // SAFETY: by the trait's contract, `mem` came from `stack_alloc`
         // (a `map_stack` mapping) and nothing runs on it.
