@@ -27,7 +27,7 @@
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
 
 use crate::ipl::Ipl;
-use crate::pending::PendingLine;
+use crate::pending::{Inbox, PendingLine, SoftQueue};
 use crate::percpu::CpuLocal;
 use crate::sched::{RunQueue, Thread};
 
@@ -209,16 +209,16 @@ pub struct Cpu {
     /// A thread that exited and waits to be reaped off its own stack.
     pub(crate) dead: AtomicPtr<Thread>,
     /// Scheduled soft interrupts, bit = handle id.
-    pub(crate) soft_pending: AtomicU64,
+    pub(crate) soft_pending: SoftQueue,
     /// Soft interrupts left over by a pass that ran out of budget.
-    pub(crate) soft_deferred: AtomicU64,
+    pub(crate) soft_deferred: SoftQueue,
     /// Pending ASTs, bit = handle id.
     pub(crate) ast_pending: AtomicU64,
     /// Run queue: this CPU only, under splsched.
     pub(crate) runq: RunQueue,
     /// Threads made runnable by other CPUs (or above IPL_SCHED): a
     /// lock-free stack that the scheduler moves into `runq`.
-    pub(crate) inbox: AtomicU32,
+    pub(crate) inbox: Inbox,
     /// Threads placed on this CPU and not yet exited.
     pub(crate) nthreads: AtomicU32,
     /// The softint daemon's wait channel word.
@@ -245,11 +245,11 @@ impl Cpu {
             curthread: AtomicPtr::new(core::ptr::null_mut()),
             idle_sp: AtomicUsize::new(0),
             dead: AtomicPtr::new(core::ptr::null_mut()),
-            soft_pending: AtomicU64::new(0),
-            soft_deferred: AtomicU64::new(0),
+            soft_pending: SoftQueue::new(),
+            soft_deferred: SoftQueue::new(),
             ast_pending: AtomicU64::new(0),
             runq: RunQueue::new(),
-            inbox: AtomicU32::new(u32::MAX),
+            inbox: Inbox::new(),
             nthreads: AtomicU32::new(0),
             softintd_wchan: AtomicU32::new(0),
             stats: CpuStats::default(),

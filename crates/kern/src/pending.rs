@@ -19,13 +19,18 @@
 //! between a device and the interrupt rate it can sustain.
 //!
 //! # Why it does not lose interrupts
-//! Both sides use the store-then-load pattern of Dekker's algorithm with
-//! sequentially consistent operations: the poster writes `bits` then reads
-//! `state` (and `ipl`); the CPU writes `state` (and, leaving a handler, `ipl`)
-//! then reads `bits`. At least one of the two sees the other's write, so
-//! either the CPU finds the bit or the poster kicks it. The loom models at
-//! the bottom of this file check exactly this for the idle and the
-//! dispatch-loop transitions.
+//! Both sides use the store-then-load pattern of Dekker's algorithm, with a
+//! sequentially consistent *fence* between the store and the load: the
+//! poster writes `bits`, fences, then reads `state` (and `ipl`); the CPU
+//! writes `state` (and, leaving a handler, `ipl`), fences, then reads
+//! `bits`. Two SeqCst fences order the accesses around them, so at least
+//! one side sees the other's write: either the CPU finds the bit or the
+//! poster kicks it. (Fences rather than SeqCst accesses: the C++ model only
+//! guarantees this pattern with fences or all-SeqCst accesses, and loom
+//! checks fences but not SeqCst accesses.) The loom models at the bottom of
+//! this file check exactly this for the idle and the dispatch-loop
+//! transitions. On x86 each fence is one `mfence`, paid on the device's
+//! post and on the CPU's way out of a handler, never on `spl`.
 //!
 //! Thread code changes `ipl` with relaxed stores (the `lazy` spl hot path)
 //! while `RUNNING`; posters do not read `ipl` in that state, they always
@@ -36,11 +41,11 @@
 //! handlers; everything else only by the owning CPU (thread code or its
 //! interrupt handlers). Nothing here allocates, locks or blocks.
 
-use core::sync::atomic::Ordering::{Relaxed, SeqCst};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 #[cfg(not(loom))]
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, fence};
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
+use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, fence};
 
 use crate::ipl::Ipl;
 use crate::md::Kick;
@@ -91,7 +96,7 @@ impl PendingLine {
 
     /// Post `bits` for a source of level `level`; any thread, any context.
     pub fn post(&self, bits: u64, level: Ipl) -> Post {
-        let old = self.bits.fetch_or(bits, SeqCst);
+        let old = self.bits.fetch_or(bits, AcqRel);
         if old & bits == bits {
             return Post::Coalesced;
         }
@@ -99,10 +104,12 @@ impl PendingLine {
     }
 
     /// Make the CPU look at its pending word or run queue: the second half
-    /// of [`PendingLine::post`], also used when a thread is made runnable.
+    /// of [`PendingLine::post`], also used when a thread is made runnable
+    /// (after the caller's own write, which the fence orders first).
     pub fn notify(&self, level: Ipl) -> Post {
+        fence(SeqCst);
         loop {
-            match self.state.load(SeqCst) {
+            match self.state.load(Acquire) {
                 RUNNING => {
                     return if level == Ipl::None {
                         // Thread-level work (a runnable thread) waits for
@@ -113,7 +120,7 @@ impl PendingLine {
                     };
                 }
                 INTR => {
-                    return if level != Ipl::None && (level as u8) > self.ipl.load(SeqCst) {
+                    return if level != Ipl::None && (level as u8) > self.ipl.load(Relaxed) {
                         Post::Kick(Kick::Interrupt(level))
                     } else {
                         Post::Noticed
@@ -123,7 +130,7 @@ impl PendingLine {
                 _ => {
                     if self
                         .state
-                        .compare_exchange(SLEEP, POLL, SeqCst, SeqCst)
+                        .compare_exchange(SLEEP, POLL, AcqRel, Acquire)
                         .is_ok()
                     {
                         return Post::Kick(Kick::Wake);
@@ -137,7 +144,7 @@ impl PendingLine {
     /// The pending bits (owning CPU; a snapshot).
     #[inline(always)]
     pub fn pending(&self) -> u64 {
-        self.bits.load(SeqCst)
+        self.bits.load(Acquire)
     }
 
     /// The pending bits, relaxed: the `splx` hot path of the owning CPU.
@@ -149,14 +156,14 @@ impl PendingLine {
     /// Claim `bit`: true if this call cleared it (and so must run it).
     #[inline]
     pub fn claim(&self, bit: u64) -> bool {
-        self.bits.fetch_and(!bit, SeqCst) & bit != 0
+        self.bits.fetch_and(!bit, AcqRel) & bit != 0
     }
 
     /// Set `bits` pending on the owning CPU without notifying anyone (a
     /// softint or AST scheduled on the CPU itself).
     #[inline]
     pub fn set_local(&self, bits: u64) {
-        self.bits.fetch_or(bits, SeqCst);
+        self.bits.fetch_or(bits, AcqRel);
     }
 
     /// The current IPL.
@@ -175,13 +182,14 @@ impl PendingLine {
     /// the pending word (see the module docs).
     #[inline]
     pub fn set_ipl_sync(&self, level: u8) {
-        self.ipl.swap(level, SeqCst);
+        self.ipl.store(level, Relaxed);
+        fence(SeqCst);
     }
 
     /// The run state.
     #[inline]
     pub fn state(&self) -> u32 {
-        self.state.load(SeqCst)
+        self.state.load(Acquire)
     }
 
     /// The state word, for the idle loop's sleep.
@@ -193,7 +201,7 @@ impl PendingLine {
     /// Enter the dispatch loop; returns the state to restore on leaving.
     #[inline]
     pub fn enter_intr(&self) -> u32 {
-        self.state.swap(INTR, SeqCst)
+        self.state.swap(INTR, AcqRel)
     }
 
     /// Leave the dispatch loop, restoring `prev`; returns the bits in
@@ -201,29 +209,133 @@ impl PendingLine {
     /// (entering again) before it may return.
     #[inline]
     pub fn leave_intr(&self, prev: u32, unmasked: u64) -> u64 {
-        self.state.store(prev, SeqCst);
-        self.bits.load(SeqCst) & unmasked
+        self.state.store(prev, Release);
+        fence(SeqCst);
+        self.bits.load(Acquire) & unmasked
     }
 
     /// The idle loop starts polling.
     pub fn idle_poll(&self) {
-        self.state.store(POLL, SeqCst);
+        self.state.store(POLL, Release);
+        fence(SeqCst);
     }
 
     /// The idle loop wants to sleep. On `true` the state is `SLEEP`, and the
     /// caller must look at the pending word and its run queue once more
     /// before sleeping (and call [`PendingLine::idle_poll`] if it finds work).
     pub fn idle_try_sleep(&self) -> bool {
-        self.state
-            .compare_exchange(POLL, SLEEP, SeqCst, SeqCst)
-            .is_ok()
+        let ok = self
+            .state
+            .compare_exchange(POLL, SLEEP, AcqRel, Acquire)
+            .is_ok();
+        fence(SeqCst);
+        ok
     }
 
     /// The idle loop returns to running threads. The caller must look at the
     /// pending word once more afterwards: posts made while it polled did not
     /// interrupt it.
     pub fn idle_end(&self) {
-        self.state.store(RUNNING, SeqCst);
+        self.state.store(RUNNING, Release);
+        fence(SeqCst);
+    }
+}
+
+/// A set of scheduled soft interrupts (bit = handle id), per CPU.
+///
+/// `schedule` may run in any context on the CPU (including a signal handler
+/// that interrupted `take`); `take` claims the scheduled handles of one
+/// level. A handle scheduled while its level is being run is either taken
+/// by that pass or left set for the next one: never lost.
+#[derive(Debug)]
+pub struct SoftQueue {
+    bits: AtomicU64,
+}
+
+impl Default for SoftQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SoftQueue {
+    /// Nothing scheduled.
+    pub fn new() -> Self {
+        Self {
+            bits: AtomicU64::new(0),
+        }
+    }
+
+    /// Mark handle bits `ids` scheduled.
+    #[inline]
+    pub fn schedule(&self, ids: u64) {
+        self.bits.fetch_or(ids, AcqRel);
+    }
+
+    /// Claim the scheduled handles among `mask`.
+    #[inline]
+    pub fn take(&self, mask: u64) -> u64 {
+        self.bits.fetch_and(!mask, AcqRel) & mask
+    }
+
+    /// Scheduled handles (a snapshot).
+    #[inline]
+    pub fn peek(&self) -> u64 {
+        self.bits.load(Acquire)
+    }
+}
+
+/// The link word of an inbox entry (an atomic `u32`; loom's under loom).
+pub type LinkWord = AtomicU32;
+
+/// "No thread": the end of an inbox list.
+pub const NIL: u32 = u32::MAX;
+
+/// A CPU's inbox of threads made runnable from elsewhere: a lock-free
+/// stack (Treiber) of thread ids, linked through a per-thread link word,
+/// emptied all at once by its CPU. Pushers never pop, so there is no ABA.
+#[derive(Debug)]
+pub struct Inbox {
+    head: AtomicU32,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inbox {
+    /// Empty.
+    pub fn new() -> Self {
+        Self {
+            head: AtomicU32::new(NIL),
+        }
+    }
+
+    /// Push `id`, whose link word is `link` (any thread, any context).
+    #[inline]
+    pub fn push(&self, id: u32, link: &LinkWord) {
+        let mut head = self.head.load(Relaxed);
+        loop {
+            link.store(head, Relaxed);
+            match self.head.compare_exchange_weak(head, id, AcqRel, Relaxed) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Take the whole list (newest first). Owning CPU.
+    #[inline]
+    pub fn take_all(&self) -> u32 {
+        self.head.swap(NIL, AcqRel)
+    }
+
+    /// Is anything there? (A load the caller orders with its own fence.)
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.head.load(Acquire) == NIL
     }
 }
 
@@ -319,6 +431,53 @@ mod loom_models {
             let b = t.join().unwrap();
             let coalesced = [a, b].iter().filter(|p| **p == Post::Coalesced).count();
             assert_eq!(coalesced, 1);
+        });
+    }
+
+    /// A softint scheduled while its level is being run is never lost: it is
+    /// taken by this pass or still scheduled for the next.
+    #[test]
+    fn softint_schedule_during_a_pass_is_not_lost() {
+        loom::model(|| {
+            let q = Arc::new(SoftQueue::new());
+            let q2 = q.clone();
+            let t = thread::spawn(move || q2.schedule(0b10));
+            q.schedule(0b01);
+            let mut ran = q.take(0b11);
+            ran |= q.take(0b11);
+            t.join().unwrap();
+            let left = q.peek();
+            assert_eq!(ran | left, 0b11, "a scheduled softint vanished");
+            assert_eq!(ran & left, 0, "a softint would run twice");
+        });
+    }
+
+    /// Two CPUs push threads onto a third's inbox while it takes: every
+    /// thread ends up taken exactly once.
+    #[test]
+    fn inbox_loses_nothing() {
+        loom::model(|| {
+            let inbox = Arc::new(Inbox::new());
+            let links: Arc<[AtomicU32; 2]> = Arc::new([AtomicU32::new(NIL), AtomicU32::new(NIL)]);
+            let hs: std::vec::Vec<_> = (0..2u32)
+                .map(|id| {
+                    let (ib, ln) = (inbox.clone(), links.clone());
+                    thread::spawn(move || ib.push(id, &ln[id as usize]))
+                })
+                .collect();
+            let mut seen = [0u32; 2];
+            let mut walk = |mut cur: u32| {
+                while cur != NIL {
+                    seen[cur as usize] += 1;
+                    cur = links[cur as usize].load(Acquire);
+                }
+            };
+            walk(inbox.take_all());
+            for h in hs {
+                h.join().unwrap();
+            }
+            walk(inbox.take_all());
+            assert_eq!(seen, [1, 1]);
         });
     }
 }

@@ -152,7 +152,7 @@ pub fn softint_establish(
 /// never allocates.
 pub fn softint_schedule(h: &SoftintHandle) {
     let cpu = curcpu();
-    cpu.soft_pending.fetch_or(1 << h.id, Release);
+    cpu.soft_pending.schedule(1 << h.id);
     cpu.line.set_local(soft_bit(h.level));
     // From thread context below its level nothing else would run it soon:
     // do what the `splx` would.
@@ -191,7 +191,7 @@ pub(crate) fn run_level(cpu: &Cpu, level: Ipl) {
     let start = k.md().nanotime();
     let mut rounds = 0u32;
     loop {
-        let bits = cpu.soft_pending.fetch_and(!mask, Acquire) & mask;
+        let bits = cpu.soft_pending.take(mask);
         if bits == 0 {
             return;
         }
@@ -202,9 +202,9 @@ pub(crate) fn run_level(cpu: &Cpu, level: Ipl) {
         {
             // Out of budget: whatever is pending now goes to the daemon.
             cpu.line.claim(soft_bit(level));
-            let left = cpu.soft_pending.fetch_and(!mask, Acquire) & mask;
+            let left = cpu.soft_pending.take(mask);
             if left != 0 {
-                cpu.soft_deferred.fetch_or(left, Release);
+                cpu.soft_deferred.schedule(left);
                 cpu.stats.softint_overruns.inc();
                 crate::sched::wakeup(crate::sched::wchan(&cpu.softintd_wchan));
             }
@@ -223,8 +223,7 @@ pub(crate) fn softintd(ctx: &ThreadCtx) {
         // Deferrals happen only on this CPU, in softint passes, which the
         // raised IPL keeps out while we look and go to sleep.
         let s = crate::spl::raise(Ipl::SoftSerial);
-        while cpu.soft_deferred.load(Acquire) == 0 && cpu.line.pending() & crate::cpu::AST_BIT == 0
-        {
+        while cpu.soft_deferred.peek() == 0 && cpu.line.pending() & crate::cpu::AST_BIT == 0 {
             if crate::sched::tsleep(ctx, chan).is_err() {
                 return;
             }
@@ -233,7 +232,7 @@ pub(crate) fn softintd(ctx: &ThreadCtx) {
         for level in Ipl::SOFT.iter().rev() {
             let li = level.soft_index().unwrap_or(0);
             let mask = k.softints.level_ids[li].load(Acquire);
-            let bits = cpu.soft_deferred.fetch_and(!mask, Acquire) & mask;
+            let bits = cpu.soft_deferred.take(mask);
             if bits != 0 {
                 let s = crate::spl::raise(*level);
                 cpu.in_softint_thread.store(true, Relaxed);

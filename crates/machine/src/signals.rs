@@ -13,7 +13,7 @@
 //! * interrupt stack on: `SA_ONSTACK`, with a per-CPU `sigaltstack`.
 //!
 //! # Interrupt context
-//! [`dvma_sig_body`] runs in a signal handler. It allocates nothing, takes
+//! `dvma_sig_body` runs in a signal handler. It allocates nothing, takes
 //! no lock that thread code may hold (only kernel spin mutexes at or above
 //! the handler's IPL, see `kern::intr`), prints nothing, and saves and
 //! restores errno. A panic in it aborts the process (it is `extern "C"`).

@@ -1,0 +1,88 @@
+//! `dvma race --json`: every row matches the mechanism's prediction, every
+//! row injected at least once, and the prediction table is the documented
+//! one. Runs the real binary, under both spl implementations, with a short
+//! interrupt storm.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn race(args: &[&str]) -> (bool, Vec<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dvma"))
+        .arg("race")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run dvma race");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "dvma race --json printed no JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), rows)
+}
+
+fn check(args: &[&str]) {
+    let (ok, rows) = race(args);
+    assert_eq!(rows.len(), 16, "4 completion modes x 4 protections");
+    for r in &rows {
+        let c = r["completion"].as_str().unwrap();
+        let p = r["protection"].as_str().unwrap();
+        let inj = r["injections"].as_u64().unwrap();
+        let cor = r["corruptions"].as_u64().unwrap();
+        let exp = r["expected_corrupt"].as_bool().unwrap();
+        let predicted = match (p, c) {
+            (_, "thread") => false,
+            ("none", _) => true,
+            ("splimp" | "pool", _) => false,
+            ("safepoint", "ast") => false,
+            ("safepoint", _) => true,
+            _ => panic!("unknown row {c}/{p}"),
+        };
+        assert_eq!(exp, predicted, "{c}/{p}: expectation");
+        assert!(inj > 0, "{c}/{p}: no injection");
+        assert_eq!(
+            cor > 0,
+            exp,
+            "{c}/{p}: {cor} corruptions, expected_corrupt={exp}: {r}"
+        );
+        if exp {
+            // The deterministic injections alone corrupt once each.
+            assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
+        }
+    }
+    assert!(ok, "dvma race exited non-zero although every row matched");
+}
+
+#[test]
+fn race_lazy_with_storm() {
+    check(&["--storm", "0.1", "--iterations", "100"]);
+}
+
+#[test]
+fn race_mask_without_interrupt_stack() {
+    check(&[
+        "--spl",
+        "mask",
+        "--intr-stack",
+        "off",
+        "--iterations",
+        "100",
+    ]);
+}
+
+#[test]
+fn race_rejects_bad_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dvma"))
+        .args(["race", "--completion", "telepathy"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("telepathy") && err.contains("intr, softint, thread, ast"),
+        "{err}"
+    );
+}
