@@ -9,12 +9,14 @@ use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Acquire, Ordering::SeqCst};
 
 use crate::ast::Asts;
+use crate::bus_dma::Domain;
 use crate::cpu::{Cpu, MAXCPU};
 use crate::intr::Vectors;
 use crate::kmem::Kmem;
 use crate::md::Md;
 use crate::sched::Threads;
 use crate::softint::Softints;
+use crate::vm::PhysMem;
 
 /// Which spl implementation the CPUs use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +110,9 @@ pub struct Kernel {
     pub(crate) threads: Threads,
     /// The kernel malloc.
     pub kmem: Kmem,
+    physmem: PhysMem,
+    dma: Domain,
+    clock: crate::intr::IntrHandle,
     shutdown: AtomicBool,
 }
 
@@ -144,6 +149,13 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
         asts: Asts::new(),
         threads: Threads::new(cfg.max_threads),
         kmem: Kmem::new(cfg.kmem_bytes, cfg.ncpu),
+        physmem: {
+            let (kva, size) = md.physmem();
+            PhysMem::new(kva, size)
+        },
+        dma: Domain::new(md.iommu(), cfg.ncpu),
+        // Replaced below, once the kernel is reachable.
+        clock: crate::intr::IntrHandle::placeholder(),
         shutdown: AtomicBool::new(false),
         cfg,
     }));
@@ -156,6 +168,11 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
         return Err(BootError::AlreadyBooted);
     }
     let kr = kernel();
+    let clock = crate::callout::clock_attach().expect("clock vector");
+    // SAFETY: no CPU runs yet and no other reference to the kernel is used
+    // while we set its clock vector (boot is single-threaded until the
+    // machine starts the CPUs).
+    unsafe { (*k).clock = clock };
     for c in 0..kr.ncpu() {
         let name: &'static str = SOFTINTD_NAMES.get(c).copied().unwrap_or("softintd");
         if let Err(e) = crate::sched::kthread_create(Some(c), name, crate::softint::softintd) {
@@ -208,6 +225,7 @@ pub unsafe fn teardown() {
     // one uses it any more.
     let k = unsafe { Box::from_raw(p) };
     k.threads.free_stacks(&k);
+    crate::bus_dma::reset_tags();
     drop(k);
 }
 
@@ -237,6 +255,21 @@ impl Kernel {
     /// All CPUs.
     pub fn cpus(&self) -> &[Cpu] {
         &self.cpus
+    }
+
+    /// Physical memory.
+    pub fn physmem(&self) -> &PhysMem {
+        &self.physmem
+    }
+
+    /// The IOMMU domain.
+    pub fn dma_domain(&self) -> &Domain {
+        &self.dma
+    }
+
+    /// The clock vector, which the machine posts to CPU 0 every tick.
+    pub fn clock_vector(&self) -> crate::intr::IntrHandle {
+        self.clock
     }
 
     /// Has shutdown begun?

@@ -34,10 +34,13 @@ extern crate alloc;
 extern crate std;
 
 pub mod ast;
+pub mod bus_dma;
+pub mod callout;
 pub mod completion;
 pub mod cpu;
 pub mod ctx;
 pub mod intr;
+pub mod iommu;
 pub mod ipl;
 pub mod kernel;
 pub mod kmem;
@@ -51,6 +54,7 @@ pub mod sched;
 pub mod softint;
 pub mod spl;
 pub mod stats;
+pub mod vm;
 
 pub use completion::Completion;
 pub use ctx::{IntrCtx, SoftCtx, ThreadCtx};

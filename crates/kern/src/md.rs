@@ -56,6 +56,10 @@ pub trait Md: Sync {
     /// Idle the calling CPU until `word` no longer holds `expect` (or
     /// spuriously). Host context of the CPU's own thread only.
     fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32);
+    /// The machine's RAM: the address of its direct map and its size.
+    fn physmem(&self) -> (usize, u64);
+    /// The machine's IOMMU.
+    fn iommu(&self) -> &'static dyn crate::iommu::Iommu;
     /// Wake host threads waiting (futex) on `word`: a kernel thread exited
     /// (see `KThread::exit_word`). Thread or host context.
     fn host_wake(&self, word: &AtomicU32);

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod dvma;
 pub mod host;
 pub mod md;
 pub mod mem;
@@ -49,6 +50,12 @@ pub struct MachineConfig {
     pub intr_stack_size: usize,
     /// Which AST trampoline (only tests pick `Partial`).
     pub ast_save: AstSave,
+    /// RAM (the memfd), bytes.
+    pub ram_bytes: u64,
+    /// The DVMA window (IOVA space), bytes.
+    pub window_bytes: u64,
+    /// Clock tick (callouts), nanoseconds.
+    pub tick_ns: u64,
 }
 
 impl Default for MachineConfig {
@@ -63,6 +70,9 @@ impl Default for MachineConfig {
             intr_stack: true,
             intr_stack_size: 256 * 1024,
             ast_save: AstSave::Full,
+            ram_bytes: 256 << 20,
+            window_bytes: 4 << 30,
+            tick_ns: 10_000_000,
         }
     }
 }
@@ -87,6 +97,9 @@ pub enum MachineError {
     /// Creating a kernel thread failed.
     #[error("{0}")]
     Sched(SchedError),
+    /// Physical memory or the DVMA window could not be set up.
+    #[error("setting up RAM and the DVMA window: {0}")]
+    Memory(std::io::Error),
     /// A CPU died of a panic (in a kernel thread or the kernel).
     #[error("cpu{cpu} panicked: {message}")]
     CpuPanicked {
@@ -138,6 +151,8 @@ pub struct Machine {
     shared: Arc<Shared>,
     cfg: MachineConfig,
     xsave: XsaveInfo,
+    clock: Option<JoinHandle<()>>,
+    clock_stop: Arc<AtomicBool>,
     down: bool,
 }
 
@@ -228,8 +243,21 @@ impl Machine {
         let guard = BOOT.lock().unwrap_or_else(PoisonError::into_inner);
         let ncpu = cfg.kernel.ncpu;
         let xsave = arch::init_trampoline(cfg.ast_save);
-        let md: &'static md::LinuxMd =
-            Box::leak(Box::new(md::LinuxMd::new(ncpu.max(1), base_mask())));
+        let ram = dvma::Ram::new(cfg.ram_bytes).map_err(MachineError::Memory)?;
+        let window = match dvma::Window::new(&ram, cfg.window_bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: nothing uses the fresh RAM yet.
+                unsafe { ram.release() };
+                return Err(MachineError::Memory(e));
+            }
+        };
+        let md: &'static md::LinuxMd = Box::leak(Box::new(md::LinuxMd::new(
+            ncpu.max(1),
+            base_mask(),
+            ram,
+            window,
+        )));
         signals::install(cfg.kernel.spl == SplImpl::Mask, cfg.intr_stack)
             .map_err(MachineError::Signals)?;
         kern::kernel::boot(md, cfg.kernel.clone()).map_err(MachineError::Boot)?;
@@ -262,6 +290,20 @@ impl Machine {
         while md.tids.iter().any(|t| t.load(Relaxed) == 0) {
             std::thread::yield_now();
         }
+        // The clock: a device that interrupts CPU 0 every tick.
+        let clock_stop = Arc::new(AtomicBool::new(false));
+        let cs = clock_stop.clone();
+        let tick = Duration::from_nanos(cfg.tick_ns.max(100_000));
+        let vector = kern::kernel().clock_vector();
+        let clock = std::thread::Builder::new()
+            .name("clock".into())
+            .spawn(move || {
+                while !cs.load(Relaxed) {
+                    std::thread::sleep(tick);
+                    kern::intr::intr_post(0, vector);
+                }
+            })
+            .ok();
         Ok(Self {
             _guard: guard,
             md,
@@ -269,6 +311,8 @@ impl Machine {
             shared,
             cfg,
             xsave,
+            clock,
+            clock_stop,
             down: false,
         })
     }
@@ -286,6 +330,11 @@ impl Machine {
     /// What the CPU's extended state looks like (for the AST trampoline).
     pub fn xsave(&self) -> XsaveInfo {
         self.xsave
+    }
+
+    /// The DVMA window (devices use it to reach memory).
+    pub fn window(&self) -> &'static dvma::Window {
+        &self.md.window
     }
 
     /// Signals that could not be delivered (tgkill failures).
@@ -379,6 +428,10 @@ impl Machine {
             return Ok(kern::stats::Snapshot::default());
         }
         self.down = true;
+        self.clock_stop.store(true, Relaxed);
+        if let Some(c) = self.clock.take() {
+            let _ = c.join();
+        }
         kern::kernel::shutdown();
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.cpus.iter().any(|h| !h.is_finished()) {
@@ -401,9 +454,15 @@ impl Machine {
             kern::kernel::abandon();
             return Err(e);
         }
-        // SAFETY: every CPU thread has returned from `cpu_run`; devices are
-        // the caller's and must be stopped before shutdown (documented).
+        // SAFETY: every CPU thread has returned from `cpu_run`, the clock is
+        // stopped; devices are the caller's and must be stopped before
+        // shutdown (documented).
         unsafe { kern::kernel::teardown() };
+        // SAFETY: the kernel is gone; nothing maps RAM or the window now.
+        unsafe {
+            self.md.window.release();
+            self.md.ram.release();
+        }
         Ok(snap)
     }
 }

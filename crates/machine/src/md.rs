@@ -79,6 +79,8 @@ pub fn rdtsc() -> u64 {
 
 /// The Linux MD layer of one boot.
 pub(crate) struct LinuxMd {
+    pub(crate) ram: crate::dvma::Ram,
+    pub(crate) window: crate::dvma::Window,
     pub(crate) pid: i32,
     pub(crate) tids: Box<[AtomicI32]>,
     pub(crate) clock: Tsc,
@@ -88,7 +90,12 @@ pub(crate) struct LinuxMd {
 }
 
 impl LinuxMd {
-    pub(crate) fn new(ncpu: usize, base_mask: u64) -> Self {
+    pub(crate) fn new(
+        ncpu: usize,
+        base_mask: u64,
+        ram: crate::dvma::Ram,
+        window: crate::dvma::Window,
+    ) -> Self {
         let mut masks = [base_mask; Ipl::COUNT];
         for l in Ipl::ALL {
             if l.is_hard() {
@@ -96,6 +103,8 @@ impl LinuxMd {
             }
         }
         Self {
+            ram,
+            window,
             pid: sys::getpid(),
             tids: (0..ncpu).map(|_| AtomicI32::new(0)).collect(),
             clock: Tsc::calibrate(),
@@ -131,6 +140,18 @@ impl Md for LinuxMd {
 
     fn idle_wait(&self, _cpu: usize, word: &AtomicU32, expect: u32) {
         sys::futex_wait(word, expect);
+    }
+
+    fn physmem(&self) -> (usize, u64) {
+        self.ram.direct_map()
+    }
+
+    fn iommu(&self) -> &'static dyn kern::iommu::Iommu {
+        // SAFETY: every `LinuxMd` is leaked at boot (`Box::leak`), so `self`
+        // lives for the rest of the process; only its mappings are released,
+        // after the kernel is torn down.
+        let me: &'static LinuxMd = unsafe { &*(self as *const LinuxMd) };
+        &me.window
     }
 
     fn host_wake(&self, word: &AtomicU32) {

@@ -1,0 +1,271 @@
+//! The IOMMU and its address space (DVMA / IOVA).
+//!
+//! [`Iommu`] is what the machine provides: enter and remove translations
+//! from I/O virtual addresses to physical memory, with the device's access
+//! rights. On the Linux machine it is the host MMU: a reserved range of the
+//! process's address space (the *DVMA window*) where physical pages (of the
+//! memfd that is the machine's RAM) are really mapped and unmapped, and
+//! devices reach memory only through that window.
+//!
+//! [`IovaArena`] allocates IOVA ranges: a vmem(9) arena (no allocation
+//! after construction) behind an IPL_VM spin mutex, with per-CPU magazines
+//! in front for the common sizes (Linux's iova rcache): an allocation or a
+//! free of a cached size is a few stores on the owning CPU, at splvm.
+//! Ranges are naturally aligned to their (power-of-two) size class.
+//!
+//! # Contexts
+//! Any context on a CPU (it runs at IPL_VM). Host threads may use the
+//! global arena only (no magazines).
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use vmem::{AllocPolicy, Constraints, Vmem};
+
+use crate::cpu::curcpu_opt;
+use crate::ipl::Ipl;
+use crate::lock::SpinMutex;
+use crate::spl;
+
+/// The page size of the IOMMU.
+pub const IOPAGE: usize = 4096;
+
+/// What a device may do through a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaAccess {
+    /// The device reads memory (a write to the disk).
+    Read,
+    /// The device writes memory (a read from the disk).
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
+/// IOMMU errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IommuError {
+    /// The range is outside the IOMMU's address space.
+    OutOfRange {
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: usize,
+    },
+    /// The host refused the mapping.
+    Host {
+        /// The host's error number.
+        errno: i32,
+    },
+}
+
+impl core::fmt::Display for IommuError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            IommuError::OutOfRange { iova, len } => {
+                write!(
+                    f,
+                    "iommu: [{iova:#x}, +{len:#x}) is outside the DVMA window"
+                )
+            }
+            IommuError::Host { errno } => {
+                write!(f, "iommu: the host refused the mapping (errno {errno})")
+            }
+        }
+    }
+}
+
+/// An IOMMU (provided by the machine).
+///
+/// `enter` and `remove` may be called from any kernel context (interrupt
+/// handlers included: completion modes unload maps there), so they must not
+/// allocate or take locks thread code may hold.
+pub trait Iommu: Sync {
+    /// Size of the I/O virtual address space.
+    fn size(&self) -> u64;
+    /// Translate `[iova, iova + len)` to physical `[pa, pa + len)`, with
+    /// `access` rights, replacing whatever was there. Page aligned.
+    fn enter(&self, iova: u64, pa: u64, len: usize, access: DmaAccess) -> Result<(), IommuError>;
+    /// Remove the translations of `[iova, iova + len)`: device accesses
+    /// fault from now on (the range stays reserved). Includes whatever
+    /// invalidation the hardware needs.
+    fn remove(&self, iova: u64, len: usize);
+}
+
+/// Size classes cached per CPU: 1, 2, 4, ... 256 pages (4 KiB .. 1 MiB).
+const NCLASSES: usize = 9;
+/// Ranges per magazine.
+const MAGSIZE: usize = 32;
+
+struct Magazine {
+    n: core::cell::Cell<usize>,
+    items: [core::cell::Cell<u64>; MAGSIZE],
+}
+
+/// One CPU's magazines. Touched only by that CPU, at IPL_VM.
+struct CpuMags {
+    mags: [Magazine; NCLASSES],
+}
+
+// SAFETY: each `CpuMags` is used only by its own CPU with the IPL raised to
+// IPL_VM (see `IovaArena::alloc`/`free`), which excludes its own interrupt
+// handlers; no other thread touches it.
+unsafe impl Sync for CpuMags {}
+
+/// Counters of an IOVA arena.
+#[derive(Debug, Default)]
+pub struct IovaStats {
+    /// Allocations served by a magazine.
+    pub mag_hits: AtomicU64,
+    /// Allocations that went to the global arena.
+    pub global_allocs: AtomicU64,
+    /// Failed allocations.
+    pub failures: AtomicU64,
+}
+
+/// The IOVA allocator.
+pub struct IovaArena {
+    global: SpinMutex<Vmem>,
+    cpus: Box<[CpuMags]>,
+    base: u64,
+    size: u64,
+    /// Counters.
+    pub stats: IovaStats,
+}
+
+/// Errors of the IOVA arena.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IovaError {
+    /// No free range of that size.
+    NoSpace {
+        /// Bytes asked for.
+        len: usize,
+    },
+}
+
+impl core::fmt::Display for IovaError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            IovaError::NoSpace { len } => write!(f, "no free DVMA range of {len} bytes"),
+        }
+    }
+}
+
+fn class_of(pages: usize) -> Option<usize> {
+    let c = pages.next_power_of_two().trailing_zeros() as usize;
+    (c < NCLASSES).then_some(c)
+}
+
+impl IovaArena {
+    /// An arena over `[base, base + size)` for `ncpu` CPUs.
+    pub fn new(base: u64, size: u64, ncpu: usize) -> Self {
+        let pages = (size / IOPAGE as u64) as usize;
+        let tags = (pages / 4).clamp(1024, 1 << 20);
+        let v = Vmem::new(base, size, IOPAGE as u64, tags).expect("IOVA arena parameters");
+        Self {
+            global: SpinMutex::new(Ipl::Vm, v),
+            cpus: (0..ncpu)
+                .map(|_| CpuMags {
+                    mags: [const {
+                        Magazine {
+                            n: core::cell::Cell::new(0),
+                            items: [const { core::cell::Cell::new(0) }; MAGSIZE],
+                        }
+                    }; NCLASSES],
+                })
+                .collect(),
+            base,
+            size,
+            stats: IovaStats::default(),
+        }
+    }
+
+    /// The bytes a request of `len` occupies (its size class, or pages).
+    pub fn rounded(len: usize) -> usize {
+        let pages = len.div_ceil(IOPAGE).max(1);
+        match class_of(pages) {
+            Some(c) => (1 << c) * IOPAGE,
+            None => pages * IOPAGE,
+        }
+    }
+
+    /// Allocate a range for `len` bytes (rounded as [`IovaArena::rounded`]).
+    /// Any context.
+    pub fn alloc(&self, len: usize) -> Result<u64, IovaError> {
+        let pages = len.div_ceil(IOPAGE).max(1);
+        if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
+            let s = spl::splvm();
+            let m = &self.cpus[cpu.index()].mags[c];
+            let n = m.n.get();
+            if n > 0 {
+                m.n.set(n - 1);
+                let iova = m.items[n - 1].get();
+                drop(s);
+                self.stats.mag_hits.fetch_add(1, Relaxed);
+                return Ok(iova);
+            }
+            drop(s);
+        }
+        self.alloc_global(len)
+    }
+
+    fn alloc_global(&self, len: usize) -> Result<u64, IovaError> {
+        let sz = Self::rounded(len) as u64;
+        let align = if sz.is_power_of_two() {
+            sz
+        } else {
+            IOPAGE as u64
+        };
+        let c = Constraints {
+            align,
+            ..Constraints::NONE
+        };
+        let r = self.global.lock().xalloc(sz, c, AllocPolicy::InstantFit);
+        match r {
+            Ok(a) => {
+                self.stats.global_allocs.fetch_add(1, Relaxed);
+                Ok(a)
+            }
+            Err(_) => {
+                self.stats.failures.fetch_add(1, Relaxed);
+                Err(IovaError::NoSpace { len })
+            }
+        }
+    }
+
+    /// Free a range from [`IovaArena::alloc`] of `len` bytes. Any context.
+    pub fn free(&self, iova: u64, len: usize) {
+        let pages = len.div_ceil(IOPAGE).max(1);
+        if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
+            let s = spl::splvm();
+            let m = &self.cpus[cpu.index()].mags[c];
+            let n = m.n.get();
+            if n < MAGSIZE {
+                m.items[n].set(iova);
+                m.n.set(n + 1);
+                return drop(s);
+            }
+            // Full: give half of it back to the arena, then keep this one.
+            let mut g = self.global.lock();
+            let sz = Self::rounded(len) as u64;
+            for i in MAGSIZE / 2..MAGSIZE {
+                let _ = g.free(m.items[i].get(), sz);
+            }
+            drop(g);
+            m.items[MAGSIZE / 2].set(iova);
+            m.n.set(MAGSIZE / 2 + 1);
+            return drop(s);
+        }
+        let _ = self.global.lock().free(iova, Self::rounded(len) as u64);
+    }
+
+    /// Bytes of IOVA space not allocated in the arena (ranges cached in
+    /// magazines count as allocated).
+    pub fn free_bytes(&self) -> u64 {
+        self.global.lock().stats().free_bytes
+    }
+
+    /// The arena's range.
+    pub fn range(&self) -> (u64, u64) {
+        (self.base, self.size)
+    }
+}
