@@ -37,4 +37,12 @@ fn micro_json_has_every_figure() {
     );
     assert!(f("/switch_ns/os_thread") > f("/switch_ns/kthread"));
     assert!(f("/ast_ns/with_ast") > f("/ast_ns/plain") * 0.8);
+    // DVMA: every mode at both sizes; writing no PTE beats writing two.
+    for size in ["4k", "64k"] {
+        for mode in ["strict", "lazy", "slots", "permanent", "shadow"] {
+            let x = f(&format!("/dvma_ns/{size}/{mode}"));
+            assert!(x.is_finite() && x > 0.0, "dvma_ns/{size}/{mode} = {x}");
+        }
+        assert!(f(&format!("/dvma_ns/{size}/permanent")) < f(&format!("/dvma_ns/{size}/strict")));
+    }
 }

@@ -25,7 +25,7 @@ pub struct MicroArgs {
     /// Repetitions per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// Measure only these (comma-separated: spl, switch, kthread, softint, intr, ast).
+    /// Measure only these (comma-separated: spl, switch, kthread, softint, intr, ast, dvma).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -38,6 +38,10 @@ pub struct Micro {
     pub softint_dispatch_ns: f64,
     pub intr_ns: IntrNs,
     pub ast_ns: AstNs,
+    /// `{"4k": {mode: ns}, "64k": {mode: ns}}`: load+sync+unload per I/O.
+    pub dvma_ns: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+    /// The full DVMA figures.
+    pub dvma: Option<super::dvma::DvmaFigures>,
     pub ratios: Ratios,
 }
 
@@ -339,6 +343,11 @@ pub fn measure(reps: usize, only: &[String], progress: &dyn Fn(&str)) -> Result<
         progress("interrupt, no interrupt stack");
         m.intr_ns.nostack = intr_and_ast(false, false, reps)?.0;
     }
+    if want("dvma") {
+        let d = super::dvma::measure(reps.min(3), 40, &[], &|w| progress(&format!("DVMA {w}")))?;
+        m.dvma_ns = d.ns_by_size();
+        m.dvma = Some(d);
+    }
     if want("intr") || want("ast") {
         progress("interrupt and AST, interrupt stack");
         let (plain, with) = intr_and_ast(true, true, reps)?;
@@ -363,6 +372,9 @@ fn verdict(ok: bool) -> &'static str {
 pub fn render(m: &Micro) -> String {
     let r = &m.ratios;
     let mut s = String::new();
+    if let Some(d) = &m.dvma {
+        s += &super::dvma::render(d);
+    }
     s += &format!(
         "spl pair (splbio+splx)      lazy {:>9.2} ns   mask {:>9.1} ns   mask/lazy {:>7.0}x   target lazy <= 2 ns and >= 100x: {}\n",
         m.spl_pair_ns.lazy,

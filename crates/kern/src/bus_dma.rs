@@ -56,6 +56,7 @@ use crate::iommu::{DmaAccess, IOPAGE, Iommu, IovaArena, IovaError};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::lock::SpinMutex;
+use crate::percpu::PerCpuCounter;
 use crate::sched::{Interrupted, sleep_interlocked, wakeup, wchan};
 use crate::softint::{SoftintHandle, softint_schedule};
 use crate::vm::{BufSource, IoBuf, PhysRange};
@@ -264,16 +265,17 @@ impl TagConfig {
     }
 }
 
-/// Counters of a tag.
+/// Counters of a tag. The per-I/O ones are per-CPU.
 #[derive(Debug, Default)]
 pub struct TagStats {
     /// Loads that succeeded.
-    pub loads: AtomicU64,
-    /// Loads that mapped nothing (permanent, or a slot still mapping the
-    /// same buffer).
-    pub loads_no_pte: AtomicU64,
+    pub loads: PerCpuCounter,
+    /// `slots`: loads that found their slot still mapping that very buffer
+    /// and wrote no PTE. (`permanent` and `shadow` never write one: every
+    /// load of theirs is such a load, so it is not counted twice.)
+    pub loads_no_pte: PerCpuCounter,
     /// Unloads.
-    pub unloads: AtomicU64,
+    pub unloads: PerCpuCounter,
     /// Loads refused for lack of space (NoWait).
     pub no_space: AtomicU64,
     /// Sleeps of waiting loads.
@@ -418,6 +420,9 @@ struct SlotSet {
     cur: Box<[(AtomicU64, AtomicUsize, AtomicUsize)]>,
 }
 
+// The tag is leaked once per driver instance: the size of its largest
+// variant costs nothing, and boxing would be one more indirection per load.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Strict,
     Lazy(SpinMutex<FlushQ>),
@@ -488,9 +493,9 @@ fn busdma_softint() -> &'static SoftintHandle {
             unsafe { &*b }
         }
         Err(other) => {
-            // SAFETY: ours lost the race and was never shared; `other` is
-            // the winner's leaked handle.
+            // SAFETY: ours lost the race and was never shared.
             drop(unsafe { Box::from_raw(b) });
+            // SAFETY: `other` is the winner's leaked handle.
             unsafe { &*other }
         }
     }
@@ -687,10 +692,9 @@ pub fn dmamap_load(
         // Never overtake a deferred load.
         let queued = tag.fifo_len.load(Acquire) > 0;
         if !queued {
-            match tag.try_load(buf, dir) {
-                Ok(l) => {
-                    map.loaded = Some(l);
-                    tag.stats.loads.fetch_add(1, Relaxed);
+            match tag.try_load(&mut map.loaded, buf, dir) {
+                Ok(()) => {
+                    tag.stats.loads.inc();
                     return Ok(());
                 }
                 Err(e) if !matches!(e.error, DmaError::NoSpace { .. }) => return Err(e),
@@ -726,6 +730,9 @@ pub fn dmamap_load(
 /// completed in order by the `busdma` soft interrupt when space frees up.
 /// `done` is called exactly once, with the map, either here (at once) or
 /// later from soft-interrupt context. Any context.
+// The map and the buffer travel back by value on failure: boxing them would
+// allocate, and this is called from interrupt context.
+#[allow(clippy::result_large_err)]
 pub fn dmamap_load_deferred(
     map: DmaMap,
     buf: IoBuf,
@@ -778,7 +785,7 @@ pub fn dmamap_sync(map: &mut DmaMap, op: SyncOp) {
 pub fn dmamap_unload(map: &mut DmaMap) -> Option<IoBuf> {
     let l = map.loaded.take()?;
     let tag = map.tag;
-    tag.stats.unloads.fetch_add(1, Relaxed);
+    tag.stats.unloads.inc();
     match l.how {
         How::Mapped { iova, len } => match &tag.kind {
             Kind::Lazy(q) => tag.lazy_unload(q, iova, len),
@@ -872,7 +879,13 @@ impl DmaTag {
         self.fifo_len.load(Acquire)
     }
 
-    fn try_load(&'static self, buf: IoBuf, dir: DmaDir) -> Result<Loaded, LoadError> {
+    /// Load `buf` into `out` (an empty map's slot), or give it back.
+    fn try_load(
+        &'static self,
+        out: &mut Option<Loaded>,
+        buf: IoBuf,
+        dir: DmaDir,
+    ) -> Result<(), LoadError> {
         let len = buf.capacity();
         let fail = |error, buf| Err(LoadError { error, buf });
         match &self.kind {
@@ -884,13 +897,13 @@ impl DmaTag {
                         if let Kind::Lazy(q) = &self.kind {
                             self.lazy_flush(q);
                             if let Ok(i) = self.dom.iova.alloc(len) {
-                                return self.finish_map(buf, dir, i, len);
+                                return self.finish_map(out, buf, dir, i, len);
                             }
                         }
                         return fail(DmaError::NoSpace { len }, buf);
                     }
                 };
-                self.finish_map(buf, dir, iova, len)
+                self.finish_map(out, buf, dir, iova, len)
             }
             Kind::Slots(s) => {
                 if len > s.size {
@@ -906,7 +919,7 @@ impl DmaTag {
                     && clen.load(Relaxed) == len
                     && cacc.load(Relaxed) == acc
                 {
-                    self.stats.loads_no_pte.fetch_add(1, Relaxed);
+                    self.stats.loads_no_pte.inc();
                 } else {
                     if let Err(e) = self.dom.enter(self, slot_iova, buf.pa(), len, dir.access()) {
                         s.free.lock().push(i);
@@ -923,46 +936,47 @@ impl DmaTag {
                     iova: slot_iova,
                     len: buf.len(),
                 };
-                Ok(Loaded {
+                *out = Some(Loaded {
                     buf,
                     dir,
                     seg,
                     how: How::Slot(i),
-                })
+                });
+                Ok(())
             }
             Kind::Pool(p) => match self.cfg.mode {
                 DvmaMode::Permanent => {
                     if !p.contains(buf.range()) || !buf.is_from(p) {
                         return fail(DmaError::NotFromPool, buf);
                     }
-                    self.stats.loads_no_pte.fetch_add(1, Relaxed);
                     let seg = DmaSeg {
                         iova: p.iova + (buf.pa() - p.phys.pa),
                         len: buf.len(),
                     };
-                    Ok(Loaded {
+                    *out = Some(Loaded {
                         buf,
                         dir,
                         seg,
                         how: How::Pool,
-                    })
+                    });
+                    Ok(())
                 }
                 _ => {
                     let Some(r) = p.alloc(buf.len()) else {
                         return fail(DmaError::NoSpace { len }, buf);
                     };
                     let bounce = IoBuf::from_range(r, buf.len(), p);
-                    self.stats.loads_no_pte.fetch_add(1, Relaxed);
                     let seg = DmaSeg {
                         iova: p.iova + (r.pa - p.phys.pa),
                         len: buf.len(),
                     };
-                    Ok(Loaded {
+                    *out = Some(Loaded {
                         buf,
                         dir,
                         seg,
                         how: How::Bounce(bounce),
-                    })
+                    });
+                    Ok(())
                 }
             },
         }
@@ -970,11 +984,12 @@ impl DmaTag {
 
     fn finish_map(
         &self,
+        out: &mut Option<Loaded>,
         buf: IoBuf,
         dir: DmaDir,
         iova: u64,
         len: usize,
-    ) -> Result<Loaded, LoadError> {
+    ) -> Result<(), LoadError> {
         if let Err(error) = self.dom.enter(self, iova, buf.pa(), len, dir.access()) {
             self.dom.iova.free(iova, len);
             return Err(LoadError { error, buf });
@@ -985,12 +1000,13 @@ impl DmaTag {
             iova,
             len: buf.len(),
         };
-        Ok(Loaded {
+        *out = Some(Loaded {
             buf,
             dir,
             seg,
             how: How::Mapped { iova, len },
-        })
+        });
+        Ok(())
     }
 
     fn lazy_unload(&self, q: &SpinMutex<FlushQ>, iova: u64, len: usize) {
@@ -1010,9 +1026,10 @@ impl DmaTag {
         }
     }
 
-    /// Release every queued unload: unmap, then free the IOVA.
+    /// Release every queued unload: unmap (adjacent ranges in one call, as
+    /// one IOTLB invalidation covers a batch), then free the IOVAs.
     fn lazy_flush(&self, q: &SpinMutex<FlushQ>) {
-        let mut batch = [(0u64, 0usize); 64];
+        let mut batch = [(0u64, 0usize); 256];
         loop {
             let mut g = q.lock();
             let n = g.entries.len().min(batch.len());
@@ -1023,8 +1040,21 @@ impl DmaTag {
             batch[..n].copy_from_slice(&g.entries[start..]);
             g.entries.truncate(start);
             drop(g);
-            for &(iova, len) in &batch[..n] {
-                self.dom.remove(self, iova, len);
+            let b = &mut batch[..n];
+            b.sort_unstable_by_key(|e| e.0);
+            let mut i = 0;
+            while i < n {
+                let (run_start, mut run_end) = (b[i].0, b[i].0 + b[i].1 as u64);
+                let mut j = i + 1;
+                while j < n && b[j].0 == run_end {
+                    run_end += b[j].1 as u64;
+                    j += 1;
+                }
+                self.dom
+                    .remove(self, run_start, (run_end - run_start) as usize);
+                i = j;
+            }
+            for &(iova, len) in b.iter() {
                 self.dom.held(-pages(len));
                 self.stats.held(-pages(len));
                 self.dom.iova.free(iova, len);
@@ -1068,6 +1098,7 @@ impl DmaTag {
         }
     }
 
+    #[allow(clippy::result_large_err)] // see `dmamap_load_deferred`
     fn enqueue(
         &self,
         g: &mut crate::lock::SpinGuard<'_, alloc::collections::VecDeque<Deferred>>,
@@ -1103,12 +1134,11 @@ impl DmaTag {
         loop {
             let mut g = self.fifo.lock();
             let Some(mut d) = g.pop_front() else { return };
-            match self.try_load(d.buf, d.dir) {
-                Ok(l) => {
+            match self.try_load(&mut d.map.loaded, d.buf, d.dir) {
+                Ok(()) => {
                     self.fifo_len.store(g.len(), Release);
                     drop(g);
-                    d.map.loaded = Some(l);
-                    self.stats.loads.fetch_add(1, Relaxed);
+                    self.stats.loads.inc();
                     (d.done)(ctx, d.map, Ok(()), d.arg);
                 }
                 Err(e) if matches!(e.error, DmaError::NoSpace { .. }) => {

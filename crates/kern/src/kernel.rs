@@ -284,4 +284,5 @@ impl Kernel {
 /// The process may boot a new kernel afterwards.
 pub fn abandon() {
     KERNEL.store(core::ptr::null_mut(), SeqCst);
+    crate::bus_dma::reset_tags();
 }

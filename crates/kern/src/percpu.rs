@@ -111,3 +111,44 @@ mod tests {
         assert!(c.dec_is_zero());
     }
 }
+
+/// A counter any CPU may bump cheaply: one [`CpuLocal`] per CPU (no shared
+/// cache line, no bus lock), summed when read. Host threads, which are no
+/// CPU, use a shared atomic.
+#[derive(Debug)]
+pub struct PerCpuCounter {
+    cpus: [CpuLocal; crate::cpu::MAXCPU],
+    host: AtomicU64,
+}
+
+impl Default for PerCpuCounter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PerCpuCounter {
+    /// Zero.
+    pub const fn new() -> Self {
+        Self {
+            cpus: [const { CpuLocal::new() }; crate::cpu::MAXCPU],
+            host: AtomicU64::new(0),
+        }
+    }
+
+    /// Add one (any context).
+    #[inline(always)]
+    pub fn inc(&self) {
+        match crate::cpu::curcpu_opt() {
+            Some(c) => self.cpus[c.index()].inc(),
+            None => {
+                self.host.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// The total (approximate while others count).
+    pub fn get(&self) -> u64 {
+        self.cpus.iter().map(CpuLocal::get).sum::<u64>() + self.host.load(Relaxed)
+    }
+}

@@ -93,6 +93,35 @@ pub struct VectorSnapshot {
     pub per_cpu: Vec<u64>,
 }
 
+/// A DMA tag's counters (one driver instance's DVMA).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagSnapshot {
+    /// Tag name (the driver instance).
+    pub name: &'static str,
+    /// DVMA mode.
+    pub mode: &'static str,
+    /// Loads.
+    pub loads: u64,
+    /// `slots` loads that wrote no PTE.
+    pub loads_no_pte: u64,
+    /// Loads refused for lack of space.
+    pub no_space: u64,
+    /// Loads that slept for space.
+    pub waits: u64,
+    /// Loads deferred to the FIFO.
+    pub deferred: u64,
+    /// IOMMU map calls.
+    pub enters: u64,
+    /// IOMMU unmap calls.
+    pub removes: u64,
+    /// DMA faults reported by its devices.
+    pub faults: u64,
+    /// Pages it keeps mapped now.
+    pub pages_held: u64,
+    /// The most it kept mapped.
+    pub pages_peak: u64,
+}
+
 /// Every counter of the kernel core.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -106,6 +135,12 @@ pub struct Snapshot {
     pub asts: Vec<(&'static str, u64)>,
     /// kmem: allocations, frees, failures, corruptions.
     pub kmem: [u64; 4],
+    /// DMA tags.
+    pub dvma: Vec<TagSnapshot>,
+    /// DVMA window pages mapped now, and the peak.
+    pub dvma_pages: (u64, u64),
+    /// Physical memory pages in use now, and the peak.
+    pub phys_pages: (u64, u64),
 }
 
 impl Snapshot {
@@ -142,7 +177,30 @@ pub fn snapshot() -> Snapshot {
     let mut asts = Vec::new();
     k.asts.for_each(|n, r| asts.push((n, r)));
     let ks = &k.kmem.stats;
+    let dvma = crate::bus_dma::tags()
+        .map(|t| {
+            let s = &t.stats;
+            TagSnapshot {
+                name: t.name(),
+                mode: t.mode().name(),
+                loads: s.loads.get(),
+                loads_no_pte: s.loads_no_pte.get(),
+                no_space: s.no_space.load(Relaxed),
+                waits: s.waits.load(Relaxed),
+                deferred: s.deferred.load(Relaxed),
+                enters: s.enters.load(Relaxed),
+                removes: s.removes.load(Relaxed),
+                faults: s.faults.load(Relaxed),
+                pages_held: s.pages_held.load(Relaxed),
+                pages_peak: s.pages_peak.load(Relaxed),
+            }
+        })
+        .collect();
+    let ps = &k.physmem().stats;
     Snapshot {
+        dvma,
+        dvma_pages: crate::bus_dma::domain_pages(),
+        phys_pages: (ps.pages_used.load(Relaxed), ps.pages_peak.load(Relaxed)),
         cpus,
         vectors,
         softints,
@@ -210,6 +268,37 @@ impl fmt::Display for Snapshot {
             f,
             "kmem: {} allocs, {} frees, {} failures, {} corruptions detected",
             self.kmem[0], self.kmem[1], self.kmem[2], self.kmem[3]
+        )?;
+        if !self.dvma.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "{:<12} {:<10} {:>10} {:>10} {:>8} {:>7} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+                "dvma tag", "mode", "loads", "no-PTE", "nospace", "waits", "deferred", "maps", "unmaps", "faults", "pages", "peak"
+            )?;
+            for t in &self.dvma {
+                writeln!(
+                    f,
+                    "{:<12} {:<10} {:>10} {:>10} {:>8} {:>7} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+                    t.name,
+                    t.mode,
+                    t.loads,
+                    t.loads_no_pte,
+                    t.no_space,
+                    t.waits,
+                    t.deferred,
+                    t.enters,
+                    t.removes,
+                    t.faults,
+                    t.pages_held,
+                    t.pages_peak
+                )?;
+            }
+        }
+        writeln!(
+            f,
+            "DVMA window: {} pages mapped (peak {}); physical memory: {} pages in use (peak {})",
+            self.dvma_pages.0, self.dvma_pages.1, self.phys_pages.0, self.phys_pages.1
         )
     }
 }

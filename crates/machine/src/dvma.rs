@@ -173,6 +173,19 @@ impl Window {
         if base < 0 {
             return Err(std::io::Error::from_raw_os_error(-base as i32));
         }
+        // The last page: the live device's (see `live_device`).
+        let last = base as usize + size as usize - PAGE;
+        let r = raw_mmap(
+            last,
+            PAGE,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            ram.fd,
+            0,
+        );
+        if r < 0 {
+            return Err(std::io::Error::from_raw_os_error(-r as i32));
+        }
         Ok(Self {
             base: base as usize,
             size,
@@ -186,6 +199,38 @@ impl Window {
     /// The window's base address (devices add the IOVA).
     pub fn base(&self) -> usize {
         self.base
+    }
+
+    /// Start a thread that behaves like a live device on another core: it
+    /// touches a page of the window every `period` (a page the machine maps
+    /// for it, at the top of the window, outside the kernel's IOVA space),
+    /// so that every change of a mapping costs the TLB shootdown it would
+    /// cost with devices running. Stopped when the returned guard drops.
+    pub fn live_device(&'static self, host_cpu: usize, period: std::time::Duration) -> LiveDevice {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let page = self.base + self.size as usize - PAGE;
+        let touches = std::sync::Arc::new(AtomicU64::new(0));
+        let t2 = touches.clone();
+        let h = std::thread::spawn(move || {
+            crate::host::pin_current_thread(host_cpu);
+            while !s2.load(Relaxed) {
+                // SAFETY: the last page of the window is mapped read-only at
+                // `Window::new` and never removed (`remove` and `enter` are
+                // refused above `Iommu::size`, which excludes it).
+                unsafe { core::ptr::read_volatile(page as *const u8) };
+                t2.fetch_add(1, Relaxed);
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < period {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        LiveDevice {
+            stop,
+            touches,
+            thread: Some(h),
+        }
     }
 
     /// Release the reservation.
@@ -333,14 +378,38 @@ impl Window {
     }
 }
 
+/// A running [`Window::live_device`].
+pub struct LiveDevice {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    touches: std::sync::Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveDevice {
+    /// Touches so far.
+    pub fn touches(&self) -> u64 {
+        self.touches.load(Relaxed)
+    }
+}
+
+impl Drop for LiveDevice {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 impl Iommu for Window {
     fn size(&self) -> u64 {
-        self.size
+        // The last page belongs to `live_device`.
+        self.size - PAGE as u64
     }
 
     fn enter(&self, iova: u64, pa: u64, len: usize, access: DmaAccess) -> Result<(), IommuError> {
         let end = iova.checked_add(len as u64);
-        if end.is_none_or(|e| e > self.size) || pa + len as u64 > self.ram {
+        if end.is_none_or(|e| e > Iommu::size(self)) || pa + len as u64 > self.ram {
             return Err(IommuError::OutOfRange { iova, len });
         }
         let prot = match access {
@@ -365,7 +434,10 @@ impl Iommu for Window {
     }
 
     fn remove(&self, iova: u64, len: usize) {
-        if iova.checked_add(len as u64).is_none_or(|e| e > self.size) {
+        if iova
+            .checked_add(len as u64)
+            .is_none_or(|e| e > Iommu::size(self))
+        {
             return;
         }
         let r = raw_mmap(

@@ -1,0 +1,378 @@
+//! DVMA on the real window: every mode maps exactly what was loaded, in the
+//! right direction; what a device can still reach after unload is what the
+//! mode documents; running out fails, waits or defers in order; concurrent
+//! loads on both CPUs never see each other's buffers.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kern::bus_dma::*;
+use kern::ctx::SoftCtx;
+use kern::vm::IoBuf;
+use machine::dvma::{DmaFault, Window};
+use machine::{Machine, MachineConfig};
+
+fn boot(ncpu: usize) -> Machine {
+    let mut c = MachineConfig::default();
+    c.kernel.ncpu = ncpu;
+    c.ram_bytes = 128 << 20;
+    Machine::boot(c).unwrap()
+}
+
+fn small(mode: DvmaMode) -> TagConfig {
+    let mut c = TagConfig::new(mode);
+    c.maxsize = 64 << 10;
+    c.slots = 4;
+    c.pool_bytes = 1 << 20;
+    c
+}
+
+fn pattern(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Every mode: the device reads exactly the loaded buffer (ToDevice), writes
+/// land in it (FromDevice), a ToDevice mapping refuses device writes where
+/// the mode maps per I/O, and after unload the device reaches what the mode
+/// says it may.
+#[test]
+fn every_mode_maps_what_was_loaded() {
+    let m = boot(1);
+    let w: &'static Window = m.window();
+    for mode in DvmaMode::ALL {
+        let r = m
+            .run(0, "dvma", move |ctx| {
+                let tag = tag_create("t", small(mode)).unwrap();
+                let mut map = dmamap_create(tag, 64 << 10).unwrap();
+                let n = 12 << 10;
+                let data = pattern(mode as u8, n);
+
+                // ToDevice: the device reads the buffer's bytes.
+                let mut buf = dmamem_alloc(tag, n).unwrap();
+                buf.as_mut_slice().copy_from_slice(&data);
+                dmamap_load(&mut map, buf, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
+                dmamap_sync(&mut map, SyncOp::PreWrite);
+                let seg = map.segs()[0];
+                assert_eq!(seg.len, n);
+                let mut seen = vec![0u8; n];
+                w.dma_read(seg.iova, &mut seen).unwrap();
+                assert_eq!(seen, data, "{mode}: device read other bytes");
+                let write_refused = w.dma_write(seg.iova, &[0xee; 16]).is_err();
+                dmamap_sync(&mut map, SyncOp::PostWrite);
+                let buf = dmamap_unload(&mut map).unwrap();
+                if write_refused {
+                    assert_eq!(
+                        &buf.as_slice()[..16],
+                        &data[..16],
+                        "{mode}: a refused write changed memory"
+                    );
+                }
+                let after_unload = w.dma_read(seg.iova, &mut [0u8; 16]).is_ok();
+
+                // FromDevice: what the device writes lands in the buffer.
+                let incoming = pattern(0x5a, n);
+                dmamap_load(&mut map, buf, DmaDir::FromDevice, Wait::Ok(ctx)).unwrap();
+                dmamap_sync(&mut map, SyncOp::PreRead);
+                let seg2 = map.segs()[0];
+                w.dma_write(seg2.iova, &incoming).unwrap();
+                dmamap_sync(&mut map, SyncOp::PostRead);
+                let buf = dmamap_unload(&mut map).unwrap();
+                assert_eq!(buf.as_slice(), &incoming[..], "{mode}: device write lost");
+                tag.flush();
+                let after_flush = w.dma_read(seg2.iova, &mut [0u8; 16]).is_ok();
+                (
+                    write_refused,
+                    after_unload,
+                    after_flush,
+                    tag.stats.enters.load(SeqCst),
+                )
+            })
+            .unwrap();
+        let (write_refused, after_unload, after_flush, enters) = r;
+        eprintln!(
+            "{mode}: write refused {write_refused}, reachable after unload {after_unload}, after flush {after_flush}, {enters} enters"
+        );
+        match mode {
+            DvmaMode::Strict => {
+                assert!(write_refused && !after_unload && !after_flush);
+                assert_eq!(enters, 2);
+            }
+            DvmaMode::Lazy => {
+                assert!(write_refused && after_unload && !after_flush);
+            }
+            DvmaMode::Slots => {
+                assert!(write_refused && after_unload && after_flush);
+            }
+            DvmaMode::Permanent | DvmaMode::Shadow => {
+                // The pool is mapped once, read-write: no per-I/O direction.
+                assert!(!write_refused && after_unload && after_flush);
+                assert_eq!(enters, 1, "{mode}: the pool is mapped once, at attach");
+            }
+        }
+    }
+    m.shutdown().unwrap();
+}
+
+/// The deliberately wrong driver: it unloads before its device copies.
+/// `strict` turns that into a DMA fault (counted, an error on that I/O);
+/// `slots` lets the stale mapping through and the device reads the old
+/// buffer.
+#[test]
+fn a_device_that_copies_after_unload() {
+    let m = boot(1);
+    let w: &'static Window = m.window();
+    for mode in [DvmaMode::Strict, DvmaMode::Slots] {
+        let faults_before = w.stats.faults.load(SeqCst);
+        let (res, data) = m
+            .run(0, "wrong", move |ctx| {
+                let tag = tag_create("wrong", small(mode)).unwrap();
+                let mut map = dmamap_create(tag, 64 << 10).unwrap();
+                let data = pattern(7, 4096);
+                let mut buf = dmamem_alloc(tag, 4096).unwrap();
+                buf.as_mut_slice().copy_from_slice(&data);
+                dmamap_load(&mut map, buf, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
+                let seg = map.segs()[0];
+                let _buf = dmamap_unload(&mut map); // too early
+                let mut seen = vec![0u8; 4096];
+                let r = w.dma_read(seg.iova, &mut seen);
+                if r.is_err() {
+                    tag.fault();
+                }
+                (r, (seen, data))
+            })
+            .unwrap();
+        match mode {
+            DvmaMode::Strict => {
+                assert!(matches!(res, Err(DmaFault::Unmapped { .. })), "{res:?}");
+                assert_eq!(w.stats.faults.load(SeqCst), faults_before + 1);
+            }
+            _ => {
+                assert!(res.is_ok());
+                assert_eq!(
+                    data.0, data.1,
+                    "slots: the stale mapping shows the old buffer"
+                );
+            }
+        }
+    }
+    let s = kern::bus_dma::tags()
+        .map(|t| t.stats.faults.load(SeqCst))
+        .sum::<u64>();
+    assert_eq!(s, 1, "the fault was counted on the tag");
+    m.shutdown().unwrap();
+}
+
+/// Out of slots: NOWAIT fails with NoSpace; a waiting load sleeps until an
+/// unload frees a slot; deferred loads complete in FIFO order and later
+/// loads do not overtake them.
+#[test]
+fn running_out_fails_waits_or_defers_in_order() {
+    let m = boot(2);
+    static ORDER: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    fn done(_: &SoftCtx, mut map: DmaMap, r: Result<(), LoadError>, arg: usize) {
+        assert!(r.is_ok());
+        ORDER.lock().unwrap().push(arg);
+        drop(dmamap_unload(&mut map));
+    }
+    let tag = m
+        .run(0, "attach", |_| {
+            tag_create("few", small(DvmaMode::Slots)).unwrap()
+        })
+        .unwrap();
+    let held: Arc<Mutex<Vec<DmaMap>>> = Arc::new(Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    m.run(0, "fill", move |ctx| {
+        for _ in 0..4 {
+            let mut map = dmamap_create(tag, 64 << 10).unwrap();
+            dmamap_load(
+                &mut map,
+                IoBuf::alloc(4096).unwrap(),
+                DmaDir::ToDevice,
+                Wait::Ok(ctx),
+            )
+            .unwrap();
+            h2.lock().unwrap().push(map);
+        }
+        // No slot left: NOWAIT fails and gives the buffer back.
+        let mut map = dmamap_create(tag, 64 << 10).unwrap();
+        let e = dmamap_load(
+            &mut map,
+            IoBuf::alloc(4096).unwrap(),
+            DmaDir::ToDevice,
+            Wait::NoWait,
+        )
+        .unwrap_err();
+        assert!(matches!(e.error, DmaError::NoSpace { .. }));
+        assert_eq!(e.buf.len(), 4096);
+        // Three deferred loads queue up, in order.
+        for i in 0..3 {
+            let map = dmamap_create(tag, 64 << 10).unwrap();
+            let r =
+                dmamap_load_deferred(map, IoBuf::alloc(4096).unwrap(), DmaDir::ToDevice, done, i);
+            assert!(matches!(r, Ok(None)), "deferred load {i} was not queued");
+        }
+        assert_eq!(tag.fifo_len(), 3);
+    })
+    .unwrap();
+
+    // A waiting load on CPU 1 sleeps (behind the FIFO).
+    let got = Arc::new(AtomicUsize::new(0));
+    let g2 = got.clone();
+    let waiter = m
+        .spawn(Some(1), "waiter", move |ctx| {
+            let mut map = dmamap_create(tag, 64 << 10).unwrap();
+            dmamap_load(
+                &mut map,
+                IoBuf::alloc(4096).unwrap(),
+                DmaDir::ToDevice,
+                Wait::Ok(ctx),
+            )
+            .unwrap();
+            g2.store(1, SeqCst);
+            drop(dmamap_unload(&mut map));
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(got.load(SeqCst), 0, "a waiting load did not wait");
+    assert!(ORDER.lock().unwrap().is_empty());
+
+    // Free the slots one at a time: the FIFO drains first, in order, then
+    // the waiter gets its turn.
+    for _ in 0..4 {
+        let h3 = held.clone();
+        m.run(0, "unload", move |_| {
+            let mut map = h3.lock().unwrap().pop().unwrap();
+            drop(dmamap_unload(&mut map));
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.wait(&waiter).unwrap();
+    assert_eq!(
+        *ORDER.lock().unwrap(),
+        vec![0, 1, 2],
+        "deferred loads out of order"
+    );
+    assert_eq!(got.load(SeqCst), 1);
+    assert!(tag.stats.waits.load(SeqCst) >= 1);
+    assert_eq!(tag.stats.deferred.load(SeqCst), 3);
+    assert_eq!(tag.fifo_len(), 0);
+    m.shutdown().unwrap();
+}
+
+/// Both CPUs load and unload concurrently (strict: IOVAs recycled through
+/// the per-CPU magazines, and freed on whichever CPU): every device read sees
+/// its own buffer and never another's.
+#[test]
+fn concurrent_loads_never_alias() {
+    let m = boot(2);
+    let w: &'static Window = m.window();
+    let bad = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    for mode in [DvmaMode::Strict, DvmaMode::Lazy, DvmaMode::Slots] {
+        let tag = m
+            .run(0, "attach", move |_| {
+                let mut c = small(mode);
+                c.slots = 16;
+                c.lazy_batch = 8;
+                tag_create("busy", c).unwrap()
+            })
+            .unwrap();
+        let ts: Vec<_> = (0..4)
+            .map(|i| {
+                let (bad, done) = (bad.clone(), done.clone());
+                m.spawn(Some(i % 2), "loader", move |ctx| {
+                    let mut maps: Vec<DmaMap> = (0..3)
+                        .map(|_| dmamap_create(tag, 64 << 10).unwrap())
+                        .collect();
+                    for round in 0..300u32 {
+                        let seed = (i * 64 + round as usize) as u8;
+                        for (j, map) in maps.iter_mut().enumerate() {
+                            let len = 4096 << (j % 3);
+                            let mut b = IoBuf::alloc(len).unwrap();
+                            b.as_mut_slice()
+                                .copy_from_slice(&pattern(seed ^ j as u8, len));
+                            dmamap_load(map, b, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
+                        }
+                        kern::sched::yield_now(ctx);
+                        for (j, map) in maps.iter_mut().enumerate() {
+                            let seg = map.segs()[0];
+                            let mut seen = vec![0u8; seg.len];
+                            if w.dma_read(seg.iova, &mut seen).is_err()
+                                || seen != pattern(seed ^ j as u8, seg.len)
+                            {
+                                bad.fetch_add(1, SeqCst);
+                            }
+                            drop(dmamap_unload(map));
+                            done.fetch_add(1, SeqCst);
+                        }
+                    }
+                })
+                .unwrap()
+            })
+            .collect();
+        for t in &ts {
+            m.wait(t).unwrap();
+        }
+        eprintln!(
+            "{mode}: {} loads, {} enters, {} removes, peak {} pages held",
+            tag.stats.loads.get(),
+            tag.stats.enters.load(SeqCst),
+            tag.stats.removes.load(SeqCst),
+            tag.stats.pages_peak.load(SeqCst)
+        );
+    }
+    assert_eq!(bad.load(SeqCst), 0, "a device saw another load's buffer");
+    assert_eq!(done.load(SeqCst), 3 * 4 * 300 * 3);
+    let arena = &kern::kernel().dma_domain().iova;
+    assert!(
+        arena.stats.mag_hits.load(SeqCst) > 0,
+        "the magazines were never used"
+    );
+    m.shutdown().unwrap();
+}
+
+/// Accounting: pages held per tag and in the domain follow loads and
+/// unloads, and the lazy timeout flushes by itself (through the clock).
+#[test]
+fn accounting_and_the_lazy_timeout() {
+    let m = boot(1);
+    let w: &'static Window = m.window();
+    let (tag, iova) = m
+        .run(0, "lazy", |ctx| {
+            let mut c = small(DvmaMode::Lazy);
+            c.lazy_timeout_ns = 20_000_000;
+            let tag = tag_create("lazy", c).unwrap();
+            let mut map = dmamap_create(tag, 64 << 10).unwrap();
+            dmamap_load(
+                &mut map,
+                IoBuf::alloc(8192).unwrap(),
+                DmaDir::ToDevice,
+                Wait::Ok(ctx),
+            )
+            .unwrap();
+            assert_eq!(tag.stats.pages_held.load(SeqCst), 2);
+            let iova = map.segs()[0].iova;
+            drop(dmamap_unload(&mut map));
+            // Queued, not yet unmapped.
+            assert_eq!(tag.stats.pages_held.load(SeqCst), 2);
+            (tag, iova)
+        })
+        .unwrap();
+    assert!(
+        w.dma_read(iova, &mut [0u8; 8]).is_ok(),
+        "lazy: still mapped right after unload"
+    );
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(
+        w.dma_read(iova, &mut [0u8; 8]).is_err(),
+        "lazy: the timeout never flushed"
+    );
+    assert_eq!(tag.stats.pages_held.load(SeqCst), 0);
+    assert_eq!(tag.stats.pages_peak.load(SeqCst), 2);
+    assert!(tag.stats.flushes.load(SeqCst) >= 1);
+    m.shutdown().unwrap();
+}
