@@ -38,6 +38,7 @@ pub mod bus_dma;
 pub mod callout;
 pub mod completion;
 pub mod cpu;
+pub mod dev;
 pub mod ctx;
 pub mod intr;
 pub mod iommu;
