@@ -147,6 +147,17 @@ pub fn ast_push<C: InterruptContext>(_ctx: &C, h: &AstHandle) {
     cpu.line.set_local(AST_BIT);
 }
 
+/// Post an AST from kernel code that has no context token at hand (a
+/// stacking driver's `iodone`, called in its component's completion
+/// context). In an interrupt it is pushed at the trap's exit; otherwise it
+/// runs at the next safe point, as any pending AST.
+pub(crate) fn ast_post(h: &AstHandle) {
+    let cpu = curcpu();
+    cpu.ast_pending.fetch_or(1 << h.id, Release);
+    cpu.line.set_local(AST_BIT);
+    safepoint(cpu);
+}
+
 /// Interrupt return: push the upcall frame if this is a safe point.
 pub(crate) fn at_trap_exit(cpu: &Cpu, s: u8, frame: &mut dyn TrapFrame) {
     if cpu.ast_pending.load(Acquire) == 0 {

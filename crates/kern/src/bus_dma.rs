@@ -314,6 +314,7 @@ pub struct Domain {
     iommu: &'static dyn Iommu,
     /// IOVA allocator.
     pub iova: IovaArena,
+    pool: SpinMutex<Option<&'static DmaPool>>,
     /// Pages mapped in the window now (all tags).
     pub pages_mapped: AtomicU64,
     /// The most ever mapped.
@@ -327,9 +328,45 @@ impl Domain {
         Self {
             iommu,
             iova: IovaArena::new(IOPAGE as u64, size - IOPAGE as u64, ncpu),
+            pool: SpinMutex::new(Ipl::None, None),
             pages_mapped: AtomicU64::new(0),
             pages_peak: AtomicU64::new(0),
         }
+    }
+
+    /// The shared pool, made and mapped ("grab the pages at attach time")
+    /// on first use with `bytes`. Thread or host context.
+    fn shared_pool(&self, bytes: usize) -> Result<&'static DmaPool, DmaError> {
+        let mut g = self.pool.lock();
+        if let Some(p) = *g {
+            return Ok(p);
+        }
+        let k = kernel();
+        let phys = k
+            .physmem()
+            .alloc(bytes)
+            .ok_or(DmaError::NoSpace { len: bytes })?;
+        let iova = match self.iova.alloc(phys.len) {
+            Ok(i) => i,
+            Err(_) => {
+                k.physmem().free(phys);
+                return Err(DmaError::NoSpace { len: phys.len });
+            }
+        };
+        let tags = (phys.len / IOPAGE / 2).max(64);
+        let arena = vmem::Vmem::new(phys.pa, phys.len as u64, IOPAGE as u64, tags)
+            .map_err(|_| DmaError::NoSpace { len: phys.len })?;
+        self.iommu
+            .enter(iova, phys.pa, phys.len, DmaAccess::ReadWrite)
+            .map_err(DmaError::Iommu)?;
+        self.held(pages(phys.len));
+        let p: &'static DmaPool = Box::leak(Box::new(DmaPool {
+            phys,
+            iova,
+            arena: SpinMutex::new(Ipl::Vm, arena),
+        }));
+        *g = Some(p);
+        Ok(p)
     }
 
     fn enter(
@@ -362,23 +399,36 @@ impl Domain {
     }
 }
 
+/// The page-aligned physical span of a buffer (which may be a view that
+/// starts inside a page): (first page, offset in it, bytes to map).
+fn page_span(buf: &IoBuf) -> (u64, usize, usize) {
+    let pa = buf.pa();
+    let mpa = pa & !(IOPAGE as u64 - 1);
+    let off = (pa - mpa) as usize;
+    (mpa, off, (off + buf.len().max(1)).div_ceil(IOPAGE) * IOPAGE)
+}
+
 fn pages(len: usize) -> i64 {
     len.div_ceil(IOPAGE) as i64
 }
 
-/// A pool of physical memory mapped once, at attach (permanent, shadow).
+/// The domain's pool of physical memory, mapped once when the first
+/// `permanent` or `shadow` tag attaches and shared by every such tag (one
+/// IOMMU, one permanently mapped pool: a buffer from it can be given to any
+/// of their devices, as ccd does across its components).
 pub struct DmaPool {
     phys: PhysRange,
     iova: u64,
     arena: SpinMutex<vmem::Vmem>,
-    owner: AtomicPtr<DmaTag>,
 }
 
 impl BufSource for DmaPool {
     fn release(&self, r: PhysRange) {
         let _ = self.arena.lock().free(r.pa, r.len as u64);
-        if let Some(t) = self.owner() {
-            t.space_freed();
+        for t in tags() {
+            if matches!(t.kind, Kind::Pool(_)) {
+                t.space_freed();
+            }
         }
     }
     fn kva(&self, pa: u64) -> *mut u8 {
@@ -401,9 +451,9 @@ impl DmaPool {
         r.pa >= self.phys.pa && r.pa + r.len as u64 <= self.phys.pa + self.phys.len as u64
     }
 
-    fn owner(&self) -> Option<&'static DmaTag> {
-        // SAFETY: set once to the leaked tag that owns this pool.
-        unsafe { self.owner.load(Acquire).as_ref() }
+    /// Its size in pages.
+    pub fn pages(&self) -> u64 {
+        (self.phys.len / IOPAGE) as u64
     }
 }
 
@@ -427,7 +477,7 @@ enum Kind {
     Strict,
     Lazy(SpinMutex<FlushQ>),
     Slots(SlotSet),
-    Pool(DmaPool),
+    Pool(&'static DmaPool),
 }
 
 struct Deferred {
@@ -531,27 +581,7 @@ pub fn tag_create(name: &'static str, cfg: TagConfig) -> Result<&'static DmaTag,
                     .collect(),
             })
         }
-        DvmaMode::Permanent | DvmaMode::Shadow => {
-            let phys = k.physmem().alloc(cfg.pool_bytes).ok_or(DmaError::NoSpace {
-                len: cfg.pool_bytes,
-            })?;
-            let iova = match dom.iova.alloc(phys.len) {
-                Ok(i) => i,
-                Err(_) => {
-                    k.physmem().free(phys);
-                    return Err(DmaError::NoSpace { len: phys.len });
-                }
-            };
-            let tags = (phys.len / IOPAGE / 2).max(64);
-            let arena = vmem::Vmem::new(phys.pa, phys.len as u64, IOPAGE as u64, tags)
-                .map_err(|_| DmaError::NoSpace { len: phys.len })?;
-            Kind::Pool(DmaPool {
-                phys,
-                iova,
-                arena: SpinMutex::new(Ipl::Vm, arena),
-                owner: AtomicPtr::new(core::ptr::null_mut()),
-            })
-        }
+        DvmaMode::Permanent | DvmaMode::Shadow => Kind::Pool(dom.shared_pool(cfg.pool_bytes)?),
     };
     let tag: &'static DmaTag = Box::leak(Box::new(DmaTag {
         name,
@@ -567,11 +597,8 @@ pub fn tag_create(name: &'static str, cfg: TagConfig) -> Result<&'static DmaTag,
         stats: TagStats::default(),
     }));
     if let Kind::Pool(p) = &tag.kind {
-        p.owner.store(tag as *const DmaTag as *mut DmaTag, Release);
-        // "Grab the pages at attach time": map the whole pool once.
-        dom.enter(tag, p.iova, p.phys.pa, p.phys.len, DmaAccess::ReadWrite)?;
-        dom.held(pages(p.phys.len));
-        tag.stats.held(pages(p.phys.len));
+        // The pool's pages are held for this tag's devices, always.
+        tag.stats.held(p.pages() as i64);
     }
     let p = tag as *const DmaTag as *mut DmaTag;
     if !TAGS.iter().any(|s| {
@@ -637,7 +664,7 @@ pub fn dmamem_alloc(tag: &'static DmaTag, len: usize) -> Option<IoBuf> {
     match (&tag.kind, tag.cfg.mode) {
         (Kind::Pool(p), DvmaMode::Permanent) => {
             let r = p.alloc(len)?;
-            Some(IoBuf::from_range(r, len, p))
+            Some(IoBuf::from_range(r, len, *p))
         }
         _ => IoBuf::alloc(len),
     }
@@ -890,24 +917,32 @@ impl DmaTag {
         let fail = |error, buf| Err(LoadError { error, buf });
         match &self.kind {
             Kind::Strict | Kind::Lazy(_) => {
-                let iova = match self.dom.iova.alloc(len) {
+                let (_, _, mlen) = page_span(&buf);
+                let iova = match self.dom.iova.alloc(mlen) {
                     Ok(i) => i,
                     Err(_) => {
                         // Lazy: space may be sitting in the flush queue.
                         if let Kind::Lazy(q) = &self.kind {
                             self.lazy_flush(q);
-                            if let Ok(i) = self.dom.iova.alloc(len) {
-                                return self.finish_map(out, buf, dir, i, len);
+                            if let Ok(i) = self.dom.iova.alloc(mlen) {
+                                return self.finish_map(out, buf, dir, i, mlen);
                             }
                         }
                         return fail(DmaError::NoSpace { len }, buf);
                     }
                 };
-                self.finish_map(out, buf, dir, iova, len)
+                self.finish_map(out, buf, dir, iova, mlen)
             }
             Kind::Slots(s) => {
-                if len > s.size {
-                    return fail(DmaError::TooBig { len, max: s.size }, buf);
+                let (mpa, off, mlen) = page_span(&buf);
+                if mlen > s.size {
+                    return fail(
+                        DmaError::TooBig {
+                            len: mlen,
+                            max: s.size,
+                        },
+                        buf,
+                    );
                 }
                 let Some(i) = s.free.lock().pop() else {
                     return fail(DmaError::NoSpace { len }, buf);
@@ -915,25 +950,25 @@ impl DmaTag {
                 let slot_iova = s.base + (i as usize * s.size) as u64;
                 let (cpa, clen, cacc) = &s.cur[i as usize];
                 let acc = dir.access() as usize + 1;
-                if cpa.load(Relaxed) == buf.pa()
-                    && clen.load(Relaxed) == len
+                if cpa.load(Relaxed) == mpa
+                    && clen.load(Relaxed) == mlen
                     && cacc.load(Relaxed) == acc
                 {
                     self.stats.loads_no_pte.inc();
                 } else {
-                    if let Err(e) = self.dom.enter(self, slot_iova, buf.pa(), len, dir.access()) {
+                    if let Err(e) = self.dom.enter(self, slot_iova, mpa, mlen, dir.access()) {
                         s.free.lock().push(i);
                         return fail(e, buf);
                     }
-                    let delta = pages(len) - pages(clen.load(Relaxed));
+                    let delta = pages(mlen) - pages(clen.load(Relaxed));
                     self.dom.held(delta);
                     self.stats.held(delta);
-                    cpa.store(buf.pa(), Relaxed);
-                    clen.store(len, Relaxed);
+                    cpa.store(mpa, Relaxed);
+                    clen.store(mlen, Relaxed);
                     cacc.store(acc, Relaxed);
                 }
                 let seg = DmaSeg {
-                    iova: slot_iova,
+                    iova: slot_iova + off as u64,
                     len: buf.len(),
                 };
                 *out = Some(Loaded {
@@ -946,7 +981,7 @@ impl DmaTag {
             }
             Kind::Pool(p) => match self.cfg.mode {
                 DvmaMode::Permanent => {
-                    if !p.contains(buf.range()) || !buf.is_from(p) {
+                    if !p.contains(buf.range()) || !buf.is_from(*p) {
                         return fail(DmaError::NotFromPool, buf);
                     }
                     let seg = DmaSeg {
@@ -965,7 +1000,7 @@ impl DmaTag {
                     let Some(r) = p.alloc(buf.len()) else {
                         return fail(DmaError::NoSpace { len }, buf);
                     };
-                    let bounce = IoBuf::from_range(r, buf.len(), p);
+                    let bounce = IoBuf::from_range(r, buf.len(), *p);
                     let seg = DmaSeg {
                         iova: p.iova + (r.pa - p.phys.pa),
                         len: buf.len(),
@@ -990,14 +1025,15 @@ impl DmaTag {
         iova: u64,
         len: usize,
     ) -> Result<(), LoadError> {
-        if let Err(error) = self.dom.enter(self, iova, buf.pa(), len, dir.access()) {
+        let (mpa, off, _) = page_span(&buf);
+        if let Err(error) = self.dom.enter(self, iova, mpa, len, dir.access()) {
             self.dom.iova.free(iova, len);
             return Err(LoadError { error, buf });
         }
         self.dom.held(pages(len));
         self.stats.held(pages(len));
         let seg = DmaSeg {
-            iova,
+            iova: iova + off as u64,
             len: buf.len(),
         };
         *out = Some(Loaded {

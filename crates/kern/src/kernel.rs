@@ -226,6 +226,7 @@ pub unsafe fn teardown() {
     let k = unsafe { Box::from_raw(p) };
     k.threads.free_stacks(&k);
     crate::bus_dma::reset_tags();
+    crate::bio::bio_reset();
     drop(k);
 }
 
@@ -285,4 +286,5 @@ impl Kernel {
 pub fn abandon() {
     KERNEL.store(core::ptr::null_mut(), SeqCst);
     crate::bus_dma::reset_tags();
+    crate::bio::bio_reset();
 }

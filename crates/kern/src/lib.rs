@@ -34,12 +34,13 @@ extern crate alloc;
 extern crate std;
 
 pub mod ast;
+pub mod bio;
 pub mod bus_dma;
 pub mod callout;
 pub mod completion;
 pub mod cpu;
-pub mod dev;
 pub mod ctx;
+pub mod dev;
 pub mod intr;
 pub mod iommu;
 pub mod ipl;

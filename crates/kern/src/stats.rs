@@ -274,7 +274,18 @@ impl fmt::Display for Snapshot {
             writeln!(
                 f,
                 "{:<12} {:<10} {:>10} {:>10} {:>8} {:>7} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
-                "dvma tag", "mode", "loads", "no-PTE", "nospace", "waits", "deferred", "maps", "unmaps", "faults", "pages", "peak"
+                "dvma tag",
+                "mode",
+                "loads",
+                "no-PTE",
+                "nospace",
+                "waits",
+                "deferred",
+                "maps",
+                "unmaps",
+                "faults",
+                "pages",
+                "peak"
             )?;
             for t in &self.dvma {
                 writeln!(

@@ -162,6 +162,8 @@ pub struct IoBuf {
     range: PhysRange,
     len: usize,
     src: &'static dyn BufSource,
+    /// False for a view: dropping it frees nothing.
+    owned: bool,
 }
 
 // SAFETY: an IoBuf owns its range exclusively (the allocator handed it out
@@ -178,6 +180,7 @@ impl IoBuf {
             range,
             len,
             src: pm,
+            owned: true,
         })
     }
 
@@ -189,13 +192,44 @@ impl IoBuf {
             range,
             len,
             src: pm,
+            owned: true,
         })
     }
 
     /// Wrap a range owned by `src` (a DMA pool).
     pub fn from_range(range: PhysRange, len: usize, src: &'static dyn BufSource) -> IoBuf {
         assert!(len <= range.len);
-        IoBuf { range, len, src }
+        IoBuf {
+            range,
+            len,
+            src,
+            owned: true,
+        }
+    }
+
+    /// A view of `len` bytes at `off` in this buffer: the same memory, with
+    /// the same source (so `bus_dma` treats it as this buffer's), freeing
+    /// nothing when dropped. Stacking drivers (ccd) give views of a parent's
+    /// buffer to their component I/Os.
+    ///
+    /// # Safety
+    /// 1. The views of one buffer that are alive at the same time do not
+    ///    overlap.
+    /// 2. The buffer is neither used nor dropped while a view of it lives.
+    pub unsafe fn view(&self, off: usize, len: usize) -> IoBuf {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "IoBuf::view out of range"
+        );
+        IoBuf {
+            range: PhysRange {
+                pa: self.range.pa + off as u64,
+                len,
+            },
+            len,
+            src: self.src,
+            owned: false,
+        }
     }
 
     /// Its physical address.
@@ -213,7 +247,7 @@ impl IoBuf {
         self.len == 0
     }
 
-    /// Its capacity (page-rounded).
+    /// Its capacity (page-rounded for a buffer, exact for a view).
     pub fn capacity(&self) -> usize {
         self.range.len
     }
@@ -264,6 +298,8 @@ impl core::fmt::Debug for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        self.src.release(self.range);
+        if self.owned {
+            self.src.release(self.range);
+        }
     }
 }

@@ -1,1 +1,473 @@
-//! ccd
+//! ccd: the concatenated disk driver, over sd units.
+//!
+//! With an interleave of *I* sectors, the ccd's sector *b* lives on
+//! component `(b / I) mod n` at sector `(b / I / n) * I + b mod I` (every
+//! component contributes the same number of whole stripes: the smallest
+//! one's). With an interleave of 0 the components are concatenated.
+//!
+//! `strategy` splits a buf into component I/Os. As NetBSD's `ccdstart`, it
+//! first allocates **every** component buf (with NOWAIT); if one is missing
+//! it gives back those it got and keeps the buf for later (backoff), so an
+//! I/O is either entirely in flight or not at all. Component bufs carry
+//! views of the parent's data and an `iodone` of ccd's, [`ccd_iodone`],
+//! which runs in the component's completion context: it frees the
+//! component buf (to an IPL_BIO pool, or to `kmem` in the 1995
+//! configuration, where that free races with thread code in the allocator)
+//! and, after the last one, finishes the parent through ccd's own
+//! completion mode: inline (`intr`), in ccd's softint, in ccd's thread, or
+//! in an AST. Retries of backed-off bufs are single-threaded.
+//!
+//! # Contexts
+//! `strategy`: any (it never sleeps).
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+
+use super::completer::{Completer, WorkCtx};
+use crate::bio::{
+    BioError, BlockDev, Buf, BufAlloc, BufBox, BufOp, BufPool, BufQueue, BufqStrategy, DEV_BSIZE,
+    biodone, bounds_check,
+};
+use crate::callout::{Callout, callout_schedule};
+use crate::completion::Completion;
+use crate::ipl::Ipl;
+use crate::lock::SpinMutex;
+use crate::vm::IoBuf;
+
+/// Where component bufs come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CbufAlloc {
+    /// An IPL_BIO pool (safe from any completion context).
+    Pool,
+    /// `kmem`, as in 1995 (its protection decides whether completions at
+    /// interrupt time corrupt it).
+    Kmem,
+}
+
+/// Attach-time configuration.
+pub struct CcdConfig {
+    /// Unit name.
+    pub name: &'static str,
+    /// Components, in order.
+    pub components: Vec<&'static dyn BlockDev>,
+    /// Interleave in sectors (0: concatenation).
+    pub interleave: u64,
+    /// How the parent buf is finished.
+    pub completion: Completion,
+    /// CPU for the thread (thread mode).
+    pub cpu: usize,
+    /// Component buf allocator.
+    pub cbufs: CbufAlloc,
+    /// Component bufs in the pool.
+    pub pool_size: usize,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct CcdStats {
+    /// Parent bufs started.
+    pub xfers: AtomicU64,
+    /// Component I/Os issued.
+    pub component_ios: AtomicU64,
+    /// Starts that backed off for lack of component bufs.
+    pub backoffs: AtomicU64,
+    /// Parent bufs finished with an error.
+    pub errors: AtomicU64,
+}
+
+struct State {
+    /// Parents waiting for component bufs (backoff), in order.
+    waiting: BufQueue,
+    /// Parents whose components are all done, to finish in the mode.
+    done: BufQueue,
+}
+
+/// A ccd unit.
+pub struct Ccd {
+    name: &'static str,
+    comps: Box<[&'static dyn BlockDev]>,
+    /// Cumulative start sector of each component (concatenation).
+    starts: Box<[u64]>,
+    ileave: u64,
+    sectors: u64,
+    read_only: bool,
+    max_transfer: usize,
+    completer: &'static Completer,
+    cbufs: &'static dyn BufAlloc,
+    state: SpinMutex<State>,
+    retrying: AtomicBool,
+    /// Counters.
+    pub stats: CcdStats,
+}
+
+const MAXCCD: usize = 8;
+static CCDS: [AtomicPtr<Ccd>; MAXCCD] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAXCCD];
+static RETRY: Callout = Callout::new(retry_all);
+
+fn retry_all(_: &crate::ctx::SoftCtx) {
+    for p in &CCDS {
+        // SAFETY: units are leaked at attach and forgotten at teardown.
+        if let Some(c) = unsafe { p.load(Acquire).as_ref() } {
+            c.retry();
+        }
+    }
+}
+
+/// Forget the units (kernel teardown).
+pub(crate) fn reset() {
+    for p in &CCDS {
+        p.store(core::ptr::null_mut(), Release);
+    }
+}
+
+/// A piece of a parent I/O on one component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Component index.
+    pub comp: usize,
+    /// Sector on the component.
+    pub blkno: u64,
+    /// Sectors.
+    pub nsect: u64,
+    /// Byte offset in the parent's data.
+    pub offset: usize,
+}
+
+impl Ccd {
+    /// Attach a ccd over `cfg.components`. Thread or host context.
+    pub fn attach(cfg: CcdConfig) -> Result<&'static Ccd, String> {
+        let n = cfg.components.len();
+        if n == 0 {
+            return Err(alloc::format!("{}: no components", cfg.name));
+        }
+        let (starts, sectors): (Box<[u64]>, u64) = if cfg.interleave == 0 {
+            let mut acc = 0;
+            let starts = cfg
+                .components
+                .iter()
+                .map(|c| {
+                    let s = acc;
+                    acc += c.sectors();
+                    s
+                })
+                .collect();
+            (starts, acc)
+        } else {
+            // Every component contributes the smallest one's whole stripes.
+            let min = cfg
+                .components
+                .iter()
+                .map(|c| c.sectors())
+                .min()
+                .unwrap_or(0);
+            let per = min / cfg.interleave * cfg.interleave;
+            (Box::new([]), per * n as u64)
+        };
+        if sectors == 0 {
+            return Err(alloc::format!(
+                "{}: components too small for the interleave",
+                cfg.name
+            ));
+        }
+        let cbufs: &'static dyn BufAlloc = match cfg.cbufs {
+            CbufAlloc::Pool => Box::leak(Box::new(BufPool::new(cfg.name, cfg.pool_size.max(4)))),
+            CbufAlloc::Kmem => &crate::bio::KMEM_BUFS,
+        };
+        let max_transfer = cfg
+            .components
+            .iter()
+            .map(|c| c.max_transfer())
+            .min()
+            .unwrap_or(DEV_BSIZE);
+        let cell: &'static AtomicPtr<Ccd> =
+            Box::leak(Box::new(AtomicPtr::new(core::ptr::null_mut())));
+        let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
+            // SAFETY: set below to the leaked unit before any I/O starts.
+            if let Some(c) = unsafe { cell.load(Acquire).as_ref() } {
+                c.work(ctx);
+            }
+        })?;
+        let ccd: &'static Ccd = Box::leak(Box::new(Ccd {
+            name: cfg.name,
+            comps: cfg.components.into_boxed_slice(),
+            starts,
+            ileave: cfg.interleave,
+            sectors,
+            read_only: cfg.read_only,
+            // A parent can be as large as the component limit times the
+            // stripes it spans; keep it to one component transfer per
+            // component.
+            max_transfer: max_transfer * n,
+            completer,
+            cbufs,
+            state: SpinMutex::new(
+                Ipl::Bio,
+                State {
+                    waiting: BufQueue::new(BufqStrategy::Fcfs),
+                    done: BufQueue::new(BufqStrategy::Fcfs),
+                },
+            ),
+            retrying: AtomicBool::new(false),
+            stats: CcdStats::default(),
+        }));
+        cell.store(ccd as *const Ccd as *mut Ccd, Release);
+        let p = ccd as *const Ccd as *mut Ccd;
+        if !CCDS.iter().any(|s| {
+            s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
+                .is_ok()
+        }) {
+            return Err(alloc::format!("{}: more than {MAXCCD} ccd units", ccd.name));
+        }
+        Ok(ccd)
+    }
+
+    /// Its components.
+    pub fn components(&self) -> &[&'static dyn BlockDev] {
+        &self.comps
+    }
+
+    /// The component pieces of `nsect` sectors at `blkno`: calls `f` for
+    /// each, in order.
+    pub fn map(&self, blkno: u64, nsect: u64, mut f: impl FnMut(Chunk)) {
+        let (mut b, mut left, mut off) = (blkno, nsect, 0usize);
+        while left > 0 {
+            let (comp, cblk, run) = if self.ileave == 0 {
+                let i = self.starts.partition_point(|s| *s <= b) - 1;
+                let cblk = b - self.starts[i];
+                (i, cblk, self.comps[i].sectors() - cblk)
+            } else {
+                let n = self.comps.len() as u64;
+                let unit = b / self.ileave;
+                let o = b % self.ileave;
+                (
+                    (unit % n) as usize,
+                    (unit / n) * self.ileave + o,
+                    self.ileave - o,
+                )
+            };
+            let take = run.min(left);
+            f(Chunk {
+                comp,
+                blkno: cblk,
+                nsect: take,
+                offset: off,
+            });
+            b += take;
+            left -= take;
+            off += take as usize * DEV_BSIZE;
+        }
+    }
+
+    /// Split `bp` into component I/Os and start them, or give it back if a
+    /// component buf is missing.
+    fn start_one(&self, bp: BufBox) -> Result<(), BufBox> {
+        let mut kids = BufQueue::new(BufqStrategy::Fcfs);
+        let me = self as *const Ccd as usize;
+        let mut short = false;
+        let mut add =
+            |op: BufOp, comp: usize, blkno: u64, bytes: usize, data: Option<IoBuf>, fua: bool| {
+                match BufBox::new_in(self.cbufs) {
+                    Some(mut k) => {
+                        k.op = op;
+                        k.fua = fua;
+                        k.blkno = blkno;
+                        k.bcount = bytes;
+                        k.data = data;
+                        k.private = [comp, me];
+                        kids.put(k);
+                    }
+                    None => short = true,
+                }
+            };
+        match bp.op {
+            BufOp::Flush => {
+                for c in 0..self.comps.len() {
+                    add(BufOp::Flush, c, 0, 0, None, false);
+                }
+            }
+            op => {
+                let data = bp.data.as_ref().expect("bounds_check saw the data");
+                let fua = bp.fua;
+                self.map(bp.blkno, (bp.bcount / DEV_BSIZE) as u64, |ch| {
+                    let bytes = ch.nsect as usize * DEV_BSIZE;
+                    // SAFETY: the chunks do not overlap; the parent's data is
+                    // not touched until every child is done (the parent is
+                    // parked as a raw pointer meanwhile, see ccd_iodone).
+                    let view = unsafe { data.view(ch.offset, bytes) };
+                    add(op, ch.comp, ch.blkno, bytes, Some(view), fua);
+                });
+            }
+        }
+        if short {
+            drop(kids); // frees what we got (views free nothing)
+            return Err(bp);
+        }
+        let n = kids.len() as u32;
+        bp.children.store(n, Release);
+        bp.child_error.store(0, Release);
+        let parent = bp.into_raw();
+        self.stats.xfers.fetch_add(1, Relaxed);
+        while let Some(mut k) = kids.get() {
+            let comp = k.private[0];
+            k.iodone = Some((ccd_iodone, parent.as_ptr() as usize));
+            self.stats.component_ios.fetch_add(1, Relaxed);
+            self.comps[comp].strategy(k);
+        }
+        Ok(())
+    }
+
+    /// Retry backed-off parents, in order, one retrier at a time.
+    fn retry(&self) {
+        if self.retrying.swap(true, AcqRel) {
+            return;
+        }
+        loop {
+            let bp = self.state.lock().waiting.get();
+            let Some(bp) = bp else { break };
+            if let Err(bp) = self.start_one(bp) {
+                self.state.lock().waiting.put_front(bp);
+                callout_schedule(&RETRY, 1_000_000);
+                break;
+            }
+        }
+        self.retrying.store(false, Release);
+    }
+
+    /// ccd's completion work: finish the parents whose components are done,
+    /// then retry backed-off ones.
+    fn work(&self, _ctx: WorkCtx<'_>) {
+        loop {
+            let bp = self.state.lock().done.get();
+            match bp {
+                Some(bp) => biodone(bp),
+                None => break,
+            }
+        }
+        if !self.state.lock().waiting.is_empty() {
+            self.retry();
+        }
+    }
+
+    fn finish_parent(&self, mut bp: BufBox) {
+        let e = bp.child_error.load(Acquire);
+        if e != 0 {
+            bp.error = Some(match (e - 1) as i32 {
+                22 => BioError::Inval,
+                28 => BioError::NoSpc,
+                1 => BioError::Perm,
+                108 => BioError::Shutdown,
+                _ => BioError::Io,
+            });
+            bp.resid = bp.bcount;
+            self.stats.errors.fetch_add(1, Relaxed);
+        } else {
+            bp.resid = 0;
+        }
+        if self.completer.mode() == Completion::Intr {
+            biodone(bp);
+            if !self.state.lock().waiting.is_empty() {
+                self.retry();
+            }
+        } else {
+            self.state.lock().done.put(bp);
+            self.completer.post();
+        }
+    }
+}
+
+/// A component I/O is done (component completion context).
+fn ccd_iodone(child: BufBox, parent: usize) {
+    // SAFETY: `private[1]` is the leaked ccd that issued the child.
+    let ccd = unsafe { &*(child.private[1] as *const Ccd) };
+    let pp = NonNull::new(parent as *mut Buf).expect("ccd: parent");
+    // SAFETY: the parent is parked (raw) until its last child is done; the
+    // counters are atomics.
+    let p = unsafe { pp.as_ref() };
+    if let Some(e) = child.error {
+        let _ = p
+            .child_error
+            .compare_exchange(0, (e.errno() + 1) as u8, AcqRel, Relaxed);
+    }
+    // Free the component buf (the pool, or kmem).
+    drop(child);
+    if p.children.fetch_sub(1, AcqRel) == 1 {
+        // SAFETY: the last child: ownership of the parent comes back here.
+        ccd.finish_parent(unsafe { BufBox::from_raw(pp) });
+    } else if !ccd.state.lock().waiting.is_empty() {
+        // A component buf was freed: let a backed-off parent try again.
+        if ccd.completer.mode() == Completion::Intr {
+            ccd.retry();
+        } else {
+            ccd.completer.post();
+        }
+    }
+}
+
+impl BlockDev for Ccd {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only || self.comps.iter().any(|c| c.read_only())
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+
+    fn strategy(&self, bp: BufBox) {
+        let Some(bp) = bounds_check(self, bp) else {
+            return;
+        };
+        if bp.bcount > self.max_transfer {
+            let mut bp = bp;
+            bp.error = Some(BioError::Inval);
+            bp.resid = bp.bcount;
+            return biodone(bp);
+        }
+        // Keep the order: behind any backed-off buf.
+        let queued = !self.state.lock().waiting.is_empty();
+        if queued {
+            self.state.lock().waiting.put(bp);
+            return self.retry();
+        }
+        if let Err(bp) = self.start_one(bp) {
+            self.stats.backoffs.fetch_add(1, Relaxed);
+            self.state.lock().waiting.put(bp);
+            callout_schedule(&RETRY, 1_000_000);
+        }
+    }
+
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        // The first component's memory: with permanent DVMA every component
+        // must be able to map it, so ccd requires components that share the
+        // DVMA mode (checked by the configuration).
+        self.comps[0].alloc_buf(len)
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<&str> = self.comps.iter().map(|c| c.name()).collect();
+        alloc::format!(
+            "{} at {}: {} MiB, {}, completion {}",
+            self.name,
+            names.join("+"),
+            self.sectors * DEV_BSIZE as u64 >> 20,
+            if self.ileave == 0 {
+                String::from("concatenated")
+            } else {
+                alloc::format!("interleave {} KiB", self.ileave * DEV_BSIZE as u64 / 1024)
+            },
+            self.completer.mode()
+        )
+    }
+}

@@ -14,6 +14,7 @@
 //!   programmed-I/O device would.
 
 pub mod ccd;
+pub mod completer;
 pub mod sd;
 pub mod vnd;
 

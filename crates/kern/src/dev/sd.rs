@@ -1,1 +1,512 @@
-//! sd
+//! sd: the disk driver of a DMA disk controller.
+//!
+//! ```text
+//! strategy(bp) ── bounds check ──> bufq ──> sd_start:
+//!        take a command slot, dmamap_load(bp.data) (NoWait, or Wait in
+//!        thread context), dmamap_sync PRE, submit a descriptor; doorbell
+//! device ── DMA through the IOMMU ──> completion ring, interrupt (coalesced)
+//! sdintr ──> Completer (intr | softint | ast | thread) ──> sd_done:
+//!        reap, dmamap_sync POST, dmamap_unload, status -> error, biodone;
+//!        sd_start again
+//! ```
+//!
+//! A command slot owns its DMA map (created at attach) and, while in
+//! flight, the buf. Slots move between the free list (under the driver's
+//! IPL_BIO spin mutex), the context that starts them, the device, and the
+//! context that reaps them; exactly one of these owns a slot at a time.
+//!
+//! Out of DVMA space, a buf goes back to the head of the queue and the
+//! driver retries when one of its own commands completes, or, with none in
+//! flight, on the next clock tick; in `thread` mode the driver's thread
+//! simply waits for space. Device errors (a media error, a DMA fault)
+//! become EIO on that buf and nothing else.
+//!
+//! # Contexts
+//! `strategy`: any (it never sleeps). The work of completion runs in the
+//! context of the completion mode ([`super::completer`]).
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+
+use super::completer::{Completer, WorkCtx};
+use super::{DiskCmd, DiskController, DiskGeometry, DiskOp, DiskStatus};
+use crate::bio::{
+    BioError, BlockDev, BufBox, BufOp, BufQueue, BufqStrategy, DEV_BSIZE, biodone, bounds_check,
+};
+use crate::bus_dma::{
+    DmaDir, DmaError, DmaMap, DmaTag, SyncOp, TagConfig, Wait, dmamap_create, dmamap_load,
+    dmamap_sync, dmamap_unload, tag_create,
+};
+use crate::callout::{Callout, callout_schedule};
+use crate::completion::Completion;
+use crate::intr::intr_establish;
+use crate::ipl::Ipl;
+use crate::lock::SpinMutex;
+use crate::vm::IoBuf;
+
+/// Attach-time configuration of an sd unit.
+#[derive(Clone, Debug)]
+pub struct SdConfig {
+    /// Unit name (`sd0`).
+    pub name: &'static str,
+    /// DVMA.
+    pub dma: TagConfig,
+    /// Completion mode.
+    pub completion: Completion,
+    /// CPU that takes the interrupts (and runs the thread).
+    pub cpu: usize,
+    /// Queue discipline.
+    pub bufq: BufqStrategy,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct SdStats {
+    /// Commands submitted.
+    pub xfers: AtomicU64,
+    /// Bytes read.
+    pub bytes_read: AtomicU64,
+    /// Bytes written.
+    pub bytes_written: AtomicU64,
+    /// Bufs finished with an error.
+    pub errors: AtomicU64,
+    /// Commands that faulted in DMA.
+    pub dma_faults: AtomicU64,
+    /// Starts that found no DVMA space and requeued.
+    pub dvma_requeues: AtomicU64,
+    /// Interrupts taken.
+    pub intrs: AtomicU64,
+}
+
+struct Slot {
+    map: DmaMap,
+    bp: Option<BufBox>,
+}
+
+/// What loading a buf into a slot gave.
+enum Loaded {
+    /// A command to submit.
+    Cmd(DiskCmd),
+    /// No DVMA space: the buf back, with its data.
+    NoSpace(BufBox),
+    /// The buf failed (its error is set; it is in the slot).
+    Failed,
+}
+
+struct State {
+    bufq: BufQueue,
+    free: Vec<u16>,
+    starved: bool,
+}
+
+/// An sd unit.
+pub struct Sd {
+    name: &'static str,
+    ctrl: &'static dyn DiskController,
+    geom: DiskGeometry,
+    tag: &'static DmaTag,
+    completer: &'static Completer,
+    read_only: bool,
+    state: SpinMutex<State>,
+    slots: Box<[UnsafeCell<Slot>]>,
+    inflight: AtomicUsize,
+    /// Counters.
+    pub stats: SdStats,
+}
+
+// SAFETY: a slot's cell is accessed only by the one context that owns the
+// slot (taken off the free list under `state`, given back the same way);
+// see the module docs.
+unsafe impl Sync for Sd {}
+
+const MAXSD: usize = 32;
+/// Attached units, for the retry callout (lock-free: it runs at softclock).
+static SDS: [AtomicPtr<Sd>; MAXSD] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAXSD];
+
+/// Forget the attached units (kernel teardown).
+pub(crate) fn reset() {
+    for p in &SDS {
+        p.store(core::ptr::null_mut(), Release);
+    }
+}
+
+/// Retries units starved of DVMA space with nothing in flight.
+static RETRY: Callout = Callout::new(retry_all);
+
+fn retry_all(_: &crate::ctx::SoftCtx) {
+    for p in &SDS {
+        // SAFETY: units are leaked at attach and forgotten at teardown.
+        if let Some(sd) = unsafe { p.load(Acquire).as_ref() } {
+            if sd.state.lock().starved {
+                sd.start(None);
+            }
+        }
+    }
+}
+
+impl Sd {
+    /// Attach an sd unit to controller `ctrl`. Thread or host context.
+    pub fn attach(cfg: SdConfig, ctrl: &'static dyn DiskController) -> Result<&'static Sd, String> {
+        let geom = ctrl.geometry();
+        if geom.sector_size as usize != DEV_BSIZE {
+            return Err(alloc::format!(
+                "{}: sector size {} (only {DEV_BSIZE})",
+                cfg.name,
+                geom.sector_size
+            ));
+        }
+        let mut dma = cfg.dma.clone();
+        dma.maxsize = dma.maxsize.min(geom.max_transfer);
+        let tag =
+            tag_create(cfg.name, dma.clone()).map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        let depth = geom.queue_depth.max(1) as usize;
+        let slots: Box<[UnsafeCell<Slot>]> = (0..depth)
+            .map(|_| {
+                dmamap_create(tag, dma.maxsize).map(|map| UnsafeCell::new(Slot { map, bp: None }))
+            })
+            .collect::<Result<_, DmaError>>()
+            .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        // The completer needs the unit and the unit needs the completer:
+        // the unit is built first with a placeholder-free two-step leak.
+        let cell: &'static spin_cell::Once<&'static Sd> =
+            Box::leak(Box::new(spin_cell::Once::new()));
+        let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
+            if let Some(sd) = cell.get() {
+                sd.done(ctx);
+            }
+        })?;
+        let sd: &'static Sd = Box::leak(Box::new(Sd {
+            name: cfg.name,
+            ctrl,
+            geom,
+            tag,
+            completer,
+            read_only: cfg.read_only,
+            state: SpinMutex::new(
+                Ipl::Bio,
+                State {
+                    bufq: BufQueue::new(cfg.bufq),
+                    free: (0..depth as u16).rev().collect(),
+                    starved: false,
+                },
+            ),
+            slots,
+            inflight: AtomicUsize::new(0),
+            stats: SdStats::default(),
+        }));
+        cell.set(sd);
+        let vector = intr_establish(Ipl::Bio, cfg.name, move |ctx| {
+            sd.stats.intrs.fetch_add(1, Relaxed);
+            sd.completer.interrupt(ctx);
+        })
+        .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        ctrl.set_interrupt(cfg.cpu, vector);
+        let p = sd as *const Sd as *mut Sd;
+        if !SDS.iter().any(|s| {
+            s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
+                .is_ok()
+        }) {
+            return Err(alloc::format!("{}: more than {MAXSD} sd units", cfg.name));
+        }
+        Ok(sd)
+    }
+
+    /// Its DMA tag.
+    pub fn tag(&self) -> &'static DmaTag {
+        self.tag
+    }
+
+    /// Its completion mode.
+    pub fn completion(&self) -> Completion {
+        self.completer.mode()
+    }
+
+    /// Commands in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Relaxed)
+    }
+
+    /// Start what can be started. `ctx`: a thread context, if the caller may
+    /// sleep for DVMA space.
+    fn start(&self, ctx: Option<&crate::ctx::ThreadCtx>) {
+        let mut rang = false;
+        loop {
+            let (id, bp) = {
+                let mut st = self.state.lock();
+                if st.free.is_empty() || st.bufq.is_empty() {
+                    break;
+                }
+                let id = st.free.pop().unwrap_or(0);
+                let bp = st.bufq.get();
+                st.starved = false;
+                match bp {
+                    Some(bp) => (id, bp),
+                    None => {
+                        st.free.push(id);
+                        break;
+                    }
+                }
+            };
+            // The slot is ours now.
+            // SAFETY: `id` came off the free list under the lock (module docs).
+            let slot = unsafe { &mut *self.slots[id as usize].get() };
+            self.inflight.fetch_add(1, Relaxed);
+            match self.load(slot, bp, ctx) {
+                Loaded::Cmd(cmd) => {
+                    let cmd = DiskCmd { id, ..cmd };
+                    self.stats.xfers.fetch_add(1, Relaxed);
+                    if !self.ctrl.submit(cmd) {
+                        // The ring holds queue_depth commands and we have at
+                        // most that many slots: it cannot be full.
+                        self.finish(id, DiskStatus::Invalid);
+                    }
+                    rang = true;
+                }
+                Loaded::Failed => self.finish(id, DiskStatus::Invalid),
+                Loaded::NoSpace(bp) => {
+                    self.inflight.fetch_sub(1, Relaxed);
+                    // No DVMA space: back to the head of the queue.
+                    self.stats.dvma_requeues.fetch_add(1, Relaxed);
+                    let mut st = self.state.lock();
+                    st.bufq.put_front(bp);
+                    st.free.push(id);
+                    st.starved = true;
+                    drop(st);
+                    if self.inflight.load(Relaxed) == 0 {
+                        callout_schedule(&RETRY, 1_000_000);
+                    }
+                    break;
+                }
+            }
+        }
+        if rang {
+            self.ctrl.doorbell();
+        }
+    }
+
+    /// Load `bp` into `slot` and build its command.
+    fn load(&self, slot: &mut Slot, mut bp: BufBox, ctx: Option<&crate::ctx::ThreadCtx>) -> Loaded {
+        let nsect = (bp.bcount / DEV_BSIZE) as u32;
+        let (op, dir) = match bp.op {
+            BufOp::Flush => {
+                let cmd = DiskCmd {
+                    id: 0,
+                    op: DiskOp::Flush,
+                    lba: 0,
+                    nsect: 0,
+                    iova: 0,
+                    fua: false,
+                };
+                slot.bp = Some(bp);
+                return Loaded::Cmd(cmd);
+            }
+            BufOp::Read => (DiskOp::Read, DmaDir::FromDevice),
+            BufOp::Write => (DiskOp::Write, DmaDir::ToDevice),
+        };
+        let data = bp.data.take().expect("bounds_check saw the data");
+        let wait = match ctx {
+            Some(c) => Wait::Ok(c),
+            None => Wait::NoWait,
+        };
+        match dmamap_load(&mut slot.map, data, dir, wait) {
+            Ok(()) => {}
+            Err(e) => {
+                bp.data = Some(e.buf);
+                if matches!(e.error, DmaError::NoSpace { .. } | DmaError::FifoFull) {
+                    return Loaded::NoSpace(bp);
+                }
+                // Anything else is this buf's error, not the device's.
+                bp.error = Some(BioError::Inval);
+                bp.resid = bp.bcount;
+                slot.bp = Some(bp);
+                return Loaded::Failed;
+            }
+        }
+        dmamap_sync(
+            &mut slot.map,
+            if dir == DmaDir::ToDevice {
+                SyncOp::PreWrite
+            } else {
+                SyncOp::PreRead
+            },
+        );
+        let cmd = DiskCmd {
+            id: 0,
+            op,
+            lba: bp.blkno,
+            nsect,
+            iova: slot.map.segs()[0].iova,
+            fua: bp.fua,
+        };
+        slot.bp = Some(bp);
+        Loaded::Cmd(cmd)
+    }
+
+    /// Finish the command in slot `id` with `status` (the slot is ours:
+    /// the device gave it back).
+    fn finish(&self, id: u16, status: DiskStatus) {
+        // SAFETY: the device returned `id`, so the slot is ours (module docs).
+        let slot = unsafe { &mut *self.slots[id as usize].get() };
+        let Some(mut bp) = slot.bp.take() else { return };
+        if slot.map.is_loaded() {
+            let dir_read = bp.op == BufOp::Read;
+            dmamap_sync(
+                &mut slot.map,
+                if dir_read {
+                    SyncOp::PostRead
+                } else {
+                    SyncOp::PostWrite
+                },
+            );
+            bp.data = dmamap_unload(&mut slot.map);
+        }
+        if bp.error.is_none() {
+            match status {
+                DiskStatus::Ok => {
+                    bp.resid = 0;
+                    match bp.op {
+                        BufOp::Read => self.stats.bytes_read.fetch_add(bp.bcount as u64, Relaxed),
+                        BufOp::Write => self
+                            .stats
+                            .bytes_written
+                            .fetch_add(bp.bcount as u64, Relaxed),
+                        BufOp::Flush => 0,
+                    };
+                }
+                DiskStatus::DmaFault => {
+                    self.stats.dma_faults.fetch_add(1, Relaxed);
+                    self.tag.fault();
+                    bp.error = Some(BioError::Io);
+                    bp.resid = bp.bcount;
+                }
+                DiskStatus::MediaError(_) => {
+                    bp.error = Some(BioError::Io);
+                    bp.resid = bp.bcount;
+                }
+                DiskStatus::Invalid => {
+                    bp.error = Some(BioError::Inval);
+                    bp.resid = bp.bcount;
+                }
+            }
+        }
+        if bp.error.is_some() {
+            self.stats.errors.fetch_add(1, Relaxed);
+        }
+        self.inflight.fetch_sub(1, Relaxed);
+        self.state.lock().free.push(id);
+        biodone(bp);
+    }
+
+    /// The completion work: reap everything, finish it, start more.
+    fn done(&self, ctx: WorkCtx<'_>) {
+        while let Some(d) = self.ctrl.reap() {
+            if (d.id as usize) < self.slots.len() {
+                self.finish(d.id, d.status);
+            }
+        }
+        self.start(ctx.thread());
+    }
+}
+
+impl BlockDev for Sd {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn sectors(&self) -> u64 {
+        self.geom.sectors
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.tag.config().maxsize.min(self.geom.max_transfer)
+    }
+
+    fn strategy(&self, bp: BufBox) {
+        let Some(bp) = bounds_check(self, bp) else {
+            return;
+        };
+        if bp.bcount > self.max_transfer() {
+            let mut bp = bp;
+            bp.error = Some(BioError::Inval);
+            bp.resid = bp.bcount;
+            return biodone(bp);
+        }
+        self.state.lock().bufq.put(bp);
+        if self.completer.mode() == Completion::Thread {
+            // "Have each driver occupy one thread": it starts the I/O.
+            self.completer.kick();
+        } else {
+            self.start(None);
+        }
+    }
+
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        crate::bus_dma::dmamem_alloc(self.tag, len)
+    }
+
+    fn describe(&self) -> String {
+        let g = &self.geom;
+        let extra = match self.tag.mode() {
+            crate::bus_dma::DvmaMode::Slots => {
+                alloc::format!(" ({} slots)", self.tag.config().slots)
+            }
+            crate::bus_dma::DvmaMode::Permanent | crate::bus_dma::DvmaMode::Shadow => {
+                alloc::format!(" ({} pages)", self.tag.pages_reserved())
+            }
+            _ => String::new(),
+        };
+        alloc::format!(
+            "{} at dmadisk: {} MiB, {}-byte sectors, dvma {}{}, completion {}",
+            self.name,
+            g.sectors * g.sector_size as u64 >> 20,
+            g.sector_size,
+            self.tag.mode(),
+            extra,
+            self.completer.mode()
+        )
+    }
+}
+
+/// A tiny set-once cell (no_std).
+mod spin_cell {
+    use core::sync::atomic::{AtomicPtr, Ordering::*};
+
+    /// Set once, read many.
+    pub struct Once<T: 'static> {
+        p: AtomicPtr<T>,
+    }
+
+    impl<T: Copy + 'static> Once<T> {
+        pub const fn new() -> Self {
+            Self {
+                p: AtomicPtr::new(core::ptr::null_mut()),
+            }
+        }
+
+        pub fn set(&self, v: T) {
+            let b = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(v));
+            if self
+                .p
+                .compare_exchange(core::ptr::null_mut(), b, AcqRel, Acquire)
+                .is_err()
+            {
+                // SAFETY: never published.
+                drop(unsafe { alloc::boxed::Box::from_raw(b) });
+            }
+        }
+
+        pub fn get(&self) -> Option<T> {
+            // SAFETY: set once to a leaked box.
+            unsafe { self.p.load(Acquire).as_ref() }.copied()
+        }
+    }
+}

@@ -1,0 +1,694 @@
+//! The block layer: `struct buf`, buffer queues, `biodone`, `biowait`, and
+//! the block device switch.
+//!
+//! | call | context | |
+//! |---|---|---|
+//! | [`getbuf_wait`], [`getbuf`] | thread / any | a [`Buf`] from the IPL_BIO buffer pool |
+//! | [`BlockDev::strategy`] | any | start an I/O; the device owns the buf until `biodone` |
+//! | [`biodone`] | any (completion context) | give the buf back: to its `iodone` callback, or to `biowait` |
+//! | [`biowait`], [`submit_wait`] | thread | sleep until the buf is done, and take it back |
+//!
+//! Ownership is in the types: a [`BufBox`] owns a buf, `strategy` takes it
+//! by value, `biodone` consumes it. A caller that will `biowait` keeps only a
+//! [`BufWait`] ticket; a caller with an `iodone` callback gets the buf back
+//! in the callback, in whatever context the device completed it (interrupt,
+//! soft interrupt or thread, per the driver's completion mode), under the
+//! rules of that context.
+//!
+//! Bufs come from an allocator: the IPL_BIO pool by default, or `kmem` (the
+//! 1995 configuration of ccd's component bufs, for `dvma race`-style
+//! experiments).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering::*};
+
+use crate::ctx::ThreadCtx;
+use crate::ipl::Ipl;
+use crate::lock::SpinMutex;
+use crate::pool::Pool;
+use crate::sched::{Interrupted, sleep_interlocked, wakeup};
+use crate::vm::IoBuf;
+
+/// The block layer's sector size (DEV_BSIZE).
+pub const DEV_BSIZE: usize = 512;
+
+/// What a buf asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BufOp {
+    /// Device to memory.
+    #[default]
+    Read,
+    /// Memory to device.
+    Write,
+    /// Make completed writes durable.
+    Flush,
+}
+
+/// Errors the block layer reports on a buf (errno semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BioError {
+    /// EIO: the device failed (a media error or a DMA fault).
+    Io,
+    /// EINVAL: misaligned, or past the end.
+    Inval,
+    /// ENOSPC: a write past the end.
+    NoSpc,
+    /// EPERM / EROFS: a write to a read-only device.
+    Perm,
+    /// ESHUTDOWN: the system is going down.
+    Shutdown,
+}
+
+impl BioError {
+    /// The errno value.
+    pub const fn errno(self) -> i32 {
+        match self {
+            BioError::Io => 5,
+            BioError::Inval => 22,
+            BioError::NoSpc => 28,
+            BioError::Perm => 1,
+            BioError::Shutdown => 108,
+        }
+    }
+}
+
+impl core::fmt::Display for BioError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            BioError::Io => "I/O error",
+            BioError::Inval => "invalid argument",
+            BioError::NoSpc => "no space left on device",
+            BioError::Perm => "operation not permitted (read-only)",
+            BioError::Shutdown => "shut down",
+        })
+    }
+}
+
+/// An `iodone` callback: gets the buf back when the I/O is done.
+pub type IoDone = fn(BufBox, usize);
+
+/// `struct buf`.
+pub struct Buf {
+    /// Operation.
+    pub op: BufOp,
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+    /// First sector (DEV_BSIZE units, device relative).
+    pub blkno: u64,
+    /// Bytes.
+    pub bcount: usize,
+    /// The data (`bcount` bytes of it are transferred).
+    pub data: Option<IoBuf>,
+    /// The outcome.
+    pub error: Option<BioError>,
+    /// Bytes not transferred.
+    pub resid: usize,
+    /// Called by `biodone` instead of waking `biowait` (B_CALL).
+    pub iodone: Option<(IoDone, usize)>,
+    /// Stacking drivers (ccd): children still in flight.
+    pub children: AtomicU32,
+    /// Stacking drivers: the first error of the children (errno + 1).
+    pub child_error: AtomicU8,
+    /// Driver-private words.
+    pub private: [usize; 2],
+    state: AtomicU8,
+    /// Buffer-queue link.
+    qnext: *mut Buf,
+    alloc: &'static dyn BufAlloc,
+}
+
+// SAFETY: a Buf's only non-Send field is its queue link, which is used only
+// by the BufQueue that owns the buf; the data is an IoBuf (Send).
+unsafe impl Send for Buf {}
+
+const BUSY: u8 = 1;
+const DONE: u8 = 2;
+
+impl Buf {
+    fn new(alloc: &'static dyn BufAlloc) -> Self {
+        Self {
+            op: BufOp::Read,
+            fua: false,
+            blkno: 0,
+            bcount: 0,
+            data: None,
+            error: None,
+            resid: 0,
+            iodone: None,
+            children: AtomicU32::new(0),
+            child_error: AtomicU8::new(0),
+            private: [0; 2],
+            state: AtomicU8::new(0),
+            qnext: core::ptr::null_mut(),
+            alloc,
+        }
+    }
+
+    /// Reset for reuse, keeping the allocator.
+    pub fn reset(&mut self) {
+        let a = self.alloc;
+        *self = Buf::new(a);
+    }
+
+    /// The device byte offset.
+    pub fn offset(&self) -> u64 {
+        self.blkno * DEV_BSIZE as u64
+    }
+}
+
+impl core::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Buf({:?} blk {} +{} fua {} err {:?})",
+            self.op, self.blkno, self.bcount, self.fua, self.error
+        )
+    }
+}
+
+/// Where bufs come from.
+pub trait BufAlloc: Sync {
+    /// A fresh buf, or `None` if exhausted. Any context.
+    fn alloc(&'static self) -> Option<NonNull<Buf>>;
+    /// Take back a buf from `alloc` (its contents are already dropped).
+    ///
+    /// # Safety
+    /// 1. `b` came from this allocator's `alloc` and is returned once.
+    unsafe fn free(&self, b: NonNull<Buf>);
+}
+
+/// An owned buf.
+pub struct BufBox {
+    ptr: NonNull<Buf>,
+}
+
+// SAFETY: a BufBox is the unique owner of its Buf; moving it to another
+// thread moves that ownership (the Buf's raw queue link is only used by
+// the queue that owns it).
+unsafe impl Send for BufBox {}
+
+impl BufBox {
+    /// A buf from `a`, or `None` if exhausted. Any context.
+    pub fn new_in(a: &'static dyn BufAlloc) -> Option<BufBox> {
+        a.alloc().map(|ptr| BufBox { ptr })
+    }
+
+    /// Give up ownership (the buf is then reachable only through the raw
+    /// pointer, e.g. as an `iodone` argument or a device cookie).
+    pub fn into_raw(self) -> NonNull<Buf> {
+        let p = self.ptr;
+        core::mem::forget(self);
+        p
+    }
+
+    /// Take ownership back.
+    ///
+    /// # Safety
+    /// 1. `p` came from [`BufBox::into_raw`] and is rebuilt once.
+    pub unsafe fn from_raw(p: NonNull<Buf>) -> BufBox {
+        BufBox { ptr: p }
+    }
+}
+
+impl core::ops::Deref for BufBox {
+    type Target = Buf;
+    fn deref(&self) -> &Buf {
+        // SAFETY: a BufBox uniquely owns a live Buf.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl core::ops::DerefMut for BufBox {
+    fn deref_mut(&mut self) -> &mut Buf {
+        // SAFETY: as above, and `&mut self` is unique.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl Drop for BufBox {
+    fn drop(&mut self) {
+        let alloc = self.alloc;
+        // SAFETY: we own the Buf: drop its contents (its data), then hand
+        // the memory back to the allocator it came from, once.
+        unsafe {
+            core::ptr::drop_in_place(self.ptr.as_ptr());
+            alloc.free(self.ptr);
+        }
+    }
+}
+
+impl core::fmt::Debug for BufBox {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+/// The IPL_BIO buffer pool.
+pub struct BufPool {
+    slots: Pool<core::mem::MaybeUninit<Buf>>,
+    base: AtomicPtr<core::mem::MaybeUninit<Buf>>,
+}
+
+impl BufPool {
+    /// A pool of `n` bufs. Thread or host context.
+    pub fn new(name: &'static str, n: usize) -> Self {
+        let slots = Pool::new(name, Ipl::Bio, n, |_| core::mem::MaybeUninit::uninit());
+        Self {
+            slots,
+            base: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    /// Free bufs now.
+    pub fn available(&self) -> usize {
+        self.slots.available()
+    }
+
+    /// Its capacity.
+    pub fn capacity(&self) -> usize {
+        self.slots.capacity()
+    }
+}
+
+impl BufAlloc for BufPool {
+    fn alloc(&'static self) -> Option<NonNull<Buf>> {
+        let mut it = self.slots.get_nowait()?;
+        let p = it.write(Buf::new(self)) as *mut Buf;
+        let idx = it.into_raw();
+        // Remember where slot 0 is, to find a slot's index from its address.
+        let base = (p as usize - idx as usize * core::mem::size_of::<core::mem::MaybeUninit<Buf>>())
+            as *mut core::mem::MaybeUninit<Buf>;
+        self.base.store(base, Relaxed);
+        NonNull::new(p)
+    }
+
+    unsafe fn free(&self, b: NonNull<Buf>) {
+        let base = self.base.load(Relaxed) as usize;
+        let idx =
+            (b.as_ptr() as usize - base) / core::mem::size_of::<core::mem::MaybeUninit<Buf>>();
+        // SAFETY: `b` came from `alloc` (contract), which took slot `idx`
+        // with `into_raw`; it is returned once.
+        drop(unsafe { self.slots.from_raw(idx as u32) });
+    }
+}
+
+/// Bufs from `kmem`: the 1995 configuration, where freeing one at
+/// interrupt time races with thread code in the allocator.
+pub struct KmemBufs;
+
+impl BufAlloc for KmemBufs {
+    fn alloc(&'static self) -> Option<NonNull<Buf>> {
+        let k = crate::kernel::kernel();
+        let p = k.kmem.alloc(core::mem::size_of::<Buf>())?;
+        let b = p.as_ptr() as *mut Buf;
+        debug_assert!(b.is_aligned());
+        // SAFETY: kmem returned at least size_of::<Buf>() bytes, 16-byte
+        // aligned, which we own.
+        unsafe { b.write(Buf::new(self)) };
+        NonNull::new(b)
+    }
+
+    unsafe fn free(&self, b: NonNull<Buf>) {
+        crate::kernel::kernel()
+            .kmem
+            .free(b.cast(), core::mem::size_of::<Buf>());
+    }
+}
+
+/// The kmem buf allocator.
+pub static KMEM_BUFS: KmemBufs = KmemBufs;
+
+/// The system's buffer pool (created at first use: thread or host context).
+static BUFS: AtomicPtr<BufPool> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The system buffer pool.
+pub fn bufpool() -> &'static BufPool {
+    let p = BUFS.load(Acquire);
+    // SAFETY: a leaked pool, set once per boot (`bio_init`).
+    match unsafe { p.as_ref() } {
+        Some(b) => b,
+        None => panic!("bio: buffer pool not initialised (bio_init at attach)"),
+    }
+}
+
+/// Create the system buffer pool (`n` bufs). Thread or host context, before
+/// the first block device attaches.
+pub fn bio_init(n: usize) {
+    let b = Box::into_raw(Box::new(BufPool::new("bufpl", n)));
+    if BUFS
+        .compare_exchange(core::ptr::null_mut(), b, AcqRel, Acquire)
+        .is_err()
+    {
+        // SAFETY: never published.
+        drop(unsafe { Box::from_raw(b) });
+    }
+}
+
+/// Forget the buffer pool and the device table (kernel teardown).
+pub(crate) fn bio_reset() {
+    BUFS.store(core::ptr::null_mut(), Release);
+    crate::dev::sd::reset();
+    crate::dev::ccd::reset();
+    for d in DEVSW.lock().iter_mut() {
+        *d = None;
+    }
+}
+
+/// A buf from the system pool, or `None`. Any context.
+pub fn getbuf() -> Option<BufBox> {
+    BufBox::new_in(bufpool())
+}
+
+/// A buf from the system pool, sleeping until one is free. Thread context.
+pub fn getbuf_wait(ctx: &ThreadCtx) -> Result<BufBox, Interrupted> {
+    loop {
+        if let Some(b) = getbuf() {
+            return Ok(b);
+        }
+        bufpool().slots.get_wait(ctx).map(drop)?;
+    }
+}
+
+/// The ticket of a buf whose completion a thread will wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufWait(NonNull<Buf>);
+
+// SAFETY: a ticket is an address; redeeming it is governed by `biowait`.
+unsafe impl Send for BufWait {}
+
+/// Locks of the biodone/biowait handshake, hashed by buf address.
+static BIOLOCKS: [SpinMutex<()>; 16] = [const { SpinMutex::new(Ipl::Bio, ()) }; 16];
+
+fn biolock(p: NonNull<Buf>) -> &'static SpinMutex<()> {
+    &BIOLOCKS[(p.as_ptr() as usize >> 6) % BIOLOCKS.len()]
+}
+
+/// Prepare `bp` for a `biowait` and return the ticket. Call before
+/// `strategy`.
+pub fn bio_prepare(bp: &mut BufBox) -> BufWait {
+    bp.iodone = None;
+    bp.state.store(BUSY, Release);
+    BufWait(bp.ptr)
+}
+
+/// The I/O of `bp` is done: give it to its `iodone` callback, or wake the
+/// thread waiting in `biowait`. Any context.
+pub fn biodone(mut bp: BufBox) {
+    if let Some((f, arg)) = bp.iodone.take() {
+        return f(bp, arg);
+    }
+    let p = bp.into_raw();
+    let g = biolock(p).lock();
+    // SAFETY: `p` is a live buf whose owner is the thread in `biowait`
+    // (or about to be); we only publish DONE.
+    unsafe { p.as_ref() }.state.store(DONE, Release);
+    drop(g);
+    wakeup(p.as_ptr() as usize);
+}
+
+/// Sleep until the buf of ticket `w` is done and take it back. Thread
+/// context. Each ticket must be redeemed exactly once.
+pub fn biowait(ctx: &ThreadCtx, w: BufWait) -> BufBox {
+    let p = w.0;
+    loop {
+        let g = biolock(p).lock();
+        // SAFETY: the buf lives until its ticket is redeemed (here): the
+        // driver hands it back through `biodone`, never frees it.
+        if unsafe { p.as_ref() }.state.load(Acquire) == DONE {
+            drop(g);
+            // SAFETY: DONE means `biodone` gave up ownership for us.
+            return unsafe { BufBox::from_raw(p) };
+        }
+        if sleep_interlocked(ctx, p.as_ptr() as usize, g).is_err() {
+            // Shutdown: keep waiting; the device finishes or fails every
+            // command it accepted, so the buf comes back.
+            crate::sched::yield_now(ctx);
+        }
+    }
+}
+
+/// Start `bp` on `dev` and wait for it. Thread context.
+pub fn submit_wait(ctx: &ThreadCtx, dev: &dyn BlockDev, mut bp: BufBox) -> BufBox {
+    let w = bio_prepare(&mut bp);
+    dev.strategy(bp);
+    biowait(ctx, w)
+}
+
+/// Validate a buf against a device of `sectors` sectors: the common checks
+/// of every strategy routine. Errors are finished with `biodone` and
+/// `None` is returned; otherwise the buf comes back.
+pub fn bounds_check(dev: &dyn BlockDev, mut bp: BufBox) -> Option<BufBox> {
+    let sectors = dev.sectors();
+    let err = match bp.op {
+        BufOp::Flush => None,
+        op => {
+            let n = (bp.bcount / DEV_BSIZE) as u64;
+            if bp.bcount == 0 || !bp.bcount.is_multiple_of(DEV_BSIZE) {
+                Some(BioError::Inval)
+            } else if op == BufOp::Write && dev.read_only() {
+                Some(BioError::Perm)
+            } else if bp.data.as_ref().is_none_or(|d| d.len() < bp.bcount) {
+                Some(BioError::Inval)
+            } else if bp.blkno.checked_add(n).is_none_or(|e| e > sectors) {
+                Some(if op == BufOp::Write {
+                    BioError::NoSpc
+                } else {
+                    BioError::Inval
+                })
+            } else {
+                None
+            }
+        }
+    };
+    match err {
+        Some(e) => {
+            bp.error = Some(e);
+            bp.resid = bp.bcount;
+            biodone(bp);
+            None
+        }
+        None => Some(bp),
+    }
+}
+
+/// How a buffer queue orders its bufs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufqStrategy {
+    /// First come, first served.
+    Fcfs,
+    /// One-way elevator by block number (disksort).
+    Disksort,
+}
+
+/// A buffer queue (bufq(9)), linked through the bufs (no allocation).
+/// Not synchronised: the driver keeps it under its own spin mutex.
+pub struct BufQueue {
+    strategy: BufqStrategy,
+    head: *mut Buf,
+    tail: *mut Buf,
+    len: usize,
+    /// Elevator position: the block after the last one taken.
+    pos: u64,
+}
+
+// SAFETY: the queue uniquely owns the bufs linked into it (they entered as
+// BufBoxes); it is only touched under its driver's lock.
+unsafe impl Send for BufQueue {}
+
+impl BufQueue {
+    /// An empty queue.
+    pub const fn new(strategy: BufqStrategy) -> Self {
+        Self {
+            strategy,
+            head: core::ptr::null_mut(),
+            tail: core::ptr::null_mut(),
+            len: 0,
+            pos: 0,
+        }
+    }
+
+    /// Bufs queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queue `bp`.
+    pub fn put(&mut self, bp: BufBox) {
+        let p = bp.into_raw().as_ptr();
+        // SAFETY: `p` is a buf we now own; links only touch bufs in this
+        // queue, which it owns.
+        unsafe {
+            (*p).qnext = core::ptr::null_mut();
+            match self.strategy {
+                BufqStrategy::Fcfs => self.append(p),
+                BufqStrategy::Disksort => self.sorted_insert(p),
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Put `bp` back at the head (it could not be started).
+    pub fn put_front(&mut self, bp: BufBox) {
+        let p = bp.into_raw().as_ptr();
+        // SAFETY: as in `put`.
+        unsafe {
+            (*p).qnext = self.head;
+        }
+        if self.head.is_null() {
+            self.tail = p;
+        }
+        self.head = p;
+        self.len += 1;
+    }
+
+    /// Take the next buf.
+    pub fn get(&mut self) -> Option<BufBox> {
+        let p = NonNull::new(self.head)?;
+        // SAFETY: `p` is the head, owned by the queue.
+        unsafe {
+            self.head = (*p.as_ptr()).qnext;
+            (*p.as_ptr()).qnext = core::ptr::null_mut();
+        }
+        if self.head.is_null() {
+            self.tail = core::ptr::null_mut();
+        }
+        self.len -= 1;
+        // SAFETY: the queue owned it since `put`.
+        let bp = unsafe { BufBox::from_raw(p) };
+        self.pos = bp.blkno + (bp.bcount / DEV_BSIZE) as u64;
+        Some(bp)
+    }
+
+    /// Take every buf (for failing them all).
+    pub fn drain(&mut self) -> Vec<BufBox> {
+        let mut v = Vec::with_capacity(self.len);
+        while let Some(b) = self.get() {
+            v.push(b);
+        }
+        v
+    }
+
+    /// # Safety
+    /// `p` is owned by the queue and not linked yet.
+    unsafe fn append(&mut self, p: *mut Buf) {
+        if self.tail.is_null() {
+            self.head = p;
+        } else {
+            // SAFETY: tail is a buf of this queue.
+            unsafe { (*self.tail).qnext = p };
+        }
+        self.tail = p;
+    }
+
+    /// disksort: bufs at or after the elevator position, ascending, then
+    /// the ones before it, ascending (the next sweep).
+    ///
+    /// # Safety
+    /// As for `append`.
+    unsafe fn sorted_insert(&mut self, p: *mut Buf) {
+        let pos = self.pos;
+        // SAFETY: every pointer walked is a buf of this queue.
+        unsafe {
+            let key = |b: *mut Buf| {
+                let blk = (*b).blkno;
+                // (sweep, block): this sweep first.
+                (blk < pos, blk)
+            };
+            let k = key(p);
+            let mut prev: *mut Buf = core::ptr::null_mut();
+            let mut cur = self.head;
+            while !cur.is_null() && key(cur) <= k {
+                prev = cur;
+                cur = (*cur).qnext;
+            }
+            (*p).qnext = cur;
+            if prev.is_null() {
+                self.head = p;
+            } else {
+                (*prev).qnext = p;
+            }
+            if cur.is_null() {
+                self.tail = p;
+            }
+        }
+    }
+}
+
+impl Drop for BufQueue {
+    fn drop(&mut self) {
+        while let Some(b) = self.get() {
+            drop(b);
+        }
+    }
+}
+
+/// A block device (the block device switch entry).
+pub trait BlockDev: Sync {
+    /// Its name (`sd0`, `ccd0`, `vnd0`).
+    fn name(&self) -> &'static str;
+    /// Size in DEV_BSIZE sectors.
+    fn sectors(&self) -> u64;
+    /// Is it read-only?
+    fn read_only(&self) -> bool;
+    /// Largest transfer of one buf, bytes.
+    fn max_transfer(&self) -> usize;
+    /// Open it; a write open of a read-only device fails with `Perm`.
+    fn open(&self, write: bool) -> Result<(), BioError> {
+        if write && self.read_only() {
+            Err(BioError::Perm)
+        } else {
+            Ok(())
+        }
+    }
+    /// Start an I/O. The device owns `bp` until it `biodone`s it. Any
+    /// context; never sleeps.
+    fn strategy(&self, bp: BufBox);
+    /// A data buffer this device can transfer (its DMA tag's memory). Any
+    /// context.
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        IoBuf::alloc(len)
+    }
+    /// One line in the style of autoconf.
+    fn describe(&self) -> alloc::string::String;
+}
+
+const MAXDEV: usize = 32;
+static DEVSW: SpinMutex<[Option<&'static dyn BlockDev>; MAXDEV]> =
+    SpinMutex::new(Ipl::Vm, [None; MAXDEV]);
+
+/// Register an attached block device. Thread or host context.
+pub fn bdev_attach(dev: &'static dyn BlockDev) -> Result<(), BioError> {
+    let mut t = DEVSW.lock();
+    if t.iter().flatten().any(|d| d.name() == dev.name()) {
+        return Err(BioError::Inval);
+    }
+    match t.iter_mut().find(|s| s.is_none()) {
+        Some(s) => {
+            *s = Some(dev);
+            Ok(())
+        }
+        None => Err(BioError::NoSpc),
+    }
+}
+
+/// A block device by name.
+pub fn bdev_lookup(name: &str) -> Option<&'static dyn BlockDev> {
+    DEVSW
+        .lock()
+        .iter()
+        .flatten()
+        .find(|d| d.name() == name)
+        .copied()
+}
+
+/// Every attached block device, in attach order.
+pub fn bdevs() -> Vec<&'static dyn BlockDev> {
+    DEVSW.lock().iter().flatten().copied().collect()
+}
