@@ -655,6 +655,10 @@ pub trait BlockDev: Sync {
     fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
         IoBuf::alloc(len)
     }
+    /// The same, sleeping until memory is available. Thread context.
+    fn alloc_buf_wait(&self, ctx: &ThreadCtx, len: usize) -> Result<IoBuf, Interrupted> {
+        IoBuf::alloc_wait(ctx, len)
+    }
     /// One line in the style of autoconf.
     fn describe(&self) -> alloc::string::String;
 }

@@ -684,9 +684,15 @@ pub fn dmamem_alloc_wait(
             return IoBuf::alloc_wait(ctx, len);
         }
         let g = tag.fifo.lock();
-        tag.waiters.fetch_add(1, Relaxed);
+        tag.waiters.fetch_add(1, AcqRel);
+        // Try again under the lock: a free in between has to pass through it
+        // to wake us (`space_freed`), so it cannot be missed.
+        if let Some(b) = dmamem_alloc(tag, len) {
+            tag.waiters.fetch_sub(1, AcqRel);
+            return Ok(b);
+        }
         let r = sleep_interlocked(ctx, wchan(tag), g);
-        tag.waiters.fetch_sub(1, Relaxed);
+        tag.waiters.fetch_sub(1, AcqRel);
         r?;
     }
 }
@@ -738,10 +744,25 @@ pub fn dmamap_load(
             }
             Wait::Ok(ctx) => {
                 let g = tag.fifo.lock();
-                tag.waiters.fetch_add(1, Relaxed);
+                tag.waiters.fetch_add(1, AcqRel);
+                // Try again under the lock (see `dmamem_alloc_wait`).
+                if tag.fifo_len.load(Acquire) == 0 {
+                    match tag.try_load(&mut map.loaded, buf, dir) {
+                        Ok(()) => {
+                            tag.waiters.fetch_sub(1, AcqRel);
+                            tag.stats.loads.inc();
+                            return Ok(());
+                        }
+                        Err(e) if matches!(e.error, DmaError::NoSpace { .. }) => buf = e.buf,
+                        Err(e) => {
+                            tag.waiters.fetch_sub(1, AcqRel);
+                            return Err(e);
+                        }
+                    }
+                }
                 tag.stats.waits.fetch_add(1, Relaxed);
                 let r = sleep_interlocked(ctx, wchan(tag), g);
-                tag.waiters.fetch_sub(1, Relaxed);
+                tag.waiters.fetch_sub(1, AcqRel);
                 if r.is_err() {
                     return Err(LoadError {
                         error: DmaError::Interrupted,
@@ -923,7 +944,7 @@ impl DmaTag {
                     Err(_) => {
                         // Lazy: space may be sitting in the flush queue.
                         if let Kind::Lazy(q) = &self.kind {
-                            self.lazy_flush(q);
+                            self.lazy_release(q);
                             if let Ok(i) = self.dom.iova.alloc(mlen) {
                                 return self.finish_map(out, buf, dir, i, mlen);
                             }
@@ -1065,13 +1086,24 @@ impl DmaTag {
     /// Release every queued unload: unmap (adjacent ranges in one call, as
     /// one IOTLB invalidation covers a batch), then free the IOVAs.
     fn lazy_flush(&self, q: &SpinMutex<FlushQ>) {
+        if self.lazy_release(q) {
+            self.space_freed();
+        }
+    }
+
+    /// The work of [`DmaTag::lazy_flush`], without waking anyone (the loader
+    /// that flushes to make room for itself holds the FIFO lock). Returns
+    /// whether anything was released.
+    fn lazy_release(&self, q: &SpinMutex<FlushQ>) -> bool {
         let mut batch = [(0u64, 0usize); 256];
+        let mut any = false;
         loop {
             let mut g = q.lock();
             let n = g.entries.len().min(batch.len());
             if n == 0 {
-                return;
+                return any;
             }
+            any = true;
             let start = g.entries.len() - n;
             batch[..n].copy_from_slice(&g.entries[start..]);
             g.entries.truncate(start);
@@ -1096,7 +1128,6 @@ impl DmaTag {
                 self.dom.iova.free(iova, len);
             }
             self.stats.flushes.fetch_add(1, Relaxed);
-            self.space_freed();
         }
     }
 
@@ -1126,7 +1157,10 @@ impl DmaTag {
 
     /// Space was freed: wake sleepers, run the FIFO.
     fn space_freed(&self) {
-        if self.waiters.load(Relaxed) > 0 {
+        if self.waiters.load(Acquire) > 0 {
+            // Waiters test and sleep under the FIFO lock: passing through it
+            // orders this wakeup after any sleeper is queued.
+            drop(self.fifo.lock());
             wakeup(wchan(self));
         }
         if self.fifo_len.load(Acquire) > 0 {

@@ -35,6 +35,7 @@ extern crate std;
 
 pub mod ast;
 pub mod bio;
+pub mod blksrv;
 pub mod bus_dma;
 pub mod callout;
 pub mod completion;

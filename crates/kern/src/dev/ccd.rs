@@ -455,6 +455,14 @@ impl BlockDev for Ccd {
         self.comps[0].alloc_buf(len)
     }
 
+    fn alloc_buf_wait(
+        &self,
+        ctx: &crate::ctx::ThreadCtx,
+        len: usize,
+    ) -> Result<IoBuf, crate::sched::Interrupted> {
+        self.comps[0].alloc_buf_wait(ctx, len)
+    }
+
     fn describe(&self) -> String {
         let names: Vec<&str> = self.comps.iter().map(|c| c.name()).collect();
         alloc::format!(

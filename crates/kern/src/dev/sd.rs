@@ -453,6 +453,14 @@ impl BlockDev for Sd {
         crate::bus_dma::dmamem_alloc(self.tag, len)
     }
 
+    fn alloc_buf_wait(
+        &self,
+        ctx: &crate::ctx::ThreadCtx,
+        len: usize,
+    ) -> Result<IoBuf, crate::sched::Interrupted> {
+        crate::bus_dma::dmamem_alloc_wait(self.tag, ctx, len)
+    }
+
     fn describe(&self) -> String {
         let g = &self.geom;
         let extra = match self.tag.mode() {
