@@ -2,11 +2,10 @@
 //! the 1995 port-sparc mail on DVMA with measurements. See README.md.
 #![forbid(unsafe_code)]
 
-mod bench;
-mod race;
-
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+
+use dvma::{bench, race};
 
 /// Command line.
 #[derive(Parser)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kern::Completion;
 use kern::race::{Protection, RaceKit, RaceRow};
-use machine::{Machine, MachineConfig, SplImpl};
+use machine::Machine;
 
 /// Arguments of `dvma race`.
 #[derive(clap::Args, Debug)]
@@ -22,12 +22,10 @@ pub struct RaceArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     json: bool,
-    /// spl implementation.
-    #[arg(long, value_parser = ["lazy", "mask"], default_value = "lazy")]
-    spl: String,
-    /// Take interrupts on a separate interrupt stack.
-    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
-    intr_stack: String,
+    /// The machine (only its [machine] section matters here: CPUs, spl,
+    /// interrupt stack, memory).
+    #[command(flatten)]
+    boot: crate::config::BootArgs,
     /// Only these completion modes (comma-separated).
     #[arg(long, value_delimiter = ',')]
     completion: Vec<String>,
@@ -67,15 +65,8 @@ pub fn main(a: RaceArgs) -> Result<ExitCode, String> {
     if !(a.storm >= 0.0 && a.storm.is_finite()) {
         return Err(format!("--storm {}: not a number of seconds", a.storm));
     }
-    let mut cfg = MachineConfig::default();
-    cfg.kernel.ncpu = cfg.kernel.ncpu.clamp(1, 2);
-    cfg.kernel.spl = if a.spl == "mask" {
-        SplImpl::Mask
-    } else {
-        SplImpl::Lazy
-    };
-    cfg.intr_stack = a.intr_stack == "on";
-    let m = Machine::boot(cfg).map_err(|e| e.to_string())?;
+    let spec = a.boot.load().map_err(|e| e.to_string())?;
+    let m = Machine::boot(spec.machine.machine_config()).map_err(|e| e.to_string())?;
     let kit = Arc::new(RaceKit::attach(0)?);
     let storm_ns = (a.storm * 1e9) as u64;
     let mut rows: Vec<RaceRow> = Vec::new();

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod dev;
 pub mod dvma;
 pub mod host;
 pub mod md;
@@ -420,6 +421,12 @@ impl Machine {
     /// Stop the machine: wake every sleeper, wait for the threads to exit
     /// and the CPUs to stop, and return the final counters.
     pub fn shutdown(mut self) -> Result<kern::stats::Snapshot, MachineError> {
+        self.stop()
+    }
+
+    /// [`Machine::shutdown`] for a machine held inside another structure;
+    /// idempotent (a second call returns empty counters).
+    pub fn shutdown_ref(&mut self) -> Result<kern::stats::Snapshot, MachineError> {
         self.stop()
     }
 

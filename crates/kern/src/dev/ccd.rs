@@ -9,7 +9,7 @@
 //! first allocates **every** component buf (with NOWAIT); if one is missing
 //! it gives back those it got and keeps the buf for later (backoff), so an
 //! I/O is either entirely in flight or not at all. Component bufs carry
-//! views of the parent's data and an `iodone` of ccd's, [`ccd_iodone`],
+//! views of the parent's data and an `iodone` of ccd's, `ccd_iodone`,
 //! which runs in the component's completion context: it frees the
 //! component buf (to an IPL_BIO pool, or to `kmem` in the 1995
 //! configuration, where that free races with thread code in the allocator)
@@ -145,29 +145,30 @@ impl Ccd {
         if n == 0 {
             return Err(alloc::format!("{}: no components", cfg.name));
         }
-        let (starts, sectors): (Box<[u64]>, u64) = if cfg.interleave == 0 {
-            let mut acc = 0;
-            let starts = cfg
-                .components
-                .iter()
-                .map(|c| {
-                    let s = acc;
-                    acc += c.sectors();
-                    s
-                })
-                .collect();
-            (starts, acc)
-        } else {
-            // Every component contributes the smallest one's whole stripes.
-            let min = cfg
-                .components
-                .iter()
-                .map(|c| c.sectors())
-                .min()
-                .unwrap_or(0);
-            let per = min / cfg.interleave * cfg.interleave;
-            (Box::new([]), per * n as u64)
-        };
+        let (starts, sectors): (Box<[u64]>, u64) =
+            if let Some(ileave) = core::num::NonZeroU64::new(cfg.interleave) {
+                // Every component contributes the smallest one's whole stripes.
+                let min = cfg
+                    .components
+                    .iter()
+                    .map(|c| c.sectors())
+                    .min()
+                    .unwrap_or(0);
+                let per = min / ileave * ileave.get();
+                (Box::new([]), per * n as u64)
+            } else {
+                let mut acc = 0;
+                let starts = cfg
+                    .components
+                    .iter()
+                    .map(|c| {
+                        let s = acc;
+                        acc += c.sectors();
+                        s
+                    })
+                    .collect();
+                (starts, acc)
+            };
         if sectors == 0 {
             return Err(alloc::format!(
                 "{}: components too small for the interleave",
@@ -236,19 +237,19 @@ impl Ccd {
     pub fn map(&self, blkno: u64, nsect: u64, mut f: impl FnMut(Chunk)) {
         let (mut b, mut left, mut off) = (blkno, nsect, 0usize);
         while left > 0 {
-            let (comp, cblk, run) = if self.ileave == 0 {
-                let i = self.starts.partition_point(|s| *s <= b) - 1;
-                let cblk = b - self.starts[i];
-                (i, cblk, self.comps[i].sectors() - cblk)
-            } else {
+            let (comp, cblk, run) = if let Some(ileave) = core::num::NonZeroU64::new(self.ileave) {
                 let n = self.comps.len() as u64;
-                let unit = b / self.ileave;
-                let o = b % self.ileave;
+                let unit = b / ileave;
+                let o = b % ileave;
                 (
                     (unit % n) as usize,
                     (unit / n) * self.ileave + o,
                     self.ileave - o,
                 )
+            } else {
+                let i = self.starts.partition_point(|s| *s <= b) - 1;
+                let cblk = b - self.starts[i];
+                (i, cblk, self.comps[i].sectors() - cblk)
             };
             let take = run.min(left);
             f(Chunk {
@@ -469,7 +470,7 @@ impl BlockDev for Ccd {
             "{} at {}: {} MiB, {}, completion {}",
             self.name,
             names.join("+"),
-            self.sectors * DEV_BSIZE as u64 >> 20,
+            (self.sectors * DEV_BSIZE as u64) >> 20,
             if self.ileave == 0 {
                 String::from("concatenated")
             } else {

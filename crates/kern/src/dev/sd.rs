@@ -141,10 +141,10 @@ static RETRY: Callout = Callout::new(retry_all);
 fn retry_all(_: &crate::ctx::SoftCtx) {
     for p in &SDS {
         // SAFETY: units are leaked at attach and forgotten at teardown.
-        if let Some(sd) = unsafe { p.load(Acquire).as_ref() } {
-            if sd.state.lock().starved {
-                sd.start(None);
-            }
+        if let Some(sd) = unsafe { p.load(Acquire).as_ref() }
+            && sd.state.lock().starved
+        {
+            sd.start(None);
         }
     }
 }
@@ -255,8 +255,28 @@ impl Sd {
             // The slot is ours now.
             // SAFETY: `id` came off the free list under the lock (module docs).
             let slot = unsafe { &mut *self.slots[id as usize].get() };
+            // Sleep for DVMA space only in the driver's own thread, and only
+            // when none of our commands is in flight: their completions are
+            // reaped by this very thread, so sleeping with any outstanding
+            // would wait on ourselves. With commands in flight, requeue; the
+            // next completion runs `start` again.
+            let may_sleep = match ctx {
+                Some(c)
+                    if self.completer.mode() == Completion::Thread
+                        && self.inflight.load(Relaxed) == 0 =>
+                {
+                    Some(c)
+                }
+                _ => None,
+            };
+            if rang && may_sleep.is_some() {
+                // Commands submitted but not yet rung for may hold DVMA
+                // space; ring before sleeping for it.
+                self.ctrl.doorbell();
+                rang = false;
+            }
             self.inflight.fetch_add(1, Relaxed);
-            match self.load(slot, bp, ctx) {
+            match self.load(slot, bp, may_sleep) {
                 Loaded::Cmd(cmd) => {
                     let cmd = DiskCmd { id, ..cmd };
                     self.stats.xfers.fetch_add(1, Relaxed);
@@ -475,7 +495,7 @@ impl BlockDev for Sd {
         alloc::format!(
             "{} at dmadisk: {} MiB, {}-byte sectors, dvma {}{}, completion {}",
             self.name,
-            g.sectors * g.sector_size as u64 >> 20,
+            (g.sectors * g.sector_size as u64) >> 20,
             g.sector_size,
             self.tag.mode(),
             extra,

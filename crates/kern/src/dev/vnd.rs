@@ -276,7 +276,7 @@ impl BlockDev for Vnd {
         alloc::format!(
             "{} at filedev: {} MiB, {}-byte sectors, completion {}, served by vndthread",
             self.name,
-            self.sectors * DEV_BSIZE as u64 >> 20,
+            (self.sectors * DEV_BSIZE as u64) >> 20,
             DEV_BSIZE,
             self.completer.mode()
         )

@@ -1,0 +1,237 @@
+//! Building a running system from a [`MachineSpec`]: boot the machine,
+//! create the devices, attach the drivers (autoconfiguration), print what
+//! was found, and take it all down again in order.
+
+use std::fmt::Write as _;
+
+use kern::bio::{BlockDev, bdev_attach, bdev_lookup, bdevs, bio_init};
+use kern::dev::ccd::{CbufAlloc, Ccd, CcdConfig};
+use kern::dev::sd::{Sd, SdConfig};
+use kern::dev::vnd::{Vnd, VndConfig};
+use machine::Machine;
+use machine::dev::disk::{DiskConfig, DmaDisk};
+use machine::dev::file::{FileConfig, FileDev};
+
+use crate::config::{CcdBufs, MachineSpec};
+
+/// System buffers (`struct buf`s) in the pool.
+pub const NBUF: usize = 4096;
+
+/// A booted system.
+pub struct System {
+    /// The machine.
+    pub machine: Machine,
+    /// What it was built from.
+    pub spec: MachineSpec,
+    /// Disk controllers, by unit name.
+    pub disks: Vec<(String, &'static DmaDisk)>,
+    /// File devices, by unit name.
+    pub files: Vec<(String, &'static FileDev)>,
+    /// sd units.
+    pub sds: Vec<&'static Sd>,
+    /// ccd units.
+    pub ccds: Vec<&'static Ccd>,
+    /// vnd units.
+    pub vnds: Vec<&'static Vnd>,
+    /// The boot messages.
+    pub messages: Vec<String>,
+    down: bool,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+impl System {
+    /// Boot `spec`: prepare the backing files, boot the machine, attach
+    /// every device. Host context.
+    pub fn boot(spec: MachineSpec) -> Result<System, String> {
+        for b in spec.backing_files() {
+            b.prepare().map_err(|e| e.to_string())?;
+        }
+        let m = &spec.machine;
+        let machine = Machine::boot(m.machine_config()).map_err(|e| e.to_string())?;
+        let x = machine.xsave();
+        let mut sys = System {
+            machine,
+            spec: spec.clone(),
+            disks: Vec::new(),
+            files: Vec::new(),
+            sds: Vec::new(),
+            ccds: Vec::new(),
+            vnds: Vec::new(),
+            messages: Vec::new(),
+            down: false,
+        };
+        sys.messages.push(format!(
+            "dvma: {} cpu{}, {} MiB memory, spl {}, interrupt stack {}, {} byte XSAVE{} area",
+            m.cpus,
+            if m.cpus == 1 { "" } else { "s" },
+            m.memory >> 20,
+            m.spl.name(),
+            if m.intr_stack { "on" } else { "off" },
+            x.size,
+            if x.xsavec { "C" } else { "" },
+        ));
+        if let Err(e) = sys.attach_all() {
+            let _ = sys.shutdown_inner();
+            return Err(e);
+        }
+        Ok(sys)
+    }
+
+    fn attach_all(&mut self) -> Result<(), String> {
+        bio_init(NBUF);
+        let window = self.machine.window();
+        let spec = self.spec.clone();
+        for (i, d) in spec.disks.iter().enumerate() {
+            let mut dc = DiskConfig::new(&d.file, d.size.unwrap_or(0));
+            dc.create = false; // prepared above
+            dc.o_direct = d.o_direct;
+            dc.max_transfer = d.max_transfer;
+            dc.queue_depth = d.queue_depth;
+            dc.workers = d.workers;
+            dc.coalesce_count = d.coalesce_count as u32;
+            dc.coalesce_ns = d.coalesce_us as u64 * 1000;
+            dc.read_only = d.read_only;
+            let disk = DmaDisk::leak(
+                DmaDisk::open(window, dc)
+                    .map_err(|e| format!("dmadisk{i} ({}): {e}", d.file.display()))?,
+            );
+            self.disks.push((d.name.clone(), disk));
+            self.messages.push(format!(
+                "dmadisk{i} at mainbus: {}, {} workers, queue depth {}, coalescing {} / {} us{}",
+                d.file.display(),
+                d.workers,
+                d.queue_depth,
+                d.coalesce_count,
+                d.coalesce_us,
+                if d.o_direct { ", O_DIRECT" } else { "" }
+            ));
+            let sd = Sd::attach(
+                SdConfig {
+                    name: leak(&d.name),
+                    dma: d.tag_config(),
+                    completion: d.completion,
+                    cpu: d.cpu,
+                    bufq: kern::bio::BufqStrategy::Disksort,
+                    read_only: d.read_only,
+                },
+                disk,
+            )?;
+            bdev_attach(sd).map_err(|e| format!("{}: {e}", d.name))?;
+            self.messages.push(
+                sd.describe()
+                    .replacen("at dmadisk", &format!("at dmadisk{i}"), 1),
+            );
+            self.sds.push(sd);
+        }
+        for c in &spec.ccds {
+            let comps = c
+                .components
+                .iter()
+                .map(|n| bdev_lookup(n).ok_or_else(|| format!("{}: no component {n}", c.name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ccd = Ccd::attach(CcdConfig {
+                name: leak(&c.name),
+                components: comps,
+                interleave: c.interleave / kern::bio::DEV_BSIZE as u64,
+                completion: c.completion,
+                cpu: 0,
+                cbufs: match c.cbufs {
+                    CcdBufs::Pool => CbufAlloc::Pool,
+                    CcdBufs::Kmem => CbufAlloc::Kmem,
+                },
+                pool_size: 1024,
+                read_only: c.read_only,
+            })?;
+            bdev_attach(ccd).map_err(|e| format!("{}: {e}", c.name))?;
+            self.messages.push(ccd.describe());
+            self.ccds.push(ccd);
+        }
+        for (i, v) in spec.vnds.iter().enumerate() {
+            let mut fc = FileConfig::new(&v.file, v.size.unwrap_or(0));
+            fc.create = false;
+            fc.read_only = v.read_only;
+            let dev = FileDev::leak(
+                FileDev::open(fc).map_err(|e| format!("filedev{i} ({}): {e}", v.file.display()))?,
+            );
+            self.files.push((v.name.clone(), dev));
+            self.messages
+                .push(format!("filedev{i} at mainbus: {}", v.file.display()));
+            let vnd = Vnd::attach(
+                VndConfig {
+                    name: leak(&v.name),
+                    completion: v.completion,
+                    cpu: 0,
+                    slots: 64,
+                    max_transfer: 1 << 20,
+                    read_only: v.read_only,
+                },
+                dev,
+            )?;
+            bdev_attach(vnd).map_err(|e| format!("{}: {e}", v.name))?;
+            self.messages.push(
+                vnd.describe()
+                    .replacen("at filedev", &format!("at filedev{i}"), 1),
+            );
+            self.vnds.push(vnd);
+        }
+        Ok(())
+    }
+
+    /// Every attached block device.
+    pub fn bdevs(&self) -> Vec<&'static dyn BlockDev> {
+        bdevs()
+    }
+
+    /// The statistics, as `vmstat -i` and friends would show them.
+    pub fn stats(&self) -> String {
+        let mut s = self.machine.stats().to_string();
+        let w = &self.machine.window().stats;
+        let _ = writeln!(
+            s,
+            "DVMA window: {} maps, {} unmaps, {} device accesses, {} IOMMU faults",
+            w.enters.load(std::sync::atomic::Ordering::Relaxed),
+            w.removes.load(std::sync::atomic::Ordering::Relaxed),
+            w.accesses.load(std::sync::atomic::Ordering::Relaxed),
+            w.faults.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        for (name, d) in &self.disks {
+            let _ = writeln!(s, "{name} device: {:?}", d.stats());
+        }
+        for (name, d) in &self.files {
+            let _ = writeln!(s, "{name} device: {:?}", d.stats());
+        }
+        s
+    }
+
+    /// Stop the devices and the machine; returns the final statistics.
+    pub fn shutdown(mut self) -> Result<String, String> {
+        self.shutdown_inner()
+    }
+
+    fn shutdown_inner(&mut self) -> Result<String, String> {
+        if self.down {
+            return Ok(String::new());
+        }
+        self.down = true;
+        let stats = self.stats();
+        // Devices first (they finish what they hold, with interrupts the
+        // kernel still takes), then the CPUs.
+        for (_, d) in &self.disks {
+            d.stop();
+        }
+        for (_, f) in &self.files {
+            f.stop();
+        }
+        self.machine.shutdown_ref().map_err(|e| e.to_string())?;
+        Ok(stats)
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        let _ = self.shutdown_inner();
+    }
+}
