@@ -6,4 +6,5 @@
 pub mod bench;
 pub mod config;
 pub mod race;
+pub mod serve;
 pub mod system;

@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use dvma::{bench, race};
+use dvma::{bench, race, serve};
 
 /// Command line.
 #[derive(Parser)]
@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Boot the machine and export every disk over NBD (the main job).
+    Serve(serve::ServeArgs),
     /// Reproduce the ccd/vnd malloc race of the mail under every completion
     /// mode and protection.
     Race(race::RaceArgs),
@@ -31,6 +33,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Serve(a) => serve::main(a),
         Cmd::Race(a) => race::main(a),
         Cmd::Bench(a) => bench::main(a),
     };

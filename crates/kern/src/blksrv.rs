@@ -78,7 +78,12 @@ pub enum ReqOp {
 
 /// Where requests come from.
 pub trait RequestChannel: Sync {
-    /// Take the next request. Any context.
+    /// Take the next request. Any context. The caller stops looking at the
+    /// channel after this call, so the channel arms its interrupt for the
+    /// next request; a caller that got one checks [`pending`] afterwards
+    /// and makes sure someone takes the rest.
+    ///
+    /// [`pending`]: RequestChannel::pending
     fn take(&self) -> Option<Box<BlockReq>>;
     /// Are requests queued? Any context.
     fn pending(&self) -> bool;
@@ -199,19 +204,17 @@ impl Srv {
                 req.error = bp.error;
                 return req;
             }
-            ReqOp::Read | ReqOp::WriteZeroes => {
+            ReqOp::WriteZeroes => return self.write_zeroes(ctx, req, max),
+            ReqOp::Read => {
                 // Buffers from the device's own DMA memory.
                 req.chunks.clear();
                 let mut left = req.len as usize;
                 while left > 0 {
                     let n = left.min(max);
-                    let Ok(mut b) = dev.alloc_buf_wait(ctx, n) else {
+                    let Ok(b) = dev.alloc_buf_wait(ctx, n) else {
                         req.error = Some(BioError::Shutdown);
                         return req;
                     };
-                    if req.op == ReqOp::WriteZeroes {
-                        b.as_mut_slice().fill(0);
-                    }
                     req.chunks.push(b);
                     left -= n;
                 }
@@ -223,9 +226,64 @@ impl Srv {
         } else {
             BufOp::Write
         };
-        let mut waits: Vec<(BufWait, usize)> = Vec::with_capacity(req.chunks.len());
-        let mut off = req.offset;
         let chunks = core::mem::take(&mut req.chunks);
+        let (back, err) = self.transfer(ctx, dev, op, req.offset, req.fua, chunks);
+        req.chunks = back;
+        req.error = err;
+        req
+    }
+
+    /// WRITE_ZEROES: at most [`ZERO_BUFS`] zeroed buffers of the device's
+    /// transfer size, written over the range again and again.
+    fn write_zeroes(&self, ctx: &ThreadCtx, mut req: Box<BlockReq>, max: usize) -> Box<BlockReq> {
+        let dev = req.dev;
+        let n = (req.len as usize).div_ceil(max).min(ZERO_BUFS);
+        let mut bufs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Ok(mut b) = dev.alloc_buf_wait(ctx, max.min(req.len as usize)) else {
+                req.error = Some(BioError::Shutdown);
+                return req;
+            };
+            b.as_mut_slice().fill(0);
+            bufs.push(b);
+        }
+        let (mut off, end) = (req.offset, req.offset + req.len);
+        while off < end && req.error.is_none() {
+            let mut live = Vec::with_capacity(bufs.len());
+            let mut idle = Vec::new();
+            let mut o = off;
+            for mut b in bufs.drain(..) {
+                if o < end {
+                    let l = (end - o).min(b.capacity().min(max) as u64) as usize;
+                    b.set_len(l);
+                    o += l as u64;
+                    live.push(b);
+                } else {
+                    idle.push(b);
+                }
+            }
+            let (back, err) = self.transfer(ctx, dev, BufOp::Write, off, req.fua, live);
+            bufs = back;
+            bufs.append(&mut idle);
+            req.error = err;
+            off = o;
+        }
+        req
+    }
+
+    /// Issue one buf per chunk at `offset` onwards, wait for all; returns
+    /// the chunks in order and the first error.
+    fn transfer(
+        &self,
+        ctx: &ThreadCtx,
+        dev: &'static dyn BlockDev,
+        op: BufOp,
+        offset: u64,
+        fua: bool,
+        chunks: Vec<IoBuf>,
+    ) -> (Vec<IoBuf>, Option<BioError>) {
+        let mut waits: Vec<(BufWait, usize)> = Vec::with_capacity(chunks.len());
+        let mut off = offset;
         let mut err = None;
         for (i, data) in chunks.into_iter().enumerate() {
             let Ok(mut bp) = getbuf_wait(ctx) else {
@@ -233,7 +291,7 @@ impl Srv {
                 break;
             };
             bp.op = op;
-            bp.fua = req.fua;
+            bp.fua = fua;
             bp.blkno = off / DEV_BSIZE as u64;
             bp.bcount = data.len();
             off += data.len() as u64;
@@ -250,8 +308,21 @@ impl Srv {
             }
             back[i] = bp.data.take();
         }
-        req.chunks = back.into_iter().flatten().collect();
-        req.error = err;
-        req
+        (back.into_iter().flatten().collect(), err)
+    }
+}
+
+/// Most zeroed buffers one WRITE_ZEROES request holds at a time.
+pub const ZERO_BUFS: usize = 4;
+
+/// The I/O memory a request of `op` over `len` bytes holds at most while it
+/// is served, on a device whose transfers are at most `max_transfer` bytes
+/// (for admission control by the requester).
+pub fn request_memory(op: ReqOp, len: u64, max_transfer: usize) -> u64 {
+    let max = max_transfer.max(DEV_BSIZE) as u64;
+    match op {
+        ReqOp::Read | ReqOp::Write => len,
+        ReqOp::WriteZeroes => len.min(max * ZERO_BUFS as u64),
+        ReqOp::Flush | ReqOp::Trim => 0,
     }
 }

@@ -88,8 +88,8 @@ pub use handshake::{
     OptionHaggler, OptionHeader, Step, negotiate,
 };
 pub use transmission::{
-    MAX_WRITE_DRAIN, ReadReply, Request, RequestError, Validation, encode_simple_reply,
-    error_reply, simple_reply, validate,
+    MAX_WRITE_DRAIN, ReadReply, Request, RequestError, Validation, encode_read_reply_header,
+    encode_simple_reply, error_reply, simple_reply, validate,
 };
 pub use wire::{Command, CommandFlags, ErrorCode, TransmissionFlags};
 

@@ -459,6 +459,37 @@ pub fn error_reply(cookie: u64, error: ErrorCode, structured_replies: bool) -> V
     out
 }
 
+/// Appends the bytes that precede a successful read's data on the wire: a
+/// simple reply header, or (with structured replies) an
+/// `NBD_REPLY_TYPE_OFFSET_DATA` chunk header flagged done plus the offset.
+/// For a server that sends the data from its own buffers (scatter-gather)
+/// rather than through a [`ReadReply`]; the `request.length` data bytes must
+/// follow.
+///
+/// # Panics
+///
+/// With structured replies, if the length is 0 (a validated read never is)
+/// or above `u32::MAX - 8`.
+pub fn encode_read_reply_header(out: &mut Vec<u8>, request: &Request, structured_replies: bool) {
+    if structured_replies {
+        assert!(
+            request.length != 0,
+            "OFFSET_DATA must carry at least one byte"
+        );
+        let length = request.length.checked_add(8).expect("payload fits");
+        encode_chunk_header(
+            out,
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_OFFSET_DATA,
+            request.cookie,
+            length,
+        );
+        out.extend_from_slice(&request.offset.to_be_bytes());
+    } else {
+        out.extend_from_slice(&simple_reply_header(request.cookie, None));
+    }
+}
+
 /// A successful `NBD_CMD_READ` reply built in one buffer: the header is
 /// written first and the data area is left zeroed for the server to fill in
 /// place ([`ReadReply::data_mut`]), so the reply goes out as one unit with no
@@ -483,26 +514,8 @@ impl ReadReply {
     /// is) or above `u32::MAX - 8`.
     pub fn new(request: &Request, structured_replies: bool) -> ReadReply {
         let len = request.length as usize;
-        let mut bytes;
-        if structured_replies {
-            assert!(
-                request.length != 0,
-                "OFFSET_DATA must carry at least one byte"
-            );
-            let length = request.length.checked_add(8).expect("payload fits");
-            bytes = Vec::with_capacity(CHUNK_HEADER_LEN + 8 + len);
-            encode_chunk_header(
-                &mut bytes,
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                request.cookie,
-                length,
-            );
-            bytes.extend_from_slice(&request.offset.to_be_bytes());
-        } else {
-            bytes = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
-            bytes.extend_from_slice(&simple_reply_header(request.cookie, None));
-        }
+        let mut bytes = Vec::with_capacity(CHUNK_HEADER_LEN + 8 + len);
+        encode_read_reply_header(&mut bytes, request, structured_replies);
         let header_len = bytes.len();
         bytes.resize(header_len + len, 0);
         ReadReply { bytes, header_len }

@@ -82,10 +82,12 @@
 //! [`DiskStatus::DmaFault`]: kern::dev::DiskStatus::DmaFault
 //! [`DiskStatus::MediaError`]: kern::dev::DiskStatus::MediaError
 
+pub mod chan;
 pub mod disk;
 mod engine;
 pub mod file;
 
+pub use chan::{HostChannel, ReplyQueue};
 pub use disk::{DiskConfig, DmaDisk};
 pub use engine::DeviceStats;
 pub use file::{FileConfig, FileDev};
