@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// Most connections at once; further ones are closed at once.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub max_connections: usize,
+    /// How long a connection's reply writer polls for completions before it
+    /// sleeps, µs.
+    #[arg(long, value_name = "US", default_value_t = 2)]
+    pub reply_poll_us: u32,
 }
 
 /// NBD-side counters.
@@ -162,6 +166,7 @@ struct Shared {
     /// Every open connection's socket, to shut them down at exit.
     socks: Mutex<HashMap<u64, TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    reply_poll: Duration,
 }
 
 /// One connection in transmission: what its reader and writer share.
@@ -174,6 +179,7 @@ struct Conn {
     reader_done: AtomicBool,
     structured: bool,
     max_transfer: usize,
+    reply_poll: Duration,
 }
 
 /// `dvma serve`.
@@ -257,6 +263,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         stopping: AtomicBool::new(false),
         socks: Mutex::new(HashMap::new()),
         threads: Mutex::new(Vec::new()),
+        reply_poll: Duration::from_micros(u64::from(a.reply_poll_us)),
     });
     let acceptor = {
         let sh = Arc::clone(&sh);
@@ -411,6 +418,7 @@ fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
         reader_done: AtomicBool::new(false),
         structured: neg.structured_replies,
         max_transfer: dev.max_transfer().max(DEV_BSIZE) / DEV_BSIZE * DEV_BSIZE,
+        reply_poll: sh.reply_poll,
     });
     let Ok(wsock) = sock.try_clone() else { return };
     let writer = {
@@ -587,7 +595,7 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                 return;
             }
             conn.replies
-                .wait(seen, Duration::from_micros(20), Duration::from_millis(200));
+                .wait(seen, conn.reply_poll, Duration::from_millis(200));
             continue;
         }
         // Headers first (one buffer), then the slices that point into it.

@@ -94,6 +94,7 @@ impl System {
             dc.coalesce_count = d.coalesce_count as u32;
             dc.coalesce_ns = d.coalesce_us as u64 * 1000;
             dc.read_only = d.read_only;
+            dc.spin_ns = u64::from(d.poll_us) * 1000;
             let disk = DmaDisk::leak(
                 DmaDisk::open(window, dc)
                     .map_err(|e| format!("dmadisk{i} ({}): {e}", d.file.display()))?,
@@ -153,6 +154,7 @@ impl System {
             let mut fc = FileConfig::new(&v.file, v.size.unwrap_or(0));
             fc.create = false;
             fc.read_only = v.read_only;
+            fc.spin_ns = u64::from(spec.machine.idle_poll_us) * 1000;
             let dev = FileDev::leak(
                 FileDev::open(fc).map_err(|e| format!("filedev{i} ({}): {e}", v.file.display()))?,
             );

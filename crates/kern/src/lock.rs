@@ -18,6 +18,10 @@
 
 use core::cell::UnsafeCell;
 use core::marker::PhantomData;
+
+/// Spins on a held lock before asking the machine to yield the host CPU
+/// (a few to tens of microseconds of `pause`, depending on the CPU).
+const SPINS_BEFORE_YIELD: u32 = 256;
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{
     AtomicBool, AtomicUsize,
@@ -81,8 +85,19 @@ impl<T> SpinMutex<T> {
             .compare_exchange_weak(false, true, Acquire, Relaxed)
             .is_err()
         {
+            let mut spins = 0u32;
             while self.locked.load(Relaxed) {
                 core::hint::spin_loop();
+                spins += 1;
+                if spins >= SPINS_BEFORE_YIELD {
+                    // The holder's host thread may have been preempted: a
+                    // virtual CPU is a host thread, and spinning out its
+                    // time slice helps nobody (see `Md::spin_yield`).
+                    spins = 0;
+                    if let Some(k) = crate::kernel::try_kernel() {
+                        k.md().spin_yield();
+                    }
+                }
             }
         }
         self.owner

@@ -50,6 +50,11 @@ pub trait Md: Sync {
     fn kick(&self, cpu: usize, how: Kick);
     /// Monotonic nanoseconds. Async-signal-safe.
     fn nanotime(&self) -> u64;
+    /// A spin-wait for a lock has gone on for long: the holder may be a
+    /// CPU whose host thread was preempted (lock-holder preemption, which
+    /// paravirtualised spinlocks address). Give the host CPU away for a
+    /// moment. Any context; async-signal-safe. Default: nothing.
+    fn spin_yield(&self) {}
     /// `mask` spl: block on the calling CPU every hardware interrupt level at
     /// or below `level` and unblock the others. Async-signal-safe.
     fn hw_mask(&self, level: Ipl);

@@ -134,6 +134,11 @@ impl Md for LinuxMd {
         self.clock.now()
     }
 
+    fn spin_yield(&self) {
+        // A raw system call: async-signal-safe, and errno is not touched.
+        sys::sched_yield();
+    }
+
     fn hw_mask(&self, level: Ipl) {
         sys::sigsetmask(self.masks[level as usize]);
     }

@@ -36,6 +36,11 @@ pub fn getpid() -> i32 {
     raw6(libc::SYS_getpid, [0; 6]) as i32
 }
 
+/// `sched_yield()`.
+pub fn sched_yield() {
+    raw6(libc::SYS_sched_yield, [0; 6]);
+}
+
 /// `tgkill(pid, tid, sig)`.
 pub fn tgkill(pid: i32, tid: i32, sig: i32) -> isize {
     raw6(
