@@ -429,7 +429,10 @@ fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
             .spawn(move || writer(&sh, &conn, wsock))
     };
     let Ok(writer) = writer else { return };
-    let _ = reader(sh, &conn, &neg, dev, &mut sock);
+    // Requests arrive in bursts: one `recv` takes many headers (and small
+    // payloads); larger payloads bypass the buffer into the DMA memory.
+    let mut rd = io::BufReader::with_capacity(64 << 10, &sock);
+    let _ = reader(sh, &conn, &neg, dev, &mut rd);
     conn.reader_done.store(true, SeqCst);
     conn.replies.notify();
     let _ = writer.join();
@@ -442,7 +445,7 @@ fn reader(
     conn: &Conn,
     neg: &nbd::Negotiated,
     dev: &'static dyn BlockDev,
-    sock: &mut TcpStream,
+    sock: &mut impl Read,
 ) -> io::Result<()> {
     let mut raw = [0u8; nbd::wire::REQUEST_LEN];
     loop {
@@ -520,7 +523,7 @@ fn read_payload(
     dev: &'static dyn BlockDev,
     max: usize,
     len: usize,
-    sock: &mut TcpStream,
+    sock: &mut impl Read,
 ) -> io::Result<Vec<kern::vm::IoBuf>> {
     let mut chunks = Vec::with_capacity(len.div_ceil(max));
     let mut left = len;
