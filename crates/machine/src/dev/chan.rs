@@ -18,11 +18,10 @@
 //! interrupted only when it would not otherwise look (as NAPI does): every
 //! [`RequestChannel::take`] sets `need_intr`, since its caller stops looking
 //! after it, and a submitter posts the vector only if it is the one that
-//! clears it. Both sides order their store and their load with `SeqCst` (a
-//! Dekker pair): either the submitter sees `need_intr` and posts, or the
-//! kernel's look after its store (`take`'s second pop when the ring was
-//! empty; blksrv's `pending` check after a successful take) sees the
-//! request. Requests that arrive while the kernel has not yet taken the
+//! clears it ([`IntrArm`], a Dekker pair with a loom model): either the
+//! submitter sees the arm and posts, or the kernel's look after arming
+//! (`take`'s second pop when the ring was empty; blksrv's `pending` check
+//! after a successful take) sees the request. Requests that arrive while the kernel has not yet taken the
 //! previous interrupt's work cost no further interrupt.
 //!
 //! # Replies
@@ -44,6 +43,8 @@
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+
+use kern::pending::IntrArm;
 use std::time::Duration;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
@@ -71,7 +72,7 @@ pub struct ChanStats {
 /// The host channel device. See the module documentation.
 pub struct HostChannel {
     ring: ArrayQueue<Box<BlockReq>>,
-    need_intr: AtomicBool,
+    need_intr: IntrArm,
     irq: OnceLock<(usize, IntrHandle)>,
     stopped: AtomicBool,
     /// Counters.
@@ -89,7 +90,7 @@ impl HostChannel {
     pub fn new() -> HostChannel {
         HostChannel {
             ring: ArrayQueue::new(RING),
-            need_intr: AtomicBool::new(true),
+            need_intr: IntrArm::new(),
             irq: OnceLock::new(),
             stopped: AtomicBool::new(false),
             stats: ChanStats::default(),
@@ -143,7 +144,7 @@ impl HostChannel {
     /// Post the interrupt if the kernel said it needs one.
     fn kick(&self) {
         if let Some(&(cpu, v)) = self.irq.get()
-            && self.need_intr.swap(false, SeqCst)
+            && self.need_intr.fire()
         {
             self.stats.interrupts.fetch_add(1, Relaxed);
             intr_post(cpu, v);
@@ -169,7 +170,7 @@ impl RequestChannel for HostChannel {
         // comes next, then look once more if we got nothing. A caller that
         // got a request checks `pending` afterwards (blksrv passes the
         // baton), which closes the window between its pop and this store.
-        self.need_intr.store(true, SeqCst);
+        self.need_intr.arm();
         if r.is_some() {
             return r;
         }
@@ -195,7 +196,7 @@ impl RequestChannel for HostChannel {
     fn set_interrupt(&self, cpu: usize, vector: IntrHandle) {
         let _ = self.irq.set((cpu, vector));
         // Requests may have been queued before: look at them.
-        self.need_intr.store(true, SeqCst);
+        self.need_intr.arm();
         if !self.ring.is_empty() {
             self.kick();
         }
