@@ -27,9 +27,19 @@
 //! credits, half of the smallest memory the exported disks draw from (the
 //! shared DVMA pool in `permanent`/`shadow` mode, general memory otherwise),
 //! so that requests never wait for each other's memory while holding some
-//! (no hold-and-wait deadlock). The advertised maximum payload is at most
-//! that budget. A reader that waits for credits stops reading its socket:
-//! TCP pushes back.
+//! (no hold-and-wait deadlock). One connection may hold at most a quarter of
+//! the budget ([`CONN_SHARE`]), and the advertised maximum payload is at
+//! most that share: a client that stalls in the middle of a write payload,
+//! or stops reading its replies, holds at most its share, and every other
+//! connection goes on. A reader that waits for credits stops reading its
+//! socket: TCP pushes back.
+//!
+//! # Timeouts
+//! A client has [`HANDSHAKE_TIMEOUT`] to finish its handshake and
+//! [`IO_TIMEOUT`] to send the rest of a request it has begun (header or
+//! payload), or to take a reply the server is sending; otherwise the
+//! connection is closed and what it held is freed. A client idle between
+//! requests is never timed out.
 //!
 //! # Shutdown
 //! SIGINT or SIGTERM: stop accepting; shut the read side of every
@@ -64,11 +74,17 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// How long a client may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a writer waits for a client that does not read its replies
-/// before giving the connection up.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send the rest of a request it has begun,
+/// or to take a reply being sent.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The share of the I/O memory budget one connection may hold: 1/4.
+pub const CONN_SHARE: u64 = 4;
+
+/// How long shutdown waits for connections to drain before it closes them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Arguments of `dvma serve`.
 #[derive(clap::Args, Debug)]
@@ -180,6 +196,8 @@ struct Conn {
     structured: bool,
     max_transfer: usize,
     reply_poll: Duration,
+    /// This connection's share of the budget.
+    share: Credits,
 }
 
 /// `dvma serve`.
@@ -209,7 +227,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     let srv = blksrv_attach(chan, 0, ncpu, a.threads as usize)?;
 
     let credits = credit_budget(&sys);
-    let max_payload = payload_limit(credits);
+    let max_payload = payload_limit(credits / CONN_SHARE);
     let mut infos = Vec::new();
     let mut devs = HashMap::new();
     for d in bdevs() {
@@ -305,6 +323,28 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         let _ = s.shutdown(Shutdown::Read);
     }
     let threads = std::mem::take(&mut *sh.threads.lock().unwrap_or_else(PoisonError::into_inner));
+    // Drain: replies still owed go out, unless a client will not take them.
+    let t0 = std::time::Instant::now();
+    while threads.iter().any(|t| !t.is_finished()) && t0.elapsed() < DRAIN_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stuck: Vec<_> = sh
+        .socks
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .filter_map(|s| s.try_clone().ok())
+        .collect();
+    if !stuck.is_empty() {
+        eprintln!(
+            "dvma: closing {} connection(s) that did not drain in {:?}",
+            stuck.len(),
+            DRAIN_TIMEOUT
+        );
+        for s in stuck {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
     for t in threads {
         let _ = t.join();
     }
@@ -406,8 +446,10 @@ fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
             return;
         }
     };
-    let _ = sock.set_read_timeout(None);
-    let _ = sock.set_write_timeout(Some(WRITE_TIMEOUT));
+    // Timeouts for requests begun and replies being sent (idle clients are
+    // fine: `read_header` waits on).
+    let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = sock.set_write_timeout(Some(IO_TIMEOUT));
     let Some(&dev) = sh.devs.get(&neg.export.name) else {
         return;
     };
@@ -419,6 +461,7 @@ fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
         structured: neg.structured_replies,
         max_transfer: dev.max_transfer().max(DEV_BSIZE) / DEV_BSIZE * DEV_BSIZE,
         reply_poll: sh.reply_poll,
+        share: Credits::new((sh.credits.cap / CONN_SHARE).max(1 << 20)),
     });
     let Ok(wsock) = sock.try_clone() else { return };
     let writer = {
@@ -449,7 +492,9 @@ fn reader(
 ) -> io::Result<()> {
     let mut raw = [0u8; nbd::wire::REQUEST_LEN];
     loop {
-        sock.read_exact(&mut raw)?;
+        if !read_header(sock, &mut raw, &sh.stopping)? {
+            return Ok(());
+        }
         let Ok(req) = Request::parse(&raw) else {
             // Bad magic: the stream is lost. Hard disconnect.
             return Ok(());
@@ -480,15 +525,18 @@ fn reader(
             }
         };
         let len = u64::from(req.length);
-        let held = sh
-            .credits
-            .acquire(request_memory(op, len, conn.max_transfer));
+        // This connection's share first (only its own replies free it),
+        // then the common budget.
+        let want = request_memory(op, len, conn.max_transfer);
+        let held = conn.share.acquire(want);
+        sh.credits.acquire(held);
         let mut chunks = Vec::new();
         if op == ReqOp::Write {
             match read_payload(sh, dev, conn.max_transfer, len as usize, sock) {
                 Ok(c) => chunks = c,
                 Err(e) => {
                     sh.credits.release(held);
+                    conn.share.release(held);
                     return Err(e);
                 }
             }
@@ -508,12 +556,42 @@ fn reader(
         if sh.chan.submit(breq, &conn.replies).is_err() {
             conn.inflight.fetch_sub(1, SeqCst);
             sh.credits.release(held);
+            conn.share.release(held);
             conn.local_reply(
                 sh,
                 nbd::error_reply(req.cookie, ErrorCode::Shutdown, conn.structured),
             );
         }
     }
+}
+
+/// Read a request header. `Ok(false)`: the client closed the connection
+/// between requests (or the server is stopping and the client is idle). A
+/// read timeout with nothing of the header read is an idle client: wait on.
+fn read_header(
+    sock: &mut impl Read,
+    raw: &mut [u8; nbd::wire::REQUEST_LEN],
+    stopping: &AtomicBool,
+) -> io::Result<bool> {
+    let mut got = 0;
+    while got < raw.len() {
+        match sock.read(&mut raw[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if got == 0
+                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                if stopping.load(Relaxed) {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// A write's payload, read from the socket into the device's DMA memory in
@@ -662,8 +740,9 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                 }
                 _ => {}
             }
-            sh.credits
-                .release(request_memory(r.op, r.len, conn.max_transfer).min(sh.credits.cap));
+            let held = request_memory(r.op, r.len, conn.max_transfer).min(conn.share.cap);
+            sh.credits.release(held);
+            conn.share.release(held);
             conn.inflight.fetch_sub(1, SeqCst);
             drop(r);
         }
