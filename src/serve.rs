@@ -582,7 +582,10 @@ fn read_header(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
                 if got == 0
-                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
             {
                 if stopping.load(Relaxed) {
                     return Ok(false);
