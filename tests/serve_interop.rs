@@ -392,7 +392,9 @@ fn fio_randrw_verifies_on_every_export() {
     let server = server();
     for e in RW_EXPORTS {
         let mut cmd = Command::new(&fio);
-        cmd.arg(format!("--name={e}"))
+        // fio writes its verify state files into its working directory.
+        cmd.current_dir(&server.root)
+            .arg(format!("--name={e}"))
             .arg("--ioengine=nbd")
             .arg(format!("--uri={}", server.url(e)))
             .args([
