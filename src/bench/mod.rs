@@ -1,15 +1,21 @@
-//! `dvma bench`: measurements.
+//! `dvma bench`: measurements. Without a subcommand, the benchmark matrix
+//! against the peer NBD servers ([`matrix`]); `micro` and `dvma` measure
+//! the kernel's mechanisms in-process.
 
 use std::process::ExitCode;
 
 pub mod dvma;
+pub mod matrix;
 pub mod micro;
 
 /// Arguments of `dvma bench`.
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    what: What,
+    what: Option<What>,
+    #[command(flatten)]
+    matrix: matrix::MatrixArgs,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -24,7 +30,8 @@ enum What {
 
 pub fn main(a: BenchArgs) -> Result<ExitCode, String> {
     match a.what {
-        What::Micro(m) => micro::main(m),
-        What::Dvma(d) => dvma::main(d),
+        Some(What::Micro(m)) => micro::main(m),
+        Some(What::Dvma(d)) => dvma::main(d),
+        None => matrix::main(a.matrix),
     }
 }

@@ -1,0 +1,831 @@
+//! `dvma bench` (no subcommand): the benchmark matrix. Every DVMA mode ×
+//! every completion mode of `dvma serve`, against nbdkit's file plugin and
+//! qemu-nbd, with fio's nbd engine; the result is a report.
+//!
+//! # What runs
+//!
+//! Each *session* starts one server on a fresh sparse 256 MiB backing file
+//! (`dvma serve --listen 127.0.0.1:0 --data-dir <fresh dir> --dvma M
+//! --completion C --cpus N --spl S --intr-stack on|off`; `nbdkit -f file
+//! FILE`; `qemu-nbd -f raw -t FILE`, all with their default host page-cache
+//! behaviour), runs fio workloads against it one after another, and stops it
+//! (SIGTERM; a server that does not exit 0 is reported). The workloads
+//! ([`plan::WORKLOADS`]): 4 KiB random read at queue depth 1 and 32, 4 KiB
+//! random write at 32, 1 MiB sequential read and write at 8. The sessions
+//! are ordered by [`plan`]:
+//!
+//! 1. **matrix**: the 20 (DVMA mode, completion) pairs at spl lazy, interrupt
+//!    stack on, every host CPU; a peer session before the first pair and
+//!    after every few pairs, the peers taking turns (A, B, A, B: drift hits
+//!    everyone alike); odd repetitions run the pairs in reverse order;
+//! 2. **best pair vs peers** (quick runs): the pair with the best geometric
+//!    mean of throughput relative to the best on each phase-1 workload, and
+//!    each peer, alternating, on all five workloads;
+//! 3. **secondary axes**: that pair with spl mask, with the interrupt stack
+//!    off, and on one CPU.
+//!
+//! `--quick` runs phase 1 on two workloads (4 KiB random read qd32, 1 MiB
+//! sequential write) with 1 s fio runs, phase 2 three times, phase 3 once, and a
+//! short `dvma bench micro`: under 5 minutes on a 2-core machine. The full
+//! run does every pair on every workload, 3 repetitions of 5 s; it prints its
+//! estimated duration before it starts (so does `--quick`; `--dry-run` only
+//! prints the plan).
+//!
+//! # What is measured
+//!
+//! Per fio run: IOPS, MiB/s, completion latency percentiles (p50, p99 and the
+//! CDF) from fio's JSON; the server's CPU time (user + system, every thread,
+//! from `/proc/PID/stat`) and, for `dvma serve`, its kernel counters
+//! (interrupts, softints, context switches, ASTs, IOMMU faults, DVMA pages
+//! held; read by sending SIGUSR1 and waiting for its `--stats-json` file's
+//! `seq` to move), both over fio's measured window (after its ramp; see
+//! [`measure`] for how). Per-I/O figures divide them by the I/Os of that
+//! window. Nothing in the report is estimated or carried over from another
+//! run.
+//!
+//! # Output
+//!
+//! `DIR/report.md`, `DIR/results.json`, `DIR/plots/*.svg` (written by the
+//! `report` crate: headline ratios to nbdkit, per-workload matrix, peers,
+//! per-I/O breakdown, secondary axes, protection by DVMA mode,
+//! micro-benchmarks, run-to-run spread), then sections added here: how the
+//! run was made (commands, versions, the plan, missing peers and how to
+//! install them, any failure), where the time goes against nbdkit, the
+//! options compared, and next steps. `DIR/raw/` keeps every fio JSON and
+//! log, every server log, and the server-side readings of every run.
+//!
+//! # Reading the report
+//!
+//! Ratios are dvma / nbdkit (above 1: dvma is faster) of medians over
+//! repetitions, with the range over repetitions paired by repetition
+//! number; ⚠ marks ranges wider than 10%. On a 2-core machine fio and the
+//! server share the cores, so server CPU per I/O bounds throughput at queue
+//! depth 32: compare "CPU µs/I/O" first, then the events per I/O that explain
+//! it. A quick run's figures are indicative (one or two 1 s runs each).
+
+pub mod fio;
+pub mod measure;
+pub mod notes;
+pub mod plan;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use report::{DVMA_MODES, MachineInfo, PEERS, Results, Run, RunConfig};
+
+use plan::{Phase, Plan, PlanOptions, Session, Target, Variant};
+use server::{DvmaConf, Server};
+
+/// What a device can still reach after an I/O completes, per DVMA mode.
+pub const PROTECTIONS: [(&str, &str); 5] = [
+    (
+        "strict",
+        "a device reaches nothing after unload (unmapped, IOTLB invalidated at once)",
+    ),
+    (
+        "lazy",
+        "a stale mapping stays reachable until the next batched flush (≤ flush timeout)",
+    ),
+    (
+        "slots",
+        "the slot keeps mapping the last buffer until reused: stale data reachable",
+    ),
+    (
+        "permanent",
+        "the whole pool stays mapped for good: the device can reach every I/O buffer at all times",
+    ),
+    (
+        "shadow",
+        "the device only reaches the bounce pool, never the caller's memory",
+    ),
+];
+
+/// The protection description of a DVMA mode.
+pub fn protection(mode: &str) -> Option<&'static str> {
+    PROTECTIONS
+        .iter()
+        .find(|(m, _)| *m == mode)
+        .map(|(_, p)| *p)
+}
+
+/// Arguments of `dvma bench` without a subcommand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MatrixArgs {
+    /// Short run (under 5 minutes on 2 cores): every pair on two workloads,
+    /// the best pair and the peers on all five, 1 s fio runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Output directory: report.md, results.json, plots/, raw/.
+    #[arg(long, value_name = "DIR", default_value = "dvma-bench")]
+    pub out: PathBuf,
+    /// Repetitions of the matrix [default: 1 with --quick, else 3].
+    #[arg(long, value_name = "N")]
+    pub reps: Option<u32>,
+    /// Measured seconds per fio run [default: 1 with --quick, else 5].
+    #[arg(long, value_name = "SECONDS")]
+    pub runtime: Option<f64>,
+    /// fio ramp seconds before measuring [default: 0.25 with --quick, else 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub ramp: Option<f64>,
+    /// DVMA modes, comma-separated [default: strict,lazy,slots,permanent,shadow].
+    #[arg(long, value_delimiter = ',', value_name = "MODES")]
+    pub modes: Vec<String>,
+    /// Completion modes, comma-separated [default: intr,softint,thread,ast].
+    #[arg(long, value_delimiter = ',', value_name = "MODES")]
+    pub completions: Vec<String>,
+    /// Workloads, comma-separated [default: randread-4k-qd1,
+    /// randread-4k-qd32, randwrite-4k-qd32, seqread-1m-qd8, seqwrite-1m-qd8].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub workloads: Vec<String>,
+    /// Peers, comma-separated, or `none` [default: nbdkit,qemu-nbd].
+    #[arg(long, value_delimiter = ',', value_name = "PEERS")]
+    pub peers: Vec<String>,
+    /// Skip the secondary axes (spl, interrupt stack, CPUs) on the best pair.
+    #[arg(long)]
+    pub no_secondary: bool,
+    /// Skip the micro-benchmarks section (`dvma bench micro`).
+    #[arg(long)]
+    pub no_micro: bool,
+    /// Print the plan and its estimated duration; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// A date as RFC 3339 UTC, from the system clock.
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The host's CPUs, at most 64 (what `dvma serve` uses by default).
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(64) as u32)
+        .unwrap_or(1)
+}
+
+/// Removes a directory when dropped (the backing files).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Everything a run collects.
+struct Bench<'a> {
+    exe: PathBuf,
+    raw: PathBuf,
+    work: PathBuf,
+    plan: &'a Plan,
+    pb: ProgressBar,
+    runs: Vec<Run>,
+    failures: Vec<String>,
+    warnings: Vec<String>,
+    /// An example command line per server kind (`dvma`, peers).
+    commands: BTreeMap<String, String>,
+    best: Option<(String, String)>,
+    scores: Vec<((String, String), f64)>,
+    /// Host-level per-I/O figures of every run.
+    host: Vec<notes::HostRow>,
+    sessions_done: usize,
+}
+
+impl Bench<'_> {
+    fn say(&self, msg: &str) {
+        if self.pb.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.pb.suspend(|| eprintln!("{msg}"));
+        }
+    }
+
+    fn fail(&mut self, msg: String) {
+        self.say(&format!("dvma bench: {msg}"));
+        self.failures.push(msg);
+    }
+
+    fn warn_once(&mut self, msg: String) {
+        if !self.warnings.contains(&msg) {
+            self.say(&format!("dvma bench: warning: {msg}"));
+            self.warnings.push(msg);
+        }
+    }
+
+    /// The server to start and the configuration its runs carry.
+    fn resolve(&self, t: &Target) -> Option<(Option<DvmaConf>, RunConfig)> {
+        let dvma = |mode: &str, completion: &str, v: Variant| {
+            let conf = DvmaConf {
+                mode: mode.to_string(),
+                completion: completion.to_string(),
+                spl: if v == Variant::SplMask {
+                    "mask"
+                } else {
+                    plan::PRIMARY_SPL
+                }
+                .to_string(),
+                intr_stack: v != Variant::IntrStackOff && plan::PRIMARY_INTR_STACK,
+                cpus: if v == Variant::OneCpu {
+                    1
+                } else {
+                    self.plan.cpus
+                },
+            };
+            let mut rc = RunConfig::dvma(mode, completion)
+                .with_spl(conf.spl.clone())
+                .with_intr_stack(conf.intr_stack)
+                .with_cpus(conf.cpus);
+            if let Some(p) = protection(mode) {
+                rc = rc.with_protection(p);
+            }
+            (Some(conf), rc)
+        };
+        match t {
+            Target::Pair { mode, completion } => Some(dvma(mode, completion, Variant::Primary)),
+            Target::Best(v) => self.best.as_ref().map(|(m, c)| dvma(m, c, *v)),
+            Target::Peer(p) => Some((None, RunConfig::peer(p.clone()))),
+        }
+    }
+
+    fn session(&mut self, s: &Session) {
+        let n = s.workloads.len() as u64;
+        let Some((conf, rc)) = self.resolve(&s.target) else {
+            self.pb.inc(n);
+            return;
+        };
+        self.sessions_done += 1;
+        let label = match &conf {
+            Some(c) => {
+                let mut l = format!("{}/{}", c.mode, c.completion);
+                if c.spl != plan::PRIMARY_SPL {
+                    l.push_str(&format!(" spl={}", c.spl));
+                }
+                if c.intr_stack != plan::PRIMARY_INTR_STACK {
+                    l.push_str(" intr-stack=off");
+                }
+                if c.cpus != self.plan.cpus {
+                    l.push_str(&format!(" cpus={}", c.cpus));
+                }
+                l
+            }
+            None => rc.server.clone(),
+        };
+        let slug: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let tag = format!("{:03}-{slug}-r{}", self.sessions_done, s.rep);
+        let dir = self.work.join(&tag);
+        let _cleanup = RemoveOnDrop(dir.clone());
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.fail(format!("creating {}: {e}", dir.display()));
+            self.pb.inc(n);
+            return;
+        }
+        self.pb.set_message(format!("{label}: starting"));
+        let started = match &conf {
+            Some(c) => Server::start_dvma(&self.exe, c, &dir, &self.raw, &tag),
+            None => {
+                let file = dir.join("sd0.img");
+                server::fresh_backing_file(&file)
+                    .and_then(|()| Server::start_peer(&rc.server, &file, &self.raw, &tag))
+            }
+        };
+        let mut srv = match started {
+            Ok(srv) => srv,
+            Err(e) => {
+                self.fail(format!("{label} (rep {}): {e}", s.rep));
+                self.pb.inc(n);
+                return;
+            }
+        };
+        self.commands
+            .entry(rc.server.clone())
+            .or_insert_with(|| srv.command.clone());
+        for (i, w) in s.workloads.iter().enumerate() {
+            self.pb
+                .set_message(format!("{label}: {} (rep {})", w.name, s.rep));
+            let out = self.raw.join(format!("{tag}-{}.json", w.name));
+            let r = measure::run(&mut srv, w, &self.plan.timing, &out);
+            self.pb.inc(1);
+            let m = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    let hung = e.starts_with(fio::HUNG);
+                    self.fail(format!("{label} {} (rep {}): {e}", w.name, s.rep));
+                    let rest = n - i as u64 - 1;
+                    if !srv.running() {
+                        self.fail(format!(
+                            "{label}: the server died during {}; {rest} workload(s) of the session not run",
+                            w.name
+                        ));
+                    } else if hung && rest > 0 {
+                        self.fail(format!(
+                            "{label}: no answer during {}: the session's {rest} other workload(s) not run",
+                            w.name
+                        ));
+                    } else if !hung {
+                        continue;
+                    }
+                    self.pb.inc(rest);
+                    break;
+                }
+            };
+            let _ = std::fs::write(out.with_extension("server.json"), m.audit.to_string());
+            if let Some(warning) = m.warning {
+                self.warn_once(warning);
+            }
+            match Run::from_fio(&m.job, &rc, w.name, s.rep, &m.sample) {
+                Ok(run) => {
+                    let ios = m.job.total_ios() as f64;
+                    self.host.push(notes::HostRow {
+                        key: report::ConfigKey::of(&run),
+                        workload: run.workload.clone(),
+                        user_us: m.host.user_s * 1e6 / ios,
+                        sys_us: m.host.sys_s * 1e6 / ios,
+                        switches: m.host.switches.map(|n| n / ios),
+                    });
+                    self.runs.push(run);
+                }
+                Err(e) => self.fail(format!("{label} {} (rep {}): {e}", w.name, s.rep)),
+            }
+        }
+        self.pb.set_message(format!("{label}: stopping"));
+        if let Err(e) = srv.stop() {
+            self.fail(format!("{label} (rep {}): {e}", s.rep));
+        }
+    }
+
+    /// Chooses the best pair from phase-1 runs: the highest geometric mean,
+    /// over the phase-1 workloads, of its throughput relative to the best
+    /// pair on that workload (pairs missing a workload are not candidates).
+    fn choose_best(&mut self) {
+        let primary: Vec<Run> = self
+            .runs
+            .iter()
+            .filter(|r| {
+                r.is_dvma()
+                    && r.spl.as_deref() == Some(plan::PRIMARY_SPL)
+                    && r.intr_stack == Some(plan::PRIMARY_INTR_STACK)
+                    && r.cpus == Some(self.plan.cpus)
+            })
+            .cloned()
+            .collect();
+        self.scores = best_scores(&primary, &self.plan.select);
+        self.best = self.scores.first().map(|(p, _)| p.clone());
+        match &self.best {
+            Some((m, c)) => self.say(&format!(
+                "dvma bench: best pair of the matrix: {m}/{c} (score {:.3})",
+                self.scores[0].1
+            )),
+            None => self.fail(
+                "no (DVMA mode, completion) pair completed every phase-1 workload: the best-pair phases are skipped".to_string(),
+            ),
+        }
+    }
+}
+
+/// Scores of the (mode, completion) pairs on `workloads` (see
+/// `Bench::choose_best`), best first.
+pub fn best_scores(runs: &[Run], workloads: &[plan::Workload]) -> Vec<((String, String), f64)> {
+    let aggs = report::aggregate(runs);
+    let mut per_pair: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut complete = 0usize;
+    for w in workloads {
+        let here: Vec<&report::Aggregate> = aggs
+            .iter()
+            .filter(|a| a.workload == w.name && a.key.is_dvma())
+            .collect();
+        let max = here.iter().map(|a| a.value().median).fold(0.0f64, f64::max);
+        if max <= 0.0 {
+            continue;
+        }
+        complete += 1;
+        for a in here {
+            let (Some(m), Some(c)) = (a.key.dvma_mode.clone(), a.key.completion.clone()) else {
+                continue;
+            };
+            per_pair
+                .entry((m, c))
+                .or_default()
+                .push(a.value().median / max);
+        }
+    }
+    let mut scores: Vec<((String, String), f64)> = per_pair
+        .into_iter()
+        .filter(|(_, v)| v.len() == complete && complete > 0)
+        .map(|(p, v)| {
+            let g = (v.iter().map(|x| x.max(1e-12).ln()).sum::<f64>() / v.len() as f64).exp();
+            (p, g)
+        })
+        .collect();
+    let rank = |p: &(String, String)| {
+        (
+            DVMA_MODES.iter().position(|m| *m == p.0),
+            report::COMPLETION_MODES.iter().position(|c| *c == p.1),
+        )
+    };
+    scores.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| rank(&a.0).cmp(&rank(&b.0)))
+    });
+    scores
+}
+
+/// Runs `exe bench micro --json --reps N`.
+fn run_micro(exe: &Path, reps: u32, raw: &Path) -> Result<serde_json::Value, String> {
+    let log = raw.join("micro.stderr");
+    let o = Command::new(exe)
+        .args(["bench", "micro", "--json", "--reps", &reps.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("dvma bench micro: {e}"))?;
+    let _ = std::fs::write(&log, &o.stderr);
+    if !o.status.success() {
+        return Err(format!(
+            "dvma bench micro failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| format!("dvma bench micro --json: {e}"))
+}
+
+/// Checks that this binary has `dvma serve`.
+fn check_serve(exe: &Path) -> Result<(), String> {
+    let o = Command::new(exe)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", exe.display()))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{} serve --help` fails: this dvma has no working `serve` command, which the matrix needs ({})",
+            exe.display(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+        ))
+    }
+}
+
+fn describe(plan: &Plan) -> String {
+    let count = |f: &dyn Fn(&Session) -> bool| plan.sessions.iter().filter(|s| f(s)).count();
+    let dvma = count(&|s| s.target.is_dvma());
+    let peers = count(&|s| !s.target.is_dvma());
+    let mut parts = vec![format!(
+        "{} pair{} × {} workload{} × {} rep{}",
+        plan.pairs.len(),
+        if plan.pairs.len() == 1 { "" } else { "s" },
+        plan.select.len(),
+        if plan.select.len() == 1 { "" } else { "s" },
+        plan.reps,
+        if plan.reps == 1 { "" } else { "s" }
+    )];
+    let best = count(&|s| s.phase == Phase::Best);
+    if best > 0 {
+        parts.push(format!(
+            "best pair and peers on {} workloads ({best} sessions)",
+            plan.workloads.len()
+        ));
+    }
+    let sec = count(&|s| s.phase == Phase::Secondary);
+    if sec > 0 {
+        parts.push(format!("{sec} secondary-axis sessions"));
+    }
+    if let Some(r) = plan.micro_reps {
+        parts.push(format!("bench micro --reps {r}"));
+    }
+    format!(
+        "{}; {} fio runs of {} s (+{} s ramp), {dvma} dvma and {peers} peer server starts",
+        parts.join(", "),
+        plan.fio_runs(),
+        plan.timing.runtime_s,
+        plan.timing.ramp_s
+    )
+}
+
+/// `dvma bench [--quick] [--out DIR] ...`.
+pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
+    let t0 = Instant::now();
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+
+    // Peers: wanted, installed, missing.
+    let wanted: Vec<String> = if a.peers.iter().any(|p| p == "none") {
+        Vec::new()
+    } else if a.peers.is_empty() {
+        PEERS.iter().map(|p| p.to_string()).collect()
+    } else {
+        a.peers.clone()
+    };
+    let mut peers = Vec::new();
+    let mut missing = Vec::new();
+    for p in PEERS.iter().filter(|p| wanted.iter().any(|w| w == *p)) {
+        if server::which(p).is_some() {
+            peers.push(p.to_string());
+        } else {
+            missing.push(p.to_string());
+        }
+    }
+    if let Some(bad) = wanted.iter().find(|w| !PEERS.contains(&w.as_str())) {
+        return Err(format!(
+            "unknown peer {bad:?} (known: {}, or none)",
+            PEERS.join(", ")
+        ));
+    }
+
+    let opts = PlanOptions {
+        quick: a.quick,
+        reps: a.reps,
+        runtime_s: a.runtime,
+        ramp_s: a.ramp,
+        modes: a.modes.clone(),
+        completions: a.completions.clone(),
+        workloads: a.workloads.clone(),
+        peers: peers.clone(),
+        secondary: !a.no_secondary,
+        micro: !a.no_micro,
+        cpus: host_cpus(),
+    };
+    let plan = plan::build(&opts)?;
+    let estimate = plan.estimate();
+    eprintln!(
+        "dvma bench: {} run: {}; estimated {}",
+        if plan.quick { "quick" } else { "full" },
+        describe(&plan),
+        plan::human(estimate)
+    );
+    for m in &missing {
+        eprintln!(
+            "dvma bench: peer {m} is not installed ({}): running without it",
+            server::install_hint(m)
+        );
+    }
+    if a.dry_run {
+        for (i, s) in plan.sessions.iter().enumerate() {
+            let w: Vec<&str> = s.workloads.iter().map(|w| w.name).collect();
+            println!(
+                "{:3} {:<18} rep {} {:<24} {}",
+                i + 1,
+                s.phase.to_string(),
+                s.rep,
+                s.target.to_string(),
+                w.join(",")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let fio_version = fio::check().map_err(|e| {
+        format!(
+            "fio is needed to run the matrix: {e} ({})",
+            server::install_hint("fio")
+        )
+    })?;
+    check_serve(&exe)?;
+
+    let out = a.out.clone();
+    let raw = out.join("raw");
+    let work = out.join("work");
+    for d in [&out, &raw, &work] {
+        std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let _cleanup = RemoveOnDrop(work.clone());
+
+    let term = std::io::stderr().is_terminal();
+    let steps = plan.fio_runs() as u64 + u64::from(plan.micro_reps.is_some());
+    let pb = if term {
+        let pb = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} (~{eta} left) {msg}",
+            )
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+        );
+        pb.enable_steady_tick(Duration::from_millis(250));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut b = Bench {
+        exe: exe.clone(),
+        raw: raw.clone(),
+        work: work.clone(),
+        plan: &plan,
+        pb,
+        runs: Vec::new(),
+        failures: Vec::new(),
+        warnings: Vec::new(),
+        commands: BTreeMap::new(),
+        best: None,
+        scores: Vec::new(),
+        sessions_done: 0,
+        host: Vec::new(),
+    };
+    for m in &missing {
+        b.warnings.push(format!(
+            "peer {m} is not installed: install it with `{}`",
+            server::install_hint(m)
+        ));
+    }
+
+    let micro = match plan.micro_reps {
+        Some(reps) => {
+            b.pb.set_message("bench micro");
+            let r = run_micro(&exe, reps, &raw);
+            b.pb.inc(1);
+            match r {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    b.fail(e);
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    let mut chose = false;
+    for s in &plan.sessions {
+        if s.phase != Phase::Matrix && !chose {
+            b.choose_best();
+            chose = true;
+        }
+        // A quick run keeps its promise even when servers hang: sessions
+        // that would end past the budget are skipped (and reported).
+        let left = plan::QUICK_BUDGET_S - plan::cost::REPORT_S - t0.elapsed().as_secs_f64();
+        if plan.quick && plan.session_s(s) > left {
+            b.fail(format!(
+                "{} (rep {}) skipped: it would end past the quick run's {} s budget",
+                s.target,
+                s.rep,
+                plan::QUICK_BUDGET_S
+            ));
+            b.pb.inc(s.workloads.len() as u64);
+            continue;
+        }
+        b.session(s);
+    }
+    if !chose && plan.pairs.len() > 1 {
+        b.choose_best();
+    }
+    b.pb.finish_and_clear();
+
+    let mut protections: Vec<(String, String)> = Vec::new();
+    for (m, _) in &plan.pairs {
+        if !protections.iter().any(|(x, _)| x == m)
+            && let Some(p) = protection(m)
+        {
+            protections.push((m.clone(), p.to_string()));
+        }
+    }
+    let results = Results {
+        runs: std::mem::take(&mut b.runs),
+        micro,
+        machine: MachineInfo::detect(now_rfc3339()),
+        duration_s: t0.elapsed().as_secs_f64(),
+        quick: plan.quick,
+        protections,
+    };
+    let files = report::write_report(&out, &results).map_err(|e| e.to_string())?;
+    let notes = notes::Notes {
+        plan: &plan,
+        command: std::iter::once("dvma".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        fio_version: &fio_version,
+        peer_versions: peers
+            .iter()
+            .map(|p| (p.clone(), server::version(p).unwrap_or_default()))
+            .collect(),
+        missing: &missing,
+        commands: &b.commands,
+        scores: &b.scores,
+        best: b.best.as_ref(),
+        failures: &b.failures,
+        host: &b.host,
+        warnings: &b.warnings,
+        estimate,
+        clk_tck: server::clk_tck(),
+    };
+    notes::append(&files.report_md, &results, &notes)?;
+    // The duration in the report covers everything but writing it.
+    let total = t0.elapsed();
+
+    println!(
+        "dvma bench: {} fio runs in {} (estimated {}); wrote {}, {} and {} plots",
+        results.runs.len(),
+        plan::human(total),
+        plan::human(estimate),
+        files.report_md.display(),
+        files.results_json.display(),
+        files.plots.len()
+    );
+    for line in notes::headline_lines(&results) {
+        println!("  {line}");
+    }
+    if b.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "dvma bench: {} failure(s); see \"Problems\" in {}",
+            b.failures.len(),
+            files.report_md.display()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: &str, completion: &str, workload: &str, iops: f64) -> Run {
+        Run {
+            server: "dvma".into(),
+            dvma_mode: Some(mode.into()),
+            completion: Some(completion.into()),
+            spl: Some("lazy".into()),
+            intr_stack: Some(true),
+            cpus: Some(2),
+            workload: workload.into(),
+            rep: 0,
+            iops,
+            mib_s: iops / 256.0,
+            p50_us: 10.0,
+            p99_us: 20.0,
+            cpu_us_per_io: 5.0,
+            latency_cdf: vec![],
+            per_io: None,
+            dvma_pages_held: None,
+            protection: None,
+        }
+    }
+
+    #[test]
+    fn best_pair_is_the_best_geometric_mean() {
+        let w = [plan::WORKLOADS[1], plan::WORKLOADS[2]];
+        let runs = vec![
+            // a: best on one, poor on the other; b: good on both.
+            run("strict", "intr", w[0].name, 100.0),
+            run("strict", "intr", w[1].name, 10.0),
+            run("lazy", "thread", w[0].name, 80.0),
+            run("lazy", "thread", w[1].name, 90.0),
+            run("shadow", "ast", w[0].name, 90.0),
+            run("shadow", "ast", w[1].name, 100.0),
+            // missing a workload: not a candidate.
+            run("permanent", "intr", w[0].name, 1000.0),
+        ];
+        let s = best_scores(&runs, &w);
+        assert_eq!(s[0].0, ("shadow".to_string(), "ast".to_string()));
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|(p, _)| p.0 != "permanent"));
+        assert!(best_scores(&[], &w).is_empty());
+    }
+
+    #[test]
+    fn every_mode_has_a_protection() {
+        for m in DVMA_MODES {
+            assert!(protection(m).is_some(), "{m}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let d = now_rfc3339();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.ends_with('Z') && d.as_bytes()[10] == b'T', "{d}");
+        assert!(d.starts_with("20"), "{d}");
+    }
+}

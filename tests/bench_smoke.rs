@@ -1,0 +1,242 @@
+//! `dvma bench` end to end on a tiny matrix: one (DVMA mode, completion)
+//! pair, one short workload, and the peers that are installed, into a
+//! temporary directory; then `results.json`, `report.md` and the plots are
+//! checked.
+//!
+//! The bench runs in a process group of its own, so everything it starts
+//! (servers, fio) is in that group: after it exits the test checks that
+//! nothing of the group is left running, and kills the whole group in any
+//! case, pass or fail.
+//!
+//! Needs fio with its nbd engine: without it the test is skipped with a
+//! message, unless `CI=true`, where it fails.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest the bench may take (it needs about 5 s).
+const TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Kills a process group when dropped.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Live (not zombie) processes of a process group: `(pid, command)`.
+fn group_members(pgid: u32) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // f[0]: state, f[1]: ppid, f[2]: pgrp.
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
+            let comm = stat[stat.find('(').map_or(0, |i| i + 1)..close].to_string();
+            v.push((pid, comm));
+        }
+    }
+    v
+}
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+fn fio_with_nbd() -> bool {
+    Command::new("fio")
+        .arg("--enghelp=nbd")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[track_caller]
+fn file(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn tiny_matrix_end_to_end() {
+    if !fio_with_nbd() {
+        let msg = "fio with its nbd engine is not installed (apt-get install fio)";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{msg}: CI must have it");
+        }
+        eprintln!("skipping tiny_matrix_end_to_end: {msg}");
+        return;
+    }
+    let out =
+        TempDir(std::env::temp_dir().join(format!("dvma-bench-smoke-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&out.0);
+
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dvma"))
+        .arg("bench")
+        .arg("--out")
+        .arg(&out.0)
+        .args(["--modes", "permanent", "--completions", "softint"])
+        .args(["--workloads", "randread-4k-qd1"])
+        .args(["--runtime", "0.5", "--ramp", "0.2", "--reps", "1"])
+        .args(["--peers", "nbdkit,qemu-nbd", "--no-secondary", "--no-micro"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start dvma bench");
+    let pgid = child.id();
+    let group = Group(pgid);
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if start.elapsed() > TIMEOUT {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // What the bench left behind, before the group is killed.
+    let left = group_members(pgid);
+    drop(group);
+    let _ = child.kill();
+    let _ = child.wait();
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let Some(status) = status else {
+        panic!(
+            "dvma bench did not finish within {} s\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            TIMEOUT.as_secs()
+        );
+    };
+    assert!(
+        left.is_empty(),
+        "dvma bench left processes running: {left:?}\nstderr:\n{stderr}"
+    );
+    assert!(
+        status.success(),
+        "dvma bench failed ({status})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+
+    // results.json: one dvma run with every figure, one run per installed
+    // peer.
+    let results = report::Results::load(out.0.join("results.json")).expect("results.json");
+    let dvma: Vec<&report::Run> = results.runs.iter().filter(|r| r.is_dvma()).collect();
+    assert_eq!(dvma.len(), 1, "{:?}", results.runs);
+    let d = dvma[0];
+    assert_eq!(d.dvma_mode.as_deref(), Some("permanent"));
+    assert_eq!(d.completion.as_deref(), Some("softint"));
+    assert_eq!(d.workload, "randread-4k-qd1");
+    assert_eq!(d.spl.as_deref(), Some("lazy"));
+    assert_eq!(d.intr_stack, Some(true));
+    for (what, v) in [
+        ("iops", d.iops),
+        ("mib_s", d.mib_s),
+        ("p50_us", d.p50_us),
+        ("p99_us", d.p99_us),
+        ("cpu_us_per_io", d.cpu_us_per_io),
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{what} = {v}");
+    }
+    assert!(d.p99_us >= d.p50_us);
+    assert!(!d.latency_cdf.is_empty());
+    let per_io = d
+        .per_io
+        .expect("per-I/O counters from dvma serve's statistics");
+    assert!(
+        per_io.interrupts > 0.0,
+        "a disk I/O without an interrupt: {per_io:?}"
+    );
+    assert!(d.dvma_pages_held.is_some());
+    assert!(d.protection.as_deref().is_some_and(|p| p.contains("pool")));
+    assert_eq!(results.protections.len(), 1);
+    let mut missing = Vec::new();
+    for peer in report::PEERS {
+        let n = results.runs.iter().filter(|r| r.server == peer).count();
+        if on_path(peer) {
+            assert_eq!(n, 1, "{peer} runs");
+            let p = results.runs.iter().find(|r| r.server == peer).unwrap();
+            assert!(p.iops > 0.0 && p.cpu_us_per_io > 0.0, "{p:?}");
+            assert!(p.per_io.is_none());
+        } else {
+            assert_eq!(n, 0);
+            missing.push(peer);
+        }
+    }
+
+    // report.md, plots, raw data.
+    let md = file(&out.0.join("report.md"));
+    for s in [
+        "# dvma bench report",
+        "## Headline",
+        "## Workload randread-4k-qd1",
+        "`permanent/softint`",
+        "## Protection by DVMA mode",
+        "## Where the time goes",
+        "## Next steps",
+        "## How this run was made",
+    ] {
+        assert!(md.contains(s), "report.md lacks {s:?}:\n{md}");
+    }
+    for peer in missing {
+        assert!(
+            md.contains(&format!("{peer}: **not installed**")),
+            "report.md does not say {peer} is missing"
+        );
+    }
+    for svg in ["randread-4k-qd1.svg", "cdf-randread-4k-qd1.svg"] {
+        assert!(file(&out.0.join("plots").join(svg)).starts_with("<svg"));
+    }
+    let raw: Vec<String> = std::fs::read_dir(out.0.join("raw"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        raw.iter()
+            .any(|f| f.ends_with("randread-4k-qd1.server.json")),
+        "{raw:?}"
+    );
+    // The backing files are gone.
+    assert!(!out.0.join("work").exists());
+    eprintln!("dvma bench smoke: {:.1} s", start.elapsed().as_secs_f64());
+}
