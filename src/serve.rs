@@ -134,15 +134,26 @@ pub struct NbdStats {
 /// I/O memory credits (module docs: admission control).
 struct Credits {
     cap: u64,
-    avail: Mutex<u64>,
+    state: Mutex<CreditState>,
     freed: Condvar,
+}
+
+/// The credits left and how many threads wait for more: `release` makes
+/// the wake-up system call only when someone waits (std's `Condvar`
+/// always makes one otherwise, two per reply before this).
+struct CreditState {
+    avail: u64,
+    waiting: u32,
 }
 
 impl Credits {
     fn new(cap: u64) -> Credits {
         Credits {
             cap,
-            avail: Mutex::new(cap),
+            state: Mutex::new(CreditState {
+                avail: cap,
+                waiting: 0,
+            }),
             freed: Condvar::new(),
         }
     }
@@ -152,11 +163,13 @@ impl Credits {
         if n == 0 {
             return 0;
         }
-        let mut a = self.avail.lock().unwrap_or_else(PoisonError::into_inner);
-        while *a < n {
-            a = self.freed.wait(a).unwrap_or_else(PoisonError::into_inner);
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while s.avail < n {
+            s.waiting += 1;
+            s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
+            s.waiting -= 1;
         }
-        *a -= n;
+        s.avail -= n;
         n
     }
 
@@ -164,10 +177,13 @@ impl Credits {
         if n == 0 {
             return;
         }
-        let mut a = self.avail.lock().unwrap_or_else(PoisonError::into_inner);
-        *a += n;
-        drop(a);
-        self.freed.notify_all();
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.avail += n;
+        let wake = s.waiting > 0;
+        drop(s);
+        if wake {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -729,6 +745,7 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                 let _ = sock.shutdown(Shutdown::Both);
             }
         }
+        let (mut freed, mut done) = (0u64, 0u64);
         for r in batch.drain(..) {
             sh.stats.requests.fetch_add(1, Relaxed);
             match (r.error, r.op) {
@@ -743,12 +760,16 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                 }
                 _ => {}
             }
-            let held = request_memory(r.op, r.len, conn.max_transfer).min(conn.share.cap);
-            sh.credits.release(held);
-            conn.share.release(held);
-            conn.inflight.fetch_sub(1, SeqCst);
+            freed += request_memory(r.op, r.len, conn.max_transfer).min(conn.share.cap);
+            done += 1;
             drop(r);
         }
+        // The batch's memory goes back at once (one lock each), before the
+        // in-flight count drops, so the reader never sees nothing in flight
+        // while credits are still held.
+        sh.credits.release(freed);
+        conn.share.release(freed);
+        conn.inflight.fetch_sub(done, SeqCst);
     }
 }
 

@@ -227,9 +227,16 @@ impl ReplyQueue {
     }
 
     /// Wake the waiting host thread (if it sleeps). Any thread context.
+    ///
+    /// Only the first notifier after the waiter went to sleep makes the
+    /// system call: it takes `sleeping` (swap), so the notifiers that follow
+    /// before the waiter runs again see it clear. The waiter cannot sleep
+    /// through it: it sets `sleeping` before it reads `seq` for the last
+    /// time, and this bumps `seq` before it looks at `sleeping` (all SeqCst),
+    /// so either the waiter sees the new `seq` or this sees `sleeping`.
     pub fn notify(&self) {
         self.seq.fetch_add(1, SeqCst);
-        if self.sleeping.load(SeqCst) {
+        if self.sleeping.load(Relaxed) && self.sleeping.swap(false, SeqCst) {
             sys::futex_wake(&self.seq, 1);
         }
     }
