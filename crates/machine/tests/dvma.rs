@@ -378,3 +378,47 @@ fn accounting_and_the_lazy_timeout() {
     assert!(tag.stats.flushes.load(SeqCst) >= 1);
     m.shutdown().unwrap();
 }
+
+/// Views: the same memory as their buffer, loadable like it (a view of a
+/// pool buffer loads through the pool), lengths of their own, and dropping
+/// one frees nothing; dropping the buffer frees its pages once.
+#[test]
+fn views_share_memory_and_free_nothing() {
+    let _m = boot(1);
+    let pm = kern::kernel::kernel().physmem();
+    let used = || pm.stats.pages_used.load(SeqCst);
+    let before = used();
+    let mut b = IoBuf::alloc(16384).unwrap();
+    assert_eq!(used(), before + 4);
+    b.as_mut_slice().copy_from_slice(&pattern(7, 16384));
+    {
+        // SAFETY: the two views do not overlap, and `b` is not used or
+        // dropped while they live.
+        let (mut v1, v2) = unsafe { (b.view(4096, 4096), b.view(8192, 8192)) };
+        assert_eq!((v1.len(), v2.len(), v1.capacity()), (4096, 8192, 4096));
+        assert_eq!(v1.pa(), b.pa() + 4096);
+        assert_eq!(v1.as_slice(), &pattern(7, 16384)[4096..8192]);
+        v1.set_len(100);
+        assert_eq!(v1.len(), 100);
+        v1.as_mut_slice().fill(0xee);
+        drop((v1, v2));
+    }
+    assert_eq!(used(), before + 4, "dropping views freed memory");
+    assert!(b.as_slice()[4096..4196].iter().all(|&x| x == 0xee));
+    assert_eq!(b.as_slice()[4196], pattern(7, 16384)[4196]);
+    drop(b);
+    assert_eq!(used(), before);
+
+    // A view of a permanent-pool buffer loads through the pool.
+    let tag = tag_create("views", small(DvmaMode::Permanent)).unwrap();
+    let pool_buf = dmamem_alloc(tag, 8192).unwrap();
+    // SAFETY: one view, `pool_buf` untouched while it lives.
+    let v = unsafe { pool_buf.view(4096, 4096) };
+    let mut map = dmamap_create(tag, 64 << 10).unwrap();
+    dmamap_load(&mut map, v, DmaDir::ToDevice, Wait::NoWait).unwrap();
+    assert_eq!(map.segs()[0].len, 4096);
+    let v = dmamap_unload(&mut map).unwrap();
+    assert_eq!(v.len(), 4096);
+    drop(v);
+    drop(pool_buf);
+}
