@@ -33,7 +33,7 @@ use crate::ctx::ThreadCtx;
 use crate::intr::{IntrHandle, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
-use crate::sched::{kthread_create, sleep_interlocked, wakeup_one, wchan};
+use crate::sched::{kthread_create, sleep_interlocked, wakeup_one_local, wchan};
 use crate::vm::IoBuf;
 
 /// A block request.
@@ -130,8 +130,10 @@ pub fn blksrv_attach(
         let g = srv.lock.lock();
         srv.work.fetch_add(1, Release);
         drop(g);
-        // One thread; it passes the baton if more requests are queued.
-        wakeup_one(wchan(&srv.work));
+        // One thread, on this CPU if one sleeps here (the requests' data
+        // and the disk's interrupts stay on one CPU, and no other CPU has
+        // to be kicked awake); it passes the baton if more are queued.
+        wakeup_one_local(wchan(&srv.work));
     })
     .map_err(|e| alloc::format!("blksrv: {e}"))?;
     chan.set_interrupt(cpu, vector);
@@ -150,7 +152,7 @@ impl Srv {
             let req = loop {
                 if let Some(r) = self.chan.take() {
                     if self.chan.pending() {
-                        wakeup_one(wchan(&self.work));
+                        wakeup_one_local(wchan(&self.work));
                     }
                     break r;
                 }

@@ -679,16 +679,45 @@ pub fn sleep_interlocked<T>(
 }
 
 fn wake(chan: WChan, all: bool) -> usize {
+    wake_on(chan, all, None)
+}
+
+/// Wake the sleepers on `chan` (all, or one: the first bound to CPU
+/// `prefer` if there is one, else the first).
+fn wake_on(chan: WChan, all: bool, prefer: Option<usize>) -> usize {
     let k = kernel();
     let b = bucket(k, chan);
     let mut q = b.lock();
+    // One thread, preferably on `prefer`: find it first.
+    let pick = match prefer {
+        Some(c) if !all => {
+            let mut first = NIL;
+            let mut found = NIL;
+            let mut cur = *q;
+            while cur != NIL {
+                let t = k.threads.get(cur);
+                if t.wchan.load(Relaxed) == chan {
+                    if first == NIL {
+                        first = cur;
+                    }
+                    if t.cpu.load(Relaxed) == c {
+                        found = cur;
+                        break;
+                    }
+                }
+                cur = t.link.load(Relaxed);
+            }
+            if found != NIL { found } else { first }
+        }
+        _ => NIL,
+    };
     let mut prev = NIL;
     let mut cur = *q;
     let mut n = 0;
     while cur != NIL {
         let t = k.threads.get(cur);
         let next = t.link.load(Relaxed);
-        if t.wchan.load(Relaxed) == chan {
+        if t.wchan.load(Relaxed) == chan && (pick == NIL || cur == pick) {
             if prev == NIL {
                 *q = next;
             } else {
@@ -716,6 +745,14 @@ pub fn wakeup(chan: WChan) -> usize {
 /// Wake one thread sleeping on `chan`; returns whether there was one.
 pub fn wakeup_one(chan: WChan) -> bool {
     wake(chan, false) == 1
+}
+
+/// Wake one thread sleeping on `chan`, preferring one bound to the calling
+/// CPU (no cross-CPU wake-up, which costs an inter-processor kick: a
+/// system call and a host context switch), else any. Returns whether there
+/// was one. Any context; on a host thread, the same as [`wakeup_one`].
+pub fn wakeup_one_local(chan: WChan) -> bool {
+    wake_on(chan, false, curcpu_opt().map(|c| c.index())) == 1
 }
 
 /// Shutdown: wake every sleeper with `Err(Interrupted)`. The caller has

@@ -1107,3 +1107,64 @@ fn file_device_integrity_through_kva() {
     drop((out, back));
     m.shutdown().unwrap();
 }
+
+/// A command queued behind a worker that blocks is served by a sibling, in
+/// both ways a sibling can be asleep: untimed (the device was idle: the
+/// doorbell wakes it) and timed (commands were outstanding when it slept:
+/// the doorbell may leave the command to the busy worker, and the sibling
+/// looks again within a millisecond). Each command blocks 200 ms: served
+/// one after the other, the second would finish at 400 ms.
+#[test]
+fn a_blocked_worker_does_not_hold_up_the_queue() {
+    let m = boot(1);
+    let tmp = TempFile::new("blocked");
+    let mut cfg = FileConfig::new(&tmp.0, 1 << 20);
+    cfg.workers = 2;
+    cfg.spin_ns = 0;
+    let dev = Stopper(FileDev::open(cfg).unwrap());
+    let b = IoBuf::alloc(512).unwrap();
+    let cmd = |id: u16| FileCmd {
+        id,
+        ..fcmd(DiskOp::Read, 0, &b, false)
+    };
+    for keep_one_outstanding in [false, true] {
+        dev.inject_delay(Duration::ZERO);
+        if keep_one_outstanding {
+            // Completed but not reaped: outstanding while the workers sleep.
+            assert!(dev.submit(cmd(9)));
+            dev.doorbell();
+            wait_until("the first command", || dev.stats().completed >= 1);
+        }
+        std::thread::sleep(Duration::from_millis(20)); // every worker asleep
+        dev.inject_delay(Duration::from_millis(200));
+        let t0 = Instant::now();
+        assert!(dev.submit(cmd(1)));
+        assert!(dev.submit(cmd(2)));
+        dev.doorbell();
+        let mut done = Vec::new();
+        while done.len() < 2 + usize::from(keep_one_outstanding) {
+            assert!(t0.elapsed() < DEADLINE, "commands lost");
+            match dev.reap() {
+                Some(d) => {
+                    assert_eq!(d.status, DiskStatus::Ok);
+                    if d.id != 9 {
+                        done.push((d.id, t0.elapsed()));
+                    } else {
+                        done.push((9, Duration::ZERO));
+                    }
+                }
+                None => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        let last = done.iter().map(|d| d.1).max().unwrap();
+        assert!(
+            last < Duration::from_millis(350),
+            "outstanding={keep_one_outstanding}: the second command waited for the first: {done:?}"
+        );
+        let s = dev.stats();
+        assert_eq!(s.completed, s.ok);
+    }
+    dev.stop();
+    drop(b);
+    m.shutdown().unwrap();
+}

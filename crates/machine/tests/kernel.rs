@@ -10,7 +10,9 @@ use kern::ast::{ast_establish, ast_push, no_ast};
 use kern::intr::{intr_establish, intr_post};
 use kern::lock::SpinMutex;
 use kern::pool::Pool;
-use kern::sched::{kthread_create, sleep_interlocked, tsleep, wakeup, wchan, yield_now};
+use kern::sched::{
+    kthread_create, sleep_interlocked, tsleep, wakeup, wakeup_one_local, wchan, yield_now,
+};
 use kern::softint::{softint_establish, softint_schedule};
 use kern::{Ipl, spl};
 use machine::{Machine, MachineConfig, MachineError, SplImpl};
@@ -68,6 +70,57 @@ fn sleep_and_wakeup_across_cpus() {
         let s = m.shutdown().unwrap();
         assert!(s.total(|c| c.switches) >= ROUNDS as u64);
     }
+}
+
+/// `wakeup_one_local` wakes a sleeper of the caller's CPU even when one of
+/// another CPU slept later (the sleep queue is LIFO: plain `wakeup_one`
+/// would take that one), and falls back to another CPU's sleeper.
+#[test]
+fn wakeup_one_local_prefers_the_callers_cpu() {
+    let m = boot(2);
+    // (threads asleep, which CPUs woke, in order)
+    let st = Arc::new(SpinMutex::new(Ipl::Sched, (0u32, Vec::<usize>::new())));
+    let sleeper = |cpu: usize| {
+        let st = st.clone();
+        m.spawn(Some(cpu), "sleeper", move |ctx| {
+            let mut g = st.lock();
+            g.0 += 1;
+            sleep_interlocked(ctx, wchan(&*st), g).unwrap();
+            st.lock().1.push(cpu);
+        })
+        .unwrap()
+    };
+    let wait_for = |f: &dyn Fn(&(u32, Vec<usize>)) -> bool| {
+        let t0 = Instant::now();
+        while !f(&st.lock()) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "hung");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let a = sleeper(0);
+    wait_for(&|s| s.0 == 1);
+    let b = sleeper(1); // slept last: first in line for plain wakeup_one
+    wait_for(&|s| s.0 == 2);
+    let waker = |cpu: usize| {
+        let st = st.clone();
+        m.run(cpu, "waker", move |_| wakeup_one_local(wchan(&*st)))
+            .unwrap()
+    };
+    assert!(waker(0));
+    wait_for(&|s| !s.1.is_empty());
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(st.lock().1, vec![0], "the CPU 0 sleeper, and only it");
+    // No sleeper on CPU 0 now: the one on CPU 1 is taken.
+    assert!(waker(0));
+    wait_for(&|s| s.1.len() == 2);
+    assert_eq!(st.lock().1, vec![0, 1]);
+    assert!(!waker(1), "nobody left to wake");
+    for t in [a, b] {
+        while !t.is_done() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    m.shutdown().unwrap();
 }
 
 /// A thread waiting for a pool item (WAITOK) sleeps until another CPU

@@ -228,6 +228,17 @@ impl IntrTarget {
     }
 }
 
+/// A busy worker that took or finished a command less than this long ago
+/// is making progress: a doorbell leaves the new command to it instead of
+/// waking a sibling (see `Core::kick`). A 4 KiB read from the page cache
+/// takes a few microseconds, a 1 MiB one a hundred or two: a stream of
+/// large commands still gets a second worker.
+const STALL_NS: u64 = 50_000;
+
+/// The longest a sleeping worker leaves the ring unwatched while a sibling
+/// is busy (see `Core::kick`).
+const RESCUE_NS: u64 = 1_000_000;
+
 /// The state shared by the device object and its workers.
 pub(crate) struct Core<M: Medium> {
     pub(crate) medium: M,
@@ -249,6 +260,13 @@ pub(crate) struct Core<M: Medium> {
     /// A wake was issued and the woken worker has not polled yet: further
     /// doorbells need not wake anybody (it will see their commands).
     waking: AtomicBool,
+    /// Workers executing a command.
+    busy: AtomicU32,
+    /// Sleepers that will look at the ring again by themselves within
+    /// [`RESCUE_NS`] (they went to sleep while a sibling was busy).
+    timed_sleepers: AtomicU32,
+    /// When a worker last took or finished a command (ns since `epoch`).
+    progress_ns: AtomicU64,
     target: IntrTarget,
     coalesce_count: u32,
     coalesce_ns: u64,
@@ -331,15 +349,35 @@ impl<M: Medium> Core<M> {
     ///   then it is awake and polls again when its command is done. A flag
     ///   is never left set with every worker blocked: the last one to block
     ///   cleared it, and a later set comes with a wake.
+    ///
+    /// Concurrency is managed as Linux's workqueues do (a second worker
+    /// only when the first stops making progress), not by queue length: a
+    /// worker busy with a command that started or ended less than
+    /// [`STALL_NS`] ago will take the new command itself when it is done
+    /// (it pops the ring before it polls or sleeps: its `busy` decrement
+    /// comes after our push in the SeqCst order), so waking a sibling would
+    /// only add a host context switch per batch. Wakes are skipped only
+    /// while every sleeper is a timed one ([`RESCUE_NS`]), so a command
+    /// queued behind a worker that then blocks for long (a FLUSH, a cold
+    /// read) waits at most that long for a sibling, even if no further
+    /// doorbell comes to notice the stall.
     fn kick(&self) {
         self.bell.fetch_add(1, SeqCst);
         if self.polling.load(SeqCst) == 0
             && self.sleepers.load(SeqCst) > 0
+            && !self.progressing()
             && !self.waking.swap(true, SeqCst)
         {
             Counters::inc(&self.stats.wakeups);
             sys::futex_wake(&self.bell, 1);
         }
+    }
+
+    /// A busy worker will serve what is queued soon (see `kick`).
+    fn progressing(&self) -> bool {
+        self.busy.load(SeqCst) > 0
+            && self.timed_sleepers.load(SeqCst) == self.sleepers.load(SeqCst)
+            && self.now_ns().saturating_sub(self.progress_ns.load(Relaxed)) < STALL_NS
     }
 
     /// Take a completion. Any context.
@@ -482,27 +520,54 @@ impl<M: Medium> Core<M> {
                 std::hint::spin_loop();
                 continue;
             }
-            // Going to sleep: see `kick` for the handshake.
+            // Going to sleep: see `kick` for the handshake. While commands
+            // are outstanding, a sibling may take one and block with more
+            // queued behind it: look again within RESCUE_NS (a timed
+            // sleeper, counted first so that `kick` never sees more timed
+            // sleepers than sleepers). An idle device sleeps untimed.
+            let timed = self.outstanding.load(SeqCst) > 0;
+            if timed {
+                self.timed_sleepers.fetch_add(1, SeqCst);
+            }
             let seq = self.bell.load(SeqCst);
             self.sleepers.fetch_add(1, SeqCst);
             self.polling.fetch_sub(1, SeqCst);
             self.waking.store(false, SeqCst);
             if self.sq.is_empty() && !self.stopping.load(SeqCst) {
                 Counters::inc(&self.stats.sleeps);
-                match due_in {
-                    Some(ns) if ns > 0 => sys::futex_wait_timeout(&self.bell, seq, ns),
-                    _ => sys::futex_wait(&self.bell, seq),
+                let limit = match due_in {
+                    Some(ns) if ns > 0 => Some(ns),
+                    _ => None,
+                };
+                let limit = match (limit, timed) {
+                    (Some(ns), true) => Some(ns.min(RESCUE_NS)),
+                    (None, true) => Some(RESCUE_NS),
+                    (l, false) => l,
+                };
+                match limit {
+                    Some(ns) => sys::futex_wait_timeout(&self.bell, seq, ns),
+                    None => sys::futex_wait(&self.bell, seq),
                 };
             }
             self.polling.fetch_add(1, SeqCst);
             self.sleepers.fetch_sub(1, SeqCst);
+            if timed {
+                self.timed_sleepers.fetch_sub(1, SeqCst);
+            }
             self.waking.store(false, SeqCst);
             since = Instant::now();
             spins = 0;
         };
+        if got.is_some() {
+            // Busy before we stop polling: `kick` never sees a worker that
+            // holds a command as neither.
+            self.busy.fetch_add(1, SeqCst);
+            self.progress_ns.store(self.now_ns(), Relaxed);
+        }
         self.polling.fetch_sub(1, SeqCst);
         if got.is_some() && !self.sq.is_empty() {
-            // More is queued: if nobody polls, wake a sibling to share it.
+            // More is queued: if nobody polls and we are not about to take
+            // it ourselves (`kick`), wake a sibling to share it.
             self.kick();
         }
         got
@@ -522,6 +587,8 @@ fn run_worker<M: Medium>(c: Arc<Core<M>>) {
             .unwrap_or(DiskStatus::MediaError(libc::EIO));
         Counters::add(&c.stats.busy_ns, t0.elapsed().as_nanos() as u64);
         c.complete(M::id(&cmd), status);
+        c.progress_ns.store(c.now_ns(), Relaxed);
+        c.busy.fetch_sub(1, SeqCst);
     }
 }
 
@@ -557,6 +624,9 @@ impl<M: Medium> Engine<M> {
             polling: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
             waking: AtomicBool::new(false),
+            busy: AtomicU32::new(0),
+            timed_sleepers: AtomicU32::new(0),
+            progress_ns: AtomicU64::new(0),
             target: IntrTarget::new(),
             coalesce_count: t.coalesce_count.max(1),
             coalesce_ns: t.coalesce_ns,

@@ -22,7 +22,7 @@
 //!
 //! | call | context | cost |
 //! |---|---|---|
-//! | `submit`, `doorbell`, `reap`, `set_interrupt` (the `kern::dev` traits) | **any**: kernel thread, soft or hard interrupt handler, host thread | atomics; `doorbell` adds one `futex_wake` system call only when every worker sleeps; `set_interrupt` may post the vector once |
+//! | `submit`, `doorbell`, `reap`, `set_interrupt` (the `kern::dev` traits) | **any**: kernel thread, soft or hard interrupt handler, host thread | atomics and a clock read; `doorbell` adds one `futex_wake` system call only when every worker sleeps and none is making progress; `set_interrupt` may post the vector once |
 //! | `stats`, `geometry`/`size`, `inject_*`, `clear_injection` | any | atomics |
 //! | `open` | host or kernel thread (attach) | opens the file, allocates the rings, spawns the workers |
 //! | `stop`, `Drop` | host or kernel thread, **never an interrupt handler** | joins host threads |
@@ -44,10 +44,16 @@
 //! # Workers and the doorbell
 //! A worker that finds the submission ring empty polls it for `spin_ns`,
 //! then sleeps on the doorbell futex. `doorbell` makes a system call only
-//! if no worker is polling, one sleeps and no wake is already on its way,
-//! so a busy device costs a few atomics per doorbell and no system call. A worker that takes a command while more are queued
-//! and nobody polls wakes a sleeping sibling (so a burst spreads over the
-//! workers without a wake per command).
+//! if no worker is polling, one sleeps, no wake is already on its way and
+//! no busy worker is making progress, so a busy device costs a few atomics
+//! per doorbell and no system call. Concurrency is managed as Linux's
+//! workqueues do: a second worker is woken (by a doorbell, or by a worker
+//! that takes a command while more are queued) only when the busy ones
+//! have neither started nor finished a command for 50 µs; a worker that
+//! goes to sleep while commands are outstanding sleeps at most 1 ms, so a
+//! command queued behind a worker that blocks (a FLUSH, a cold read) waits
+//! at most that long for a sibling. The progress check reads the clock
+//! (`clock_gettime` through the vDSO: async-signal-safe, errno untouched).
 //!
 //! # Interrupts and coalescing
 //! Before `set_interrupt` completions are only queued (the driver polls
