@@ -847,6 +847,7 @@ fn stats_json(
         "seq": seq,
         "cpus": s.cpus.len(),
         "interrupts": sum(|c| c.intr),
+        "signals": sum(|c| c.traps),
         "softints": sum(|c| c.softints),
         "ctx_switches": sum(|c| c.switches),
         "asts": sum(|c| c.ast_handlers),

@@ -496,10 +496,11 @@ fn crash_consistency() {
 // Clean shutdown.
 // ---------------------------------------------------------------------------
 
-const STATS_KEYS: [&str; 12] = [
+const STATS_KEYS: [&str; 13] = [
     "seq",
     "cpus",
     "interrupts",
+    "signals",
     "softints",
     "ctx_switches",
     "asts",

@@ -379,6 +379,7 @@ impl Aggregate {
             };
             PerIo {
                 interrupts: med(|p| p.interrupts),
+                signals: med(|p| p.signals),
                 softints: med(|p| p.softints),
                 ctx_switches: med(|p| p.ctx_switches),
                 asts: med(|p| p.asts),

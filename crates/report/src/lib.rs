@@ -34,7 +34,7 @@
 //!     "iops": f64, "mib_s": f64, "p50_us": f64, "p99_us": f64,
 //!     "cpu_us_per_io": f64,            // server CPU (user+sys) per I/O
 //!     "latency_cdf": [[us, fraction], ...],
-//!     "per_io": {"interrupts": f64, "softints": f64, "ctx_switches": f64,
+//!     "per_io": {"interrupts": f64, "signals": f64, "softints": f64, "ctx_switches": f64,
 //!                "asts": f64, "iommu_faults": f64} | null,
 //!     "dvma_pages_held": u64 | null,
 //!     "protection": string | null

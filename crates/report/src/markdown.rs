@@ -353,11 +353,11 @@ fn workload_section(out: &mut String, analysis: &Analysis, w: &WorkloadAnalysis)
         line!(out);
         line!(
             out,
-            "| configuration | {unit} | interrupts | softints | ctx switches | ASTs | IOMMU faults | CPU µs | p50 µs | p99 µs | DVMA pages held |"
+            "| configuration | {unit} | interrupts | host signals | softints | ctx switches | ASTs | IOMMU faults | CPU µs | p50 µs | p99 µs | DVMA pages held |"
         );
         line!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for a in w.dvma() {
             let c = |f: fn(&crate::PerIo) -> f64| {
@@ -366,10 +366,11 @@ fn workload_section(out: &mut String, analysis: &Analysis, w: &WorkloadAnalysis)
             };
             line!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 code(&w.label(&a.key)),
                 value_text(a),
                 c(|p| p.interrupts),
+                c(|p| p.signals),
                 c(|p| p.softints),
                 c(|p| p.ctx_switches),
                 c(|p| p.asts),
@@ -548,8 +549,8 @@ fn per_io_words(a: &Aggregate) -> String {
     let mut s = String::new();
     if let Some(p) = a.per_io {
         s.push_str(&format!(
-            "{:.2} interrupts, {:.2} softints, {:.2} context switches, {:.2} ASTs, {:.2} IOMMU faults, ",
-            p.interrupts, p.softints, p.ctx_switches, p.asts, p.iommu_faults
+            "{:.2} interrupts ({:.2} host signals), {:.2} softints, {:.2} context switches, {:.2} ASTs, {:.2} IOMMU faults, ",
+            p.interrupts, p.signals, p.softints, p.ctx_switches, p.asts, p.iommu_faults
         ));
     }
     s.push_str(&format!("{} µs CPU", us(a.cpu_us_per_io.median)));

@@ -241,6 +241,7 @@ fn run_from_fio_divides_server_figures_by_ios() {
         cpu_s: 1.3354,
         counters: Some(Counters {
             interrupts: 2 * 13354,
+            signals: 13354 / 2,
             softints: 13354,
             ctx_switches: 3 * 13354,
             asts: 0,

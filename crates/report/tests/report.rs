@@ -136,7 +136,7 @@ fn matrix_breakdown_and_secondary_tables() {
     }
     // Per-I/O breakdown row.
     assert!(
-        md.contains("| `strict/thread` | 30,000 | 1.00 | 0.50 | 2.00 | 0.25 | 0.00 | 5.00 | 33.3 | 100 | 64 |"),
+        md.contains("| `strict/thread` | 30,000 | 1.00 | 0.10 | 0.50 | 2.00 | 0.25 | 0.00 | 5.00 | 33.3 | 100 | 64 |"),
         "{md}"
     );
     // Secondary axes.
@@ -185,7 +185,7 @@ fn reading_is_generated_from_the_data() {
         "{}",
         below[0]
     );
-    assert!(below[0].contains("per I/O 1.00 interrupts, 0.50 softints, 2.00 context switches, 0.25 ASTs, 0.00 IOMMU faults, 5.00 µs CPU"), "{}", below[0]);
+    assert!(below[0].contains("per I/O 1.00 interrupts (0.10 host signals), 0.50 softints, 2.00 context switches, 0.25 ASTs, 0.00 IOMMU faults, 5.00 µs CPU"), "{}", below[0]);
     assert!(!below[0].contains("including the best one"));
     assert!(lines_with(reading, &["Below nbdkit on **seqread-1m-qd8**"]).is_empty());
     // Secondary axes, summarized.

@@ -102,6 +102,7 @@ pub fn scaled_counters(before: &DvmaStats, after: &DvmaStats, ios: u64) -> Count
     let s = |v: u64| (v as f64 * k).round() as u64;
     Counters {
         interrupts: s(d.interrupts),
+        signals: s(d.signals),
         softints: s(d.softints),
         ctx_switches: s(d.ctx_switches),
         asts: s(d.asts),
@@ -239,7 +240,7 @@ pub fn run(srv: &mut Server, w: &Workload, t: &Timing, out: &Path) -> Result<Mea
     let stats_json = |s: &Option<(f64, DvmaStats)>| {
         s.map(|(t, st)| {
             serde_json::json!({
-                "at_ms": t, "seq": st.seq, "cpus": st.cpus, "interrupts": st.interrupts,
+                "at_ms": t, "seq": st.seq, "cpus": st.cpus, "interrupts": st.interrupts, "signals": st.signals,
                 "softints": st.softints, "ctx_switches": st.ctx_switches, "asts": st.asts,
                 "iommu_faults": st.iommu_faults, "dvma_pages_held": st.dvma_pages_held,
                 "dvma_pages_peak": st.dvma_pages_peak, "nbd_requests": st.nbd_requests,

@@ -55,6 +55,8 @@ pub struct DvmaStats {
     pub cpus: u64,
     /// Device interrupts.
     pub interrupts: u64,
+    /// Host signals taken (interrupt deliveries that needed one).
+    pub signals: u64,
     /// Soft interrupts.
     pub softints: u64,
     /// Kernel thread context switches.
@@ -80,6 +82,7 @@ impl DvmaStats {
     pub fn counters(&self) -> report::Counters {
         report::Counters {
             interrupts: self.interrupts,
+            signals: self.signals,
             softints: self.softints,
             ctx_switches: self.ctx_switches,
             asts: self.asts,

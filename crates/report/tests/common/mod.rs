@@ -33,6 +33,7 @@ pub fn run(
         latency_cdf: vec![(0.5e6 / value, 0.0), (1e6 / value, 0.5), (4e6 / value, 1.0)],
         per_io: mode.map(|_| PerIo {
             interrupts: 1.0,
+            signals: 0.1,
             softints: 0.5,
             ctx_switches: 2.0,
             asts: 0.25,
