@@ -625,10 +625,16 @@ struct Loaded {
 }
 
 enum How {
-    Mapped { iova: u64, len: usize },
+    Mapped {
+        iova: u64,
+        len: usize,
+    },
     Slot(u16),
     Pool,
-    Bounce(IoBuf),
+    /// The bounce buffer's range in the tag's pool (not an `IoBuf`: this
+    /// keeps `How`, hence every load and unload, small: the pool is the
+    /// tag's, so the buffer is rebuilt where it is needed).
+    Bounce(PhysRange),
 }
 
 impl core::fmt::Debug for DmaMap {
@@ -808,20 +814,21 @@ pub fn dmamap_load_deferred(
 /// `bus_dmamap_sync`.
 pub fn dmamap_sync(map: &mut DmaMap, op: SyncOp) {
     let Some(l) = map.loaded.as_mut() else { return };
-    match (op, &mut l.how) {
-        (SyncOp::PreWrite, How::Bounce(b)) if l.dir == DmaDir::ToDevice => {
-            let n = l.buf.len();
-            b.set_len(n);
-            b.as_mut_slice().copy_from_slice(l.buf.as_slice());
-            map.tag.stats.bounce_bytes.fetch_add(n as u64, Relaxed);
+    if let (How::Bounce(r), Kind::Pool(p)) = (&l.how, &map.tag.kind) {
+        // The bounce buffer, borrowed: the map still owns its range.
+        let n = l.buf.len();
+        let mut b = core::mem::ManuallyDrop::new(IoBuf::from_range(*r, n, *p));
+        match op {
+            SyncOp::PreWrite if l.dir == DmaDir::ToDevice => {
+                b.as_mut_slice().copy_from_slice(l.buf.as_slice());
+                map.tag.stats.bounce_bytes.fetch_add(n as u64, Relaxed);
+            }
+            SyncOp::PostRead if l.dir == DmaDir::FromDevice => {
+                l.buf.as_mut_slice().copy_from_slice(b.as_slice());
+                map.tag.stats.bounce_bytes.fetch_add(n as u64, Relaxed);
+            }
+            _ => {}
         }
-        (SyncOp::PostRead, How::Bounce(b)) if l.dir == DmaDir::FromDevice => {
-            let n = l.buf.len();
-            b.set_len(n);
-            l.buf.as_mut_slice().copy_from_slice(b.as_slice());
-            map.tag.stats.bounce_bytes.fetch_add(n as u64, Relaxed);
-        }
-        _ => {}
     }
     match op {
         SyncOp::PreRead | SyncOp::PreWrite => core::sync::atomic::fence(Release),
@@ -852,7 +859,11 @@ pub fn dmamap_unload(map: &mut DmaMap) -> Option<IoBuf> {
             }
         }
         How::Pool => {}
-        How::Bounce(b) => drop(b),
+        How::Bounce(r) => {
+            if let Kind::Pool(p) = &tag.kind {
+                drop(IoBuf::from_range(r, r.len, *p));
+            }
+        }
     }
     Some(l.buf)
 }
@@ -1021,7 +1032,6 @@ impl DmaTag {
                     let Some(r) = p.alloc(buf.len()) else {
                         return fail(DmaError::NoSpace { len }, buf);
                     };
-                    let bounce = IoBuf::from_range(r, buf.len(), *p);
                     let seg = DmaSeg {
                         iova: p.iova + (r.pa - p.phys.pa),
                         len: buf.len(),
@@ -1030,7 +1040,7 @@ impl DmaTag {
                         buf,
                         dir,
                         seg,
-                        how: How::Bounce(bounce),
+                        how: How::Bounce(r),
                     });
                     Ok(())
                 }
