@@ -78,8 +78,9 @@ fn sleep_and_wakeup_across_cpus() {
 #[test]
 fn wakeup_one_local_prefers_the_callers_cpu() {
     let m = boot(2);
-    // (threads asleep, which CPUs woke, in order)
-    let st = Arc::new(SpinMutex::new(Ipl::Sched, (0u32, Vec::<usize>::new())));
+    /// Threads asleep, and which CPUs woke, in order.
+    type State = (u32, Vec<usize>);
+    let st = Arc::new(SpinMutex::new(Ipl::Sched, State::default()));
     let sleeper = |cpu: usize| {
         let st = st.clone();
         m.spawn(Some(cpu), "sleeper", move |ctx| {
@@ -90,7 +91,7 @@ fn wakeup_one_local_prefers_the_callers_cpu() {
         })
         .unwrap()
     };
-    let wait_for = |f: &dyn Fn(&(u32, Vec<usize>)) -> bool| {
+    let wait_for = |f: &dyn Fn(&State) -> bool| {
         let t0 = Instant::now();
         while !f(&st.lock()) {
             assert!(t0.elapsed() < Duration::from_secs(30), "hung");
