@@ -682,57 +682,50 @@ fn wake(chan: WChan, all: bool) -> usize {
     wake_on(chan, all, None)
 }
 
-/// Wake the sleepers on `chan` (all, or one: the first bound to CPU
-/// `prefer` if there is one, else the first).
+/// Wake the sleepers on `chan`: all, or one (the first bound to CPU
+/// `prefer` if there is one, else the first). One walk of the bucket.
 fn wake_on(chan: WChan, all: bool, prefer: Option<usize>) -> usize {
     let k = kernel();
     let b = bucket(k, chan);
     let mut q = b.lock();
-    // One thread, preferably on `prefer`: find it first.
-    let pick = match prefer {
-        Some(c) if !all => {
-            let mut first = NIL;
-            let mut found = NIL;
-            let mut cur = *q;
-            while cur != NIL {
-                let t = k.threads.get(cur);
-                if t.wchan.load(Relaxed) == chan {
-                    if first == NIL {
-                        first = cur;
-                    }
-                    if t.cpu.load(Relaxed) == c {
-                        found = cur;
-                        break;
-                    }
-                }
-                cur = t.link.load(Relaxed);
-            }
-            if found != NIL { found } else { first }
+    // Unlink `cur` (after `prev`) and make it runnable.
+    let take = |q: &mut u32, prev: u32, cur: u32| {
+        let t = k.threads.get(cur);
+        let next = t.link.load(Relaxed);
+        if prev == NIL {
+            *q = next;
+        } else {
+            k.threads.get(prev).link.store(next, Relaxed);
         }
-        _ => NIL,
+        t.wchan.store(0, Relaxed);
+        setrunqueue(k, t);
     };
+    // The first sleeper on `chan` and its predecessor: the one a single
+    // wake-up takes when no sleeper is bound to `prefer`.
+    let mut first: Option<(u32, u32)> = None;
     let mut prev = NIL;
     let mut cur = *q;
     let mut n = 0;
     while cur != NIL {
         let t = k.threads.get(cur);
         let next = t.link.load(Relaxed);
-        if t.wchan.load(Relaxed) == chan && (pick == NIL || cur == pick) {
-            if prev == NIL {
-                *q = next;
-            } else {
-                k.threads.get(prev).link.store(next, Relaxed);
-            }
-            t.wchan.store(0, Relaxed);
-            setrunqueue(k, t);
+        if t.wchan.load(Relaxed) != chan {
+            prev = cur;
+        } else if all {
+            take(&mut q, prev, cur);
             n += 1;
-            if !all {
-                break;
-            }
+        } else if prefer.is_none_or(|c| t.cpu.load(Relaxed) == c) {
+            take(&mut q, prev, cur);
+            return 1;
         } else {
+            first.get_or_insert((prev, cur));
             prev = cur;
         }
         cur = next;
+    }
+    if let Some((p, c)) = first {
+        take(&mut q, p, c);
+        n = 1;
     }
     n
 }
