@@ -1745,13 +1745,7 @@ fn thousand_idle_connections() {
         "thousand_idle_connections: {n} connections, {} busy-client I/Os meanwhile",
         ios.load(Ordering::Relaxed)
     );
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 // ---------------------------------------------------------------------------
@@ -1861,13 +1855,7 @@ fn device_errors_are_eio() {
         }
     }
     witness.check(&server, "after the device errors");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 // ---------------------------------------------------------------------------

@@ -478,13 +478,7 @@ fn crash_consistency() {
         );
         newer_survived += st.newer;
     }
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "final stop: {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("final stop");
     eprintln!(
         "crash_consistency: {LIVES} crashes in {:?}: {acked} writes acknowledged, {durable} made durable, \
          {in_flight} in flight at a kill; {newer_survived} sectors held content newer than the durable one",
@@ -602,14 +596,7 @@ fn sigterm_flushes_and_exits_zero() {
     let bytes_read = c.read(0, 65536).expect("read").expect("read ok").len() as u64;
     c.disconnect().expect("disconnect");
     let t = Instant::now();
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "SIGTERM: exit {} (want 0)\n{}\n{}",
-        exit.status,
-        exit.stdout,
-        exit.stderr
-    );
+    let exit = server.stop().assert_clean("SIGTERM");
     eprintln!("SIGTERM to exit: {:?}", t.elapsed());
     let after_ready = exit
         .stdout
@@ -647,13 +634,7 @@ fn sigterm_flushes_and_exits_zero() {
     // Clean shutdown flushed: the data is there after a restart.
     let server = Server::start_in(dir.path(), &opts);
     check_written(&server, &written, "after SIGTERM and restart");
-    let exit = server.stop_with("INT");
-    assert!(
-        exit.status.success(),
-        "SIGINT: exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop_with("INT").assert_clean("SIGINT");
 }
 
 #[test]
@@ -753,8 +734,7 @@ fn sigterm_with_clients_connected_and_requests_in_flight() {
         .collect();
     written.push(("vnd0".into(), 8192, idle_data));
     check_written(&server, &written, "after SIGTERM with requests in flight");
-    let exit = server.stop();
-    assert!(exit.status.success());
+    server.stop().assert_clean("SIGTERM");
 }
 
 #[test]
@@ -799,13 +779,7 @@ fn sigusr1_writes_stats_and_serving_goes_on() {
     let all: Vec<_> = written.into_iter().chain(more).collect();
     check_written(&server, &all, "after two SIGUSR1");
     server.assert_healthy("after SIGUSR1 twice");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
     let last = read_stats(&stats);
     assert!(
         stat(&last, "seq") > stat(&second, "seq"),

@@ -182,13 +182,7 @@ fn qemu_io_writes_and_reads_every_export() {
         "the read-only export changed"
     );
     server.assert_healthy("after qemu-io");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 fn qemu_img_compare(qemu_img: &Path, server: &Server, a: &str, b: &str) -> (bool, String) {
@@ -291,13 +285,7 @@ fn nbdcopy_and_qemu_img_compare() {
         got.len() as u64 == RO_SIZE && got.iter().enumerate().all(|(i, b)| *b == ro_byte(i as u64)),
         "the copy of the read-only export differs"
     );
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 fn nbdinfo(tool: &Path, server: &Server, args: &[&str]) -> serde_json::Value {
@@ -375,13 +363,7 @@ fn nbdinfo_shows_sizes_flags_and_block_sizes() {
     let (status, _, _) = run_tool(&mut cmd, TOOL_TIMEOUT);
     assert!(!status.success(), "nbdinfo on a missing export succeeded");
     server.assert_healthy("after nbdinfo");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 #[test]
@@ -429,13 +411,7 @@ fn fio_randrw_verifies_on_every_export() {
         eprintln!("fio on {e}: read {read} bytes, wrote {written} bytes, verified");
     }
     server.assert_healthy("after fio");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }
 
 /// The harness's raw client, with requests as large as the server allows:
@@ -538,11 +514,5 @@ fn largest_requests_round_trip_on_every_export() {
         c.disconnect().expect("disconnect");
     }
     server.assert_healthy("after the largest requests");
-    let exit = server.stop();
-    assert!(
-        exit.status.success(),
-        "exit {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    server.stop().assert_clean("SIGTERM");
 }

@@ -198,6 +198,23 @@ pub struct Exit {
     pub stderr: String,
 }
 
+impl Exit {
+    /// Assert the server exited 0 (a clean shutdown); `what` names the stop
+    /// in the message, which carries everything it printed. Returns `self`
+    /// for further checks.
+    #[track_caller]
+    pub fn assert_clean(self, what: &str) -> Exit {
+        assert!(
+            self.status.success(),
+            "{what}: exit {} (want 0)\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
 #[derive(Default)]
 struct Captured {
     stdout: Vec<String>,
