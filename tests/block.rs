@@ -418,6 +418,58 @@ fn device_errors_become_eio_and_nothing_else_is_lost() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Every driver refuses the same bad bufs the same way, before any I/O:
+/// longer than its transfer size, not whole sectors, past its end (EINVAL
+/// for a read, ENOSPC for a write); a good buf next to them goes through.
+#[test]
+fn every_driver_refuses_bad_bufs() {
+    let dir = tmpdir("badbufs");
+    let toml = machine_toml(&dir)
+        + &disk_toml("sd0", DvmaMode::Permanent, Completion::Intr, "")
+        + &disk_toml("sd1", DvmaMode::Permanent, Completion::Intr, "")
+        + "[[ccd]]\nname = \"ccd0\"\ncomponents = [\"sd0\", \"sd1\"]\ninterleave = \"64K\"\n"
+        + "[[vnd]]\nname = \"vnd0\"\nfile = \"vnd0.img\"\nsize = \"8M\"\n";
+    let sys = System::boot(spec_from(&toml, &dir)).unwrap();
+    for name in ["sd0", "ccd0", "vnd0"] {
+        let dev = bdev_lookup(name).unwrap();
+        let (max, end) = (dev.max_transfer(), dev.sectors());
+        let cases = [
+            (BufOp::Read, 0, max + SECT, Some(BioError::Inval)),
+            (BufOp::Write, 0, max + SECT, Some(BioError::Inval)),
+            (BufOp::Write, 0, SECT + 1, Some(BioError::Inval)),
+            (BufOp::Read, end - 1, 2 * SECT, Some(BioError::Inval)),
+            (BufOp::Write, end - 1, 2 * SECT, Some(BioError::NoSpc)),
+            (BufOp::Write, end - 1, SECT, None),
+        ];
+        let out = sys
+            .machine
+            .run(0, "badbufs", move |ctx| {
+                let mut res = Vec::new();
+                for (op, blk, len, _) in cases {
+                    let mut data = dev.alloc_buf_wait(ctx, len).unwrap();
+                    data.set_len(len);
+                    let mut bp = getbuf_wait(ctx).unwrap();
+                    bp.op = op;
+                    bp.blkno = blk;
+                    bp.bcount = len;
+                    bp.data = Some(data);
+                    let bp = submit_wait(ctx, dev, bp);
+                    res.push((bp.error, bp.resid));
+                }
+                res
+            })
+            .unwrap();
+        for ((op, blk, len, want), (got, resid)) in cases.iter().zip(&out) {
+            assert_eq!(got, want, "{name}: {op:?} of {len} bytes at {blk}");
+            if want.is_some() {
+                assert_eq!(*resid, *len, "{name}: the whole buf is residual");
+            }
+        }
+    }
+    sys.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// FLUSH and FUA reach the backing file: after they complete, the bytes are
 /// in the file (read back with the host, bypassing dvma), and the device
 /// counted its fdatasync calls.

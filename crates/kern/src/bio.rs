@@ -436,8 +436,9 @@ pub fn submit_wait(ctx: &ThreadCtx, dev: &dyn BlockDev, mut bp: BufBox) -> BufBo
     biowait(ctx, w)
 }
 
-/// Validate a buf against a device of `sectors` sectors: the common checks
-/// of every strategy routine. Errors are finished with `biodone` and
+/// Validate a buf against a device: the common checks of every strategy
+/// routine (a length of whole sectors, at most the device's transfer size,
+/// within its sectors, not a write to a read-only device). Errors are finished with `biodone` and
 /// `None` is returned; otherwise the buf comes back.
 pub fn bounds_check(dev: &dyn BlockDev, mut bp: BufBox) -> Option<BufBox> {
     let sectors = dev.sectors();
@@ -445,7 +446,10 @@ pub fn bounds_check(dev: &dyn BlockDev, mut bp: BufBox) -> Option<BufBox> {
         BufOp::Flush => None,
         op => {
             let n = (bp.bcount / DEV_BSIZE) as u64;
-            if bp.bcount == 0 || !bp.bcount.is_multiple_of(DEV_BSIZE) {
+            if bp.bcount == 0
+                || !bp.bcount.is_multiple_of(DEV_BSIZE)
+                || bp.bcount > dev.max_transfer()
+            {
                 Some(BioError::Inval)
             } else if op == BufOp::Write && dev.read_only() {
                 Some(BioError::Perm)

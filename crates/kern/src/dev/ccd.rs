@@ -430,12 +430,6 @@ impl BlockDev for Ccd {
         let Some(bp) = bounds_check(self, bp) else {
             return;
         };
-        if bp.bcount > self.max_transfer {
-            let mut bp = bp;
-            bp.error = Some(BioError::Inval);
-            bp.resid = bp.bcount;
-            return biodone(bp);
-        }
         // Keep the order: behind any backed-off buf.
         let queued = !self.state.lock().waiting.is_empty();
         if queued {

@@ -454,12 +454,6 @@ impl BlockDev for Sd {
         let Some(bp) = bounds_check(self, bp) else {
             return;
         };
-        if bp.bcount > self.max_transfer() {
-            let mut bp = bp;
-            bp.error = Some(BioError::Inval);
-            bp.resid = bp.bcount;
-            return biodone(bp);
-        }
         self.state.lock().bufq.put(bp);
         if self.completer.mode() == Completion::Thread {
             // "Have each driver occupy one thread": it starts the I/O.

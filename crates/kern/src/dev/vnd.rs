@@ -259,12 +259,6 @@ impl BlockDev for Vnd {
         let Some(bp) = bounds_check(self, bp) else {
             return;
         };
-        if bp.bcount > self.max_transfer {
-            let mut bp = bp;
-            bp.error = Some(BioError::Inval);
-            bp.resid = bp.bcount;
-            return biodone(bp);
-        }
         let g = self.state.lock();
         let mut g = g;
         g.bufq.put(bp);
