@@ -3,14 +3,22 @@
 //! mode documents; running out fails, waits or defers in order; concurrent
 //! loads on both CPUs never see each other's buffers.
 
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use kern::Completion;
+use kern::bio::{BioError, BlockDev, BufOp, BufqStrategy, bio_init, getbuf_wait, submit_wait};
 use kern::bus_dma::*;
-use kern::ctx::SoftCtx;
+use kern::ctx::{SoftCtx, ThreadCtx};
+use kern::dev::sd::{Sd, SdConfig};
+use kern::dev::{DiskCmd, DiskController, DiskDone, DiskGeometry, DiskOp, DiskStatus};
+use kern::intr::IntrHandle;
 use kern::vm::IoBuf;
-use machine::dvma::{DmaFault, Window};
+use machine::dev::{DiskConfig, DmaDisk};
+use machine::dvma::Window;
 use machine::{Machine, MachineConfig};
 
 fn boot(ncpu: usize) -> Machine {
@@ -118,52 +126,248 @@ fn every_mode_maps_what_was_loaded() {
     m.shutdown().unwrap();
 }
 
-/// The deliberately wrong driver: it unloads before its device copies.
-/// `strict` turns that into a DMA fault (counted, an error on that I/O);
-/// `slots` lets the stale mapping through and the device reads the old
-/// buffer.
+/// A temporary backing file for a disk, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("dvma-dvmatest-{}-{name}.img", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        TempFile(p)
+    }
+
+    fn read_at(&self, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        std::fs::File::open(&self.0)
+            .unwrap()
+            .read_exact_at(&mut v, off)
+            .unwrap();
+        v
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Stops a disk when dropped (before its machine shuts down, on failure too).
+struct Stopper(Arc<DmaDisk>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Submit one command to `disk` and poll for its completion.
+fn exec_one(disk: &DmaDisk, cmd: DiskCmd) -> DiskStatus {
+    let t0 = Instant::now();
+    while !disk.submit(cmd) {
+        assert!(t0.elapsed() < DEADLINE, "the disk refuses commands");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    disk.doorbell();
+    loop {
+        if let Some(d) = disk.reap() {
+            assert_eq!(d.id, cmd.id);
+            return d.status;
+        }
+        assert!(t0.elapsed() < DEADLINE, "the disk never completed {cmd:?}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The deliberately wrong driver: it unloads before its device copies. The
+/// device is the real DMA disk controller, told to WRITE (memory to its
+/// file) from the IOVA of a buffer already unloaded. `strict` turns that
+/// into a DMA fault: the command completes `DmaFault`, the window and the
+/// device count it, and the file is untouched. `slots` lets the stale
+/// mapping through: the command succeeds and the file gets the old buffer.
 #[test]
 fn a_device_that_copies_after_unload() {
     let m = boot(1);
     let w: &'static Window = m.window();
-    for mode in [DvmaMode::Strict, DvmaMode::Slots] {
-        let faults_before = w.stats.faults.load(SeqCst);
-        let (res, data) = m
+    let tmp = TempFile::new("stale");
+    let disk = Stopper(DmaDisk::open(w, DiskConfig::new(&tmp.0, 1 << 20)).unwrap());
+    for (i, mode) in [DvmaMode::Strict, DvmaMode::Slots].into_iter().enumerate() {
+        let lba = 8 * i as u64;
+        let window_faults = w.stats.faults.load(SeqCst);
+        let device_faults = disk.0.stats().dma_faults;
+        let (stale, data) = m
             .run(0, "wrong", move |ctx| {
                 let tag = tag_create("wrong", small(mode)).unwrap();
                 let mut map = dmamap_create(tag, 64 << 10).unwrap();
-                let data = pattern(7, 4096);
+                let data = pattern(7 + i as u8, 4096);
                 let mut buf = dmamem_alloc(tag, 4096).unwrap();
                 buf.as_mut_slice().copy_from_slice(&data);
                 dmamap_load(&mut map, buf, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
-                let seg = map.segs()[0];
+                dmamap_sync(&mut map, SyncOp::PreWrite);
+                let stale = map.segs()[0].iova;
+                dmamap_sync(&mut map, SyncOp::PostWrite);
                 let _buf = dmamap_unload(&mut map); // too early
-                let mut seen = vec![0u8; 4096];
-                let r = w.dma_read(seg.iova, &mut seen);
-                if r.is_err() {
-                    tag.fault();
-                }
-                (r, (seen, data))
+                (stale, data)
             })
             .unwrap();
+        let status = exec_one(
+            &disk.0,
+            DiskCmd {
+                id: i as u16,
+                op: DiskOp::Write,
+                lba,
+                nsect: 8,
+                iova: stale,
+                fua: false,
+            },
+        );
+        let on_disk = tmp.read_at(lba * 512, 4096);
         match mode {
             DvmaMode::Strict => {
-                assert!(matches!(res, Err(DmaFault::Unmapped { .. })), "{res:?}");
-                assert_eq!(w.stats.faults.load(SeqCst), faults_before + 1);
+                assert_eq!(status, DiskStatus::DmaFault, "strict: a stale IOVA worked");
+                assert_eq!(w.stats.faults.load(SeqCst), window_faults + 1);
+                assert_eq!(disk.0.stats().dma_faults, device_faults + 1);
+                assert!(
+                    on_disk.iter().all(|&b| b == 0),
+                    "strict: a faulting write reached the file"
+                );
             }
             _ => {
-                assert!(res.is_ok());
-                assert_eq!(
-                    data.0, data.1,
+                assert_eq!(status, DiskStatus::Ok, "slots: the stale mapping faulted");
+                assert_eq!(w.stats.faults.load(SeqCst), window_faults);
+                assert!(
+                    on_disk == data,
                     "slots: the stale mapping shows the old buffer"
                 );
             }
         }
     }
-    let s = kern::bus_dma::tags()
-        .map(|t| t.stats.faults.load(SeqCst))
-        .sum::<u64>();
-    assert_eq!(s, 1, "the fault was counted on the tag");
+    drop(disk);
+    m.shutdown().unwrap();
+}
+
+/// A controller that hands the DMA disk one stale IOVA: the next command
+/// submitted after `stale` is set goes to the disk with that IOVA instead
+/// of the one its driver loaded (the wrong driver's mistake, below a
+/// correct driver).
+struct StaleIova {
+    disk: Arc<DmaDisk>,
+    stale: AtomicU64,
+}
+
+impl DiskController for StaleIova {
+    fn geometry(&self) -> DiskGeometry {
+        self.disk.geometry()
+    }
+    fn submit(&self, mut cmd: DiskCmd) -> bool {
+        let stale = self.stale.swap(0, SeqCst);
+        if stale != 0 {
+            cmd.iova = stale;
+        }
+        let ok = self.disk.submit(cmd);
+        if !ok && stale != 0 {
+            self.stale.store(stale, SeqCst); // not taken: the next one gets it
+        }
+        ok
+    }
+    fn doorbell(&self) {
+        self.disk.doorbell()
+    }
+    fn reap(&self) -> Option<DiskDone> {
+        self.disk.reap()
+    }
+    fn set_interrupt(&self, cpu: usize, vector: IntrHandle) {
+        self.disk.set_interrupt(cpu, vector)
+    }
+}
+
+/// The driver's side of a device's DMA fault: `sd` (strict) on the real
+/// DMA disk gets `DmaFault` back for a write whose IOVA belongs to a
+/// buffer unloaded too early (a 64 KiB buffer loaded on sd's own tag and
+/// unloaded at once: its IOVA is of another size class than the 4 KiB
+/// write's, so the write's own load cannot be given it back). The buf
+/// fails with EIO and sd counts the fault on its tag (what the per-tag
+/// statistics report) as well as in its own counters; the next write
+/// works and counts nothing.
+#[test]
+fn sd_counts_a_device_dma_fault_on_its_tag() {
+    let m = boot(1);
+    let w: &'static Window = m.window();
+    let tmp = TempFile::new("sdfault");
+    let disk = Stopper(DmaDisk::open(w, DiskConfig::new(&tmp.0, 1 << 20)).unwrap());
+    let ctrl: &'static StaleIova = Box::leak(Box::new(StaleIova {
+        disk: disk.0.clone(),
+        stale: AtomicU64::new(0),
+    }));
+    let sd: &'static Sd = m
+        .run(0, "attach", move |_| {
+            bio_init(16);
+            let mut dma = TagConfig::new(DvmaMode::Strict);
+            dma.maxsize = 64 << 10;
+            Sd::attach(
+                SdConfig {
+                    name: "sd7",
+                    dma,
+                    completion: Completion::Intr,
+                    cpu: 0,
+                    bufq: BufqStrategy::Fcfs,
+                    read_only: false,
+                },
+                ctrl,
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let window_faults = w.stats.faults.load(SeqCst);
+    let write = move |ctx: &ThreadCtx, lba: u64, seed: u8| {
+        let mut data = sd.alloc_buf_wait(ctx, 4096).unwrap();
+        data.set_len(4096);
+        data.as_mut_slice().copy_from_slice(&pattern(seed, 4096));
+        let mut bp = getbuf_wait(ctx).unwrap();
+        bp.op = BufOp::Write;
+        bp.blkno = lba;
+        bp.bcount = 4096;
+        bp.data = Some(data);
+        let bp = submit_wait(ctx, sd, bp);
+        (bp.error, bp.resid)
+    };
+    let (bad, good) = m
+        .run(0, "io", move |ctx| {
+            let tag = sd.tag();
+            let mut map = dmamap_create(tag, 64 << 10).unwrap();
+            let buf = dmamem_alloc(tag, 64 << 10).unwrap();
+            dmamap_load(&mut map, buf, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
+            ctrl.stale.store(map.segs()[0].iova, SeqCst);
+            drop(dmamap_unload(&mut map)); // too early
+            let bad = write(ctx, 0, 0x11);
+            let good = write(ctx, 8, 0x22);
+            (bad, good)
+        })
+        .unwrap();
+    assert_eq!(
+        bad,
+        (Some(BioError::Io), 4096),
+        "the write from a stale IOVA did not fail"
+    );
+    assert_eq!(good, (None, 0), "a correct write failed");
+    assert_eq!(
+        disk.0.stats().dma_faults,
+        1,
+        "the device reported no DMA fault"
+    );
+    assert_eq!(w.stats.faults.load(SeqCst), window_faults + 1);
+    assert_eq!(sd.stats.dma_faults.load(SeqCst), 1);
+    assert_eq!(
+        sd.tag().stats.faults.load(SeqCst),
+        1,
+        "the fault was not counted on sd's tag"
+    );
+    assert!(tmp.read_at(0, 4096).iter().all(|&b| b == 0));
+    assert!(tmp.read_at(8 * 512, 4096) == pattern(0x22, 4096));
+    drop(disk);
     m.shutdown().unwrap();
 }
 
