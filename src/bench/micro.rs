@@ -71,6 +71,26 @@ pub struct IntrNs {
 pub struct AstNs {
     pub plain: f64,
     pub with_ast: f64,
+    /// What each variant did (CPU 0's counters over its timed loops): the
+    /// figures above are of interrupts with and without a pushed frame
+    /// only if these say so.
+    pub counts: AstCounts,
+}
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct AstCounts {
+    pub plain: PhaseCounts,
+    pub with_ast: PhaseCounts,
+}
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct PhaseCounts {
+    /// Interrupts posted.
+    pub posted: u64,
+    /// Runs of the interrupt handler.
+    pub interrupts: u64,
+    /// AST frames pushed at interrupt return (`ast_pushed`).
+    pub ast_pushed: u64,
+    /// AST handler runs (`ast_handlers`).
+    pub ast_handlers: u64,
 }
 #[derive(Serialize, Debug, Clone, Default)]
 pub struct Ratios {
@@ -212,9 +232,16 @@ fn kthread_switch(reps: usize) -> Result<f64, String> {
     Ok(median(v))
 }
 
-/// (ns per self-interrupt with a trivial handler, ns with an AST pushed)
-fn intr_and_ast(intr_stack: bool, with_ast: bool, reps: usize) -> Result<(f64, f64), String> {
+/// (ns per self-interrupt with a trivial handler, ns with an AST pushed,
+/// what each variant did)
+fn intr_and_ast(
+    intr_stack: bool,
+    with_ast: bool,
+    reps: usize,
+) -> Result<(f64, f64, AstCounts), String> {
     let m = boot(1, SplImpl::Lazy, intr_stack)?;
+    let intr_runs = Arc::new(AtomicU64::new(0));
+    let i2 = intr_runs.clone();
     let ast_runs = Arc::new(AtomicU64::new(0));
     let a2 = ast_runs.clone();
     let ast = ast_establish("bench", move |_| {
@@ -224,31 +251,49 @@ fn intr_and_ast(intr_stack: bool, with_ast: bool, reps: usize) -> Result<(f64, f
     let push = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let p2 = push.clone();
     let v = intr_establish(Ipl::Bio, "bench", move |ctx| {
+        i2.fetch_add(1, Relaxed);
         if p2.load(Relaxed) {
             ast_push(ctx, &ast);
         }
     })
     .map_err(|e| e.to_string())?;
     let n: u64 = 100_000;
-    let (plain, asted) = m
+    let (plain, asted, counts) = m
         .run(0, "bench-intr", move |_| {
             let mut plain = Vec::new();
             let mut asted = Vec::new();
+            let mut counts = AstCounts::default();
+            let st = &kern::kernel().cpu(0).stats;
             for _ in 0..reps {
                 for with in [false, true] {
                     if with && !with_ast {
                         continue;
                     }
                     push.store(with, Relaxed);
+                    let before = (
+                        intr_runs.load(Relaxed),
+                        st.ast_pushed.get(),
+                        st.ast_handlers.get(),
+                    );
                     let t0 = now();
                     for _ in 0..n {
                         intr_post(0, v);
                     }
                     let ns = (now() - t0) as f64 / n as f64;
-                    if with { asted.push(ns) } else { plain.push(ns) }
+                    let c = if with {
+                        asted.push(ns);
+                        &mut counts.with_ast
+                    } else {
+                        plain.push(ns);
+                        &mut counts.plain
+                    };
+                    c.posted += n;
+                    c.interrupts += intr_runs.load(Relaxed) - before.0;
+                    c.ast_pushed += st.ast_pushed.get() - before.1;
+                    c.ast_handlers += st.ast_handlers.get() - before.2;
                 }
             }
-            (plain, asted)
+            (plain, asted, counts)
         })
         .map_err(err)?;
     let s = m.shutdown().map_err(err)?;
@@ -260,7 +305,11 @@ fn intr_and_ast(intr_stack: bool, with_ast: bool, reps: usize) -> Result<(f64, f
             ));
         }
     }
-    Ok((median(plain), if with_ast { median(asted) } else { 0.0 }))
+    Ok((
+        median(plain),
+        if with_ast { median(asted) } else { 0.0 },
+        counts,
+    ))
 }
 
 /// ns from an interrupt handler's return to the start of the softint it
@@ -350,10 +399,11 @@ pub fn measure(reps: usize, only: &[String], progress: &dyn Fn(&str)) -> Result<
     }
     if want("intr") || want("ast") {
         progress("interrupt and AST, interrupt stack");
-        let (plain, with) = intr_and_ast(true, true, reps)?;
+        let (plain, with, counts) = intr_and_ast(true, true, reps)?;
         m.intr_ns.intrstack = plain;
         m.ast_ns.plain = plain;
         m.ast_ns.with_ast = with;
+        m.ast_ns.counts = counts;
     }
     m.ratios = Ratios {
         spl_mask_over_lazy: m.spl_pair_ns.mask / m.spl_pair_ns.lazy,
