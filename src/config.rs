@@ -67,6 +67,8 @@
 //! | `max_transfer` | size | `"1M"` | a power of two from 4K to 32M |
 //! | `workers` | integer | 2 | 1 to 64 (device threads) |
 //! | `o_direct` | bool | `false` | |
+//! | `write_cache` | bool | `false` | a volatile write cache in the controller: writes without FUA are acknowledged from its memory and reach the file at a flush, when the cache is full, and at a clean shutdown (so `kill -9` loses unflushed writes, as a power cut loses a disk's cache) |
+//! | `write_cache_size` | size | `"16M"` | a multiple of 4K, 4K to 1G; used when `write_cache = true` (a write larger than the cache goes straight through) |
 //! | `coalesce_count` | integer | 1 (an interrupt per completion) | 1 to `queue_depth` |
 //! | `coalesce_us` | integer | 0 (no coalescing timer) | 0 to 1000000 |
 //! | `poll_us` | integer | 5 | 0 to 1000000: how long an idle device worker polls its ring before it sleeps |
@@ -273,6 +275,10 @@ pub struct DiskSpec {
     pub workers: usize,
     /// Open the backing file with `O_DIRECT`.
     pub o_direct: bool,
+    /// A volatile write cache in the controller.
+    pub write_cache: bool,
+    /// Its capacity, bytes.
+    pub write_cache_size: u64,
     /// Completions gathered before an interrupt.
     pub coalesce_count: u16,
     /// Longest wait for more completions before interrupting, µs (0: none).
@@ -606,6 +612,8 @@ impl MachineSpec {
                     max_transfer: Some(SizeValue::of(d.max_transfer as u64)),
                     workers: Some(d.workers as i64),
                     o_direct: Some(d.o_direct),
+                    write_cache: Some(d.write_cache),
+                    write_cache_size: Some(SizeValue::of(d.write_cache_size)),
                     coalesce_count: Some(i64::from(d.coalesce_count)),
                     coalesce_us: Some(i64::from(d.coalesce_us)),
                     poll_us: Some(i64::from(d.poll_us)),
@@ -1030,6 +1038,8 @@ section! {
         max_transfer: SizeValue,
         workers: i64,
         o_direct: bool,
+        write_cache: bool,
+        write_cache_size: SizeValue,
         coalesce_count: i64,
         coalesce_us: i64,
         poll_us: i64,
@@ -1384,6 +1394,8 @@ impl Cx<'_> {
                 .unwrap_or(usize::MAX),
             workers: int("workers", d.workers, 2, 1, WORKERS_MAX as i64)? as usize,
             o_direct: d.o_direct.unwrap_or(false),
+            write_cache: d.write_cache.unwrap_or(false),
+            write_cache_size: size("write_cache_size", &d.write_cache_size, 16 * M)?,
             coalesce_count: int("coalesce_count", d.coalesce_count, 1, 1, queue_depth)? as u16,
             coalesce_us: int(
                 "coalesce_us",
@@ -1546,6 +1558,17 @@ impl Cx<'_> {
             self.range(&key("coalesce_us"), d.coalesce_us, 0, COALESCE_US_MAX)?;
             self.range(&key("poll_us"), d.poll_us, 0, POLL_US_MAX)?;
             self.range(&key("slots"), d.slots as u64, 1, SLOTS_MAX as u64)?;
+            if !d.write_cache_size.is_multiple_of(PAGE)
+                || !(PAGE..=1024 * M).contains(&d.write_cache_size)
+            {
+                return Err(self.err(
+                    key("write_cache_size"),
+                    format!(
+                        "{} is not a multiple of 4K between 4K and 1G",
+                        show(d.write_cache_size)
+                    ),
+                ));
+            }
             if d.pool == 0 || !d.pool.is_multiple_of(PAGE) {
                 return Err(self.err(
                     key("pool"),

@@ -88,6 +88,8 @@ impl System {
             let mut dc = DiskConfig::new(&d.file, d.size.unwrap_or(0));
             dc.create = false; // prepared above
             dc.o_direct = d.o_direct;
+            dc.write_cache = d.write_cache;
+            dc.write_cache_bytes = usize::try_from(d.write_cache_size).unwrap_or(usize::MAX);
             dc.max_transfer = d.max_transfer;
             dc.queue_depth = d.queue_depth;
             dc.workers = d.workers;
@@ -101,13 +103,18 @@ impl System {
             );
             self.disks.push((d.name.clone(), disk));
             self.messages.push(format!(
-                "dmadisk{i} at mainbus: {}, {} workers, queue depth {}, coalescing {} / {} us{}",
+                "dmadisk{i} at mainbus: {}, {} workers, queue depth {}, coalescing {} / {} us{}{}",
                 d.file.display(),
                 d.workers,
                 d.queue_depth,
                 d.coalesce_count,
                 d.coalesce_us,
-                if d.o_direct { ", O_DIRECT" } else { "" }
+                if d.o_direct { ", O_DIRECT" } else { "" },
+                if d.write_cache {
+                    format!(", write cache {} KiB", d.write_cache_size >> 10)
+                } else {
+                    String::new()
+                }
             ));
             let sd = Sd::attach(
                 SdConfig {

@@ -12,6 +12,9 @@
 //! | READ | [`Window::pread`]`(fd, lba*512, iova, nsect*512)`: file to memory | `DmaFault` if the IOVA range is not mapped writable; `MediaError(errno)` if the file fails |
 //! | WRITE | [`Window::pwrite`]: memory to file; with `fua`, then `fdatasync` | `DmaFault` if not mapped readable; `MediaError(errno)` |
 //! | FLUSH | `fdatasync` | `MediaError(errno)` |
+//! | READ, write cache on | as above when no cached sector overlaps; else [`Window::dma_write`] of the file's sectors with the cached ones laid over them (read-your-writes) | as above |
+//! | WRITE, write cache on | [`Window::dma_read`] into the controller's memory; completes `Ok` once cached (first destaging the oldest blocks to the file if the cache is full); with `fua`, or larger than the whole cache, written through: file, then `fdatasync` (`fua`), then the cached copies of those sectors dropped | `DmaFault` (the cache untouched); `MediaError(errno)` if a destage or the write-through fails |
+//! | FLUSH, write cache on | every cached block to the file, then `fdatasync` | `MediaError(errno)` (the cache keeps what it holds) |
 //!
 //! Before any I/O a READ or WRITE is checked: `nsect` of 0, a range past
 //! the last sector or a transfer above `max_transfer` completes `Invalid`;
@@ -25,6 +28,49 @@
 //! handlers; `open` and `stop` are not. Stop the disk before the machine
 //! shuts down (its window goes away with the machine).
 //!
+//! # The volatile write cache (`write_cache`, default off)
+//!
+//! With [`DiskConfig::write_cache`], the controller behaves as a disk with
+//! a volatile write cache: a WRITE without FUA is acknowledged once its
+//! data is in the controller's memory, and reaches the backing file only
+//! * at FLUSH (every cached block is written, then `fdatasync`),
+//! * when the cache is full (the least recently written blocks are
+//!   destaged to the file, without `fdatasync`, before the new data is
+//!   accepted),
+//! * at [`DmaDisk::stop`] (and `Drop`): clean shutdown writes everything
+//!   back and syncs.
+//!
+//! So a process killed with SIGKILL loses what was acknowledged but not
+//! flushed, as a real disk loses its cache at a power cut: without the
+//! cache, unflushed writes already sit in the host page cache and survive
+//! the process (only a host crash would lose them).
+//!
+//! The cache is bounded: it holds at most
+//! [`DiskConfig::write_cache_bytes`] of data in 4 KiB blocks (each with a
+//! per-sector valid mask), whatever the write pattern; a WRITE larger than
+//! the whole cache is written through. Transient buffers (one per command
+//! being executed, at most `max_transfer`, and a staging buffer of at most
+//! 1 MiB during a write-back) come on top. [`DmaDisk::cache_stats`] reports
+//! the occupancy and its peak.
+//!
+//! Ordering, with any number of workers (one cache per controller, under
+//! one lock):
+//! * a FLUSH writes back every block cached when it takes the lock, so
+//!   every WRITE acknowledged before the FLUSH was submitted, from any
+//!   queue or connection, is covered (`NBD_FLAG_CAN_MULTI_CONN`);
+//! * a write-through (FUA or oversized) writes the file and drops the
+//!   older cached copies of its sectors under the lock, so an older cached
+//!   copy can never be written back over it later;
+//! * blocks leave the cache only after they are in the file (under the
+//!   lock), so a READ sees each sector either in the cache or in the file,
+//!   never a stale version from before an acknowledged write.
+//!
+//! Data still moves only through the DVMA window: a WRITE copies the
+//! buffer through the window into the cache ([`Window::dma_read`]), a READ
+//! through it out of the cache ([`Window::dma_write`]); an unmapped IOVA
+//! still fails that command with `DmaFault`, and a faulting WRITE leaves
+//! the cache and the file untouched.
+//!
 //! `O_DIRECT` (optional) needs the file offset, the memory address and the
 //! length aligned to the filesystem's logical block size: offsets and
 //! lengths are sector multiples and window addresses of a loaded map are
@@ -32,14 +78,15 @@
 //! (ext4, xfs on most devices); a filesystem that refuses `O_DIRECT` fails
 //! `open` with a message saying so.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskGeometry, DiskOp, DiskStatus};
@@ -80,6 +127,13 @@ pub struct DiskConfig {
     pub spin_ns: u64,
     /// Refuse writes (`MediaError(EROFS)`); the file is opened read-only.
     pub read_only: bool,
+    /// A volatile write cache (see the module documentation): WRITEs
+    /// without FUA complete once in the controller's memory and reach the
+    /// file at FLUSH, when the cache is full, and at `stop`. Default off.
+    pub write_cache: bool,
+    /// The write cache's capacity, bytes (rounded down to 4 KiB, at least
+    /// 4 KiB). Default 16 MiB. Used only with `write_cache`.
+    pub write_cache_bytes: usize,
 }
 
 impl DiskConfig {
@@ -97,6 +151,8 @@ impl DiskConfig {
             coalesce_ns: 20_000,
             spin_ns: 30_000,
             read_only: false,
+            write_cache: false,
+            write_cache_bytes: 16 << 20,
         }
     }
 }
@@ -156,6 +212,300 @@ impl Injection {
     }
 }
 
+/// Bytes per write-cache block.
+const CBLOCK: usize = 4096;
+/// Sectors per write-cache block.
+const SPB: u64 = (CBLOCK / SECTOR as usize) as u64;
+/// Largest single file write of a write-back (contiguous blocks are
+/// gathered up to this).
+const STAGE: usize = 1 << 20;
+
+/// One page of memory, page aligned (so that the file may be `O_DIRECT`).
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Page([u8; CBLOCK]);
+
+/// A zeroed, page-aligned buffer of `len` bytes: the controller's memory
+/// for one command or one write-back.
+struct Bounce {
+    pages: Vec<Page>,
+    len: usize,
+}
+
+impl Bounce {
+    fn new(len: usize) -> Self {
+        Bounce {
+            pages: vec![Page([0; CBLOCK]); len.div_ceil(CBLOCK)],
+            len,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `pages` holds `len.div_ceil(CBLOCK) * CBLOCK >= len`
+        // initialised bytes (a `Page` is plain bytes, no padding), borrowed
+        // immutably with `self`.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// A cached block: its data and which of its sectors hold data.
+struct CacheBlock {
+    data: Box<Page>,
+    /// Bit `i`: sector `i` of the block is cached.
+    valid: u8,
+    /// When it was last written (key in `WriteCache::order`).
+    seq: u64,
+}
+
+/// The counters of a disk's write cache ([`DmaDisk::cache_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Capacity, bytes.
+    pub limit_bytes: u64,
+    /// Bytes held now (whole 4 KiB blocks).
+    pub cached_bytes: u64,
+    /// The most ever held.
+    pub peak_bytes: u64,
+    /// WRITEs acknowledged from the cache.
+    pub cached_writes: u64,
+    /// WRITEs written through (FUA, or larger than the cache).
+    pub write_through: u64,
+    /// Blocks destaged to the file because the cache was full.
+    pub destaged_blocks: u64,
+    /// Blocks written back by FLUSH and `stop`.
+    pub written_back_blocks: u64,
+    /// Sectors READs took from the cache.
+    pub read_hit_sectors: u64,
+}
+
+/// The volatile write cache: block number -> block, oldest first in
+/// `order`. Bounded by `cap` blocks.
+struct WriteCache {
+    blocks: BTreeMap<u64, CacheBlock>,
+    order: BTreeMap<u64, u64>,
+    next_seq: u64,
+    cap: usize,
+    stats: CacheStats,
+}
+
+/// The sectors of block `b` inside `[lba, lba + n)`, as a range of sector
+/// indexes within the block.
+fn in_block(b: u64, lba: u64, n: u64) -> Range<u64> {
+    let lo = lba.max(b * SPB) - b * SPB;
+    let hi = (lba + n).min((b + 1) * SPB) - b * SPB;
+    lo..hi
+}
+
+fn mask(r: &Range<u64>) -> u8 {
+    (((1u16 << r.end) - (1u16 << r.start)) & 0xff) as u8
+}
+
+fn media(e: io::Error) -> DiskStatus {
+    DiskStatus::MediaError(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Gathers contiguous runs of sectors into one file write.
+struct Stager<'a> {
+    file: &'a File,
+    buf: Bounce,
+    off: u64,
+    len: usize,
+}
+
+impl Stager<'_> {
+    fn push(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
+        if self.len > 0 && (off != self.off + self.len as u64 || self.len + data.len() > STAGE) {
+            self.emit()?;
+        }
+        if self.len == 0 {
+            self.off = off;
+        }
+        self.buf.bytes_mut()[self.len..self.len + data.len()].copy_from_slice(data);
+        self.len += data.len();
+        Ok(())
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        if self.len > 0 {
+            self.file
+                .write_all_at(&self.buf.bytes()[..self.len], self.off)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+}
+
+impl WriteCache {
+    fn new(bytes: usize) -> Self {
+        let cap = (bytes / CBLOCK).max(1);
+        WriteCache {
+            blocks: BTreeMap::new(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+            cap,
+            stats: CacheStats {
+                limit_bytes: (cap * CBLOCK) as u64,
+                ..CacheStats::default()
+            },
+        }
+    }
+
+    fn blocks_of(lba: u64, n: u64) -> Range<u64> {
+        lba / SPB..(lba + n).div_ceil(SPB)
+    }
+
+    /// Blocks of `[lba, lba + n)` not cached now.
+    fn missing(&self, lba: u64, n: u64) -> usize {
+        Self::blocks_of(lba, n)
+            .filter(|b| !self.blocks.contains_key(b))
+            .count()
+    }
+
+    /// Write blocks `nums` (ascending) to the file, then drop them. On an
+    /// error they all stay cached.
+    fn write_out(&mut self, file: &File, nums: &[u64]) -> io::Result<()> {
+        let total = nums.len() * CBLOCK;
+        let mut st = Stager {
+            file,
+            buf: Bounce::new(total.min(STAGE)),
+            off: 0,
+            len: 0,
+        };
+        for b in nums {
+            let blk = &self.blocks[b];
+            let mut i = 0;
+            while i < SPB {
+                if blk.valid & (1 << i) == 0 {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < SPB && blk.valid & (1 << i) != 0 {
+                    i += 1;
+                }
+                let (s, e) = (
+                    start as usize * SECTOR as usize,
+                    i as usize * SECTOR as usize,
+                );
+                st.push((b * SPB + start) * SECTOR as u64, &blk.data.0[s..e])?;
+            }
+        }
+        st.emit()?;
+        for b in nums {
+            if let Some(blk) = self.blocks.remove(b) {
+                self.order.remove(&blk.seq);
+            }
+        }
+        self.note_size();
+        Ok(())
+    }
+
+    /// Write everything back (FLUSH, stop).
+    fn write_back_all(&mut self, file: &File) -> io::Result<()> {
+        let nums: Vec<u64> = self.blocks.keys().copied().collect();
+        self.write_out(file, &nums)?;
+        self.stats.written_back_blocks += nums.len() as u64;
+        Ok(())
+    }
+
+    /// Destage the oldest blocks until `need` more fit (and then some, so
+    /// that a stream of writes destages in batches).
+    fn make_room(&mut self, file: &File, lba: u64, n: u64) -> io::Result<()> {
+        loop {
+            let need = self.missing(lba, n);
+            if self.blocks.len() + need <= self.cap {
+                return Ok(());
+            }
+            let want = (self.blocks.len() + need - self.cap)
+                .max(self.cap / 8)
+                .max(1);
+            let mut nums: Vec<u64> = self.order.values().take(want).copied().collect();
+            nums.sort_unstable();
+            self.write_out(file, &nums)?;
+            self.stats.destaged_blocks += nums.len() as u64;
+        }
+    }
+
+    /// Put `data` (sectors `[lba, lba + n)`) in the cache; there is room.
+    fn insert(&mut self, lba: u64, n: u64, data: &[u8]) {
+        for b in Self::blocks_of(lba, n) {
+            let r = in_block(b, lba, n);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let blk = self.blocks.entry(b).or_insert_with(|| CacheBlock {
+                data: Box::new(Page([0; CBLOCK])),
+                valid: 0,
+                seq,
+            });
+            self.order.remove(&blk.seq);
+            blk.seq = seq;
+            self.order.insert(seq, b);
+            let src = ((b * SPB + r.start - lba) * SECTOR as u64) as usize;
+            let (s, e) = (
+                r.start as usize * SECTOR as usize,
+                r.end as usize * SECTOR as usize,
+            );
+            blk.data.0[s..e].copy_from_slice(&data[src..src + e - s]);
+            blk.valid |= mask(&r);
+        }
+        self.note_size();
+    }
+
+    /// Forget the cached copies of sectors `[lba, lba + n)` (they were
+    /// just written through).
+    fn discard(&mut self, lba: u64, n: u64) {
+        for b in Self::blocks_of(lba, n) {
+            let Some(blk) = self.blocks.get_mut(&b) else {
+                continue;
+            };
+            blk.valid &= !mask(&in_block(b, lba, n));
+            if blk.valid == 0 {
+                let seq = blk.seq;
+                self.blocks.remove(&b);
+                self.order.remove(&seq);
+            }
+        }
+        self.note_size();
+    }
+
+    /// Copy the cached sectors of `[lba, lba + n)` into `out` (the range's
+    /// bytes), marking them in `hit`. Returns how many were cached.
+    fn overlay(&mut self, lba: u64, n: u64, out: &mut [u8], hit: &mut [bool]) -> u64 {
+        let mut found = 0;
+        let range = Self::blocks_of(lba, n);
+        for (&b, blk) in self.blocks.range(range) {
+            for i in in_block(b, lba, n) {
+                if blk.valid & (1 << i) == 0 {
+                    continue;
+                }
+                let k = (b * SPB + i - lba) as usize;
+                let sec = SECTOR as usize;
+                out[k * sec..(k + 1) * sec]
+                    .copy_from_slice(&blk.data.0[i as usize * sec..(i as usize + 1) * sec]);
+                hit[k] = true;
+                found += 1;
+            }
+        }
+        self.stats.read_hit_sectors += found;
+        found
+    }
+
+    fn overlaps(&self, lba: u64, n: u64) -> bool {
+        self.blocks.range(Self::blocks_of(lba, n)).next().is_some()
+    }
+
+    fn note_size(&mut self) {
+        let now = (self.blocks.len() * CBLOCK) as u64;
+        self.stats.cached_bytes = now;
+        self.stats.peak_bytes = self.stats.peak_bytes.max(now);
+    }
+}
+
 struct DiskMedium {
     window: &'static Window,
     file: File,
@@ -163,6 +513,8 @@ struct DiskMedium {
     max_transfer: usize,
     read_only: bool,
     bad: Injection,
+    /// The volatile write cache, if configured.
+    cache: Option<Mutex<WriteCache>>,
 }
 
 impl DiskMedium {
@@ -195,6 +547,13 @@ impl DiskMedium {
             Counters::inc(&stats.injected);
             return DiskStatus::MediaError(libc::EIO);
         }
+        if let Some(cache) = &self.cache {
+            return if write {
+                self.write_cached(cache, c, len as usize, stats)
+            } else {
+                self.read_cached(cache, c, len as usize, stats)
+            };
+        }
         let fd = self.file.as_raw_fd();
         let off = c.lba * SECTOR as u64;
         let r = if write {
@@ -222,6 +581,121 @@ impl DiskMedium {
     }
 }
 
+fn lock(cache: &Mutex<WriteCache>) -> MutexGuard<'_, WriteCache> {
+    cache.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl DiskMedium {
+    /// A WRITE with the cache on: through the window into the controller's
+    /// memory, then into the cache, or through to the file (FUA, or larger
+    /// than the cache).
+    fn write_cached(
+        &self,
+        cache: &Mutex<WriteCache>,
+        c: &DiskCmd,
+        len: usize,
+        stats: &Counters,
+    ) -> DiskStatus {
+        let mut buf = Bounce::new(len);
+        match self.window.dma_read(c.iova, buf.bytes_mut()) {
+            Ok(()) => {}
+            Err(DmaFault::Unmapped { .. }) => return DiskStatus::DmaFault,
+            Err(DmaFault::Io { errno }) => return DiskStatus::MediaError(errno),
+        }
+        let n = c.nsect as u64;
+        let mut wc = lock(cache);
+        if c.fua || WriteCache::blocks_of(c.lba, n).count() > wc.cap {
+            // Through: the file first, then the older cached copies go,
+            // both under the lock (a READ finds the sectors in one or the
+            // other; no write-back can put an older copy over this one).
+            if let Err(e) = self.file.write_all_at(buf.bytes(), c.lba * SECTOR as u64) {
+                return media(e);
+            }
+            wc.discard(c.lba, n);
+            wc.stats.write_through += 1;
+            drop(wc);
+            Counters::add(&stats.bytes_written, len as u64);
+            if c.fua
+                && let Err(s) = self.sync(stats)
+            {
+                return s;
+            }
+            return DiskStatus::Ok;
+        }
+        if let Err(e) = wc.make_room(&self.file, c.lba, n) {
+            return media(e);
+        }
+        wc.insert(c.lba, n, buf.bytes());
+        wc.stats.cached_writes += 1;
+        drop(wc);
+        Counters::add(&stats.bytes_written, len as u64);
+        DiskStatus::Ok
+    }
+
+    /// A READ with the cache on: straight from the file when nothing of the
+    /// range is cached, else the file's sectors with the cached ones laid
+    /// over them, through the window.
+    fn read_cached(
+        &self,
+        cache: &Mutex<WriteCache>,
+        c: &DiskCmd,
+        len: usize,
+        stats: &Counters,
+    ) -> DiskStatus {
+        let n = c.nsect as u64;
+        let off = c.lba * SECTOR as u64;
+        let mut wc = lock(cache);
+        let r = if !wc.overlaps(c.lba, n) {
+            drop(wc);
+            // A sector not cached now is in the file: blocks leave the
+            // cache only after they were written (under the lock).
+            self.window.pread(self.file.as_raw_fd(), off, c.iova, len)
+        } else {
+            let mut buf = Bounce::new(len);
+            let mut hit = vec![false; c.nsect as usize];
+            wc.overlay(c.lba, n, buf.bytes_mut(), &mut hit);
+            drop(wc);
+            let sec = SECTOR as usize;
+            let mut i = 0;
+            while i < hit.len() {
+                if hit[i] {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < hit.len() && !hit[i] {
+                    i += 1;
+                }
+                if let Err(e) = self.file.read_exact_at(
+                    &mut buf.bytes_mut()[start * sec..i * sec],
+                    off + (start * sec) as u64,
+                ) {
+                    return media(e);
+                }
+            }
+            self.window.dma_write(c.iova, buf.bytes())
+        };
+        match r {
+            Ok(()) => {
+                Counters::add(&stats.bytes_read, len as u64);
+                DiskStatus::Ok
+            }
+            Err(DmaFault::Unmapped { .. }) => DiskStatus::DmaFault,
+            Err(DmaFault::Io { errno }) => DiskStatus::MediaError(errno),
+        }
+    }
+
+    /// FLUSH, and `stop`: write the cache back, then `fdatasync`.
+    fn flush(&self, stats: &Counters) -> Result<(), DiskStatus> {
+        if let Some(cache) = &self.cache {
+            // Everything acknowledged before the FLUSH was submitted is in
+            // the cache now, whichever worker cached it.
+            lock(cache).write_back_all(&self.file).map_err(media)?;
+        }
+        self.sync(stats)
+    }
+}
+
 impl Medium for DiskMedium {
     type Cmd = DiskCmd;
 
@@ -236,7 +710,7 @@ impl Medium for DiskMedium {
                 if self.read_only {
                     return DiskStatus::Ok;
                 }
-                match self.sync(stats) {
+                match self.flush(stats) {
                     Ok(()) => DiskStatus::Ok,
                     Err(s) => s,
                 }
@@ -315,6 +789,8 @@ impl DmaDisk {
             max_transfer: cfg.max_transfer,
             read_only: cfg.read_only,
             bad: Injection::default(),
+            cache: (cfg.write_cache && !cfg.read_only)
+                .then(|| Mutex::new(WriteCache::new(cfg.write_cache_bytes))),
         };
         let engine = Engine::start(
             medium,
@@ -348,8 +824,37 @@ impl DmaDisk {
     /// `MediaError(ESHUTDOWN)`, one last interrupt is posted for them.
     /// Idempotent; `Drop` calls it. Host or thread context, never an
     /// interrupt handler.
+    ///
+    /// With the write cache on, everything cached is then written back
+    /// and synced (clean shutdown); a failure is reported on stderr (the
+    /// data stays cached, and is lost with the process).
     pub fn stop(&self) {
         self.engine.stop();
+        let m = &self.engine.core().medium;
+        if let Some(cache) = &m.cache {
+            let mut wc = lock(cache);
+            if wc.blocks.is_empty() {
+                return;
+            }
+            let r = wc.write_back_all(&m.file);
+            drop(wc);
+            if let Err(e) = r
+                .map_err(media)
+                .and_then(|()| m.sync(&self.engine.core().stats))
+            {
+                eprintln!(
+                    "dmadisk {}: writing back the write cache at stop: {e:?}",
+                    self.cfg.path.display()
+                );
+            }
+        }
+    }
+
+    /// The write cache's counters, or `None` without a write cache. Host or
+    /// thread context (takes the cache's lock).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        let m = &self.engine.core().medium;
+        m.cache.as_ref().map(|c| lock(c).stats)
     }
 
     /// Has `stop` been called?
@@ -384,6 +889,12 @@ impl DmaDisk {
     /// The configuration it was opened with.
     pub fn config(&self) -> &DiskConfig {
         &self.cfg
+    }
+}
+
+impl Drop for DmaDisk {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
