@@ -7,4 +7,5 @@ pub mod bench;
 pub mod config;
 pub mod race;
 pub mod serve;
+pub mod soak;
 pub mod system;

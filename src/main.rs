@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use dvma::{bench, race, serve};
+use dvma::{bench, race, serve, soak};
 
 /// Command line.
 #[derive(Parser)]
@@ -28,6 +28,8 @@ enum Cmd {
     Race(race::RaceArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Verified random I/O against `dvma serve` in every mode pair, with a watchdog.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Race(a) => race::main(a),
         Cmd::Bench(a) => bench::main(a),
+        Cmd::Soak(a) => soak::main(a),
     };
     match r {
         Ok(code) => code,
