@@ -6,8 +6,8 @@
 //! test has its own server. What the tools write, the raw client of the
 //! harness reads back, and the other way round.
 //!
-//! A missing tool skips the test with a message, except under `CI=true`
-//! where it is a failure.
+//! A missing tool fails the test, unless `DVMA_ALLOW_SKIP=1` (and not
+//! `CI=true`), which skips it with a `SKIPPED` line (`common::skip`).
 
 mod common;
 

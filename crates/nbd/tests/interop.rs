@@ -2,8 +2,8 @@
 //! and `qemu-io` (package `qemu-utils`) against a tiny in-memory server built
 //! from this crate, on a free loopback port.
 //!
-//! A missing tool skips the test with a message, unless `CI=true`, where it
-//! fails.
+//! A missing tool fails the test, unless `DVMA_ALLOW_SKIP=1` (and not
+//! `CI=true`), which skips it with a `SKIPPED` line (`tests/common/skip.rs`).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+#[path = "../../../tests/common/skip.rs"]
+mod skip;
 
 use nbd::{
     BlockSizes, Command, ExportInfo, ExportList, HandshakeLimits, ReadReply, Request, Validation,
@@ -178,7 +181,8 @@ fn serve(mut sock: TcpStream, table: &ExportList, disks: &Disks) -> io::Result<(
     }
 }
 
-/// Whether `tool` can be run; if not, skip (or fail under `CI=true`).
+/// Whether `tool` can be run; if not, the test fails, or skips where
+/// skipping is allowed (`skip::skip`).
 fn have(tool: &str) -> bool {
     let found = Process::new(tool)
         .arg("--version")
@@ -187,10 +191,9 @@ fn have(tool: &str) -> bool {
         .status()
         .is_ok();
     if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is missing (install libnbd-bin and qemu-utils)");
-        }
-        println!("SKIP: {tool} not installed (apt-get install libnbd-bin qemu-utils)");
+        skip::skip(&format!(
+            "{tool} is not installed (apt-get install libnbd-bin qemu-utils)"
+        ));
     }
     found
 }
