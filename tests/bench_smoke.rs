@@ -8,14 +8,21 @@
 //! nothing of the group is left running, and kills the whole group in any
 //! case, pass or fail.
 //!
-//! Needs fio with its nbd engine: without it the test is skipped with a
-//! message, unless `CI=true`, where it fails.
+//! Needs fio with its nbd engine; the peers (nbdkit, qemu-nbd) are
+//! optional to the bench, which reports a missing one. Without fio the
+//! test fails, and under `CI=true` (which installs the peers) so does a
+//! missing peer, unless `DVMA_ALLOW_SKIP=1` outside CI: then fio's absence
+//! skips the test and a peer's absence skips the check of its run, each
+//! with a `SKIPPED` line (`tests/common/skip.rs`).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/skip.rs"]
+mod skip;
 
 /// Longest the bench may take (it needs about 5 s).
 const TIMEOUT: Duration = Duration::from_secs(45);
@@ -97,12 +104,22 @@ fn file(path: &Path) -> String {
 #[test]
 fn tiny_matrix_end_to_end() {
     if !fio_with_nbd() {
-        let msg = "fio with its nbd engine is not installed (apt-get install fio)";
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{msg}: CI must have it");
-        }
-        eprintln!("skipping tiny_matrix_end_to_end: {msg}");
+        skip::skip("fio with its nbd engine is not installed (apt-get install fio)");
         return;
+    }
+    // A missing peer is reported by the bench (and checked below); it may
+    // only be skipped where skipping is allowed.
+    for peer in report::PEERS {
+        if !on_path(peer) {
+            let package = if peer == "qemu-nbd" {
+                "qemu-utils"
+            } else {
+                peer
+            };
+            skip::skip(&format!(
+                "peer {peer} is not installed (apt-get install {package}): its run is not checked"
+            ));
+        }
     }
     let out =
         TempDir(std::env::temp_dir().join(format!("dvma-bench-smoke-{}", std::process::id())));
