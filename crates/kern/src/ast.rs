@@ -21,9 +21,8 @@
 //!    switch or another interrupt handler),
 //! 2. runs at IPL none,
 //! 3. holds no spin mutex,
-//! 4. is not in a region marked unsafe (`no_ast`: the allocator under the
-//!    `safepoint` protection, a thread between queueing itself and
-//!    switching),
+//! 4. is not in a region marked unsafe (`no_ast`: the host allocator, see
+//!    [`crate::malloc`]; kmem under the `safepoint` protection),
 //! 5. is not already in an upcall, nor in the trampoline or the machine's
 //!    trap entry and exit code, with no upcall pushed and not yet entered,
 //! 6. has stack room left.
@@ -234,6 +233,9 @@ pub(crate) fn safepoint(cpu: &Cpu) {
 fn run_pending(cpu: &Cpu) {
     let k = kernel();
     let ctx = ThreadCtx::new();
+    if cpu.in_malloc.get() != 0 {
+        cpu.stats.ast_in_malloc.inc();
+    }
     loop {
         // Clear the bit first: a push after this sets both again.
         cpu.line.claim(AST_BIT);

@@ -288,6 +288,9 @@ pub struct TagStats {
     pub removes: AtomicU64,
     /// Lazy flushes.
     pub flushes: AtomicU64,
+    /// Lazy unloads that found the flush queue full and flushed it
+    /// themselves (another CPU filled it between a push and its flush).
+    pub lazy_full: AtomicU64,
     /// Bytes copied (shadow).
     pub bounce_bytes: AtomicU64,
     /// DMA faults the tag's devices reported.
@@ -457,9 +460,49 @@ impl DmaPool {
     }
 }
 
+/// `lazy`: the queue of unmaps not yet done. A fixed array sized at attach
+/// (`lazy_batch` entries): unloads run in interrupt context, which must not
+/// allocate, so the queue never grows. A push that finds it full (another
+/// CPU filled it between a push and its flush) flushes and tries again.
 struct FlushQ {
-    entries: Vec<(u64, usize)>,
+    entries: Box<[(u64, usize)]>,
+    len: usize,
     oldest_ns: u64,
+}
+
+impl FlushQ {
+    fn new(cap: usize) -> Self {
+        Self {
+            entries: alloc::vec![(0, 0); cap.max(1)].into_boxed_slice(),
+            len: 0,
+            oldest_ns: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queue an unmap; `false` if the queue is full.
+    fn push(&mut self, e: (u64, usize)) -> bool {
+        match self.entries.get_mut(self.len) {
+            Some(slot) => {
+                *slot = e;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Move up to `out.len()` entries into `out`; returns how many.
+    fn take(&mut self, out: &mut [(u64, usize)]) -> usize {
+        let n = self.len.min(out.len());
+        let start = self.len - n;
+        out[..n].copy_from_slice(&self.entries[start..self.len]);
+        self.len = start;
+        n
+    }
 }
 
 struct SlotSet {
@@ -558,13 +601,7 @@ pub fn tag_create(name: &'static str, cfg: TagConfig) -> Result<&'static DmaTag,
     busdma_softint();
     let kind = match cfg.mode {
         DvmaMode::Strict => Kind::Strict,
-        DvmaMode::Lazy => Kind::Lazy(SpinMutex::new(
-            Ipl::Vm,
-            FlushQ {
-                entries: Vec::with_capacity(cfg.lazy_batch),
-                oldest_ns: 0,
-            },
-        )),
+        DvmaMode::Lazy => Kind::Lazy(SpinMutex::new(Ipl::Vm, FlushQ::new(cfg.lazy_batch))),
         DvmaMode::Slots => {
             let size = cfg.maxsize.div_ceil(IOPAGE) * IOPAGE;
             let total = size * cfg.slots;
@@ -1078,18 +1115,28 @@ impl DmaTag {
 
     fn lazy_unload(&self, q: &SpinMutex<FlushQ>, iova: u64, len: usize) {
         let now = kernel().md().nanotime();
-        let mut g = q.lock();
-        if g.entries.is_empty() {
-            g.oldest_ns = now;
-        }
-        g.entries.push((iova, len));
-        let due = g.entries.len() >= self.cfg.lazy_batch
-            || now.saturating_sub(g.oldest_ns) >= self.cfg.lazy_timeout_ns;
-        drop(g);
-        if due {
-            self.lazy_flush(q);
-        } else {
-            crate::callout::callout_schedule(&LAZY_CALLOUT, self.cfg.lazy_timeout_ns);
+        loop {
+            let mut g = q.lock();
+            if g.is_empty() {
+                g.oldest_ns = now;
+            }
+            if !g.push((iova, len)) {
+                // Full: make room ourselves (never grow: we may be in an
+                // interrupt handler).
+                drop(g);
+                self.stats.lazy_full.fetch_add(1, Relaxed);
+                self.lazy_flush(q);
+                continue;
+            }
+            let due = g.len >= self.cfg.lazy_batch
+                || now.saturating_sub(g.oldest_ns) >= self.cfg.lazy_timeout_ns;
+            drop(g);
+            if due {
+                self.lazy_flush(q);
+            } else {
+                crate::callout::callout_schedule(&LAZY_CALLOUT, self.cfg.lazy_timeout_ns);
+            }
+            return;
         }
     }
 
@@ -1108,16 +1155,11 @@ impl DmaTag {
         let mut batch = [(0u64, 0usize); 256];
         let mut any = false;
         loop {
-            let mut g = q.lock();
-            let n = g.entries.len().min(batch.len());
+            let n = q.lock().take(&mut batch);
             if n == 0 {
                 return any;
             }
             any = true;
-            let start = g.entries.len() - n;
-            batch[..n].copy_from_slice(&g.entries[start..]);
-            g.entries.truncate(start);
-            drop(g);
             let b = &mut batch[..n];
             b.sort_unstable_by_key(|e| e.0);
             let mut i = 0;
@@ -1146,9 +1188,8 @@ impl DmaTag {
         if let Kind::Lazy(q) = &self.kind {
             let now = kernel().md().nanotime();
             let g = q.lock();
-            let due = !g.entries.is_empty()
-                && now.saturating_sub(g.oldest_ns) >= self.cfg.lazy_timeout_ns;
-            let any = !g.entries.is_empty();
+            let due = !g.is_empty() && now.saturating_sub(g.oldest_ns) >= self.cfg.lazy_timeout_ns;
+            let any = !g.is_empty();
             drop(g);
             if due {
                 self.lazy_flush(q);
@@ -1254,4 +1295,36 @@ fn lazy_callout(_: &SoftCtx) {
 pub fn domain_pages() -> (u64, u64) {
     let d = kernel().dma_domain();
     (d.pages_mapped.load(Relaxed), d.pages_peak.load(Relaxed))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::FlushQ;
+
+    /// The lazy queue is bounded by construction: a push past its capacity
+    /// is refused (the caller flushes), never grown; `take` empties it in
+    /// chunks and makes room again.
+    #[test]
+    fn flush_queue_is_bounded() {
+        let mut q = FlushQ::new(3);
+        assert!(q.is_empty());
+        for i in 0..3u64 {
+            assert!(q.push((i << 12, 4096)));
+        }
+        assert!(!q.push((9 << 12, 4096)), "a full queue refuses");
+        assert_eq!(q.entries.len(), 3, "and does not grow");
+        let mut out = [(0, 0); 2];
+        assert_eq!(q.take(&mut out), 2);
+        assert_eq!(out, [(1 << 12, 4096), (2 << 12, 4096)]);
+        assert!(q.push((9 << 12, 4096)), "room again after a take");
+        let mut all = [(0, 0); 8];
+        assert_eq!(q.take(&mut all), 2);
+        assert_eq!(&all[..2], &[(0, 4096), (9 << 12, 4096)]);
+        assert!(q.is_empty());
+        assert_eq!(q.take(&mut all), 0);
+        // A zero batch still has room for one entry (flushed at once).
+        let mut z = FlushQ::new(0);
+        assert!(z.push((0, 4096)));
+        assert!(!z.push((4096, 4096)));
+    }
 }

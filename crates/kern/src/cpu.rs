@@ -147,6 +147,13 @@ pub struct CpuStats {
     pub ast_safepoint: CpuLocal,
     /// AST handler invocations.
     pub ast_handlers: CpuLocal,
+    /// AST handlers entered while their thread was inside the host
+    /// allocator (`kern::malloc`): the hazard; 0 unless the protection is
+    /// off.
+    pub ast_in_malloc: CpuLocal,
+    /// Host allocator calls in interrupt context (handlers must not
+    /// allocate): 0 in a correct kernel.
+    pub intr_mallocs: CpuLocal,
     /// Idle sleeps.
     pub idle_sleeps: CpuLocal,
 }
@@ -171,6 +178,8 @@ impl Default for CpuStats {
             ast_deferred: CpuLocal::new(),
             ast_safepoint: CpuLocal::new(),
             ast_handlers: CpuLocal::new(),
+            ast_in_malloc: CpuLocal::new(),
+            intr_mallocs: CpuLocal::new(),
             idle_sleeps: CpuLocal::new(),
         }
     }
@@ -198,6 +207,11 @@ pub struct Cpu {
     /// Nonzero while this CPU is inside an allocator (kmem, a pool): traps
     /// that land then are counted in [`CpuStats::traps_in_alloc`].
     pub(crate) in_alloc: CpuLocal,
+    /// Nonzero while this CPU is inside the host allocator (`kern::malloc`).
+    pub(crate) in_malloc: CpuLocal,
+    /// The host allocator is a `no_ast` region
+    /// ([`crate::KernelConfig::malloc_no_ast`]).
+    pub(crate) malloc_no_ast: bool,
     /// Set while kernel-thread code runs (not the scheduler, the idle loop or
     /// the coroutine switch).
     pub(crate) in_kthread: AtomicBool,
@@ -228,7 +242,7 @@ pub struct Cpu {
 }
 
 impl Cpu {
-    pub(crate) fn new(index: usize, mask_mode: bool) -> Self {
+    pub(crate) fn new(index: usize, mask_mode: bool, malloc_no_ast: bool) -> Self {
         Self {
             index,
             line: PendingLine::new(),
@@ -240,6 +254,8 @@ impl Cpu {
             mtx_oldspl: AtomicU8::new(0),
             no_ast: CpuLocal::new(),
             in_alloc: CpuLocal::new(),
+            in_malloc: CpuLocal::new(),
+            malloc_no_ast,
             in_kthread: AtomicBool::new(false),
             in_softint_thread: AtomicBool::new(false),
             curthread: AtomicPtr::new(core::ptr::null_mut()),

@@ -56,6 +56,9 @@ pub struct KernelConfig {
     pub idle_poll_ns: u64,
     /// Size of the kmem arena.
     pub kmem_bytes: usize,
+    /// The host allocator is not an AST safe point (`kern::malloc`). Only
+    /// the test that shows the hazard turns this off.
+    pub malloc_no_ast: bool,
 }
 
 impl Default for KernelConfig {
@@ -69,6 +72,7 @@ impl Default for KernelConfig {
             softint_max_restarts: 10,
             idle_poll_ns: 50_000,
             kmem_bytes: 4 * 1024 * 1024,
+            malloc_no_ast: true,
         }
     }
 }
@@ -143,7 +147,9 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
     let mask = cfg.spl == SplImpl::Mask;
     let k = Box::into_raw(Box::new(Kernel {
         md,
-        cpus: (0..cfg.ncpu).map(|i| Cpu::new(i, mask)).collect(),
+        cpus: (0..cfg.ncpu)
+            .map(|i| Cpu::new(i, mask, cfg.malloc_no_ast))
+            .collect(),
         vectors: Vectors::new(),
         softints: Softints::new(),
         asts: Asts::new(),

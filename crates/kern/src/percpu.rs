@@ -42,38 +42,38 @@ impl CpuLocal {
     /// Owning CPU only.
     #[inline(always)]
     pub fn add(&self, n: u64) {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
         // SAFETY: a non-locked `add` to the word, which lives as long as
         // `self`; single instruction, so atomic w.r.t. this CPU's signals.
         unsafe {
             core::arch::asm!("add qword ptr [{p}], {n}", p = in(reg) self.0.as_ptr(), n = in(reg) n,
                 options(nostack));
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
         self.0.fetch_add(n, Relaxed);
     }
 
     /// Add one. Owning CPU only.
     #[inline(always)]
     pub fn inc(&self) {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
         // SAFETY: as in `add`.
         unsafe {
             core::arch::asm!("inc qword ptr [{p}]", p = in(reg) self.0.as_ptr(), options(nostack));
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
         self.0.fetch_add(1, Relaxed);
     }
 
     /// Subtract one. Owning CPU only.
     #[inline(always)]
     pub fn dec(&self) {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
         // SAFETY: as in `add`.
         unsafe {
             core::arch::asm!("dec qword ptr [{p}]", p = in(reg) self.0.as_ptr(), options(nostack));
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
         self.0.fetch_sub(1, Relaxed);
     }
 

@@ -52,6 +52,11 @@ pub struct CpuSnapshot {
     pub ast_safepoint: u64,
     /// AST handler runs.
     pub ast_handlers: u64,
+    /// AST handlers entered while their thread was inside the host
+    /// allocator (must stay 0: see `kern::malloc`).
+    pub ast_in_malloc: u64,
+    /// Host allocator calls made in interrupt context (must stay 0).
+    pub intr_mallocs: u64,
     /// Idle sleeps.
     pub idle_sleeps: u64,
 }
@@ -77,6 +82,8 @@ impl CpuSnapshot {
             ast_deferred: s.ast_deferred.get(),
             ast_safepoint: s.ast_safepoint.get(),
             ast_handlers: s.ast_handlers.get(),
+            ast_in_malloc: s.ast_in_malloc.get(),
+            intr_mallocs: s.intr_mallocs.get(),
             idle_sleeps: s.idle_sleeps.get(),
         }
     }
@@ -237,7 +244,7 @@ impl fmt::Display for Snapshot {
             writeln!(f, "{:<24} {:<6} {r:>12}  (ast)", n, "none")?;
         }
         type Row = (&'static str, fn(&CpuSnapshot) -> u64);
-        let rows: [Row; 17] = [
+        let rows: [Row; 19] = [
             ("traps (signals)", |c| c.traps),
             ("traps with nothing to run", |c| c.traps_idle),
             ("traps inside an allocator", |c| c.traps_in_alloc),
@@ -254,6 +261,8 @@ impl fmt::Display for Snapshot {
             ("ASTs deferred", |c| c.ast_deferred),
             ("ASTs at safe points", |c| c.ast_safepoint),
             ("AST handler runs", |c| c.ast_handlers),
+            ("ASTs inside malloc (must be 0)", |c| c.ast_in_malloc),
+            ("mallocs in interrupts (0)", |c| c.intr_mallocs),
             ("idle sleeps", |c| c.idle_sleeps),
         ];
         writeln!(f)?;

@@ -39,6 +39,14 @@ use kern::ThreadCtx;
 pub use kern::kernel::{KernelConfig, SplImpl};
 use kern::sched::{KThread, SchedError};
 
+/// The host allocator (glibc malloc), wrapped so that a CPU inside it is
+/// never an AST safe point (`kern::malloc`): a signal that lands in malloc
+/// leaves its AST pending until malloc returns. Every program that links
+/// this crate allocates through it.
+#[global_allocator]
+static ALLOC: kern::malloc::KernAlloc<std::alloc::System> =
+    kern::malloc::KernAlloc::new(std::alloc::System);
+
 /// How to build the machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {

@@ -22,6 +22,7 @@ use crate::completion::Completion;
 use crate::ctx::{IntrCtx, SoftCtx, ThreadCtx};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
 use crate::softint::{SoftintHandle, softint_establish, softint_schedule};
 
@@ -50,8 +51,11 @@ type Work = dyn Fn(WorkCtx<'_>) + Send + Sync;
 /// One driver instance's completion path.
 pub struct Completer {
     mode: Completion,
-    softint: Option<SoftintHandle>,
-    ast: Option<AstHandle>,
+    /// `softint`: the handle, set once at attach (the handler refers back
+    /// to the completer, so it exists only after the completer is shared).
+    softint: Once<SoftintHandle>,
+    /// `ast`: likewise.
+    ast: Once<AstHandle>,
     /// `thread`: work is pending (set under `lock`, so the thread's test and
     /// sleep cannot miss it).
     kicked: AtomicBool,
@@ -73,8 +77,8 @@ impl Completer {
     ) -> Result<&'static Completer, alloc::string::String> {
         let c: &'static Completer = Box::leak(Box::new(Completer {
             mode,
-            softint: None,
-            ast: None,
+            softint: Once::new(),
+            ast: Once::new(),
             kicked: AtomicBool::new(false),
             lock: SpinMutex::new(Ipl::High, ()),
             chan: AtomicU32::new(0),
@@ -82,24 +86,18 @@ impl Completer {
             thread: SpinMutex::new(Ipl::None, None),
             work: Box::new(work),
         }));
-        // The handles point back at the leaked completer; set them through a
-        // raw pointer before it is shared with any handler.
-        let cp = c as *const Completer as *mut Completer;
         match mode {
             Completion::Intr => {}
             Completion::Softint => {
                 let h =
                     softint_establish(Ipl::SoftBio, name, move |ctx| c.work_in(WorkCtx::Soft(ctx)))
                         .map_err(|e| alloc::format!("{e}"))?;
-                // SAFETY: nothing uses the completer before `attach` returns;
-                // this is the only write to the field.
-                unsafe { (*cp).softint = Some(h) };
+                let _ = c.softint.set(h); // the only set: cannot fail
             }
             Completion::Ast => {
                 let h = ast_establish(name, move |ctx| c.work_in(WorkCtx::Thread(ctx)))
                     .map_err(|e| alloc::format!("{e}"))?;
-                // SAFETY: as above.
-                unsafe { (*cp).ast = Some(h) };
+                let _ = c.ast.set(h); // the only set: cannot fail
             }
             Completion::Thread => {
                 let t = kthread_create(Some(cpu), name, move |ctx| c.thread_main(ctx))
@@ -125,12 +123,12 @@ impl Completer {
         match self.mode {
             Completion::Intr => self.work_in(WorkCtx::Intr(ctx)),
             Completion::Softint => {
-                if let Some(h) = &self.softint {
+                if let Some(h) = self.softint.get() {
                     softint_schedule(h);
                 }
             }
             Completion::Ast => {
-                if let Some(h) = &self.ast {
+                if let Some(h) = self.ast.get() {
                     ast_push(ctx, h);
                 }
             }
@@ -145,12 +143,12 @@ impl Completer {
         match self.mode {
             Completion::Intr => {}
             Completion::Softint => {
-                if let Some(h) = &self.softint {
+                if let Some(h) = self.softint.get() {
                     softint_schedule(h);
                 }
             }
             Completion::Ast => {
-                if let Some(h) = &self.ast {
+                if let Some(h) = self.ast.get() {
                     crate::ast::ast_post(h);
                 }
             }

@@ -1,0 +1,187 @@
+//! A set-once cell that is `Sync`: asterinas' `spin::Once`, Tock's
+//! `OptionalCell` made shareable.
+//!
+//! An object that is shared (leaked to `'static`, captured by handlers)
+//! before all of its fields are known, such as a driver whose softint
+//! handle is only known once the softint is established with a closure that
+//! refers back to the driver, keeps those fields in a [`Once`]: set once,
+//! read lock-free ever after. Writing them through a `*mut` made from a
+//! shared reference instead is undefined behaviour (Miri rejects it).
+//!
+//! # Contexts
+//! [`Once::set`]: any context; it never blocks (a second, concurrent or
+//! later, `set` fails and hands the value back). [`Once::get`]: any
+//! context, including interrupt context; one acquire load.
+
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use core::sync::atomic::{
+    AtomicU8,
+    Ordering::{Acquire, Relaxed, Release},
+};
+
+const EMPTY: u8 = 0;
+const BUSY: u8 = 1;
+const READY: u8 = 2;
+
+/// A value set at most once, then read by anyone (see the module docs).
+pub struct Once<T> {
+    state: AtomicU8,
+    val: UnsafeCell<MaybeUninit<T>>,
+}
+
+// SAFETY: the value is written once, by the one `set` that moved the state
+// EMPTY -> BUSY, before the Release store of READY; readers hand out `&T`
+// only after an Acquire load of READY. So `&Once<T>` shares `&T` between
+// threads (needs `T: Sync`) and `set` moves a `T` in from any thread (needs
+// `T: Send`).
+unsafe impl<T: Send + Sync> Sync for Once<T> {}
+
+impl<T> Default for Once<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Once<T> {
+    /// An empty cell.
+    pub const fn new() -> Self {
+        Self {
+            state: AtomicU8::new(EMPTY),
+            val: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+
+    /// Set the value; `Err(v)` if it was set (or is being set) already.
+    pub fn set(&self, v: T) -> Result<(), T> {
+        if self
+            .state
+            .compare_exchange(EMPTY, BUSY, Acquire, Relaxed)
+            .is_err()
+        {
+            return Err(v);
+        }
+        // SAFETY: the CAS above made us the only writer (state BUSY), and no
+        // reader looks at the value before READY.
+        unsafe { (*self.val.get()).write(v) };
+        self.state.store(READY, Release);
+        Ok(())
+    }
+
+    /// The value, if it has been set.
+    #[inline]
+    pub fn get(&self) -> Option<&T> {
+        if self.state.load(Acquire) == READY {
+            // SAFETY: READY is stored (Release) only after the value was
+            // written, and the value is never written again nor dropped
+            // while `self` is borrowed.
+            Some(unsafe { (*self.val.get()).assume_init_ref() })
+        } else {
+            None
+        }
+    }
+}
+
+impl<T> Drop for Once<T> {
+    fn drop(&mut self) {
+        if *self.state.get_mut() == READY {
+            // SAFETY: READY means initialised; `&mut self` means no reader.
+            unsafe { self.val.get_mut().assume_init_drop() };
+        }
+    }
+}
+
+impl<T: core::fmt::Debug> core::fmt::Debug for Once<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.get() {
+            Some(v) => f.debug_tuple("Once").field(v).finish(),
+            None => f.write_str("Once(<unset>)"),
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::Once;
+    use std::boxed::Box;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::vec::Vec;
+
+    #[test]
+    fn set_once_then_read() {
+        let c = Once::new();
+        assert!(c.get().is_none());
+        assert_eq!(c.set(5u32), Ok(()));
+        assert_eq!(c.set(6), Err(6));
+        assert_eq!(c.get(), Some(&5));
+    }
+
+    #[test]
+    fn drops_its_value_once() {
+        struct D(Arc<AtomicUsize>);
+        impl Drop for D {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, SeqCst);
+            }
+        }
+        let n = Arc::new(AtomicUsize::new(0));
+        {
+            let c = Once::new();
+            assert!(c.set(D(n.clone())).is_ok());
+            let refused = c.set(D(n.clone()));
+            assert!(refused.is_err());
+            drop(refused);
+            assert_eq!(
+                n.load(SeqCst),
+                1,
+                "the refused value is dropped by the caller"
+            );
+        }
+        assert_eq!(n.load(SeqCst), 2, "the cell drops its value");
+        drop(Once::<D>::new()); // an empty cell drops nothing
+        assert_eq!(n.load(SeqCst), 2);
+    }
+
+    /// The pattern `Completer::attach` needs: a `'static` object shared with
+    /// a closure before its handle field is set.
+    #[test]
+    fn shared_before_set() {
+        struct Obj {
+            handle: Once<u32>,
+        }
+        let raw = Box::into_raw(Box::new(Obj {
+            handle: Once::new(),
+        }));
+        // SAFETY: test-only: `raw` is live until reclaimed below, after the
+        // last use of `o`.
+        let o: &'static Obj = unsafe { &*raw };
+        let reader = move || o.handle.get().copied();
+        assert_eq!(reader(), None);
+        o.handle.set(7).unwrap();
+        assert_eq!(reader(), Some(7));
+        // SAFETY: from `Box::into_raw`; nothing uses `o` any more.
+        drop(unsafe { Box::from_raw(raw) });
+    }
+
+    #[test]
+    fn racing_setters_one_wins() {
+        for _ in 0..50 {
+            let c = Arc::new(Once::new());
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let c = c.clone();
+                    std::thread::spawn(move || c.set(i).is_ok())
+                })
+                .collect();
+            let wins = hs
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|won| *won)
+                .count();
+            assert_eq!(wins, 1, "exactly one setter wins");
+            let v = *c.get().unwrap();
+            assert!(v < 4);
+        }
+    }
+}
