@@ -153,8 +153,16 @@ fn enter(c: &Cpu, ipl: Ipl) {
 #[inline]
 fn exit(c: &Cpu) {
     compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // Read the level to return to *before* the count drops: from the moment
+    // it is zero, an interrupt handler that takes a spin mutex of its own
+    // records its own (raised) level in `mtx_oldspl`, and a load after the
+    // decrement would "restore" that level and leave the CPU raised for
+    // good (the `ast` livelock of issue 10: the softint daemon spun at
+    // IPL_NET, where no AST is ever delivered). NetBSD's `mutex_spin_exit`
+    // reads `ci_mtx_oldspl` first for the same reason.
+    let s = c.mtx_oldspl.load(Relaxed);
+    compiler_fence(core::sync::atomic::Ordering::SeqCst);
     if c.mtx_count.dec_is_zero() {
-        let s = c.mtx_oldspl.load(Relaxed);
         crate::spl::splx_cpu(c, s);
     }
 }

@@ -220,6 +220,15 @@ pub(crate) fn softintd(ctx: &ThreadCtx) {
     let k = kernel();
     let chan = crate::sched::wchan(&cpu.softintd_wchan);
     loop {
+        // The daemon's loop runs at IPL none: a level leaked by anything it
+        // ran would keep every AST pending on this CPU while the loop spins
+        // (non-preemptive: nothing else would run). Fail loudly instead.
+        assert_eq!(
+            cpu.line.ipl(),
+            0,
+            "softintd/{}: at a raised IPL at the top of its loop",
+            cpu.index()
+        );
         // Deferrals happen only on this CPU, in softint passes, which the
         // raised IPL keeps out while we look and go to sleep.
         let s = crate::spl::raise(Ipl::SoftSerial);
