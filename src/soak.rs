@@ -25,8 +25,12 @@
 //! Every `--window` seconds (2 by default) each connection must have
 //! completed at least one request. A connection that did not is a *stall*:
 //! it is reported (pair, window, time of the connection's last completion,
-//! requests in flight) and the pair fails and ends at once (a livelocked
-//! server does not come back, and it burns the CPUs the next pair needs).
+//! requests in flight, whether it came back) and the pair fails. The load
+//! goes on for a grace period of three windows to see whether the stalled
+//! connections come back, then the pair ends (a livelocked server does not
+//! come back, and it burns the CPUs the next pair needs). Time the host did
+//! not give the soak itself (its watchdog woke late) is not counted against
+//! the server.
 //!
 //! # Shutdown
 //! At the end of each pair the soak drains its requests, disconnects, sends
@@ -112,6 +116,10 @@ pub struct SoakArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Keep every server's last output lines (its statistics at exit) in
+    /// the report, not only those of failed pairs.
+    #[arg(long)]
+    server_output: bool,
     /// More arguments for every `dvma serve` (after `--`, e.g. `-- --cpus 1`).
     #[arg(last = true, value_name = "SERVE_ARGS")]
     serve_args: Vec<String>,
@@ -122,11 +130,12 @@ pub struct SoakArgs {
 pub struct Stall {
     /// The connection (0-based).
     pub conn: usize,
-    /// The window (0-based; the window covers `start_s..end_s`).
+    /// The window it began in (0-based, `start_s / window`).
     pub window: u64,
-    /// Start of the window, seconds since the pair's I/O began.
+    /// Start of the quiet period (a window of counted time without a
+    /// completion), seconds since the pair's I/O began.
     pub start_s: f64,
-    /// End of the window.
+    /// When the watchdog saw it.
     pub end_s: f64,
     /// The connection's last completion, seconds since the I/O began
     /// (`None`: it never completed one).
@@ -174,9 +183,9 @@ pub struct PairReport {
     pub errors: u64,
     /// Watchdog stalls.
     pub stalls: Vec<Stall>,
-    /// Windows not judged because the watchdog itself was late (an
-    /// overloaded host).
-    pub windows_skipped: u64,
+    /// Seconds not counted against the server because the watchdog itself
+    /// ran late (the host did not run the soak: an overloaded machine).
+    pub unobserved_s: f64,
     /// The watchdog's worst lateness, seconds.
     pub watchdog_late_max_s: f64,
     /// Verified I/Os per second of I/O.
@@ -792,7 +801,7 @@ struct Tail(Mutex<VecDeque<String>>);
 impl Tail {
     fn push(&self, line: String) {
         let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= 40 {
+        if q.len() >= 80 {
             q.pop_front();
         }
         q.push_back(line);
@@ -968,6 +977,7 @@ struct Load {
     window: Duration,
     seconds: f64,
     serve_args: Vec<String>,
+    server_output: bool,
 }
 
 /// Progress on stderr, when it is a terminal.
@@ -1008,37 +1018,30 @@ fn connect(addr: SocketAddr, export: &str) -> io::Result<(TcpStream, u64, u32)> 
     Ok((s, size, max))
 }
 
-/// A stall the watchdog is still looking at (for its recovery).
-struct Watched {
-    stall: usize,
-    conn: usize,
-    completed: u64,
-}
-
 /// The watchdog: runs the pair's time, then the drain; fills `rep.stalls`
 /// (and `rep.failures` for a drain that does not end). After the first
 /// stall it keeps the load on for a grace period of three windows to see
 /// whether the stalled connections come back, then ends the pair.
 ///
-/// A window is judged only if the watchdog itself ran on time in it (the
-/// host gave it the CPU: its 100 ms naps overslept by less than a quarter
-/// of a window); otherwise it is counted in `rep.windows_skipped`. A
-/// connection with no completion for three windows of wall time is a stall
-/// whatever the watchdog's timing.
+/// Time counts only while the watchdog itself runs on time: it naps 100 ms,
+/// and a nap that overslept by more than a quarter of a window (the host
+/// did not run the soak: an overloaded machine) is not counted against the
+/// server (`rep.unobserved_s`), since the soak's own receivers were not
+/// running either. A connection stalls when a whole window of counted time
+/// passes without a completion.
 fn watch(conns: &[Arc<Conn>], t0: Instant, load: &Load, progress: &Progress, rep: &mut PairReport) {
     let window = load.window;
     let total = Duration::from_secs_f64(load.seconds);
     let tick = Duration::from_millis(100);
-    let mut prev: Vec<u64> = vec![0; conns.len()];
-    let mut stalled = vec![false; conns.len()];
-    let mut watched: Vec<Watched> = Vec::new();
-    let mut grace_end: Option<Instant> = None;
-    let mut wstart = t0;
-    let mut widx = 0u64;
-    let mut tainted = false;
+    // Per connection: completions seen, counted time since the last one,
+    // the stall being watched for recovery (its index in rep.stalls).
+    let mut seen: Vec<u64> = vec![0; conns.len()];
+    let mut quiet: Vec<Duration> = vec![Duration::ZERO; conns.len()];
+    let mut stalled: Vec<Option<usize>> = vec![None; conns.len()];
+    let mut grace: Option<Duration> = None;
+    let mut drain = Duration::ZERO;
     let mut last_tick = Instant::now();
     let mut draining = false;
-    let mut drain_windows = 0;
     let secs = |t: Instant| t.saturating_duration_since(t0).as_secs_f64();
     let last_progress = |c: &Conn| {
         let last = c.last_done.load(Relaxed);
@@ -1047,12 +1050,16 @@ fn watch(conns: &[Arc<Conn>], t0: Instant, load: &Load, progress: &Progress, rep
     loop {
         std::thread::sleep(tick);
         let now = Instant::now();
-        let late = now.saturating_duration_since(last_tick + tick);
+        let step = now.saturating_duration_since(last_tick);
         last_tick = now;
+        let late = step.saturating_sub(tick);
         rep.watchdog_late_max_s = rep.watchdog_late_max_s.max(late.as_secs_f64());
-        if late > window / 4 {
-            tainted = true;
-        }
+        let counted = if late > window / 4 {
+            rep.unobserved_s += step.as_secs_f64();
+            Duration::ZERO
+        } else {
+            step
+        };
         let ios: u64 = conns.iter().map(|c| c.completed.load(Relaxed)).sum();
         progress.show(secs(now), load.seconds, ios);
         if conns.iter().any(|c| c.failed()) {
@@ -1061,76 +1068,51 @@ fn watch(conns: &[Arc<Conn>], t0: Instant, load: &Load, progress: &Progress, rep
         if draining && conns.iter().all(|c| c.done()) {
             return;
         }
-        let mut new: Vec<(usize, u64, Instant, Instant)> = Vec::new();
-        if now - wstart >= window {
-            let wend = wstart + window;
-            for (i, c) in conns.iter().enumerate() {
-                let done = c.completed.load(Relaxed);
-                if !tainted && !stalled[i] && done == prev[i] && !c.done() {
-                    stalled[i] = true;
-                    new.push((i, widx, wstart, wend));
-                }
-                prev[i] = done;
-            }
-            if tainted {
-                rep.windows_skipped += 1;
-            }
-            tainted = false;
-            wstart = wend;
-            widx += 1;
-            if draining && grace_end.is_none() {
-                drain_windows += 1;
-                if drain_windows > 3 {
-                    rep.failures
-                        .push("requests still in flight three windows after the end".into());
-                    return;
-                }
-            }
-        }
-        // The hard rule: no completion for three windows, however late the
-        // watchdog was.
         for (i, c) in conns.iter().enumerate() {
-            let last = c.last_done.load(Relaxed);
-            let since = if last > 0 {
-                t0 + Duration::from_nanos(last - 1)
-            } else {
-                t0
-            };
-            if !stalled[i] && now.saturating_duration_since(since) >= 3 * window && !c.done() {
-                stalled[i] = true;
-                new.push((i, widx, since, now));
+            let done = c.completed.load(Relaxed);
+            if done != seen[i] {
+                seen[i] = done;
+                quiet[i] = Duration::ZERO;
+                if let Some(k) = stalled[i] {
+                    let st = &mut rep.stalls[k];
+                    if st.recovered_after_s.is_none() {
+                        let back = last_progress(c).unwrap_or(0.0);
+                        st.recovered_after_s = Some(back - st.last_progress_s.unwrap_or(0.0));
+                    }
+                }
+                continue;
+            }
+            if c.done() {
+                continue;
+            }
+            quiet[i] += counted;
+            if quiet[i] >= window && stalled[i].is_none() {
+                stalled[i] = Some(rep.stalls.len());
+                let start = (secs(now) - quiet[i].as_secs_f64()).max(0.0);
+                rep.stalls.push(Stall {
+                    conn: i,
+                    window: (start / window.as_secs_f64()) as u64,
+                    start_s: start,
+                    end_s: secs(now),
+                    last_progress_s: last_progress(c),
+                    in_flight: c.lock().inflight.len(),
+                    phase: if draining { "draining" } else { "running" },
+                    recovered_after_s: None,
+                });
             }
         }
-        for (i, w, start, end) in new {
-            let c = &conns[i];
-            watched.push(Watched {
-                stall: rep.stalls.len(),
-                conn: i,
-                completed: c.completed.load(Relaxed),
-            });
-            rep.stalls.push(Stall {
-                conn: i,
-                window: w,
-                start_s: secs(start),
-                end_s: secs(end),
-                last_progress_s: last_progress(c),
-                in_flight: c.lock().inflight.len(),
-                phase: if draining { "draining" } else { "running" },
-                recovered_after_s: None,
-            });
-        }
-        for w in &watched {
-            let c = &conns[w.conn];
-            let s = &mut rep.stalls[w.stall];
-            if s.recovered_after_s.is_none() && c.completed.load(Relaxed) > w.completed {
-                let last = last_progress(c).unwrap_or(0.0);
-                s.recovered_after_s = Some(last - s.last_progress_s.unwrap_or(0.0));
-            }
-        }
-        if !watched.is_empty() {
-            let end = *grace_end.get_or_insert(now + 3 * window);
+        if !rep.stalls.is_empty() {
+            let g = grace.get_or_insert(Duration::ZERO);
+            *g += counted;
             let all_back = rep.stalls.iter().all(|s| s.recovered_after_s.is_some());
-            if now >= end || all_back {
+            if *g >= 3 * window || all_back {
+                return;
+            }
+        } else if draining {
+            drain += counted;
+            if drain >= 3 * window {
+                rep.failures
+                    .push("requests still in flight three windows after the end".into());
                 return;
             }
         }
@@ -1299,7 +1281,7 @@ fn run_pair(
     let (clean, how) = server.stop();
     rep.clean_exit = clean;
     rep.exit = how;
-    if !rep.ok() {
+    if !rep.ok() || load.server_output {
         rep.server_tail = tail.lines();
     }
     rep
@@ -1392,10 +1374,10 @@ fn print_pair(r: &PairReport) {
                 ))
         );
     }
-    if r.windows_skipped > 0 && !r.ok() {
+    if r.unobserved_s > 0.0 && !r.ok() {
         println!(
-            "    watchdog: {} windows not judged (it ran up to {:.2} s late: host overloaded)",
-            r.windows_skipped, r.watchdog_late_max_s
+            "    watchdog: {:.1} s not counted (it ran up to {:.2} s late: host overloaded)",
+            r.unobserved_s, r.watchdog_late_max_s
         );
     }
     for n in &r.mismatch_notes {
@@ -1411,7 +1393,7 @@ fn print_pair(r: &PairReport) {
         println!("    exit: {}", r.exit);
     }
     if !r.server_tail.is_empty() {
-        println!("    server's last output:");
+        println!("    server's last output ({}/{}):", r.dvma, r.completion);
         for l in &r.server_tail {
             println!("      | {l}");
         }
@@ -1453,6 +1435,7 @@ pub fn main(a: SoakArgs) -> Result<ExitCode, String> {
         window: Duration::from_secs_f64(a.window),
         seconds: total / pairs.len() as f64,
         serve_args: a.serve_args.clone(),
+        server_output: a.server_output,
     };
     let term = io::stderr().is_terminal();
     if !a.json {
