@@ -15,9 +15,40 @@
 //! sector written carries its export, its number and the write's id, so a
 //! torn, misdirected or stale sector is caught, not just a missing one.
 //!
+//! The DMA disks (`sd0`, and `ccd0`'s components `sd1`, `sd2`) run with
+//! their volatile write cache on (`write_cache = true`): a write without FUA
+//! is acknowledged from the controller's memory and reaches the backing
+//! file only at a flush, a FUA write, a destage of a full cache (the
+//! components' 256K caches fill up) or a clean shutdown, so `kill -9`
+//! really loses acknowledged, unflushed writes, as a power cut loses a
+//! disk's cache. The test asserts that some were lost on `sd0`/`ccd0`
+//! (otherwise it could not tell a missing flush from a present one).
+//! `vnd0` runs on the file device, which has no cache: its unflushed
+//! writes sit in the host page cache and survive the process.
+//!
+//! What it catches (each deletion tried in `DiskMedium`, 2026-12-03, one
+//! run per line unless noted; the seed differs per run):
+//! * FLUSH not writing the cache back (only `fdatasync`): fails at the
+//!   first verification, e.g. "558 of 32768 sectors of sd0 wrong ... holds
+//!   write 0, allowed [6]";
+//! * FUA writes cached instead of written through (still with an
+//!   `fdatasync`): fails at the first verification, "129 of 32768 sectors
+//!   of sd0 wrong";
+//! * a FUA write-through that leaves the older cached copy of its sectors
+//!   (written back over it at the next flush or destage): failed in 3 of 3
+//!   runs (lives 16, 6 and 5, on ccd0 and sd0).
+//!
+//! What it cannot catch: deleting the host `fdatasync` itself (FLUSH and FUA
+//! writing to the file but never syncing it) passes (2 of 2 runs). `kill -9`
+//! ends the process, not the host, and the host page cache keeps what was
+//! written to the file. Only a host or VM power cut (or dropping the page
+//! cache without writing it back, which Linux does not offer) would show
+//! it. That call is checked only by the device tests' `syncs` counter.
+//!
 //! Clean shutdown: SIGTERM (and SIGINT) exit 0 with statistics printed and
 //! `--stats-json` written; data written without any flush is there after
-//! the restart (shutdown flushes every disk); in-flight requests are
+//! the restart (shutdown flushes every disk; with the write caches on, this
+//! checks that `stop` writes them back); in-flight requests are
 //! answered; SIGUSR1 writes the statistics and the server goes on.
 
 mod common;
