@@ -2,6 +2,11 @@
 //! modes (issue 10: `--completion ast` stopped serving under concurrent
 //! verified random I/O). About a minute of wall time.
 //!
+//! The livelock was a narrow race (an interrupt between a spin mutex's
+//! count drop and its read of the saved level), so a minute catches it only
+//! sometimes; `dvma soak --pair strict/ast,permanent/ast,shadow/ast --conns
+//! 32 --depth 2 --max-kib 4 --read-pct 67 --minutes 5` hunts longer.
+//!
 //! The soak runs as a child in its own process group; the guard kills the
 //! whole group (the soak and the `dvma serve` processes it started) when the
 //! test ends, pass or fail.
@@ -17,8 +22,13 @@ const PAIRS: &str = "permanent/intr,lazy/softint,slots/thread,permanent/ast,stri
 /// Seconds of I/O over all pairs (plus about a second per pair to start and
 /// stop its server).
 const SECONDS: u32 = 42;
-/// Connections per server.
-const CONNS: u32 = 6;
+/// Connections per server, and requests in flight on each: many
+/// connections at a low depth keep the vCPUs going idle and taking
+/// interrupts between requests, the load under which the soak caught the
+/// issue-10 livelock (strict/ast, 32 x 2) where 8 x 16 ran clean for
+/// minutes.
+const CONNS: u32 = 16;
+const DEPTH: u32 = 4;
 /// The soak's own limit for everything (a stuck server costs 10 s each).
 const TIMEOUT: Duration = Duration::from_secs(240);
 /// Verified I/Os each pair must reach: only to show that I/O happened, far
@@ -45,7 +55,8 @@ fn soak_every_completion_and_ast_under_three_dvma_modes() {
     let child = Command::new(env!("CARGO_BIN_EXE_dvma"))
         .args(["soak", "--json", "--pair", PAIRS])
         .args(["--seconds", &SECONDS.to_string()])
-        .args(["--conns", &CONNS.to_string(), "--depth", "16"])
+        .args(["--conns", &CONNS.to_string(), "--depth", &DEPTH.to_string()])
+        .args(["--read-pct", "67"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
