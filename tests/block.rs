@@ -288,6 +288,14 @@ fn check(t: &Tally, what: &str, n: usize) {
     assert_eq!(t.ios.load(SeqCst), 4 * n as u64, "{what}: requests lost");
 }
 
+/// Interrupt handlers allocate nothing (ARCHITECTURE: interrupt context):
+/// the kernel counts every host-allocator call made at interrupt depth.
+/// Call while the system is up, after the workload.
+fn assert_no_interrupt_allocation(what: &str) {
+    let n = kern::stats::snapshot().total(|c| c.intr_mallocs);
+    assert_eq!(n, 0, "{what}: {n} allocations in interrupt context");
+}
+
 #[test]
 fn sd_every_dvma_mode_and_completion_mode() {
     for mode in DvmaMode::ALL {
@@ -296,6 +304,7 @@ fn sd_every_dvma_mode_and_completion_mode() {
             let toml = machine_toml(&dir) + &disk_toml("sd0", mode, comp, "");
             let sys = System::boot(spec_from(&toml, &dir)).unwrap();
             let t = run_workload(&sys, "sd0", 120);
+            assert_no_interrupt_allocation(&format!("sd0 {mode}/{comp}"));
             let stats = sys.shutdown().unwrap();
             check(&t, &format!("sd0 {mode}/{comp}"), 120);
             assert!(stats.contains("sd0"), "{stats}");
@@ -319,6 +328,7 @@ fn ccd_striped_and_concatenated_every_mode() {
                     );
                 let sys = System::boot(spec_from(&toml, &dir)).unwrap();
                 let t = run_workload(&sys, "ccd0", 60);
+                assert_no_interrupt_allocation(&format!("ccd0 {ileave} {cbufs} {mode}/{comp}"));
                 sys.shutdown().unwrap();
                 check(&t, &format!("ccd0 {ileave} {cbufs} {mode}/{comp}"), 60);
                 std::fs::remove_dir_all(&dir).unwrap();
@@ -341,6 +351,7 @@ fn vnd_every_completion_mode() {
             );
         let sys = System::boot(spec_from(&toml, &dir)).unwrap();
         let t = run_workload(&sys, "vnd0", 120);
+        assert_no_interrupt_allocation(&format!("vnd0 {comp}"));
         sys.shutdown().unwrap();
         check(&t, &format!("vnd0 {comp}"), 120);
         std::fs::remove_dir_all(&dir).unwrap();

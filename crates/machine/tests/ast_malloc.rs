@@ -111,3 +111,31 @@ fn without_the_protection_asts_land_in_malloc() {
         "no AST landed inside malloc: the test would not notice a missing protection"
     );
 }
+
+/// The other count the allocator keeps: an interrupt handler that
+/// allocates is seen (so the block tests' "no allocation in interrupt
+/// context" checks, which assert this count is zero, can fail).
+#[test]
+fn an_allocating_interrupt_handler_is_counted() {
+    let mut cfg = MachineConfig::default();
+    cfg.kernel.ncpu = 1;
+    let m = Machine::boot(cfg).unwrap();
+    let vec = intr_establish(Ipl::Bio, "allocating-dev", |_| {
+        // What an interrupt handler must never do.
+        drop(std::hint::black_box(Box::new([0u8; 64])));
+    })
+    .unwrap();
+    let posted = m
+        .run(0, "poster", move |_| {
+            for _ in 0..10 {
+                intr_post(0, vec);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            10u64
+        })
+        .unwrap();
+    let s = m.shutdown().unwrap();
+    let n = s.total(|c| c.intr_mallocs);
+    eprintln!("{posted} interrupts posted, {n} allocator calls in interrupt context");
+    assert!(n >= 2, "an allocating handler went unnoticed ({n})");
+}
