@@ -52,14 +52,14 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 
 use crate::ctx::{SoftCtx, ThreadCtx};
-use crate::iommu::{DmaAccess, IOPAGE, Iommu, IovaArena, IovaError};
+use crate::iommu::{DmaAccess, IOPAGE, Iommu, Iova, IovaArena, IovaError};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::lock::SpinMutex;
 use crate::percpu::PerCpuCounter;
 use crate::sched::{Interrupted, sleep_interlocked, wakeup, wchan};
 use crate::softint::{SoftintHandle, softint_schedule};
-use crate::vm::{BufSource, IoBuf, PhysRange};
+use crate::vm::{BufSource, IoBuf, Paddr, PhysRange};
 
 /// How a driver instance maps its I/O for devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,7 +157,7 @@ pub enum SyncOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaSeg {
     /// I/O virtual address.
-    pub iova: u64,
+    pub iova: Iova,
     /// Length.
     pub len: usize,
 }
@@ -330,7 +330,7 @@ impl Domain {
         let size = iommu.size();
         Self {
             iommu,
-            iova: IovaArena::new(IOPAGE as u64, size - IOPAGE as u64, ncpu),
+            iova: IovaArena::new(Iova(IOPAGE as u64), size - IOPAGE as u64, ncpu),
             pool: SpinMutex::new(Ipl::None, None),
             pages_mapped: AtomicU64::new(0),
             pages_peak: AtomicU64::new(0),
@@ -357,7 +357,7 @@ impl Domain {
             }
         };
         let tags = (phys.len / IOPAGE / 2).max(64);
-        let arena = vmem::Vmem::new(phys.pa, phys.len as u64, IOPAGE as u64, tags)
+        let arena = vmem::Vmem::new(phys.pa.get(), phys.len as u64, IOPAGE as u64, tags)
             .map_err(|_| DmaError::NoSpace { len: phys.len })?;
         self.iommu
             .enter(iova, phys.pa, phys.len, DmaAccess::ReadWrite)
@@ -375,8 +375,8 @@ impl Domain {
     fn enter(
         &self,
         tag: &DmaTag,
-        iova: u64,
-        pa: u64,
+        iova: Iova,
+        pa: Paddr,
         len: usize,
         a: DmaAccess,
     ) -> Result<(), DmaError> {
@@ -387,7 +387,7 @@ impl Domain {
         Ok(())
     }
 
-    fn remove(&self, tag: &DmaTag, iova: u64, len: usize) {
+    fn remove(&self, tag: &DmaTag, iova: Iova, len: usize) {
         self.iommu.remove(iova, len);
         tag.stats.removes.fetch_add(1, Relaxed);
     }
@@ -404,9 +404,9 @@ impl Domain {
 
 /// The page-aligned physical span of a buffer (which may be a view that
 /// starts inside a page): (first page, offset in it, bytes to map).
-fn page_span(buf: &IoBuf) -> (u64, usize, usize) {
+fn page_span(buf: &IoBuf) -> (Paddr, usize, usize) {
     let pa = buf.pa();
-    let mpa = pa & !(IOPAGE as u64 - 1);
+    let mpa = pa.align_down(IOPAGE as u64);
     let off = (pa - mpa) as usize;
     (mpa, off, (off + buf.len().max(1)).div_ceil(IOPAGE) * IOPAGE)
 }
@@ -421,20 +421,20 @@ fn pages(len: usize) -> i64 {
 /// of their devices, as ccd does across its components).
 pub struct DmaPool {
     phys: PhysRange,
-    iova: u64,
+    iova: Iova,
     arena: SpinMutex<vmem::Vmem>,
 }
 
 impl BufSource for DmaPool {
     fn release(&self, r: PhysRange) {
-        let _ = self.arena.lock().free(r.pa, r.len as u64);
+        let _ = self.arena.lock().free(r.pa.get(), r.len as u64);
         for t in tags() {
             if matches!(t.kind, Kind::Pool(_)) {
                 t.space_freed();
             }
         }
     }
-    fn kva(&self, pa: u64) -> *mut u8 {
+    fn kva(&self, pa: Paddr) -> *mut u8 {
         kernel().physmem().kva(pa)
     }
 }
@@ -447,11 +447,11 @@ impl DmaPool {
             .lock()
             .alloc(len as u64, vmem::AllocPolicy::BestFit)
             .ok()?;
-        Some(PhysRange { pa, len })
+        Some(PhysRange { pa: Paddr(pa), len })
     }
 
     fn contains(&self, r: PhysRange) -> bool {
-        r.pa >= self.phys.pa && r.pa + r.len as u64 <= self.phys.pa + self.phys.len as u64
+        r.pa >= self.phys.pa && r.pa + r.len <= self.phys.pa + self.phys.len
     }
 
     /// Its size in pages.
@@ -465,7 +465,7 @@ impl DmaPool {
 /// allocate, so the queue never grows. A push that finds it full (another
 /// CPU filled it between a push and its flush) flushes and tries again.
 struct FlushQ {
-    entries: Box<[(u64, usize)]>,
+    entries: Box<[(Iova, usize)]>,
     len: usize,
     oldest_ns: u64,
 }
@@ -473,7 +473,7 @@ struct FlushQ {
 impl FlushQ {
     fn new(cap: usize) -> Self {
         Self {
-            entries: alloc::vec![(0, 0); cap.max(1)].into_boxed_slice(),
+            entries: alloc::vec![(Iova(0), 0); cap.max(1)].into_boxed_slice(),
             len: 0,
             oldest_ns: 0,
         }
@@ -484,7 +484,7 @@ impl FlushQ {
     }
 
     /// Queue an unmap; `false` if the queue is full.
-    fn push(&mut self, e: (u64, usize)) -> bool {
+    fn push(&mut self, e: (Iova, usize)) -> bool {
         match self.entries.get_mut(self.len) {
             Some(slot) => {
                 *slot = e;
@@ -496,7 +496,7 @@ impl FlushQ {
     }
 
     /// Move up to `out.len()` entries into `out`; returns how many.
-    fn take(&mut self, out: &mut [(u64, usize)]) -> usize {
+    fn take(&mut self, out: &mut [(Iova, usize)]) -> usize {
         let n = self.len.min(out.len());
         let start = self.len - n;
         out[..n].copy_from_slice(&self.entries[start..self.len]);
@@ -506,7 +506,7 @@ impl FlushQ {
 }
 
 struct SlotSet {
-    base: u64,
+    base: Iova,
     size: usize,
     free: SpinMutex<Vec<u16>>,
     /// What each slot maps now: (pa, len, access as u8); len 0 = nothing.
@@ -663,7 +663,7 @@ struct Loaded {
 
 enum How {
     Mapped {
-        iova: u64,
+        iova: Iova,
         len: usize,
     },
     Slot(u16),
@@ -905,11 +905,6 @@ pub fn dmamap_unload(map: &mut DmaMap) -> Option<IoBuf> {
     Some(l.buf)
 }
 
-/// `bus_dmamap_destroy`: unload if loaded, and drop the map.
-pub fn dmamap_destroy(mut map: DmaMap) -> Option<IoBuf> {
-    dmamap_unload(&mut map)
-}
-
 impl DmaMap {
     /// The device-visible segments of the loaded buffer.
     pub fn segs(&self) -> &[DmaSeg] {
@@ -1016,10 +1011,10 @@ impl DmaTag {
                 let Some(i) = s.free.lock().pop() else {
                     return fail(DmaError::NoSpace { len }, buf);
                 };
-                let slot_iova = s.base + (i as usize * s.size) as u64;
+                let slot_iova = s.base + i as usize * s.size;
                 let (cpa, clen, cacc) = &s.cur[i as usize];
                 let acc = dir.access() as usize + 1;
-                if cpa.load(Relaxed) == mpa
+                if cpa.load(Relaxed) == mpa.get()
                     && clen.load(Relaxed) == mlen
                     && cacc.load(Relaxed) == acc
                 {
@@ -1032,12 +1027,12 @@ impl DmaTag {
                     let delta = pages(mlen) - pages(clen.load(Relaxed));
                     self.dom.held(delta);
                     self.stats.held(delta);
-                    cpa.store(mpa, Relaxed);
+                    cpa.store(mpa.get(), Relaxed);
                     clen.store(mlen, Relaxed);
                     cacc.store(acc, Relaxed);
                 }
                 let seg = DmaSeg {
-                    iova: slot_iova + off as u64,
+                    iova: slot_iova + off,
                     len: buf.len(),
                 };
                 *out = Some(Loaded {
@@ -1090,7 +1085,7 @@ impl DmaTag {
         out: &mut Option<Loaded>,
         buf: IoBuf,
         dir: DmaDir,
-        iova: u64,
+        iova: Iova,
         len: usize,
     ) -> Result<(), LoadError> {
         let (mpa, off, _) = page_span(&buf);
@@ -1101,7 +1096,7 @@ impl DmaTag {
         self.dom.held(pages(len));
         self.stats.held(pages(len));
         let seg = DmaSeg {
-            iova: iova + off as u64,
+            iova: iova + off,
             len: buf.len(),
         };
         *out = Some(Loaded {
@@ -1113,7 +1108,7 @@ impl DmaTag {
         Ok(())
     }
 
-    fn lazy_unload(&self, q: &SpinMutex<FlushQ>, iova: u64, len: usize) {
+    fn lazy_unload(&self, q: &SpinMutex<FlushQ>, iova: Iova, len: usize) {
         let now = kernel().md().nanotime();
         loop {
             let mut g = q.lock();
@@ -1152,7 +1147,7 @@ impl DmaTag {
     /// that flushes to make room for itself holds the FIFO lock). Returns
     /// whether anything was released.
     fn lazy_release(&self, q: &SpinMutex<FlushQ>) -> bool {
-        let mut batch = [(0u64, 0usize); 256];
+        let mut batch = [(Iova(0), 0usize); 256];
         let mut any = false;
         loop {
             let n = q.lock().take(&mut batch);
@@ -1164,10 +1159,10 @@ impl DmaTag {
             b.sort_unstable_by_key(|e| e.0);
             let mut i = 0;
             while i < n {
-                let (run_start, mut run_end) = (b[i].0, b[i].0 + b[i].1 as u64);
+                let (run_start, mut run_end) = (b[i].0, b[i].0 + b[i].1);
                 let mut j = i + 1;
                 while j < n && b[j].0 == run_end {
-                    run_end += b[j].1 as u64;
+                    run_end = run_end + b[j].1;
                     j += 1;
                 }
                 self.dom
@@ -1300,6 +1295,7 @@ pub fn domain_pages() -> (u64, u64) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::FlushQ;
+    use crate::iommu::Iova;
 
     /// The lazy queue is bounded by construction: a push past its capacity
     /// is refused (the caller flushes), never grown; `take` empties it in
@@ -1309,22 +1305,22 @@ mod tests {
         let mut q = FlushQ::new(3);
         assert!(q.is_empty());
         for i in 0..3u64 {
-            assert!(q.push((i << 12, 4096)));
+            assert!(q.push((Iova(i << 12), 4096)));
         }
-        assert!(!q.push((9 << 12, 4096)), "a full queue refuses");
+        assert!(!q.push((Iova(9 << 12), 4096)), "a full queue refuses");
         assert_eq!(q.entries.len(), 3, "and does not grow");
-        let mut out = [(0, 0); 2];
+        let mut out = [(Iova(0), 0); 2];
         assert_eq!(q.take(&mut out), 2);
-        assert_eq!(out, [(1 << 12, 4096), (2 << 12, 4096)]);
-        assert!(q.push((9 << 12, 4096)), "room again after a take");
-        let mut all = [(0, 0); 8];
+        assert_eq!(out, [(Iova(1 << 12), 4096), (Iova(2 << 12), 4096)]);
+        assert!(q.push((Iova(9 << 12), 4096)), "room again after a take");
+        let mut all = [(Iova(0), 0); 8];
         assert_eq!(q.take(&mut all), 2);
-        assert_eq!(&all[..2], &[(0, 4096), (9 << 12, 4096)]);
+        assert_eq!(&all[..2], &[(Iova(0), 4096), (Iova(9 << 12), 4096)]);
         assert!(q.is_empty());
         assert_eq!(q.take(&mut all), 0);
         // A zero batch still has room for one entry (flushed at once).
         let mut z = FlushQ::new(0);
-        assert!(z.push((0, 4096)));
-        assert!(!z.push((4096, 4096)));
+        assert!(z.push((Iova(0), 4096)));
+        assert!(!z.push((Iova(4096), 4096)));
     }
 }

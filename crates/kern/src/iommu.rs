@@ -26,9 +26,23 @@ use crate::cpu::curcpu_opt;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::spl;
+use crate::vm::Paddr;
 
 /// The page size of the IOMMU.
 pub const IOPAGE: usize = 4096;
+
+address_type! {
+    /// An I/O virtual address: where a device reaches memory through the
+    /// IOMMU. Not a [`Paddr`]: passing one where the other is expected does
+    /// not compile.
+    ///
+    /// ```compile_fail,E0308
+    /// use kern::{iommu::Iova, vm::Paddr};
+    /// fn device(_: Iova) {}
+    /// device(Paddr(0x1000)); // a physical address is not an I/O address
+    /// ```
+    Iova
+}
 
 /// What a device may do through a translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +61,7 @@ pub enum IommuError {
     /// The range is outside the IOMMU's address space.
     OutOfRange {
         /// IOVA.
-        iova: u64,
+        iova: Iova,
         /// Length.
         len: usize,
     },
@@ -84,11 +98,12 @@ pub trait Iommu: Sync {
     fn size(&self) -> u64;
     /// Translate `[iova, iova + len)` to physical `[pa, pa + len)`, with
     /// `access` rights, replacing whatever was there. Page aligned.
-    fn enter(&self, iova: u64, pa: u64, len: usize, access: DmaAccess) -> Result<(), IommuError>;
+    fn enter(&self, iova: Iova, pa: Paddr, len: usize, access: DmaAccess)
+    -> Result<(), IommuError>;
     /// Remove the translations of `[iova, iova + len)`: device accesses
     /// fault from now on (the range stays reserved). Includes whatever
     /// invalidation the hardware needs.
-    fn remove(&self, iova: u64, len: usize);
+    fn remove(&self, iova: Iova, len: usize);
 }
 
 /// Size classes cached per CPU: 1, 2, 4, ... 256 pages (4 KiB .. 1 MiB).
@@ -98,7 +113,7 @@ const MAGSIZE: usize = 32;
 
 struct Magazine {
     n: core::cell::Cell<usize>,
-    items: [core::cell::Cell<u64>; MAGSIZE],
+    items: [core::cell::Cell<Iova>; MAGSIZE],
 }
 
 /// One CPU's magazines. Touched only by that CPU, at IPL_VM.
@@ -126,7 +141,7 @@ pub struct IovaStats {
 pub struct IovaArena {
     global: SpinMutex<Vmem>,
     cpus: Box<[CpuMags]>,
-    base: u64,
+    base: Iova,
     size: u64,
     /// Counters.
     pub stats: IovaStats,
@@ -157,10 +172,10 @@ fn class_of(pages: usize) -> Option<usize> {
 
 impl IovaArena {
     /// An arena over `[base, base + size)` for `ncpu` CPUs.
-    pub fn new(base: u64, size: u64, ncpu: usize) -> Self {
+    pub fn new(base: Iova, size: u64, ncpu: usize) -> Self {
         let pages = (size / IOPAGE as u64) as usize;
         let tags = (pages / 4).clamp(1024, 1 << 20);
-        let v = Vmem::new(base, size, IOPAGE as u64, tags).expect("IOVA arena parameters");
+        let v = Vmem::new(base.get(), size, IOPAGE as u64, tags).expect("IOVA arena parameters");
         Self {
             global: SpinMutex::new(Ipl::Vm, v),
             cpus: (0..ncpu)
@@ -168,7 +183,7 @@ impl IovaArena {
                     mags: [const {
                         Magazine {
                             n: core::cell::Cell::new(0),
-                            items: [const { core::cell::Cell::new(0) }; MAGSIZE],
+                            items: [const { core::cell::Cell::new(Iova(0)) }; MAGSIZE],
                         }
                     }; NCLASSES],
                 })
@@ -190,7 +205,7 @@ impl IovaArena {
 
     /// Allocate a range for `len` bytes (rounded as [`IovaArena::rounded`]).
     /// Any context.
-    pub fn alloc(&self, len: usize) -> Result<u64, IovaError> {
+    pub fn alloc(&self, len: usize) -> Result<Iova, IovaError> {
         let pages = len.div_ceil(IOPAGE).max(1);
         if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
             let s = spl::splvm();
@@ -208,7 +223,7 @@ impl IovaArena {
         self.alloc_global(len)
     }
 
-    fn alloc_global(&self, len: usize) -> Result<u64, IovaError> {
+    fn alloc_global(&self, len: usize) -> Result<Iova, IovaError> {
         let sz = Self::rounded(len) as u64;
         let align = if sz.is_power_of_two() {
             sz
@@ -223,7 +238,7 @@ impl IovaArena {
         match r {
             Ok(a) => {
                 self.stats.global_allocs.fetch_add(1, Relaxed);
-                Ok(a)
+                Ok(Iova(a))
             }
             Err(_) => {
                 self.stats.failures.fetch_add(1, Relaxed);
@@ -233,7 +248,7 @@ impl IovaArena {
     }
 
     /// Free a range from [`IovaArena::alloc`] of `len` bytes. Any context.
-    pub fn free(&self, iova: u64, len: usize) {
+    pub fn free(&self, iova: Iova, len: usize) {
         let pages = len.div_ceil(IOPAGE).max(1);
         if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
             let s = spl::splvm();
@@ -248,14 +263,17 @@ impl IovaArena {
             let mut g = self.global.lock();
             let sz = Self::rounded(len) as u64;
             for i in MAGSIZE / 2..MAGSIZE {
-                let _ = g.free(m.items[i].get(), sz);
+                let _ = g.free(m.items[i].get().get(), sz);
             }
             drop(g);
             m.items[MAGSIZE / 2].set(iova);
             m.n.set(MAGSIZE / 2 + 1);
             return drop(s);
         }
-        let _ = self.global.lock().free(iova, Self::rounded(len) as u64);
+        let _ = self
+            .global
+            .lock()
+            .free(iova.get(), Self::rounded(len) as u64);
     }
 
     /// Bytes of IOVA space not allocated in the arena (ranges cached in
@@ -265,7 +283,7 @@ impl IovaArena {
     }
 
     /// The arena's range.
-    pub fn range(&self) -> (u64, u64) {
+    pub fn range(&self) -> (Iova, u64) {
         (self.base, self.size)
     }
 }
@@ -285,13 +303,13 @@ mod tests {
         fn iova_ranges_never_overlap_and_all_come_back(ops in proptest::collection::vec((any::<bool>(), 1usize..300_000, any::<u8>()), 1..200)) {
             let base = 1u64 << 20;
             let size = 64u64 << 20;
-            let a = IovaArena::new(base, size, 1);
+            let a = IovaArena::new(Iova(base), size, 1);
             let free0 = a.free_bytes();
             let mut live: BTreeMap<u64, usize> = BTreeMap::new();
             for (alloc, len, pick) in ops {
                 if alloc || live.is_empty() {
                     match a.alloc(len) {
-                        Ok(iova) => {
+                        Ok(Iova(iova)) => {
                             let r = IovaArena::rounded(len);
                             prop_assert!(iova >= base && iova + r as u64 <= base + size);
                             if r.is_power_of_two() {
@@ -308,11 +326,11 @@ mod tests {
                 } else {
                     let k = *live.keys().nth(pick as usize % live.len()).unwrap();
                     let l = live.remove(&k).unwrap();
-                    a.free(k, l);
+                    a.free(Iova(k), l);
                 }
             }
             for (k, l) in live {
-                a.free(k, l);
+                a.free(Iova(k), l);
             }
             prop_assert_eq!(a.free_bytes(), free0);
         }

@@ -33,6 +33,8 @@ extern crate alloc;
 #[cfg(any(test, loom))]
 extern crate std;
 
+#[macro_use]
+mod addr;
 pub mod ast;
 pub mod bio;
 pub mod blksrv;

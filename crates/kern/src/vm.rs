@@ -24,6 +24,18 @@ use crate::sched::{Interrupted, sleep_interlocked, wakeup, wchan};
 /// The page size.
 pub const PAGE: usize = 4096;
 
+address_type! {
+    /// A physical address: an offset in the machine's RAM. Not an
+    /// [`Iova`](crate::iommu::Iova): a device never sees one.
+    ///
+    /// ```compile_fail,E0308
+    /// use kern::{iommu::Iova, vm::Paddr};
+    /// fn phys(_: Paddr) {}
+    /// phys(Iova(0x1000)); // an I/O virtual address is not a physical one
+    /// ```
+    Paddr
+}
+
 /// Counters of physical memory.
 #[derive(Debug, Default)]
 pub struct PhysStats {
@@ -49,7 +61,7 @@ pub struct PhysMem {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PhysRange {
     /// Physical address.
-    pub pa: u64,
+    pub pa: Paddr,
     /// Length in bytes (a multiple of the page size).
     pub len: usize,
 }
@@ -86,6 +98,7 @@ impl PhysMem {
         let r = self.arena.lock().alloc(len as u64, AllocPolicy::BestFit);
         match r {
             Ok(pa) => {
+                let pa = Paddr(pa);
                 let used = self
                     .stats
                     .pages_used
@@ -122,7 +135,7 @@ impl PhysMem {
 
     /// Free a range from `alloc`. Any context.
     pub fn free(&self, r: PhysRange) {
-        let res = self.arena.lock().free(r.pa, r.len as u64);
+        let res = self.arena.lock().free(r.pa.get(), r.len as u64);
         debug_assert!(res.is_ok(), "freeing {r:?}: {res:?}");
         self.stats
             .pages_used
@@ -134,9 +147,9 @@ impl PhysMem {
 
     /// The kernel address of physical address `pa` (the direct map).
     #[inline]
-    pub fn kva(&self, pa: u64) -> *mut u8 {
-        debug_assert!(pa < self.size);
-        (self.kva + pa as usize) as *mut u8
+    pub fn kva(&self, pa: Paddr) -> *mut u8 {
+        debug_assert!(pa.get() < self.size);
+        (self.kva + pa.get() as usize) as *mut u8
     }
 }
 
@@ -145,14 +158,14 @@ pub trait BufSource: Sync {
     /// Free the range.
     fn release(&self, r: PhysRange);
     /// The kernel address of `pa`.
-    fn kva(&self, pa: u64) -> *mut u8;
+    fn kva(&self, pa: Paddr) -> *mut u8;
 }
 
 impl BufSource for PhysMem {
     fn release(&self, r: PhysRange) {
         self.free(r)
     }
-    fn kva(&self, pa: u64) -> *mut u8 {
+    fn kva(&self, pa: Paddr) -> *mut u8 {
         PhysMem::kva(self, pa)
     }
 }
@@ -224,7 +237,7 @@ impl IoBuf {
         );
         IoBuf {
             range: PhysRange {
-                pa: self.range.pa + off as u64,
+                pa: self.range.pa + off,
                 len,
             },
             len: len | VIEW,
@@ -233,7 +246,7 @@ impl IoBuf {
     }
 
     /// Its physical address.
-    pub fn pa(&self) -> u64 {
+    pub fn pa(&self) -> Paddr {
         self.range.pa
     }
 

@@ -25,7 +25,8 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use kern::iommu::{DmaAccess, Iommu, IommuError};
+use kern::iommu::{DmaAccess, Iommu, IommuError, Iova};
+use kern::vm::Paddr;
 
 /// The page size.
 pub const PAGE: usize = 4096;
@@ -114,7 +115,7 @@ pub enum DmaFault {
     /// The IOVA range is (partly) not mapped, or not with the needed rights.
     Unmapped {
         /// Where the access started.
-        iova: u64,
+        iova: Iova,
         /// How long it was.
         len: usize,
     },
@@ -242,9 +243,9 @@ impl Window {
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
     }
 
-    fn check(&self, iova: u64, len: usize) -> Result<usize, DmaFault> {
-        match iova.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(self.base + iova as usize),
+    fn check(&self, iova: Iova, len: usize) -> Result<usize, DmaFault> {
+        match iova.get().checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(self.base + iova.get() as usize),
             _ => Err(DmaFault::Unmapped { iova, len }),
         }
     }
@@ -257,7 +258,7 @@ impl Window {
     }
 
     /// Device reads memory: copy `buf.len()` bytes at `iova` into `buf`.
-    pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+    pub fn dma_read(&self, iova: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
         self.stats.accesses.fetch_add(1, Relaxed);
         let addr = self.check(iova, buf.len()).map_err(|f| self.fault(f))?;
         let local = libc::iovec {
@@ -281,7 +282,7 @@ impl Window {
     }
 
     /// Device writes memory: copy `data` to `iova`.
-    pub fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
+    pub fn dma_write(&self, iova: Iova, data: &[u8]) -> Result<(), DmaFault> {
         self.stats.accesses.fetch_add(1, Relaxed);
         let addr = self.check(iova, data.len()).map_err(|f| self.fault(f))?;
         let local = libc::iovec {
@@ -305,7 +306,7 @@ impl Window {
 
     /// Device moves `len` bytes from file `fd` at `off` into memory at
     /// `iova` (a disk read).
-    pub fn pread(&self, fd: RawFd, off: u64, iova: u64, len: usize) -> Result<(), DmaFault> {
+    pub fn pread(&self, fd: RawFd, off: u64, iova: Iova, len: usize) -> Result<(), DmaFault> {
         self.stats.accesses.fetch_add(1, Relaxed);
         let addr = self.check(iova, len).map_err(|f| self.fault(f))?;
         let mut done = 0usize;
@@ -332,7 +333,7 @@ impl Window {
             if n == 0 {
                 // Past the end of the file: the rest reads as zeroes.
                 let zeros = vec![0u8; len - done];
-                return self.dma_write(iova + done as u64, &zeros);
+                return self.dma_write(iova + done, &zeros);
             }
             if errno == libc::EINTR {
                 continue;
@@ -347,7 +348,7 @@ impl Window {
 
     /// Device moves `len` bytes from memory at `iova` to file `fd` at `off`
     /// (a disk write).
-    pub fn pwrite(&self, fd: RawFd, off: u64, iova: u64, len: usize) -> Result<(), DmaFault> {
+    pub fn pwrite(&self, fd: RawFd, off: u64, iova: Iova, len: usize) -> Result<(), DmaFault> {
         self.stats.accesses.fetch_add(1, Relaxed);
         let addr = self.check(iova, len).map_err(|f| self.fault(f))?;
         let mut done = 0usize;
@@ -407,23 +408,29 @@ impl Iommu for Window {
         self.size - PAGE as u64
     }
 
-    fn enter(&self, iova: u64, pa: u64, len: usize, access: DmaAccess) -> Result<(), IommuError> {
-        let end = iova.checked_add(len as u64);
-        if end.is_none_or(|e| e > Iommu::size(self)) || pa + len as u64 > self.ram {
+    fn enter(
+        &self,
+        iova: Iova,
+        pa: Paddr,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<(), IommuError> {
+        let end = iova.get().checked_add(len as u64);
+        if end.is_none_or(|e| e > Iommu::size(self)) || pa.get() + len as u64 > self.ram {
             return Err(IommuError::OutOfRange { iova, len });
         }
         let prot = match access {
             DmaAccess::Read => libc::PROT_READ,
             DmaAccess::Write | DmaAccess::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        let addr = self.base + iova as usize;
+        let addr = self.base + iova.get() as usize;
         let r = raw_mmap(
             addr,
             len,
             prot,
             libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
             self.fd,
-            pa,
+            pa.get(),
         );
         if r < 0 {
             return Err(IommuError::Host { errno: -r as i32 });
@@ -433,15 +440,16 @@ impl Iommu for Window {
         Ok(())
     }
 
-    fn remove(&self, iova: u64, len: usize) {
+    fn remove(&self, iova: Iova, len: usize) {
         if iova
+            .get()
             .checked_add(len as u64)
             .is_none_or(|e| e > Iommu::size(self))
         {
             return;
         }
         let r = raw_mmap(
-            self.base + iova as usize,
+            self.base + iova.get() as usize,
             len,
             libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,

@@ -16,6 +16,7 @@ use kern::Ipl;
 use kern::bus_dma::*;
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskOp, DiskStatus, FileCmd, FileDevice};
 use kern::intr::{IntrHandle, intr_establish};
+use kern::iommu::Iova;
 use kern::vm::IoBuf;
 use machine::dev::{DiskConfig, DmaDisk, FileConfig, FileDev};
 use machine::dvma::Window;
@@ -118,7 +119,7 @@ fn pattern(seed: u8, n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn rd(lba: u64, nsect: u32, iova: u64) -> DiskCmd {
+fn rd(lba: u64, nsect: u32, iova: Iova) -> DiskCmd {
     DiskCmd {
         id: 0,
         op: DiskOp::Read,
@@ -129,7 +130,7 @@ fn rd(lba: u64, nsect: u32, iova: u64) -> DiskCmd {
     }
 }
 
-fn wr(lba: u64, nsect: u32, iova: u64, fua: bool) -> DiskCmd {
+fn wr(lba: u64, nsect: u32, iova: Iova, fua: bool) -> DiskCmd {
     DiskCmd {
         id: 0,
         op: DiskOp::Write,
@@ -146,7 +147,7 @@ fn flush() -> DiskCmd {
         op: DiskOp::Flush,
         lba: 0,
         nsect: 0,
-        iova: 0,
+        iova: Iova(0),
         fua: false,
     }
 }
@@ -275,7 +276,7 @@ fn unload(m: &Machine, maps: Vec<DmaMap>) -> Vec<Vec<u8>> {
     .unwrap()
 }
 
-fn iova(map: &DmaMap) -> u64 {
+fn iova(map: &DmaMap) -> Iova {
     map.segs()[0].iova
 }
 
@@ -437,10 +438,10 @@ fn injected_media_error() {
     let st = exec_disk(
         &disk,
         &[
-            wr(195, 8, io, false),  // 195..203: touches 200
-            rd(209, 4, io + 32768), // 209..213: touches 209
-            wr(190, 10, io, false), // 190..200: just below
-            rd(210, 4, io + 32768), // 210..214: just above
+            wr(195, 8, io, false),     // 195..203: touches 200
+            rd(209, 4, io + 32768u64), // 209..213: touches 209
+            wr(190, 10, io, false),    // 190..200: just below
+            rd(210, 4, io + 32768u64), // 210..214: just above
         ],
     );
     assert_eq!(
@@ -557,7 +558,7 @@ fn invalid_commands_and_read_only() {
     let mut cfg = disk_cfg(&tmp);
     cfg.read_only = true;
     let ro = open_disk(&m, cfg);
-    let half = io + (64 << 10);
+    let half = io + (64u64 << 10);
     let st = exec_disk(
         &ro,
         &[wr(0, 8, io, false), rd(last - 128, 128, half), flush()],
@@ -659,7 +660,7 @@ fn interrupt_handler_sees_every_completion_once() {
         }
         let nsect = 1 + (i % 16) as u32;
         let lba = (i as u64 * 7919) % (sectors - 16);
-        let io = base + (i % 32) as u64 * 8192;
+        let io = base + (i % 32) * 8192;
         let mut cmd = if i % 3 == 0 {
             wr(lba, nsect, io, false)
         } else {

@@ -265,7 +265,7 @@ impl DiskController for StaleIova {
     fn submit(&self, mut cmd: DiskCmd) -> bool {
         let stale = self.stale.swap(0, SeqCst);
         if stale != 0 {
-            cmd.iova = stale;
+            cmd.iova = kern::iommu::Iova(stale);
         }
         let ok = self.disk.submit(cmd);
         if !ok && stale != 0 {
@@ -340,7 +340,7 @@ fn sd_counts_a_device_dma_fault_on_its_tag() {
             let mut map = dmamap_create(tag, 64 << 10).unwrap();
             let buf = dmamem_alloc(tag, 64 << 10).unwrap();
             dmamap_load(&mut map, buf, DmaDir::ToDevice, Wait::Ok(ctx)).unwrap();
-            ctrl.stale.store(map.segs()[0].iova, SeqCst);
+            ctrl.stale.store(map.segs()[0].iova.get(), SeqCst);
             drop(dmamap_unload(&mut map)); // too early
             let bad = write(ctx, 0, 0x11);
             let good = write(ctx, 8, 0x22);
@@ -600,7 +600,7 @@ fn views_share_memory_and_free_nothing() {
         // dropped while they live.
         let (mut v1, v2) = unsafe { (b.view(4096, 4096), b.view(8192, 8192)) };
         assert_eq!((v1.len(), v2.len(), v1.capacity()), (4096, 8192, 4096));
-        assert_eq!(v1.pa(), b.pa() + 4096);
+        assert_eq!(v1.pa(), b.pa() + 4096u64);
         assert_eq!(v1.as_slice(), &pattern(7, 16384)[4096..8192]);
         v1.set_len(100);
         assert_eq!(v1.len(), 100);

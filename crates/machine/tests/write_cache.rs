@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use kern::bus_dma::*;
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskOp, DiskStatus};
+use kern::iommu::Iova;
 use machine::dev::disk::CacheStats;
 use machine::dev::{DiskConfig, DmaDisk};
 use machine::dvma::Window;
@@ -110,7 +111,7 @@ fn pattern(seed: u8, n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn cmd(op: DiskOp, lba: u64, nsect: u32, iova: u64, fua: bool) -> DiskCmd {
+fn cmd(op: DiskOp, lba: u64, nsect: u32, iova: Iova, fua: bool) -> DiskCmd {
     DiskCmd {
         id: 0,
         op,
@@ -121,16 +122,16 @@ fn cmd(op: DiskOp, lba: u64, nsect: u32, iova: u64, fua: bool) -> DiskCmd {
     }
 }
 
-fn rd(lba: u64, nsect: u32, iova: u64) -> DiskCmd {
+fn rd(lba: u64, nsect: u32, iova: Iova) -> DiskCmd {
     cmd(DiskOp::Read, lba, nsect, iova, false)
 }
 
-fn wr(lba: u64, nsect: u32, iova: u64, fua: bool) -> DiskCmd {
+fn wr(lba: u64, nsect: u32, iova: Iova, fua: bool) -> DiskCmd {
     cmd(DiskOp::Write, lba, nsect, iova, fua)
 }
 
 fn flush() -> DiskCmd {
-    cmd(DiskOp::Flush, 0, 0, 0, false)
+    cmd(DiskOp::Flush, 0, 0, Iova(0), false)
 }
 
 /// Submit the commands (command `i` gets id `i`) as fast as the queue
@@ -231,7 +232,7 @@ fn unload(m: &Machine, maps: Vec<DmaMap>) -> Vec<Vec<u8>> {
     .unwrap()
 }
 
-fn iova(map: &DmaMap) -> u64 {
+fn iova(map: &DmaMap) -> Iova {
     map.segs()[0].iova
 }
 

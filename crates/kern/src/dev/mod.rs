@@ -56,7 +56,7 @@ pub struct DiskCmd {
     /// Sectors (0 for a flush).
     pub nsect: u32,
     /// I/O virtual address of the data (unused for a flush).
-    pub iova: u64,
+    pub iova: crate::iommu::Iova,
     /// Write through to stable storage before completing.
     pub fua: bool,
 }

@@ -319,7 +319,7 @@ impl Sd {
                     op: DiskOp::Flush,
                     lba: 0,
                     nsect: 0,
-                    iova: 0,
+                    iova: crate::iommu::Iova(0),
                     fua: false,
                 };
                 slot.bp = Some(bp);

@@ -233,7 +233,7 @@ impl FileDev {
             ));
         };
         let pm = k.physmem();
-        let (ram, ram_len) = (pm.kva(0) as usize, pm.size() as usize);
+        let (ram, ram_len) = (pm.kva(kern::vm::Paddr(0)) as usize, pm.size() as usize);
         if cfg.max_transfer == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
