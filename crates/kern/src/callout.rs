@@ -68,12 +68,6 @@ pub fn callout_schedule(c: &'static Callout, delay_ns: u64) {
     c.due.fetch_min(due, AcqRel);
 }
 
-/// Disarm `c`. Any context.
-pub fn callout_stop(c: &'static Callout) {
-    c.due.store(IDLE, Release);
-    c.fired.store(false, Release);
-}
-
 /// The clock interrupt: mark due callouts and schedule softclock.
 pub fn hardclock(_ctx: &IntrCtx) {
     let now = kernel().md().nanotime();

@@ -303,8 +303,3 @@ fn set_level(cpu: &Cpu, level: u8) {
     }
     cpu.line.set_ipl_sync(level);
 }
-
-/// Name of the handler of pending-word bit `bit`, if any (statistics).
-pub fn vector_name(bit: u32) -> Option<&'static str> {
-    kernel().vectors.name(bit)
-}

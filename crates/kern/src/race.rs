@@ -347,11 +347,6 @@ impl RaceKit {
         self.st.cpu
     }
 
-    /// Its interrupt vector (for a storm device).
-    pub fn intr_handle(&self) -> IntrHandle {
-        self.st.intr
-    }
-
     /// Storm device, one tick (any host thread): complete a request and post
     /// the interrupt. Returns whether it posted.
     pub fn device_tick(&self) -> bool {

@@ -463,16 +463,6 @@ pub fn current_name() -> Option<&'static str> {
     unsafe { cpu.curthread.load(Relaxed).as_ref() }.map(|t| t.name())
 }
 
-/// The current thread's id, if a kernel thread is running.
-pub fn current_tid() -> Option<u32> {
-    let cpu = curcpu_opt()?;
-    if !cpu.in_kthread.load(Relaxed) {
-        return None;
-    }
-    // SAFETY: as in `curthread`.
-    unsafe { cpu.curthread.load(Relaxed).as_ref() }.map(|t| t.tid)
-}
-
 /// Switch from the running context (`me`, or the idle context) to `next`
 /// (or the idle context). The caller runs at IPL_SCHED or above and has put
 /// `me` where it belongs. Returns when something switches back to `me`.
