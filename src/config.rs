@@ -58,7 +58,7 @@
 //! | `name` | string | required | `sd[0-9]+` |
 //! | `file` | string | required | relative to `data_dir`, or absolute |
 //! | `size` | size | the existing file's size; required to create the file | > 0, a multiple of `sector_size` |
-//! | `sector_size` | integer | 512 | 512, 1024, 2048, 4096 |
+//! | `sector_size` | integer | 512 | 512, 1024, 2048, 4096 (parsed and checked, but booting refuses all but 512: only 512-byte sectors are implemented) |
 //! | `dvma` | string | `"permanent"` | `strict`, `lazy`, `slots`, `permanent`, `shadow` |
 //! | `completion` | string | `"softint"` | `intr`, `softint`, `thread`, `ast` |
 //! | `read_only` | bool | `false` | |

@@ -23,23 +23,60 @@
 //!
 //! # Admission control
 //! A request holds I/O memory from admission to its reply (a read's data
-//! until it is sent). The server admits requests against a budget of
-//! credits, half of the smallest memory the exported disks draw from (the
-//! shared DVMA pool in `permanent`/`shadow` mode, general memory otherwise),
-//! so that requests never wait for each other's memory while holding some
-//! (no hold-and-wait deadlock). One connection may hold at most a quarter of
-//! the budget ([`CONN_SHARE`]), and the advertised maximum payload is at
-//! most that share: a client that stalls in the middle of a write payload,
-//! or stops reading its replies, holds at most its share, and every other
-//! connection goes on. A reader that waits for credits stops reading its
-//! socket: TCP pushes back.
+//! until it is sent), and every queued reply holds [`REPLY_COST`] on top
+//! of that: an error reply made on the host (`Conn::local`), a TRIM, a
+//! FLUSH, a rejected zero-length read, all alike, so that nothing a client
+//! sends without reading its replies is free. The server admits requests
+//! against a budget of credits, half of the smallest memory the exported
+//! disks draw from (the shared DVMA pool in `permanent`/`shadow` mode,
+//! general memory otherwise), so that requests never wait for each other's
+//! memory while holding some (no hold-and-wait deadlock). One connection
+//! may hold at most a quarter of the budget ([`CONN_SHARE`]), and the
+//! advertised maximum payload is at most that share. A reader whose
+//! connection has used its share stops reading its socket until the
+//! writer has sent replies and given credits back: TCP pushes back, and a
+//! client that never reads its replies holds its share and no more.
 //!
-//! # Timeouts
-//! A client has [`HANDSHAKE_TIMEOUT`] to finish its handshake and
-//! [`IO_TIMEOUT`] to send the rest of a request it has begun (header or
-//! payload), or to take a reply the server is sending; otherwise the
-//! connection is closed and what it held is freed. A client idle between
-//! requests is never timed out.
+//! # Fairness: a reserve for light connections
+//! Hostile connections can hold memory for a long time (a stalled write
+//! payload, maximum reads never read), so fair scheduling of what is
+//! released would not help: they release nothing. Instead the last
+//! [`RESERVE_DIV`]th of the budget is a reserve only light connections may
+//! draw on: a request is admitted into the reserve only if the
+//! connection's holding stays at most `reserve / 64` ([`LIGHT_DIV`])
+//! afterwards. Heavy connections, however many, leave the reserve alone,
+//! so a well-behaved client doing small I/O is always admitted at once; it
+//! takes 64 connections each holding its light share to use the reserve up
+//! (hence also the per-address limit). A static reservation per
+//! connection was the alternative; with thousands of connections allowed
+//! it would be a few KiB each, or would cap the connections at a handful.
+//!
+//! # Older clients
+//! A client that entered transmission with `NBD_OPT_EXPORT_NAME` learnt no
+//! block sizes, so (as the spec asks) it may send any alignment and up to
+//! 32 MiB. Its requests that are aligned to 512 and within the advertised
+//! maximum take the normal path; the others are served one at a time by its
+//! reader through a host bounce buffer, charged the connection's whole
+//! share: reads of the covering sectors in pieces of the maximum payload,
+//! and for writes a read-modify-write of partly covered pieces. (Two such
+//! clients writing different bytes of one sector at once may lose one
+//! write; the spec leaves overlapping concurrent writes undefined.)
+//! Clients that negotiated with `NBD_OPT_GO` keep the advertised checks.
+//!
+//! # Timeouts and limits
+//! Deadlines, not per-call timeouts: a client has `--handshake-timeout`
+//! (30 s) from its connection to finish the handshake, and `--io-timeout`
+//! (30 s) from the first byte of a request header to the end of that
+//! header, from admission to the end of a write's payload, and from the
+//! start of a batch of replies to its last byte; otherwise the connection
+//! is closed and what it held is freed. Trickling one byte at a time does
+//! not extend them. `--idle-timeout` (off by default) closes a connection
+//! that has nothing in flight and sends nothing for that long. Beyond
+//! `--max-connections` open connections, or `--max-per-addr` from one
+//! address, a new client gets the greeting and `NBD_REP_ERR_POLICY` ("too
+//! many connections ...") to its options (a client using
+//! `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error, is
+//! closed), and the refusal is logged (at most once a second).
 //!
 //! # Shutdown
 //! SIGINT or SIGTERM: stop accepting; shut the read side of every
@@ -49,13 +86,13 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kern::bio::{BioError, BlockDev, BufOp, DEV_BSIZE, bdevs, getbuf_wait, submit_wait};
 use kern::blksrv::{BlockReq, ReqOp, blksrv_attach, request_memory};
@@ -73,15 +110,32 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Largest payload ever advertised (the NBD default, 32 MiB).
 const MAX_PAYLOAD: u32 = 32 << 20;
 
-/// How long a client may take to finish its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to finish its handshake (default of
+/// `--handshake-timeout`, seconds).
+pub const HANDSHAKE_TIMEOUT: u64 = 30;
 
 /// How long a client may take to send the rest of a request it has begun,
-/// or to take a reply being sent.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// or to take a batch of replies (default of `--io-timeout`, seconds).
+pub const IO_TIMEOUT: u64 = 30;
 
 /// The share of the I/O memory budget one connection may hold: 1/4.
 pub const CONN_SHARE: u64 = 4;
+
+/// What every queued reply is charged on top of its data: its host memory
+/// (request, reply, queue entry), rounded up generously.
+pub const REPLY_COST: u64 = 4096;
+
+/// The reserve for light connections: 1/4 of the budget.
+pub const RESERVE_DIV: u64 = 4;
+
+/// A connection is light while it holds at most `reserve / LIGHT_DIV`.
+pub const LIGHT_DIV: u64 = 64;
+
+/// Most threads answering refused clients at once (more are just closed).
+const MAX_REFUSERS: u32 = 16;
+
+/// How long a refused client may take to be told.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long shutdown waits for connections to drain before it closes them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,9 +155,24 @@ pub struct ServeArgs {
     /// blksrv kernel threads per CPU (requests served at once, per CPU).
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
-    /// Most connections at once; further ones are closed at once.
+    /// Most connections at once; further ones are refused
+    /// (`NBD_REP_ERR_POLICY`, logged).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Most connections from one IP address; further ones are refused.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_per_addr: usize,
+    /// Seconds a client has to finish its handshake (a deadline).
+    #[arg(long, value_name = "SECS", default_value_t = HANDSHAKE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+    /// Seconds a client has to send a request it began (header; payload from
+    /// admission), or to take a batch of replies (deadlines).
+    #[arg(long, value_name = "SECS", default_value_t = IO_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub io_timeout: u64,
+    /// Close a connection idle (nothing in flight, nothing sent) this many
+    /// seconds; 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub idle_timeout: u64,
     /// How long a connection's reply writer polls for completions before it
     /// sleeps, µs.
     #[arg(long, value_name = "US", default_value_t = 2)]
@@ -131,9 +200,14 @@ pub struct NbdStats {
     pub bytes_written: AtomicU64,
 }
 
-/// I/O memory credits (module docs: admission control).
-struct Credits {
-    cap: u64,
+/// I/O memory credits (module docs: admission control, fairness).
+struct Budget {
+    /// Most one connection may hold.
+    share: u64,
+    /// What only light connections may take.
+    reserve: u64,
+    /// Most a connection may hold and still draw on the reserve.
+    light: u64,
     state: Mutex<CreditState>,
     freed: Condvar,
 }
@@ -146,10 +220,19 @@ struct CreditState {
     waiting: u32,
 }
 
-impl Credits {
-    fn new(cap: u64) -> Credits {
-        Credits {
-            cap,
+impl Budget {
+    fn new(cap: u64) -> Budget {
+        let share = (cap / CONN_SHARE).max(1 << 20).min(cap);
+        let reserve = (cap / RESERVE_DIV).min(cap - share);
+        let light = if reserve == 0 {
+            0
+        } else {
+            (reserve / LIGHT_DIV).max(4 * REPLY_COST).min(reserve)
+        };
+        Budget {
+            share,
+            reserve,
+            light,
             state: Mutex::new(CreditState {
                 avail: cap,
                 waiting: 0,
@@ -158,32 +241,48 @@ impl Credits {
         }
     }
 
-    fn acquire(&self, n: u64) -> u64 {
-        let n = n.min(self.cap);
+    /// Take `n` credits (at most the share) for the connection holding
+    /// `held`; wait until its share has room and, unless it stays light,
+    /// the pool has `n` beyond the reserve. `held` changes only under the
+    /// lock. Returns what was taken.
+    fn acquire(&self, held: &AtomicU64, n: u64) -> u64 {
+        let n = n.min(self.share);
         if n == 0 {
             return 0;
         }
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while s.avail < n {
+        loop {
+            let h = held.load(Relaxed);
+            let floor = if h + n <= self.light { 0 } else { self.reserve };
+            if h + n <= self.share && s.avail >= n + floor {
+                s.avail -= n;
+                held.store(h + n, Relaxed);
+                return n;
+            }
             s.waiting += 1;
             s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
             s.waiting -= 1;
         }
-        s.avail -= n;
-        n
     }
 
-    fn release(&self, n: u64) {
+    fn release(&self, held: &AtomicU64, n: u64) {
         if n == 0 {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         s.avail += n;
+        held.fetch_sub(n, Relaxed);
         let wake = s.waiting > 0;
         drop(s);
         if wake {
             self.freed.notify_all();
         }
+    }
+
+    /// What a request of `op` over `len` is charged: its I/O memory and
+    /// its reply, at most the share.
+    fn charge(&self, op: ReqOp, len: u64, max_transfer: usize) -> u64 {
+        (request_memory(op, len, max_transfer) + REPLY_COST).min(self.share)
     }
 }
 
@@ -192,28 +291,48 @@ struct Shared {
     exports: ExportList,
     devs: HashMap<String, &'static dyn BlockDev>,
     chan: &'static HostChannel,
-    credits: Credits,
+    budget: Budget,
     stats: NbdStats,
     stopping: AtomicBool,
     /// Every open connection's socket, to shut them down at exit.
     socks: Mutex<HashMap<u64, TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     reply_poll: Duration,
+    /// Open connections per client address.
+    per_addr: Mutex<HashMap<IpAddr, usize>>,
+    max_connections: usize,
+    max_per_addr: usize,
+    handshake_timeout: Duration,
+    io_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    /// Threads answering refused clients now.
+    refusers: AtomicU32,
+    /// When a refusal was last logged, and how many since.
+    refusal_log: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// One connection in transmission: what its reader and writer share.
 struct Conn {
     replies: Arc<ReplyQueue>,
-    /// Replies made on the host (rejected requests).
-    local: Mutex<Vec<Vec<u8>>>,
+    /// Replies made on the host (rejected requests, bounce-buffer
+    /// requests), each with the credits it holds.
+    local: Mutex<Vec<(Vec<u8>, u64)>>,
+    /// The reader's own requests (bounce-buffer path), waited for.
+    sync: Arc<ReplyQueue>,
+    /// Credits this connection holds (changed under the budget's lock).
+    held: AtomicU64,
+    /// Entered with `NBD_OPT_EXPORT_NAME`: any alignment, up to 32 MiB.
+    lenient: bool,
+    /// The export as requests are validated against.
+    vexport: ExportInfo,
+    /// Largest read or write on the direct path (the advertised maximum).
+    direct_max: u64,
     /// Requests in the kernel.
     inflight: AtomicU64,
     reader_done: AtomicBool,
     structured: bool,
     max_transfer: usize,
     reply_poll: Duration,
-    /// This connection's share of the budget.
-    share: Credits,
 }
 
 /// `dvma serve`.
@@ -253,9 +372,11 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         e.block_sizes = BlockSizes::new(DEV_BSIZE as u32, 4096, max_payload)
             .map_err(|err| format!("{}: {err}", d.name()))?;
         e.can_flush = true;
-        e.can_fua = true;
-        e.can_trim = true;
-        e.can_write_zeroes = true;
+        // A read-only export offers no write command (as nbdkit): no FUA,
+        // TRIM or WRITE_ZEROES; FLUSH stays (harmless, and clients use it).
+        e.can_fua = !e.read_only;
+        e.can_trim = !e.read_only;
+        e.can_write_zeroes = !e.read_only;
         // FLUSH is fdatasync of the backing files, after every write the
         // kernel has acknowledged, from whichever connection.
         e.can_multi_conn = true;
@@ -292,18 +413,26 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         exports,
         devs,
         chan,
-        credits: Credits::new(credits),
+        budget: Budget::new(credits),
         stats: NbdStats::default(),
         stopping: AtomicBool::new(false),
         socks: Mutex::new(HashMap::new()),
         threads: Mutex::new(Vec::new()),
         reply_poll: Duration::from_micros(u64::from(a.reply_poll_us)),
+        per_addr: Mutex::new(HashMap::new()),
+        max_connections: a.max_connections,
+        max_per_addr: a.max_per_addr,
+        handshake_timeout: Duration::from_secs(a.handshake_timeout),
+        io_timeout: Duration::from_secs(a.io_timeout),
+        idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+        refusers: AtomicU32::new(0),
+        refusal_log: Mutex::new((None, 0)),
     });
     let acceptor = {
         let sh = Arc::clone(&sh);
         std::thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(&sh, listener, a.max_connections))
+            .spawn(move || accept_loop(&sh, listener))
             .map_err(|e| e.to_string())?
     };
 
@@ -402,16 +531,36 @@ fn payload_limit(credits: u64) -> u32 {
     1u32 << (31 - c.leading_zeros())
 }
 
-fn accept_loop(sh: &Arc<Shared>, listener: TcpListener, max: usize) {
+fn accept_loop(sh: &Arc<Shared>, listener: TcpListener) {
     let mut next_id = 0u64;
     for s in listener.incoming() {
         if sh.stopping.load(SeqCst) {
             break;
         }
         let Ok(sock) = s else { continue };
-        if sh.stats.open.load(Relaxed) as usize >= max {
-            sh.stats.refused.fetch_add(1, Relaxed);
+        let ip = sock.peer_addr().map(|a| a.ip()).ok();
+        let open = sh.stats.open.load(Relaxed) as usize;
+        if open >= sh.max_connections {
+            let why = format!(
+                "too many connections ({open} open, --max-connections {})",
+                sh.max_connections
+            );
+            refuse(sh, sock, ip, why);
             continue;
+        }
+        if let Some(ip) = ip {
+            let mut per = sh.per_addr.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = per.entry(ip).or_insert(0);
+            if *n >= sh.max_per_addr {
+                let why = format!(
+                    "too many connections from {ip} ({n} open, --max-per-addr {})",
+                    sh.max_per_addr
+                );
+                drop(per);
+                refuse(sh, sock, Some(ip), why);
+                continue;
+            }
+            *n += 1;
         }
         next_id += 1;
         let id = next_id;
@@ -429,55 +578,249 @@ fn accept_loop(sh: &Arc<Shared>, listener: TcpListener, max: usize) {
             .stack_size(256 << 10)
             .spawn(move || {
                 connection(&sh2, sock);
-                sh2.socks
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
-                sh2.stats.open.fetch_sub(1, Relaxed);
+                closed(&sh2, id, ip);
             });
         let mut threads = sh.threads.lock().unwrap_or_else(PoisonError::into_inner);
         threads.retain(|t| !t.is_finished());
         match t {
             Ok(t) => threads.push(t),
-            Err(_) => {
-                sh.socks
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
-                sh.stats.open.fetch_sub(1, Relaxed);
+            Err(_) => closed(sh, id, ip),
+        }
+    }
+}
+
+/// A connection is gone: count it out.
+fn closed(sh: &Shared, id: u64, ip: Option<IpAddr>) {
+    sh.socks
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
+    if let Some(ip) = ip {
+        let mut per = sh.per_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+    }
+    sh.stats.open.fetch_sub(1, Relaxed);
+}
+
+/// Refuse a client over a limit: log why (at most once a second), and
+/// tell the client in the handshake (`NBD_REP_ERR_POLICY` with the reason)
+/// if few refusals are being told already; otherwise just close.
+fn refuse(sh: &Arc<Shared>, sock: TcpStream, ip: Option<IpAddr>, why: String) {
+    sh.stats.refused.fetch_add(1, Relaxed);
+    {
+        let mut log = sh
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if log
+            .0
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            let more = if log.1 > 0 {
+                format!(" ({} more refused since the last message)", log.1)
+            } else {
+                String::new()
+            };
+            let from = ip.map_or_else(|| "?".to_string(), |i| i.to_string());
+            eprintln!("dvma: refused a connection from {from}: {why}{more}");
+            *log = (Some(now), 0);
+        } else {
+            log.1 += 1;
+        }
+    }
+    if sh.refusers.fetch_add(1, SeqCst) >= MAX_REFUSERS {
+        sh.refusers.fetch_sub(1, SeqCst);
+        return;
+    }
+    let sh2 = Arc::clone(sh);
+    let t = std::thread::Builder::new()
+        .name("nbd-refuse".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let _ = tell_refusal(&sock, &why);
+            let _ = sock.shutdown(Shutdown::Both);
+            sh2.refusers.fetch_sub(1, SeqCst);
+        });
+    if t.is_err() {
+        sh.refusers.fetch_sub(1, SeqCst);
+    }
+}
+
+/// The greeting, then `NBD_REP_ERR_POLICY` with `why` to each option (a
+/// few at most) until the client aborts or leaves; `NBD_OPT_EXPORT_NAME`
+/// cannot be answered with an error: close.
+fn tell_refusal(sock: &TcpStream, why: &str) -> io::Result<()> {
+    use nbd::wire::{NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_REP_ACK, NBD_REP_ERR_POLICY};
+    let mut s = Timed::new(sock);
+    s.deadline = Some(Instant::now() + REFUSAL_TIMEOUT);
+    let _ = sock.set_nodelay(true);
+    s.write_all(&nbd::handshake::encode_greeting())?;
+    let mut flags = [0u8; 4];
+    s.read_exact(&mut flags)?;
+    for _ in 0..4 {
+        let mut raw = [0u8; nbd::wire::OPTION_HEADER_LEN];
+        s.read_exact(&mut raw)?;
+        let Ok(h) = nbd::OptionHeader::parse(&raw) else {
+            return Ok(());
+        };
+        if h.option == NBD_OPT_EXPORT_NAME || h.length > 64 << 10 {
+            return Ok(());
+        }
+        nbd::discard(&mut s, u64::from(h.length))?;
+        let mut out = Vec::new();
+        if h.option == NBD_OPT_ABORT {
+            nbd::handshake::encode_option_reply(&mut out, h.option, NBD_REP_ACK, &[]);
+            s.write_all(&out)?;
+            return Ok(());
+        }
+        nbd::handshake::encode_option_reply(&mut out, h.option, NBD_REP_ERR_POLICY, why.as_bytes());
+        s.write_all(&out)?;
+    }
+    Ok(())
+}
+
+/// A socket whose reads and writes end at a deadline (not a timeout per
+/// call, which trickling would restart): the socket's timeout is set to
+/// what is left before each call, and a call that times out early is
+/// retried. No deadline: calls block (reads) without a timeout.
+struct Timed<'a> {
+    sock: &'a TcpStream,
+    deadline: Option<Instant>,
+    /// The timeouts the socket has now (`Some(None)`: none), to skip the
+    /// system call when they are close enough.
+    rset: Option<Option<Duration>>,
+    wset: Option<Option<Duration>>,
+}
+
+impl<'a> Timed<'a> {
+    fn new(sock: &'a TcpStream) -> Timed<'a> {
+        Timed {
+            sock,
+            deadline: None,
+            rset: None,
+            wset: None,
+        }
+    }
+
+    /// The timeout the next call should have; `Err` once the deadline has
+    /// passed.
+    fn left(&self) -> io::Result<Option<Duration>> {
+        match self.deadline {
+            None => Ok(None),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left < Duration::from_micros(100) {
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
+                } else {
+                    Ok(Some(left))
+                }
             }
         }
     }
 }
 
+/// Whether a socket timeout of `cur` must be changed to honour `want`:
+/// never later than the deadline, and not much earlier (which would only
+/// cost wake-ups).
+fn rearm(cur: Option<Option<Duration>>, want: Option<Duration>) -> bool {
+    match (cur, want) {
+        (None, _) => true,
+        (Some(c), None) => c.is_some(),
+        (Some(None), Some(_)) => true,
+        (Some(Some(c)), Some(w)) => c > w || c < w / 2,
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let want = self.left()?;
+            if rearm(self.rset, want) {
+                self.sock.set_read_timeout(want)?;
+                self.rset = Some(want);
+            }
+            match (&*self.sock).read(buf) {
+                Err(e) if self.deadline.is_some() && timed_out(&e) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        loop {
+            let want = self.left()?;
+            if rearm(self.wset, want) {
+                self.sock.set_write_timeout(want)?;
+                self.wset = Some(want);
+            }
+            match (&*self.sock).write_vectored(bufs) {
+                Err(e) if self.deadline.is_some() && timed_out(&e) => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One connection: the handshake, then the reader loop (this thread) and
 /// the writer (a second thread).
-fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
+fn connection(sh: &Arc<Shared>, sock: TcpStream) {
     let _ = sock.set_nodelay(true);
-    let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let neg = match nbd::negotiate(&mut sock, &sh.exports, nbd::HandshakeLimits::default()) {
+    let mut hs = Timed::new(&sock);
+    hs.deadline = Some(Instant::now() + sh.handshake_timeout);
+    let neg = match nbd::negotiate(&mut hs, &sh.exports, nbd::HandshakeLimits::default()) {
         Ok(n) => n,
         Err(_) => {
             sh.stats.bad_handshakes.fetch_add(1, Relaxed);
             return;
         }
     };
-    // Timeouts for requests begun and replies being sent (idle clients are
-    // fine: `read_header` waits on).
-    let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = sock.set_write_timeout(Some(IO_TIMEOUT));
     let Some(&dev) = sh.devs.get(&neg.export.name) else {
         return;
     };
+    let lenient = neg.entered_by == nbd::wire::NBD_OPT_EXPORT_NAME;
+    let mut vexport = neg.export.clone();
+    if lenient {
+        // "Size constraints": a client that learnt no block sizes may use
+        // any alignment and up to 32 MiB.
+        vexport.block_sizes =
+            BlockSizes::new(1, vexport.block_sizes.preferred(), MAX_PAYLOAD).unwrap_or_default();
+    }
     let conn = Arc::new(Conn {
         replies: Arc::new(ReplyQueue::new()),
         local: Mutex::new(Vec::new()),
+        sync: Arc::new(ReplyQueue::new()),
+        held: AtomicU64::new(0),
+        lenient,
+        direct_max: u64::from(neg.export.block_sizes.max()),
+        vexport,
         inflight: AtomicU64::new(0),
         reader_done: AtomicBool::new(false),
         structured: neg.structured_replies,
         max_transfer: dev.max_transfer().max(DEV_BSIZE) / DEV_BSIZE * DEV_BSIZE,
         reply_poll: sh.reply_poll,
-        share: Credits::new((sh.credits.cap / CONN_SHARE).max(1 << 20)),
     });
     let Ok(wsock) = sock.try_clone() else { return };
     let writer = {
@@ -490,36 +833,44 @@ fn connection(sh: &Arc<Shared>, mut sock: TcpStream) {
     let Ok(writer) = writer else { return };
     // Requests arrive in bursts: one `recv` takes many headers (and small
     // payloads); larger payloads bypass the buffer into the DMA memory.
-    let mut rd = io::BufReader::with_capacity(64 << 10, &sock);
-    let _ = reader(sh, &conn, &neg, dev, &mut rd);
+    let mut rd = io::BufReader::with_capacity(64 << 10, Timed::new(&sock));
+    let _ = reader(sh, &conn, dev, &mut rd);
     conn.reader_done.store(true, SeqCst);
     conn.replies.notify();
     let _ = writer.join();
     let _ = sock.shutdown(Shutdown::Both);
 }
 
+type Rd<'a> = io::BufReader<Timed<'a>>;
+
 /// Read requests until the client leaves (or must be disconnected).
 fn reader(
     sh: &Shared,
     conn: &Conn,
-    neg: &nbd::Negotiated,
     dev: &'static dyn BlockDev,
-    sock: &mut impl Read,
+    sock: &mut Rd<'_>,
 ) -> io::Result<()> {
     let mut raw = [0u8; nbd::wire::REQUEST_LEN];
     loop {
-        if !read_header(sock, &mut raw, &sh.stopping)? {
+        if !read_header(sh, conn, sock, &mut raw)? {
             return Ok(());
         }
         let Ok(req) = Request::parse(&raw) else {
             // Bad magic: the stream is lost. Hard disconnect.
             return Ok(());
         };
-        match neg.validate(&req) {
+        match nbd::validate(
+            &req,
+            &conn.vexport,
+            conn.vexport.block_sizes.max(),
+            conn.structured,
+        ) {
             Ok(()) => {}
             Err(Validation::Disconnect { .. }) => return Ok(()),
             Err(Validation::Reject { error, drain }) => {
+                sock.get_mut().deadline = Some(Instant::now() + sh.io_timeout);
                 nbd::discard(sock, u64::from(drain))?;
+                sock.get_mut().deadline = None;
                 conn.local_reply(sh, nbd::error_reply(req.cookie, error, conn.structured));
                 continue;
             }
@@ -540,19 +891,51 @@ fn reader(
                 continue;
             }
         };
-        let len = u64::from(req.length);
-        // This connection's share first (only its own replies free it),
-        // then the common budget.
-        let want = request_memory(op, len, conn.max_transfer);
-        let held = conn.share.acquire(want);
-        sh.credits.acquire(held);
+        let (mut offset, mut len) = (req.offset, u64::from(req.length));
+        if conn.lenient && op != ReqOp::Flush {
+            let bs = DEV_BSIZE as u64;
+            let aligned = offset.is_multiple_of(bs) && len.is_multiple_of(bs);
+            match op {
+                // Advisory: the whole sectors inside the range.
+                ReqOp::Trim if !aligned => {
+                    let start = offset.next_multiple_of(bs);
+                    let end = (offset + len) / bs * bs;
+                    if end <= start {
+                        conn.local_push(sh, nbd::simple_reply(req.cookie, Ok(&[])), false);
+                        continue;
+                    }
+                    (offset, len) = (start, end - start);
+                }
+                ReqOp::Trim => {}
+                ReqOp::WriteZeroes if aligned => {}
+                ReqOp::WriteZeroes if len > u64::from(MAX_PAYLOAD) => {
+                    conn.local_reply(
+                        sh,
+                        nbd::error_reply(req.cookie, ErrorCode::Inval, conn.structured),
+                    );
+                    continue;
+                }
+                _ if aligned && len <= conn.direct_max => {}
+                _ => {
+                    bounced(sh, conn, dev, &req, op, sock)?;
+                    continue;
+                }
+            }
+        }
+        // This connection's share, then the pool (the reserve only while
+        // the connection stays light).
+        let want = sh.budget.charge(op, len, conn.max_transfer);
+        let held = sh.budget.acquire(&conn.held, want);
         let mut chunks = Vec::new();
         if op == ReqOp::Write {
-            match read_payload(sh, dev, conn.max_transfer, len as usize, sock) {
+            // From admission: the client was not kept waiting before.
+            sock.get_mut().deadline = Some(Instant::now() + sh.io_timeout);
+            let r = read_payload(sh, dev, conn.max_transfer, len as usize, sock);
+            sock.get_mut().deadline = None;
+            match r {
                 Ok(c) => chunks = c,
                 Err(e) => {
-                    sh.credits.release(held);
-                    conn.share.release(held);
+                    sh.budget.release(&conn.held, held);
                     return Err(e);
                 }
             }
@@ -561,7 +944,7 @@ fn reader(
             cookie: req.cookie,
             dev,
             op,
-            offset: req.offset,
+            offset,
             len,
             fua: req.flags.contains(CommandFlags::FUA),
             chunks,
@@ -571,8 +954,7 @@ fn reader(
         conn.inflight.fetch_add(1, SeqCst);
         if sh.chan.submit(breq, &conn.replies).is_err() {
             conn.inflight.fetch_sub(1, SeqCst);
-            sh.credits.release(held);
-            conn.share.release(held);
+            sh.budget.release(&conn.held, held);
             conn.local_reply(
                 sh,
                 nbd::error_reply(req.cookie, ErrorCode::Shutdown, conn.structured),
@@ -582,34 +964,44 @@ fn reader(
 }
 
 /// Read a request header. `Ok(false)`: the client closed the connection
-/// between requests (or the server is stopping and the client is idle). A
-/// read timeout with nothing of the header read is an idle client: wait on.
+/// between requests (or was idle past `--idle-timeout`, or the server is
+/// stopping). The header's deadline runs from its first byte.
 fn read_header(
-    sock: &mut impl Read,
+    sh: &Shared,
+    conn: &Conn,
+    sock: &mut Rd<'_>,
     raw: &mut [u8; nbd::wire::REQUEST_LEN],
-    stopping: &AtomicBool,
 ) -> io::Result<bool> {
+    sock.get_mut().deadline = sh.idle_timeout.map(|t| Instant::now() + t);
     let mut got = 0;
     while got < raw.len() {
         match sock.read(&mut raw[got..]) {
             Ok(0) if got == 0 => return Ok(false),
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
+            Ok(n) => {
+                if got == 0 {
+                    sock.get_mut().deadline = Some(Instant::now() + sh.io_timeout);
+                }
+                got += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if got == 0
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-            {
-                if stopping.load(Relaxed) {
+            Err(e) if got == 0 && timed_out(&e) => {
+                // Idle past --idle-timeout: close, unless replies are owed.
+                if sh.stopping.load(Relaxed) || !conn.busy() {
+                    if !sh.stopping.load(Relaxed) {
+                        eprintln!(
+                            "dvma: closing a connection idle for {:?} (--idle-timeout)",
+                            sh.idle_timeout.unwrap_or_default()
+                        );
+                    }
                     return Ok(false);
                 }
+                sock.get_mut().deadline = sh.idle_timeout.map(|t| Instant::now() + t);
             }
             Err(e) => return Err(e),
         }
     }
+    sock.get_mut().deadline = None;
     Ok(true)
 }
 
@@ -635,6 +1027,23 @@ fn read_payload(
     Ok(chunks)
 }
 
+/// DMA memory holding `data`, in pieces of at most `max` bytes.
+fn dma_copy(
+    sh: &Shared,
+    dev: &'static dyn BlockDev,
+    max: usize,
+    data: &[u8],
+) -> io::Result<Vec<kern::vm::IoBuf>> {
+    let mut chunks = Vec::with_capacity(data.len().div_ceil(max));
+    for piece in data.chunks(max) {
+        let mut b = alloc_host(sh, dev, piece.len())?;
+        b.set_len(piece.len());
+        b.as_mut_slice().copy_from_slice(piece);
+        chunks.push(b);
+    }
+    Ok(chunks)
+}
+
 /// `alloc_buf` from a host thread: memory is admitted (credits), so it is
 /// short only for moments (fragmentation, buffers being freed); retry.
 fn alloc_host(sh: &Shared, dev: &'static dyn BlockDev, n: usize) -> io::Result<kern::vm::IoBuf> {
@@ -651,14 +1060,205 @@ fn alloc_host(sh: &Shared, dev: &'static dyn BlockDev, n: usize) -> io::Result<k
     }
 }
 
+/// An older client's request that the direct path cannot take (unaligned,
+/// or larger than the advertised maximum): served here, one at a time,
+/// through a host buffer, holding the connection's whole share until its
+/// reply is sent (module docs: older clients).
+fn bounced(
+    sh: &Shared,
+    conn: &Conn,
+    dev: &'static dyn BlockDev,
+    req: &Request,
+    op: ReqOp,
+    sock: &mut Rd<'_>,
+) -> io::Result<()> {
+    let held = sh.budget.acquire(&conn.held, u64::MAX);
+    let len = req.length as usize;
+    let mut data = Vec::new();
+    if op != ReqOp::Read {
+        data = vec![0u8; len];
+    }
+    if op == ReqOp::Write {
+        sock.get_mut().deadline = Some(Instant::now() + sh.io_timeout);
+        let r = sock.read_exact(&mut data);
+        sock.get_mut().deadline = None;
+        if let Err(e) = r {
+            sh.budget.release(&conn.held, held);
+            return Err(e);
+        }
+    }
+    let fua = req.flags.contains(CommandFlags::FUA);
+    let r = if op == ReqOp::Read {
+        bounce_read(sh, conn, dev, req.offset, len)
+    } else {
+        bounce_write(sh, conn, dev, req.offset, &data, fua).map(|()| Vec::new())
+    };
+    let (bytes, failed) = match r {
+        Ok(d) if op == ReqOp::Read => {
+            let mut v = Vec::with_capacity(64 + d.len());
+            nbd::encode_read_reply_header(&mut v, req, conn.structured);
+            v.extend_from_slice(&d);
+            sh.stats.bytes_read.fetch_add(d.len() as u64, Relaxed);
+            (v, false)
+        }
+        Ok(_) => {
+            sh.stats.bytes_written.fetch_add(len as u64, Relaxed);
+            (nbd::simple_reply(req.cookie, Ok(&[])), false)
+        }
+        Err(e) => (
+            nbd::error_reply(req.cookie, errcode(e), conn.structured),
+            true,
+        ),
+    };
+    sh.stats.requests.fetch_add(1, Relaxed);
+    if failed {
+        sh.stats.errors.fetch_add(1, Relaxed);
+    }
+    conn.queue_local(bytes, held);
+    Ok(())
+}
+
+/// The sectors covering `[offset, offset + len)`, in pieces of at most the
+/// direct path's maximum: `(start, length)`.
+fn pieces(conn: &Conn, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let bs = DEV_BSIZE as u64;
+    let step = (conn.direct_max / bs * bs).max(bs);
+    let (start, end) = (offset / bs * bs, (offset + len).next_multiple_of(bs));
+    (start..end)
+        .step_by(step as usize)
+        .map(|p| (p, step.min(end - p)))
+        .collect()
+}
+
+/// One request of the reader's own, waited for.
+fn kernel_io(
+    sh: &Shared,
+    conn: &Conn,
+    dev: &'static dyn BlockDev,
+    op: ReqOp,
+    (offset, len): (u64, u64),
+    fua: bool,
+    chunks: Vec<kern::vm::IoBuf>,
+) -> Result<Box<BlockReq>, BioError> {
+    let breq = Box::new(BlockReq {
+        cookie: 0,
+        dev,
+        op,
+        offset,
+        len,
+        fua,
+        chunks,
+        error: None,
+        route: 0,
+    });
+    if sh.chan.submit(breq, &conn.sync).is_err() {
+        return Err(BioError::Shutdown);
+    }
+    loop {
+        let seen = conn.sync.seq();
+        if let Some(r) = conn.sync.pop() {
+            return match r.error {
+                Some(e) => Err(e),
+                None => Ok(r),
+            };
+        }
+        conn.sync
+            .wait(seen, Duration::ZERO, Duration::from_millis(100));
+    }
+}
+
+/// The bytes of `r`'s chunks from `skip` on, `n` of them, into `out`.
+fn copy_out(r: &BlockReq, skip: usize, out: &mut Vec<u8>, n: usize) {
+    let mut skip = skip;
+    let mut left = n;
+    for c in &r.chunks {
+        let s = c.as_slice();
+        if skip >= s.len() {
+            skip -= s.len();
+            continue;
+        }
+        let take = (s.len() - skip).min(left);
+        out.extend_from_slice(&s[skip..skip + take]);
+        left -= take;
+        skip = 0;
+        if left == 0 {
+            break;
+        }
+    }
+}
+
+fn bounce_read(
+    sh: &Shared,
+    conn: &Conn,
+    dev: &'static dyn BlockDev,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, BioError> {
+    let mut out = Vec::with_capacity(len);
+    let end = offset + len as u64;
+    for (p, n) in pieces(conn, offset, len as u64) {
+        let r = kernel_io(sh, conn, dev, ReqOp::Read, (p, n), false, Vec::new())?;
+        let from = offset.max(p);
+        let to = end.min(p + n);
+        copy_out(&r, (from - p) as usize, &mut out, (to - from) as usize);
+    }
+    Ok(out)
+}
+
+fn bounce_write(
+    sh: &Shared,
+    conn: &Conn,
+    dev: &'static dyn BlockDev,
+    offset: u64,
+    data: &[u8],
+    fua: bool,
+) -> Result<(), BioError> {
+    let end = offset + data.len() as u64;
+    for (p, n) in pieces(conn, offset, data.len() as u64) {
+        let (from, to) = (offset.max(p), end.min(p + n));
+        let src = &data[(from - offset) as usize..(to - offset) as usize];
+        let mut buf = Vec::with_capacity(n as usize);
+        if from == p && to == p + n {
+            buf.extend_from_slice(src);
+        } else {
+            // Read-modify-write of a piece the write covers in part.
+            let r = kernel_io(sh, conn, dev, ReqOp::Read, (p, n), false, Vec::new())?;
+            copy_out(&r, 0, &mut buf, n as usize);
+            drop(r);
+            buf[(from - p) as usize..(to - p) as usize].copy_from_slice(src);
+        }
+        let chunks = dma_copy(sh, dev, conn.max_transfer, &buf).map_err(|_| BioError::Shutdown)?;
+        kernel_io(sh, conn, dev, ReqOp::Write, (p, n), fua, chunks)?;
+    }
+    Ok(())
+}
+
 impl Conn {
+    /// Queue an error reply made on the host; it holds [`REPLY_COST`]
+    /// until sent (waiting for it is the backpressure).
     fn local_reply(&self, sh: &Shared, bytes: Vec<u8>) {
         sh.stats.errors.fetch_add(1, Relaxed);
+        self.local_push(sh, bytes, true);
+    }
+
+    /// Queue a reply made on the host, charged [`REPLY_COST`].
+    fn local_push(&self, sh: &Shared, bytes: Vec<u8>, _error: bool) {
+        let held = sh.budget.acquire(&self.held, REPLY_COST);
+        self.queue_local(bytes, held);
+    }
+
+    /// Queue a reply made on the host that holds `held` credits.
+    fn queue_local(&self, bytes: Vec<u8>, held: u64) {
         self.local
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(bytes);
+            .push((bytes, held));
         self.replies.notify();
+    }
+
+    /// Whether the connection has anything in flight or queued.
+    fn busy(&self) -> bool {
+        self.held.load(Relaxed) > 0 || self.inflight.load(SeqCst) > 0
     }
 }
 
@@ -677,8 +1277,9 @@ const BATCH: usize = 64;
 
 /// Send replies as the kernel completes requests, until the reader is done
 /// and nothing is in flight.
-fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
+fn writer(sh: &Shared, conn: &Conn, sock: TcpStream) {
     let mut broken = false;
+    let mut out = Timed::new(&sock);
     let mut batch: Vec<Box<BlockReq>> = Vec::with_capacity(BATCH);
     let mut heads: Vec<u8> = Vec::with_capacity(BATCH * 32);
     loop {
@@ -727,7 +1328,7 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
         }
         if !broken {
             let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(local.len() + batch.len() * 2);
-            for l in &local {
+            for (l, _) in &local {
                 iov.push(IoSlice::new(l));
             }
             for (r, &(s, e)) in batch.iter().zip(&marks) {
@@ -738,14 +1339,18 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                     }
                 }
             }
-            if write_all_vectored(&mut sock, &mut iov).is_err() {
+            // The batch goes out by its deadline, however slowly it is taken.
+            out.deadline = Some(Instant::now() + sh.io_timeout);
+            if write_all_vectored(&mut out, &mut iov).is_err() {
                 // The client is gone or stuck: stop writing, stop its reader,
                 // and keep collecting (and freeing) what is in flight.
                 broken = true;
                 let _ = sock.shutdown(Shutdown::Both);
             }
         }
-        let (mut freed, mut done) = (0u64, 0u64);
+        let mut freed: u64 = local.iter().map(|(_, c)| c).sum();
+        drop(local);
+        let mut done = 0u64;
         for r in batch.drain(..) {
             sh.stats.requests.fetch_add(1, Relaxed);
             match (r.error, r.op) {
@@ -760,20 +1365,19 @@ fn writer(sh: &Shared, conn: &Conn, mut sock: TcpStream) {
                 }
                 _ => {}
             }
-            freed += request_memory(r.op, r.len, conn.max_transfer).min(conn.share.cap);
+            freed += sh.budget.charge(r.op, r.len, conn.max_transfer);
             done += 1;
             drop(r);
         }
-        // The batch's memory goes back at once (one lock each), before the
+        // The batch's memory goes back at once (one lock), before the
         // in-flight count drops, so the reader never sees nothing in flight
         // while credits are still held.
-        sh.credits.release(freed);
-        conn.share.release(freed);
+        sh.budget.release(&conn.held, freed);
         conn.inflight.fetch_sub(done, SeqCst);
     }
 }
 
-fn write_all_vectored(sock: &mut TcpStream, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
+fn write_all_vectored(sock: &mut Timed<'_>, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !iov.is_empty() {
         match sock.write_vectored(iov) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

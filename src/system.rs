@@ -46,6 +46,17 @@ impl System {
     /// Boot `spec`: prepare the backing files, boot the machine, attach
     /// every device. Host context.
     pub fn boot(spec: MachineSpec) -> Result<System, String> {
+        for d in &spec.disks {
+            let bs = kern::bio::DEV_BSIZE;
+            if d.sector_size != bs as u32 {
+                // The DMA disk, sd and the whole buf layer address 512-byte
+                // sectors (DEV_BSIZE); a larger sector would need all three.
+                return Err(format!(
+                    "disk {}: sector_size {} is not supported: only {bs}-byte sectors are implemented (the DMA disk, sd and the buf layer address 512-byte sectors); remove sector_size or set it to {bs}",
+                    d.name, d.sector_size
+                ));
+            }
+        }
         for b in spec.backing_files() {
             b.prepare().map_err(|e| e.to_string())?;
         }

@@ -473,6 +473,14 @@ fn handshake_cases() -> Vec<Case> {
                 if d.flags & NBD_FLAG_READ_ONLY == 0 || d.flags & NBD_FLAG_HAS_FLAGS == 0 {
                     return Err(format!("flags {:#06x} without READ_ONLY", d.flags));
                 }
+                // As nbdkit: a read-only export offers no write command.
+                let writes = NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FUA;
+                if d.flags & writes != 0 {
+                    return Err(format!(
+                        "read-only export advertises TRIM, WRITE_ZEROES or FUA: flags {:#06x}",
+                        d.flags
+                    ));
+                }
                 Ok(())
             }),
         ),
@@ -919,10 +927,10 @@ fn transmission_cases() -> Vec<Case> {
             Error(Perm),
         ),
         row(
-            "read-only: write with FUA",
+            "read-only: write with FUA (not advertised: EINVAL)",
             ro,
             |_| write(NBD_CMD_FLAG_FUA, 4096, 4096),
-            Error(Perm),
+            Error(Inval),
         ),
         row(
             "read-only: write past the end (EPERM first)",
@@ -937,16 +945,16 @@ fn transmission_cases() -> Vec<Case> {
             Error(Perm),
         ),
         row(
-            "read-only: trim",
+            "read-only: trim (not advertised: EINVAL)",
             ro,
             |_| req(0, NBD_CMD_TRIM, 0, 4096),
-            Error(Perm),
+            Error(Inval),
         ),
         row(
-            "read-only: write zeroes",
+            "read-only: write zeroes (not advertised: EINVAL)",
             ro,
             |_| req(0, NBD_CMD_WRITE_ZEROES, 0, 4096),
-            Error(Perm),
+            Error(Inval),
         ),
         row(
             "read-only: write with an unknown flag (EINVAL first)",
@@ -1937,4 +1945,531 @@ fn client_not_reading_replies_does_not_starve_others() {
         server.diag()
     );
     drop(bad);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: bounded memory, fairness, deadlines and limits, older clients,
+// sector sizes, ENOSPC.
+// ---------------------------------------------------------------------------
+
+/// The server's resident set, bytes (`VmRSS` of `/proc/PID/status`).
+fn rss(server: &Server) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", server.pid)).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// `config()` with more `serve` arguments.
+fn config_args(args: &[&str]) -> ServerOpts {
+    let mut o = config();
+    o.args = args.iter().map(|a| a.to_string()).collect();
+    o
+}
+
+/// A request header flood that never reads a reply: `cmd` requests of
+/// length `len` (zero-length READs are rejected on the host, TRIMs go to
+/// the kernel), for `secs` seconds or `max` requests. Returns the largest
+/// growth of the server's RSS over its idle RSS, and the requests sent.
+fn flood(server: &Server, cmd: u16, len: u32, secs: u64, max: u64) -> (u64, u64) {
+    let idle = rss(server);
+    let mut c = server.client("sd0");
+    c.sock
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut burst = Vec::new();
+    for i in 0..1024u64 {
+        burst.extend_from_slice(
+            &Request {
+                flags: nbd::CommandFlags(0),
+                command: nbd::Command::from_u16(cmd),
+                cookie: i,
+                offset: (i % 64) * 4096,
+                length: len,
+            }
+            .encode(),
+        );
+    }
+    let (t0, mut sent, mut pos, mut peak, mut sample) =
+        (Instant::now(), 0u64, 0usize, 0u64, Instant::now());
+    while t0.elapsed() < Duration::from_secs(secs) && sent < max {
+        match c.sock.write(&burst[pos..]) {
+            Ok(n) => {
+                sent += ((pos + n) / REQ_LEN - pos / REQ_LEN) as u64;
+                pos = (pos + n) % burst.len();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("flood: {e} after {sent} requests\n{}", server.diag()),
+        }
+        if sample.elapsed() > Duration::from_millis(100) {
+            peak = peak.max(rss(server).saturating_sub(idle));
+            sample = Instant::now();
+        }
+    }
+    peak = peak.max(rss(server).saturating_sub(idle));
+    drop(c);
+    (peak, sent)
+}
+
+const REQ_LEN: usize = nbd::wire::REQUEST_LEN;
+
+#[test]
+fn zero_length_read_flood_keeps_memory_bounded() {
+    let server = Server::start_opts(config());
+    let (peak, sent) = flood(&server, NBD_CMD_READ, 0, 12, 50_000_000);
+    eprintln!(
+        "zero-length READ flood: {sent} requests, RSS +{} MiB",
+        peak >> 20
+    );
+    server.assert_healthy("after a zero-length READ flood");
+    assert!(
+        peak <= 64 << 20,
+        "{sent} zero-length READs never answered grew the server by {} MiB (limit 64)\n{}",
+        peak >> 20,
+        server.diag()
+    );
+    io_within(&server, FAIR_WAIT).expect("I/O after the flood");
+    server.stop().assert_clean("SIGTERM");
+}
+
+#[test]
+fn trim_flood_keeps_memory_bounded() {
+    let server = Server::start_opts(config());
+    let (peak, sent) = flood(&server, NBD_CMD_TRIM, 4096, 12, 50_000_000);
+    eprintln!("TRIM flood: {sent} requests, RSS +{} MiB", peak >> 20);
+    server.assert_healthy("after a TRIM flood");
+    assert!(
+        peak <= 64 << 20,
+        "{sent} TRIMs never answered grew the server by {} MiB (limit 64)\n{}",
+        peak >> 20,
+        server.diag()
+    );
+    io_within(&server, FAIR_WAIT).expect("I/O after the flood");
+    server.stop().assert_clean("SIGTERM");
+}
+
+/// Sixteen hostile connections: stalled maximum writes, maximum reads never
+/// read, and senders of one byte per second (in a request header, in a
+/// write payload, in a handshake). A well-behaved client's 4K write and
+/// read are answered within a second, again and again.
+#[test]
+fn sixteen_hostile_connections_do_not_starve_a_client() {
+    let server = Server::start_opts(config());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut held = Vec::new();
+        let max = server.client("sd0").max_payload();
+        for i in 0..6u64 {
+            let mut bad = server.client("sd0");
+            let mut b = req(0, NBD_CMD_WRITE, i * u64::from(max) % (SIZE / 2), max);
+            b.push(0x55);
+            bad.sock.write_all(&b).expect("stalled write");
+            held.push(bad);
+        }
+        for _ in 0..5 {
+            let mut bad = server.client("sd0");
+            for i in 0..16u64 {
+                let off = (i % (SIZE / u64::from(max))) * u64::from(max);
+                let _ = bad.send(0, NBD_CMD_READ, off, max, &[]);
+            }
+            held.push(bad);
+        }
+        for i in 0..5u32 {
+            let addr = server.addr;
+            let stop = &stop;
+            scope.spawn(move || {
+                // One byte per second.
+                let (mut s, bytes) = match i % 3 {
+                    0 => {
+                        let c = Client::connect(addr, "sd0").expect("connect");
+                        (c.sock, req(0, NBD_CMD_READ, 0, 4096))
+                    }
+                    1 => {
+                        let c = Client::connect(addr, "sd0").expect("connect");
+                        (c.sock, write(0, 65536, 65536))
+                    }
+                    _ => (tcp(addr).expect("connect"), {
+                        let mut v = fixed_flags();
+                        v.extend(opt(NBD_OPT_GO, &go_data(b"sd0", &[])));
+                        v
+                    }),
+                };
+                for b in bytes {
+                    if stop.load(Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    for _ in 0..10 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut worst = Duration::ZERO;
+        for k in 0..5 {
+            match io_within(&server, Duration::from_secs(1)) {
+                Ok(t) => worst = worst.max(t),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    panic!(
+                        "round {k}: with 16 hostile connections a client's 4K write and read: {e}\n{}",
+                        server.diag()
+                    );
+                }
+            }
+        }
+        eprintln!("16 hostile connections: worst 4K write+read {worst:?}");
+        server.assert_healthy("with 16 hostile connections");
+        stop.store(true, Ordering::Relaxed);
+        drop(held);
+    });
+    server.stop_with("KILL");
+}
+
+/// Sends `bytes` one per `gap`, until the server closes the connection;
+/// returns when that happened (since the first byte), or `None` if it did
+/// not within `limit`.
+fn dribble_until_closed(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    gap: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_millis(10)))
+        .expect("timeout");
+    let t0 = Instant::now();
+    let mut i = 0;
+    let mut junk = [0u8; 4096];
+    while t0.elapsed() < limit {
+        if s.write_all(&[bytes[i % bytes.len()]]).is_err() {
+            return Some(t0.elapsed());
+        }
+        i += 1;
+        let next = Instant::now() + gap;
+        while Instant::now() < next {
+            match s.read(&mut junk) {
+                Ok(0) => return Some(t0.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(t0.elapsed()),
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn byte_per_second_handshake_is_closed_at_the_deadline() {
+    let server = Server::start_opts(config_args(&["--handshake-timeout", "3"]));
+    let mut s = tcp(server.addr).expect("connect");
+    common::read_greeting(&mut s).expect("greeting");
+    let mut bytes = fixed_flags();
+    bytes.extend(opt(NBD_OPT_LIST, &[]).repeat(100));
+    let t = dribble_until_closed(
+        &mut s,
+        &bytes,
+        Duration::from_millis(700),
+        Duration::from_secs(12),
+    );
+    match t {
+        Some(t) if t >= Duration::from_millis(2000) && t <= Duration::from_secs(6) => {}
+        other => panic!(
+            "a handshake sent one byte per 0.7 s with a 3 s deadline: closed after {other:?}\n{}",
+            server.diag()
+        ),
+    }
+    io_within(&server, FAIR_WAIT).expect("I/O after");
+    server.stop().assert_clean("SIGTERM");
+}
+
+#[test]
+fn byte_per_second_request_is_closed_at_the_deadline() {
+    let server = Server::start_opts(config_args(&["--io-timeout", "3"]));
+    for (what, bytes) in [
+        ("request header", req(0, NBD_CMD_READ, 0, 4096)),
+        ("write payload", write(0, 0, 65536)),
+    ] {
+        let mut c = server.client("sd0");
+        let t = dribble_until_closed(
+            &mut c.sock,
+            &bytes,
+            Duration::from_millis(700),
+            Duration::from_secs(12),
+        );
+        match t {
+            Some(t) if t <= Duration::from_secs(6) => {}
+            other => panic!(
+                "a {what} sent one byte per 0.7 s with a 3 s deadline: closed after {other:?}\n{}",
+                server.diag()
+            ),
+        }
+    }
+    io_within(&server, FAIR_WAIT).expect("I/O after");
+    server.stop().assert_clean("SIGTERM");
+}
+
+/// The refusal a client over a limit gets: the greeting, then an error
+/// reply to its first option, whose message says why.
+fn expect_refusal(server: &Server, what: &str) {
+    let mut s = tcp(server.addr).expect("connect");
+    if let Err(e) = common::read_greeting(&mut s) {
+        panic!(
+            "{what}: no greeting ({e}), want a refusal\n{}",
+            server.diag()
+        );
+    }
+    s.write_all(&fixed_flags()).expect("flags");
+    s.write_all(&opt(NBD_OPT_GO, &go_data(b"sd0", &[])))
+        .expect("GO");
+    let r = read_opt_reply(&mut s)
+        .unwrap_or_else(|e| panic!("{what}: no option reply ({e})\n{}", server.diag()));
+    let msg = String::from_utf8_lossy(&r.data).into_owned();
+    assert!(
+        r.option == NBD_OPT_GO
+            && r.reply == NBD_REP_ERR_POLICY
+            && msg.contains("too many connections"),
+        "{what}: reply {:#x} {msg:?}, want NBD_REP_ERR_POLICY saying too many connections",
+        r.reply
+    );
+}
+
+#[test]
+fn over_the_connection_limits_clients_are_refused_with_a_reason() {
+    let server = Server::start_opts(config_args(&["--max-per-addr", "4"]));
+    // Four idle connections from 127.0.0.1, the per-address limit.
+    let idle: Vec<_> = (0..4).map(|_| server.client("sd0")).collect();
+    expect_refusal(&server, "fifth connection from one address");
+    assert!(
+        server.wait_output("too many connections", Duration::from_secs(5)),
+        "the refusal is not logged\n{}",
+        server.diag()
+    );
+    drop(idle);
+    // Closed connections are counted out: clients are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match io_within(&server, Duration::from_secs(5)) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                panic!("after the idle ones closed: {e}\n{}", server.diag())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    server.stop().assert_clean("SIGTERM");
+    // The total limit.
+    let server = Server::start_opts(config_args(&["--max-connections", "3"]));
+    let conns: Vec<_> = (0..3).map(|_| server.client("sd0")).collect();
+    expect_refusal(&server, "fourth connection");
+    drop(conns);
+    server.stop().assert_clean("SIGTERM");
+}
+
+#[test]
+fn idle_timeout_closes_idle_connections() {
+    let server = Server::start_opts(config_args(&["--idle-timeout", "2"]));
+    let mut c = server.client("sd0");
+    assert_eq!(c.write(0, &[7u8; 4096]).expect("write"), Ok(()));
+    let t0 = Instant::now();
+    match wait_closed(&mut c.sock, Duration::from_secs(8)) {
+        Ok(_) if t0.elapsed() >= Duration::from_millis(1500) => {}
+        other => panic!(
+            "idle connection with --idle-timeout 2: {other:?} after {:?}\n{}",
+            t0.elapsed(),
+            server.diag()
+        ),
+    }
+    server.stop().assert_clean("SIGTERM");
+}
+
+/// A client that enters transmission with NBD_OPT_EXPORT_NAME (it learns
+/// no block sizes).
+fn connect_export_name(server: &Server, export: &str) -> Client {
+    let mut s = tcp(server.addr).expect("connect");
+    common::read_greeting(&mut s).expect("greeting");
+    s.write_all(&fixed_flags()).expect("flags");
+    s.write_all(&opt(NBD_OPT_EXPORT_NAME, export.as_bytes()))
+        .expect("EXPORT_NAME");
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).expect("EXPORT_NAME reply");
+    let desc = ExportDesc {
+        size: u64::from_be_bytes(b[0..8].try_into().unwrap()),
+        flags: u16::from_be_bytes([b[8], b[9]]),
+        ..ExportDesc::default()
+    };
+    Client::from_stream(s, desc, false)
+}
+
+#[test]
+fn export_name_clients_get_any_alignment_and_32m() {
+    let mut text = machine_toml(2, "128M");
+    text += &disk_toml("sd0", "64M", "");
+    let server = Server::start_opts(ServerOpts::config(&text));
+    let mut r = Rng::new(test_seed("export_name_clients"));
+    let mut c = connect_export_name(&server, "sd0");
+    let mut model = r.bytes(8192);
+    assert_eq!(c.write(0, &model).expect("write"), Ok(()));
+    // 100 bytes at offset 1, and a few more odd ones.
+    for (off, len) in [(1u64, 100usize), (511, 2), (4000, 1000), (8191, 1)] {
+        let got = c.read(off, len as u32).expect("read");
+        assert_eq!(
+            got.as_deref().map_err(|e| *e),
+            Ok(&model[off as usize..off as usize + len]),
+            "read {len} at {off}"
+        );
+        let data = r.bytes(len);
+        assert_eq!(
+            c.write(off, &data).expect("write"),
+            Ok(()),
+            "write {len} at {off}"
+        );
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        assert_eq!(
+            c.read(0, 8192).expect("read"),
+            Ok(model.clone()),
+            "read back after {len} at {off}"
+        );
+    }
+    // 16 MiB (and 32 MiB) at once, aligned and not.
+    for (off, len) in [(1 << 20, 16 << 20), (3, 16 << 20), (32 << 20, 32 << 20)] {
+        let data = r.bytes(len);
+        assert_eq!(
+            c.write(off, &data).expect("write"),
+            Ok(()),
+            "{len} bytes at {off}"
+        );
+        let back = c.read(off, len as u32).expect("read");
+        assert!(
+            back.as_ref().is_ok_and(|d| *d == data),
+            "{len} bytes at {off} read back: {:?}",
+            back.map(|d| d.len())
+        );
+    }
+    // Still refused: beyond 32 MiB.
+    assert!(c.read(0, (32 << 20) + 512).expect("read").is_err());
+    // A GO client that asked for block sizes keeps the checks.
+    let mut g = server.client("sd0");
+    assert_eq!(
+        g.read(1, 100).expect("read"),
+        Err(ErrorCode::Inval.to_u32())
+    );
+    server.stop().assert_clean("SIGTERM");
+}
+
+#[test]
+fn sector_size_4096_is_refused_with_a_reason() {
+    let dir = common::TempDir::new("sector4096");
+    let mut text = machine_toml(1, "64M");
+    text += &disk_toml("sd0", "16M", "sector_size = 4096");
+    std::fs::write(dir.path().join("c.toml"), text).expect("config");
+    let mut child = std::process::Command::new(common::dvma_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "sector_size = 4096 was accepted: the server runs\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(!status.success(), "sector_size = 4096: exit {status}");
+    assert!(
+        err.contains("sector_size") && err.contains("4096") && err.contains("512"),
+        "sector_size = 4096 refused without saying why: {err}"
+    );
+}
+
+/// A disk on a full filesystem (a 1 MiB tmpfs; needs root): writes that
+/// find no space are answered NBD_ENOSPC, through the DMA disk and the file
+/// device, and the connection goes on.
+#[test]
+fn full_filesystem_is_enospc() {
+    let root = common::TempDir::new("enospc");
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        common::skip::skip("cannot mount a 1 MiB tmpfs (needs root)");
+        return;
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _umount = Umount(data.clone());
+    let mut text = machine_toml(2, "64M");
+    text += "[[disk]]\nname = \"sd0\"\nfile = \"sd0.img\"\nsize = \"16M\"\ndvma = \"strict\"\npool = \"8M\"\n\n";
+    text += "[[vnd]]\nname = \"vnd0\"\nfile = \"vnd0.img\"\nsize = \"16M\"\n";
+    let mut opts = ServerOpts::config(&text);
+    opts.sparse = vec![("sd0.img".into(), 16 << 20), ("vnd0.img".into(), 16 << 20)];
+    let server = Server::start_in(root.path(), &opts);
+    let enospc = ErrorCode::NoSpc.to_u32();
+    for e in ["sd0", "vnd0"] {
+        let mut c = server.client(e);
+        let mut full = false;
+        for i in 0..16u64 {
+            match c.write(i << 20, &vec![0xa5; 1 << 20]).expect("write") {
+                Ok(()) => {}
+                Err(got) => {
+                    assert_eq!(
+                        got,
+                        enospc,
+                        "{e}: a write to a full filesystem, at {i} MiB: error {got}, want NBD_ENOSPC\n{}",
+                        server.diag()
+                    );
+                    full = true;
+                    break;
+                }
+            }
+        }
+        assert!(full, "{e}: 16 MiB written to a 1 MiB filesystem");
+        // The connection goes on.
+        assert!(
+            c.read(0, 4096).expect("read").is_ok(),
+            "{e}: read after ENOSPC"
+        );
+    }
+    let _ = server.stop();
 }

@@ -62,6 +62,16 @@ pub enum BioError {
 }
 
 impl BioError {
+    /// What a device's media error `errno` (a host errno) means to the
+    /// block layer: no space left (`ENOSPC`, `EDQUOT`: a backing file on a
+    /// full filesystem) is `NoSpc`, everything else `Io`.
+    pub const fn from_media(errno: i32) -> BioError {
+        match errno {
+            28 | 122 => BioError::NoSpc,
+            _ => BioError::Io,
+        }
+    }
+
     /// The errno value.
     pub const fn errno(self) -> i32 {
         match self {

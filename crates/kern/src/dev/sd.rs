@@ -404,8 +404,8 @@ impl Sd {
                     bp.error = Some(BioError::Io);
                     bp.resid = bp.bcount;
                 }
-                DiskStatus::MediaError(_) => {
-                    bp.error = Some(BioError::Io);
+                DiskStatus::MediaError(errno) => {
+                    bp.error = Some(BioError::from_media(errno));
                     bp.resid = bp.bcount;
                 }
                 DiskStatus::Invalid => {

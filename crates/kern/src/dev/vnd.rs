@@ -200,8 +200,12 @@ impl Vnd {
                 bp.error = Some(BioError::Inval);
                 bp.resid = bp.bcount;
             }
-            DiskStatus::DmaFault | DiskStatus::MediaError(_) => {
+            DiskStatus::DmaFault => {
                 bp.error = Some(BioError::Io);
+                bp.resid = bp.bcount;
+            }
+            DiskStatus::MediaError(errno) => {
+                bp.error = Some(BioError::from_media(errno));
                 bp.resid = bp.bcount;
             }
         }
