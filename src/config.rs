@@ -68,6 +68,7 @@
 //! | `workers` | integer | 2 | 1 to 64 (device threads) |
 //! | `o_direct` | bool | `false` | |
 //! | `write_cache` | bool | `false` | a volatile write cache in the controller: writes without FUA are acknowledged from its memory and reach the file at a flush, when the cache is full, and at a clean shutdown (so `kill -9` loses unflushed writes, as a power cut loses a disk's cache) |
+//! | `engine` | string | `"threads"` | `threads` (`workers` host threads do the I/O), `uring` (the vCPU submits to an io_uring, a reaper thread takes late completions; not with `write_cache`; fails at boot where the host has no io_uring) |
 //! | `write_cache_size` | size | `"16M"` | a multiple of 4K, 4K to 1G; used when `write_cache = true` (a write larger than the cache goes straight through) |
 //! | `coalesce_count` | integer | 1 (an interrupt per completion) | 1 to `queue_depth` |
 //! | `coalesce_us` | integer | 0 (no coalescing timer) | 0 to 1000000 |
@@ -279,6 +280,8 @@ pub struct DiskSpec {
     pub write_cache: bool,
     /// Its capacity, bytes.
     pub write_cache_size: u64,
+    /// How the controller does its I/O.
+    pub engine: machine::dev::DiskEngine,
     /// Completions gathered before an interrupt.
     pub coalesce_count: u16,
     /// Longest wait for more completions before interrupting, µs (0: none).
@@ -614,6 +617,7 @@ impl MachineSpec {
                     o_direct: Some(d.o_direct),
                     write_cache: Some(d.write_cache),
                     write_cache_size: Some(SizeValue::of(d.write_cache_size)),
+                    engine: Some(d.engine.name().to_owned()),
                     coalesce_count: Some(i64::from(d.coalesce_count)),
                     coalesce_us: Some(i64::from(d.coalesce_us)),
                     poll_us: Some(i64::from(d.poll_us)),
@@ -1040,6 +1044,7 @@ section! {
         o_direct: bool,
         write_cache: bool,
         write_cache_size: SizeValue,
+        engine: String,
         coalesce_count: i64,
         coalesce_us: i64,
         poll_us: i64,
@@ -1396,6 +1401,15 @@ impl Cx<'_> {
             o_direct: d.o_direct.unwrap_or(false),
             write_cache: d.write_cache.unwrap_or(false),
             write_cache_size: size("write_cache_size", &d.write_cache_size, 16 * M)?,
+            engine: match &d.engine {
+                Some(s) => self.choose(
+                    &key("engine"),
+                    s,
+                    &machine::dev::DiskEngine::ALL,
+                    machine::dev::DiskEngine::name,
+                )?,
+                None => machine::dev::DiskEngine::Threads,
+            },
             coalesce_count: int("coalesce_count", d.coalesce_count, 1, 1, queue_depth)? as u16,
             coalesce_us: int(
                 "coalesce_us",

@@ -100,6 +100,7 @@ impl System {
             dc.create = false; // prepared above
             dc.o_direct = d.o_direct;
             dc.write_cache = d.write_cache;
+            dc.engine = d.engine;
             dc.write_cache_bytes = usize::try_from(d.write_cache_size).unwrap_or(usize::MAX);
             dc.max_transfer = d.max_transfer;
             dc.queue_depth = d.queue_depth;
@@ -114,9 +115,12 @@ impl System {
             );
             self.disks.push((d.name.clone(), disk));
             self.messages.push(format!(
-                "dmadisk{i} at mainbus: {}, {} workers, queue depth {}, coalescing {} / {} us{}{}",
+                "dmadisk{i} at mainbus: {}, {}, queue depth {}, coalescing {} / {} us{}{}",
                 d.file.display(),
-                d.workers,
+                match d.engine {
+                    machine::dev::DiskEngine::Uring => "io_uring".to_owned(),
+                    machine::dev::DiskEngine::Threads => format!("{} workers", d.workers),
+                },
                 d.queue_depth,
                 d.coalesce_count,
                 d.coalesce_us,

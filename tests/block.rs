@@ -18,6 +18,25 @@ use kern::bus_dma::DvmaMode;
 use kern::intr::{intr_establish, intr_post};
 use kern::{Completion, Ipl, ThreadCtx};
 
+#[path = "common/skip.rs"]
+mod skip;
+
+/// The DMA disk engines (`[[disk]] engine`) the sd tests run on.
+const ENGINES: [&str; 2] = ["threads", "uring"];
+
+/// Boot `toml`; `None` (after `skip::skip`: a failure unless skipping is
+/// allowed) where the host has no io_uring for `engine = "uring"`.
+fn boot_engine(toml: &str, dir: &Path) -> Option<System> {
+    match System::boot(spec_from(toml, dir)) {
+        Ok(sys) => Some(sys),
+        Err(e) if e.to_string().contains("io_uring is unavailable") => {
+            skip::skip(&format!("engine = \"uring\": {e}"));
+            None
+        }
+        Err(e) => panic!("boot: {e}"),
+    }
+}
+
 const SECT: usize = 512;
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -298,17 +317,23 @@ fn assert_no_interrupt_allocation(what: &str) {
 
 #[test]
 fn sd_every_dvma_mode_and_completion_mode() {
-    for mode in DvmaMode::ALL {
-        for comp in Completion::ALL {
-            let dir = tmpdir(&format!("sd-{mode}-{comp}"));
-            let toml = machine_toml(&dir) + &disk_toml("sd0", mode, comp, "");
-            let sys = System::boot(spec_from(&toml, &dir)).unwrap();
-            let t = run_workload(&sys, "sd0", 120);
-            assert_no_interrupt_allocation(&format!("sd0 {mode}/{comp}"));
-            let stats = sys.shutdown().unwrap();
-            check(&t, &format!("sd0 {mode}/{comp}"), 120);
-            assert!(stats.contains("sd0"), "{stats}");
-            std::fs::remove_dir_all(&dir).unwrap();
+    for engine in ENGINES {
+        for mode in DvmaMode::ALL {
+            for comp in Completion::ALL {
+                let what = format!("sd0 {engine} {mode}/{comp}");
+                let dir = tmpdir(&format!("sd-{engine}-{mode}-{comp}"));
+                let toml = machine_toml(&dir)
+                    + &disk_toml("sd0", mode, comp, &format!("engine = \"{engine}\""));
+                let Some(sys) = boot_engine(&toml, &dir) else {
+                    return;
+                };
+                let t = run_workload(&sys, "sd0", 120);
+                assert_no_interrupt_allocation(&what);
+                let stats = sys.shutdown().unwrap();
+                check(&t, &what, 120);
+                assert!(stats.contains("sd0"), "{stats}");
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
         }
     }
 }
@@ -384,9 +409,19 @@ fn dvma_exhaustion_requeues_and_completes() {
 /// An injected media error reaches the caller as EIO on that buf only.
 #[test]
 fn device_errors_become_eio_and_nothing_else_is_lost() {
-    let dir = tmpdir("errors");
-    let toml = machine_toml(&dir) + &disk_toml("sd0", DvmaMode::Strict, Completion::Softint, "");
-    let sys = System::boot(spec_from(&toml, &dir)).unwrap();
+    for engine in ENGINES {
+        device_errors_on(engine);
+    }
+}
+
+fn device_errors_on(engine: &str) {
+    let dir = tmpdir(&format!("errors-{engine}"));
+    let extra = format!("engine = \"{engine}\"");
+    let toml =
+        machine_toml(&dir) + &disk_toml("sd0", DvmaMode::Strict, Completion::Softint, &extra);
+    let Some(sys) = boot_engine(&toml, &dir) else {
+        return;
+    };
     let disk = sys.disks[0].1;
     disk.inject_media_error(100..108);
     let dev = bdev_lookup("sd0").unwrap();
@@ -486,9 +521,19 @@ fn every_driver_refuses_bad_bufs() {
 /// counted its fdatasync calls.
 #[test]
 fn flush_and_fua_reach_the_backing_file() {
-    let dir = tmpdir("flush");
-    let toml = machine_toml(&dir) + &disk_toml("sd0", DvmaMode::Permanent, Completion::Thread, "");
-    let sys = System::boot(spec_from(&toml, &dir)).unwrap();
+    for engine in ENGINES {
+        flush_and_fua_on(engine);
+    }
+}
+
+fn flush_and_fua_on(engine: &str) {
+    let dir = tmpdir(&format!("flush-{engine}"));
+    let extra = format!("engine = \"{engine}\"");
+    let toml =
+        machine_toml(&dir) + &disk_toml("sd0", DvmaMode::Permanent, Completion::Thread, &extra);
+    let Some(sys) = boot_engine(&toml, &dir) else {
+        return;
+    };
     let disk = sys.disks[0].1;
     let dev = bdev_lookup("sd0").unwrap();
     let f0 = disk.stats().syncs;

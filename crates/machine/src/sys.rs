@@ -162,3 +162,20 @@ pub fn futex_wake(word: &AtomicU32, n: i32) -> isize {
 pub const fn sigbit(sig: i32) -> u64 {
     1u64 << (sig - 1)
 }
+
+/// `io_uring_enter(fd, to_submit, min_complete, flags, NULL, 0)`: submit
+/// (and, with `IORING_ENTER_GETEVENTS`, wait for) io_uring requests.
+/// Returns the raw result (SQEs consumed, or a negative errno).
+pub fn io_uring_enter(fd: i32, to_submit: u32, min_complete: u32, flags: u32) -> isize {
+    raw6(
+        libc::SYS_io_uring_enter,
+        [
+            fd as usize,
+            to_submit as usize,
+            min_complete as usize,
+            flags as usize,
+            0,
+            0,
+        ],
+    )
+}

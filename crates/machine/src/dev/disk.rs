@@ -94,6 +94,7 @@ use kern::intr::IntrHandle;
 
 use super::SECTOR;
 use super::engine::{Counters, DeviceStats, Engine, Medium, Tuning};
+use super::uring::UringEngine;
 use crate::dvma::{DmaFault, Window};
 
 /// How to build a [`DmaDisk`].
@@ -134,6 +135,34 @@ pub struct DiskConfig {
     /// The write cache's capacity, bytes (rounded down to 4 KiB, at least
     /// 4 KiB). Default 16 MiB. Used only with `write_cache`.
     pub write_cache_bytes: usize,
+    /// How commands are carried out. Default [`DiskEngine::Threads`].
+    pub engine: DiskEngine,
+}
+
+/// How a [`DmaDisk`] carries out its commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskEngine {
+    /// `workers` host threads, each doing `pread`/`pwrite`/`fdatasync`
+    /// (the parent module's engine).
+    #[default]
+    Threads,
+    /// io_uring: the doorbell submits from the calling vCPU, completions
+    /// are reaped inline or by one reaper thread (see `dev/uring.rs`).
+    /// Refuses `write_cache`; fails `open` where the host has no io_uring.
+    Uring,
+}
+
+impl DiskEngine {
+    /// Every engine.
+    pub const ALL: [DiskEngine; 2] = [DiskEngine::Threads, DiskEngine::Uring];
+
+    /// The configuration name (`"threads"`, `"uring"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskEngine::Threads => "threads",
+            DiskEngine::Uring => "uring",
+        }
+    }
 }
 
 impl DiskConfig {
@@ -153,6 +182,7 @@ impl DiskConfig {
             read_only: false,
             write_cache: false,
             write_cache_bytes: 16 << 20,
+            engine: DiskEngine::Threads,
         }
     }
 }
@@ -506,12 +536,12 @@ impl WriteCache {
     }
 }
 
-struct DiskMedium {
-    window: &'static Window,
-    file: File,
+pub(super) struct DiskMedium {
+    pub(super) window: &'static Window,
+    pub(super) file: File,
     sectors: u64,
     max_transfer: usize,
-    read_only: bool,
+    pub(super) read_only: bool,
     bad: Injection,
     /// The volatile write cache, if configured.
     cache: Option<Mutex<WriteCache>>,
@@ -530,22 +560,32 @@ impl DiskMedium {
         }
     }
 
-    fn transfer(&self, c: &DiskCmd, stats: &Counters) -> DiskStatus {
-        let write = c.op == DiskOp::Write;
+    /// The checks before any I/O of a READ or WRITE (both engines): the
+    /// status if it must complete without touching the file.
+    pub(super) fn precheck(&self, c: &DiskCmd, stats: &Counters) -> Option<DiskStatus> {
         let len = c.nsect as u64 * SECTOR as u64;
         let in_range = c
             .lba
             .checked_add(c.nsect as u64)
             .is_some_and(|e| e <= self.sectors);
         if c.nsect == 0 || len > self.max_transfer as u64 || !in_range {
-            return DiskStatus::Invalid;
+            return Some(DiskStatus::Invalid);
         }
-        if write && self.read_only {
-            return DiskStatus::MediaError(libc::EROFS);
+        if c.op == DiskOp::Write && self.read_only {
+            return Some(DiskStatus::MediaError(libc::EROFS));
         }
         if self.bad.hits(c.lba, c.nsect as u64) {
             Counters::inc(&stats.injected);
-            return DiskStatus::MediaError(libc::EIO);
+            return Some(DiskStatus::MediaError(libc::EIO));
+        }
+        None
+    }
+
+    fn transfer(&self, c: &DiskCmd, stats: &Counters) -> DiskStatus {
+        let write = c.op == DiskOp::Write;
+        let len = c.nsect as u64 * SECTOR as u64;
+        if let Some(s) = self.precheck(c, stats) {
+            return s;
         }
         if let Some(cache) = &self.cache {
             return if write {
@@ -732,9 +772,31 @@ impl Medium for DiskMedium {
 
 /// A DMA disk controller on a host file. See the module documentation.
 pub struct DmaDisk {
-    engine: Engine<DiskMedium>,
+    engine: Eng,
     geometry: DiskGeometry,
     cfg: DiskConfig,
+}
+
+/// The engine a disk runs on ([`DiskConfig::engine`]).
+enum Eng {
+    Threads(Engine<DiskMedium>),
+    Uring(UringEngine),
+}
+
+impl Eng {
+    fn medium(&self) -> &DiskMedium {
+        match self {
+            Eng::Threads(e) => &e.core().medium,
+            Eng::Uring(e) => &e.core().medium,
+        }
+    }
+
+    fn stats(&self) -> &Counters {
+        match self {
+            Eng::Threads(e) => &e.core().stats,
+            Eng::Uring(e) => &e.core().stats,
+        }
+    }
 }
 
 impl DmaDisk {
@@ -746,13 +808,22 @@ impl DmaDisk {
     /// Errors: the file cannot be created or opened (a filesystem that
     /// refuses `O_DIRECT` says so), it is smaller than one sector,
     /// `max_transfer` is not a positive multiple of 512, `queue_depth` or
-    /// `workers` is 0, or a thread cannot be started.
+    /// `workers` is 0, or a thread cannot be started; with
+    /// [`DiskEngine::Uring`]: the host has no io_uring (`ENOSYS`, `EPERM`),
+    /// or `write_cache` is on (the uring engine has no write cache yet).
     pub fn open(window: &'static Window, cfg: DiskConfig) -> io::Result<Arc<DmaDisk>> {
         let bad_input = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
         if cfg.max_transfer < SECTOR as usize || !cfg.max_transfer.is_multiple_of(SECTOR as usize) {
             return Err(bad_input(format!(
                 "dmadisk: max_transfer {} is not a positive multiple of {SECTOR}",
                 cfg.max_transfer
+            )));
+        }
+        if cfg.engine == DiskEngine::Uring && cfg.write_cache && !cfg.read_only {
+            return Err(bad_input(format!(
+                "dmadisk {}: write_cache = true needs engine = \"threads\" \
+                 (the uring engine has no volatile write cache)",
+                cfg.path.display()
             )));
         }
         let flags = if cfg.o_direct { libc::O_DIRECT } else { 0 };
@@ -792,17 +863,18 @@ impl DmaDisk {
             cache: (cfg.write_cache && !cfg.read_only)
                 .then(|| Mutex::new(WriteCache::new(cfg.write_cache_bytes))),
         };
-        let engine = Engine::start(
-            medium,
-            &Tuning {
-                name: "dmadisk",
-                queue_depth: cfg.queue_depth,
-                workers: cfg.workers,
-                coalesce_count: cfg.coalesce_count,
-                coalesce_ns: cfg.coalesce_ns,
-                spin_ns: cfg.spin_ns,
-            },
-        )?;
+        let tuning = Tuning {
+            name: "dmadisk",
+            queue_depth: cfg.queue_depth,
+            workers: cfg.workers,
+            coalesce_count: cfg.coalesce_count,
+            coalesce_ns: cfg.coalesce_ns,
+            spin_ns: cfg.spin_ns,
+        };
+        let engine = match cfg.engine {
+            DiskEngine::Threads => Eng::Threads(Engine::start(medium, &tuning)?),
+            DiskEngine::Uring => Eng::Uring(UringEngine::start(medium, &tuning)?),
+        };
         Ok(Arc::new(DmaDisk {
             engine,
             geometry,
@@ -829,8 +901,11 @@ impl DmaDisk {
     /// and synced (clean shutdown); a failure is reported on stderr (the
     /// data stays cached, and is lost with the process).
     pub fn stop(&self) {
-        self.engine.stop();
-        let m = &self.engine.core().medium;
+        match &self.engine {
+            Eng::Threads(e) => e.stop(),
+            Eng::Uring(e) => e.stop(),
+        }
+        let m = self.engine.medium();
         if let Some(cache) = &m.cache {
             let mut wc = lock(cache);
             if wc.blocks.is_empty() {
@@ -838,10 +913,7 @@ impl DmaDisk {
             }
             let r = wc.write_back_all(&m.file);
             drop(wc);
-            if let Err(e) = r
-                .map_err(media)
-                .and_then(|()| m.sync(&self.engine.core().stats))
-            {
+            if let Err(e) = r.map_err(media).and_then(|()| m.sync(self.engine.stats())) {
                 eprintln!(
                     "dmadisk {}: writing back the write cache at stop: {e:?}",
                     self.cfg.path.display()
@@ -853,18 +925,21 @@ impl DmaDisk {
     /// The write cache's counters, or `None` without a write cache. Host or
     /// thread context (takes the cache's lock).
     pub fn cache_stats(&self) -> Option<CacheStats> {
-        let m = &self.engine.core().medium;
+        let m = self.engine.medium();
         m.cache.as_ref().map(|c| lock(c).stats)
     }
 
     /// Has `stop` been called?
     pub fn is_stopped(&self) -> bool {
-        self.engine.core().is_stopping()
+        match &self.engine {
+            Eng::Threads(e) => e.core().is_stopping(),
+            Eng::Uring(e) => e.core().is_stopping(),
+        }
     }
 
     /// The counters now. Any context.
     pub fn stats(&self) -> DeviceStats {
-        self.engine.core().stats.snapshot()
+        self.engine.stats().snapshot()
     }
 
     /// From now on READ and WRITE commands touching a sector of `lbas`
@@ -872,18 +947,21 @@ impl DmaDisk {
     /// range at a time; replaces the previous one). Any context; commands
     /// already executing are not affected.
     pub fn inject_media_error(&self, lbas: Range<u64>) {
-        self.engine.core().medium.bad.set(lbas);
+        self.engine.medium().bad.set(lbas);
     }
 
     /// Remove the injected bad range.
     pub fn clear_injection(&self) {
-        self.engine.core().medium.bad.clear();
+        self.engine.medium().bad.clear();
     }
 
     /// Delay every command by `d` before executing it (a slow medium; zero
     /// turns it off). Any context.
     pub fn inject_delay(&self, d: Duration) {
-        self.engine.core().set_delay(d);
+        match &self.engine {
+            Eng::Threads(e) => e.core().set_delay(d),
+            Eng::Uring(e) => e.core().set_delay(d),
+        }
     }
 
     /// The configuration it was opened with.
@@ -904,19 +982,31 @@ impl DiskController for DmaDisk {
     }
 
     fn submit(&self, cmd: DiskCmd) -> bool {
-        self.engine.core().submit(cmd)
+        match &self.engine {
+            Eng::Threads(e) => e.core().submit(cmd),
+            Eng::Uring(e) => e.core().submit(cmd),
+        }
     }
 
     fn doorbell(&self) {
-        self.engine.core().doorbell()
+        match &self.engine {
+            Eng::Threads(e) => e.core().doorbell(),
+            Eng::Uring(e) => e.core().doorbell(),
+        }
     }
 
     fn reap(&self) -> Option<DiskDone> {
-        self.engine.core().reap()
+        match &self.engine {
+            Eng::Threads(e) => e.core().reap(),
+            Eng::Uring(e) => e.core().reap(),
+        }
     }
 
     fn set_interrupt(&self, cpu: usize, vector: IntrHandle) {
-        self.engine.core().set_interrupt(cpu, vector)
+        match &self.engine {
+            Eng::Threads(e) => e.core().set_interrupt(cpu, vector),
+            Eng::Uring(e) => e.core().set_interrupt(cpu, vector),
+        }
     }
 }
 

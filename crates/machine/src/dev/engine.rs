@@ -147,7 +147,7 @@ impl Counters {
 /// target is one atomic word naming the bit and the CPU. A handle is its
 /// bit (two handles with the same bit are equal), so a slot written once
 /// holds the right handle for every later `set` of that bit.
-struct IntrTarget {
+pub(crate) struct IntrTarget {
     /// 0: none; else `VALID | cpu << 8 | bit`.
     packed: AtomicU64,
     slots: [HandleSlot; 64],
@@ -170,7 +170,7 @@ const TARGET_VALID: u64 = 1 << 63;
 unsafe impl Sync for IntrTarget {}
 
 impl IntrTarget {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             packed: AtomicU64::new(0),
             slots: [const {
@@ -183,7 +183,7 @@ impl IntrTarget {
     }
 
     /// Any context; never waits.
-    fn set(&self, cpu: usize, h: IntrHandle) {
+    pub(crate) fn set(&self, cpu: usize, h: IntrHandle) {
         let bit = (h.bit() & 63) as usize;
         let s = &self.slots[bit];
         if s.state.load(Acquire) != SLOT_READY
@@ -212,7 +212,7 @@ impl IntrTarget {
 
     /// Worker threads (host context): may spin while a `set` that was
     /// interrupted between its two stores finishes.
-    fn get(&self) -> Option<(usize, IntrHandle)> {
+    pub(crate) fn get(&self) -> Option<(usize, IntrHandle)> {
         let p = self.packed.load(SeqCst);
         if p & TARGET_VALID == 0 {
             return None;

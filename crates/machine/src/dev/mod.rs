@@ -92,9 +92,10 @@ pub mod chan;
 pub mod disk;
 mod engine;
 pub mod file;
+mod uring;
 
 pub use chan::{HostChannel, ReplyQueue};
-pub use disk::{DiskConfig, DmaDisk};
+pub use disk::{DiskConfig, DiskEngine, DmaDisk};
 pub use engine::DeviceStats;
 pub use file::{FileConfig, FileDev};
 
