@@ -323,9 +323,10 @@ fn nbdinfo_shows_sizes_flags_and_block_sizes() {
         for (k, want) in [
             ("is_read_only", ro),
             ("can_flush", true),
-            ("can_fua", true),
-            ("can_trim", true),
-            ("can_zero", true),
+            // A read-only export offers no write command (issue 12).
+            ("can_fua", !ro),
+            ("can_trim", !ro),
+            ("can_zero", !ro),
             ("can_multi_conn", true),
             ("can_df", true),
             ("can_cache", false),
