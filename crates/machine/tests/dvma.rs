@@ -3,8 +3,6 @@
 //! mode documents; running out fails, waits or defers in order; concurrent
 //! loads on both CPUs never see each other's buffers.
 
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,14 +17,9 @@ use kern::intr::IntrHandle;
 use kern::vm::IoBuf;
 use machine::dev::{DiskConfig, DmaDisk};
 use machine::dvma::Window;
-use machine::{Machine, MachineConfig};
 
-fn boot(ncpu: usize) -> Machine {
-    let mut c = MachineConfig::default();
-    c.kernel.ncpu = ncpu;
-    c.ram_bytes = 128 << 20;
-    Machine::boot(c).unwrap()
-}
+mod common;
+use common::*;
 
 fn small(mode: DvmaMode) -> TagConfig {
     let mut c = TagConfig::new(mode);
@@ -34,12 +27,6 @@ fn small(mode: DvmaMode) -> TagConfig {
     c.slots = 4;
     c.pool_bytes = 1 << 20;
     c
-}
-
-fn pattern(seed: u8, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
 }
 
 /// Every mode: the device reads exactly the loaded buffer (ToDevice), writes
@@ -124,42 +111,6 @@ fn every_mode_maps_what_was_loaded() {
         }
     }
     m.shutdown().unwrap();
-}
-
-/// A temporary backing file for a disk, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("dvma-dvmatest-{}-{name}.img", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        TempFile(p)
-    }
-
-    fn read_at(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        std::fs::File::open(&self.0)
-            .unwrap()
-            .read_exact_at(&mut v, off)
-            .unwrap();
-        v
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Stops a disk when dropped (before its machine shuts down, on failure too).
-struct Stopper(Arc<DmaDisk>);
-
-impl Drop for Stopper {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
 }
 
 /// Submit one command to `disk` and poll for its completion.

@@ -15,18 +15,10 @@ use kern::sched::{
 };
 use kern::softint::{softint_establish, softint_schedule};
 use kern::{Ipl, spl};
-use machine::{Machine, MachineConfig, MachineError, SplImpl};
+use machine::{MachineError, SplImpl};
 
-fn boot(ncpu: usize) -> Machine {
-    boot_with(ncpu, |_| {})
-}
-
-fn boot_with(ncpu: usize, f: impl FnOnce(&mut MachineConfig)) -> Machine {
-    let mut c = MachineConfig::default();
-    c.kernel.ncpu = ncpu;
-    f(&mut c);
-    Machine::boot(c).unwrap()
-}
+mod common;
+use common::{boot, boot_with};
 
 /// Two threads on different CPUs hand a token back and forth 20 000 times
 /// through sleep_interlocked/wakeup: every handoff needs a cross-CPU wakeup,

@@ -9,84 +9,23 @@
 //!
 //! The backing file is checked with `std::fs`, beside the device.
 
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use kern::bus_dma::*;
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskOp, DiskStatus};
 use kern::iommu::Iova;
+use machine::Machine;
 use machine::dev::disk::CacheStats;
 use machine::dev::{DiskConfig, DmaDisk};
 use machine::dvma::Window;
-use machine::{Machine, MachineConfig};
+
+mod common;
+use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const DISK_BYTES: u64 = 16 << 20;
 const SECTOR: usize = 512;
-
-fn boot(ncpu: usize) -> Machine {
-    let mut c = MachineConfig::default();
-    c.kernel.ncpu = ncpu;
-    c.ram_bytes = 128 << 20;
-    Machine::boot(c).unwrap()
-}
-
-/// A temporary backing file, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dvma-wcache-{}-{name}-{}.img",
-            std::process::id(),
-            N.fetch_add(1, SeqCst)
-        ));
-        let _ = std::fs::remove_file(&p);
-        TempFile(p)
-    }
-
-    fn read_at(&self, off: u64, len: usize) -> Vec<u8> {
-        let f = std::fs::File::open(&self.0).unwrap();
-        let mut v = vec![0u8; len];
-        f.read_exact_at(&mut v, off).unwrap();
-        v
-    }
-
-    fn write_at(&self, off: u64, data: &[u8]) {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.0)
-            .unwrap();
-        f.write_all_at(data, off).unwrap();
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Stops the disk when dropped (a failing test unwinds through it before
-/// its machine shuts down).
-struct Stopper(Arc<DmaDisk>);
-
-impl Drop for Stopper {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-impl std::ops::Deref for Stopper {
-    type Target = Arc<DmaDisk>;
-    fn deref(&self) -> &Arc<DmaDisk> {
-        &self.0
-    }
-}
 
 /// A disk with a write cache of `cache` bytes; the file is created (and
 /// filled with `pattern(0xf0)` by the caller where it matters).
@@ -97,18 +36,12 @@ fn cached_cfg(tmp: &TempFile, cache: usize) -> DiskConfig {
     c
 }
 
-fn open_disk(m: &Machine, cfg: DiskConfig) -> Stopper {
+fn open_disk(m: &Machine, cfg: DiskConfig) -> Stopper<DmaDisk> {
     Stopper(DmaDisk::open(m.window(), cfg).unwrap())
 }
 
 fn cstats(d: &DmaDisk) -> CacheStats {
     d.cache_stats().expect("the disk has a write cache")
-}
-
-fn pattern(seed: u8, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
 }
 
 fn cmd(op: DiskOp, lba: u64, nsect: u32, iova: Iova, fua: bool) -> DiskCmd {
