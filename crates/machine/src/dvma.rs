@@ -28,25 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use kern::iommu::{DmaAccess, Iommu, IommuError, Iova};
 use kern::vm::Paddr;
 
+use crate::sys;
+
 /// The page size.
 pub const PAGE: usize = 4096;
-
-fn raw_mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: u64) -> isize {
-    let ret: isize;
-    // SAFETY: the mmap system call; the caller passes a range inside a
-    // mapping it owns (the window) or a null hint.
-    unsafe {
-        core::arch::asm!(
-            "syscall",
-            inlateout("rax") libc::SYS_mmap as isize => ret,
-            in("rdi") addr, in("rsi") len, in("rdx") prot as usize,
-            in("r10") flags as usize, in("r8") fd as usize, in("r9") off as usize,
-            lateout("rcx") _, lateout("r11") _,
-            options(nostack),
-        );
-    }
-    ret
-}
 
 /// The machine's RAM: a memfd and the kernel's direct map of it.
 pub struct Ram {
@@ -71,7 +56,7 @@ impl Ram {
             unsafe { libc::close(fd) };
             return Err(e);
         }
-        let dmap = raw_mmap(
+        let dmap = sys::mmap(
             0,
             size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
@@ -163,7 +148,7 @@ impl Window {
     /// Reserve a window of `size` bytes onto `ram`.
     pub fn new(ram: &Ram, size: u64) -> std::io::Result<Self> {
         let size = size.div_ceil(PAGE as u64) * PAGE as u64;
-        let base = raw_mmap(
+        let base = sys::mmap(
             0,
             size as usize,
             libc::PROT_NONE,
@@ -176,7 +161,7 @@ impl Window {
         }
         // The last page: the live device's (see `live_device`).
         let last = base as usize + size as usize - PAGE;
-        let r = raw_mmap(
+        let r = sys::mmap(
             last,
             PAGE,
             libc::PROT_READ,
@@ -192,7 +177,7 @@ impl Window {
             size,
             fd: ram.fd,
             ram: ram.size,
-            pid: crate::sys::getpid(),
+            pid: sys::getpid(),
             stats: WindowStats::default(),
         })
     }
@@ -424,7 +409,7 @@ impl Iommu for Window {
             DmaAccess::Write | DmaAccess::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
         let addr = self.base + iova.get() as usize;
-        let r = raw_mmap(
+        let r = sys::mmap(
             addr,
             len,
             prot,
@@ -448,7 +433,7 @@ impl Iommu for Window {
         {
             return;
         }
-        let r = raw_mmap(
+        let r = sys::mmap(
             self.base + iova.get() as usize,
             len,
             libc::PROT_NONE,

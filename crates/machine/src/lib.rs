@@ -7,11 +7,11 @@
 //! |---|---|
 //! | CPU | a host thread running `kern::sched::cpu_run` |
 //! | kernel thread | a stackful coroutine on it (`kern::sched`) |
-//! | device interrupt | a real-time signal, one per hardware IPL ([`signals`]) |
+//! | device interrupt | a real-time signal, one per hardware IPL (`signals`) |
 //! | IPI | `tgkill` of another CPU's thread |
 //! | interrupt stack | a `sigaltstack` per CPU, switched on or off at boot |
 //! | `hlt` | a futex wait on the CPU's state word |
-//! | AST frame push | an edit of the signal's saved context ([`arch`]) |
+//! | AST frame push | an edit of the signal's saved context (`arch`) |
 //! | `curcpu()` | a thread-local pointer ([`md`]) |
 //!
 //! [`Machine::boot`] starts one; [`Machine::shutdown`] stops it. One machine
@@ -20,14 +20,14 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(missing_docs)]
 
-pub mod arch;
+pub(crate) mod arch;
 pub mod dev;
 pub mod dvma;
 pub mod host;
 pub mod md;
 pub mod mem;
-pub mod signals;
-pub mod sys;
+pub(crate) mod signals;
+pub(crate) mod sys;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -41,6 +41,23 @@ pub fn sched_yield() {
     raw6(libc::SYS_sched_yield, [0; 6]);
 }
 
+/// `mmap(addr, len, prot, flags, fd, off)`: the address, or a negative errno.
+/// The caller passes a range inside a mapping it owns (with `MAP_FIXED`) or
+/// a null hint.
+pub fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: u64) -> isize {
+    raw6(
+        libc::SYS_mmap,
+        [
+            addr,
+            len,
+            prot as usize,
+            flags as usize,
+            fd as usize,
+            off as usize,
+        ],
+    )
+}
+
 /// `tgkill(pid, tid, sig)`.
 pub fn tgkill(pid: i32, tid: i32, sig: i32) -> isize {
     raw6(
@@ -62,23 +79,6 @@ pub fn sigsetmask(set: u64) -> isize {
             0,
         ],
     )
-}
-
-/// The calling thread's signal mask.
-pub fn sigmask() -> u64 {
-    let mut old: u64 = 0;
-    raw6(
-        libc::SYS_rt_sigprocmask,
-        [
-            libc::SIG_BLOCK as usize,
-            0,
-            &mut old as *mut u64 as usize,
-            8,
-            0,
-            0,
-        ],
-    );
-    old
 }
 
 /// The kernel's `struct sigaction` on x86_64.

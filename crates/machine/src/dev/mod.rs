@@ -31,7 +31,7 @@
 //! nothing and leave `errno` alone: the rings are
 //! [`crossbeam_queue::ArrayQueue`]s (allocated once, at `open`), the
 //! doorbell is an atomic counter plus a raw `futex` system call
-//! ([`crate::sys::futex_wake`]), and the interrupt is
+//! (`futex_wake`), and the interrupt is
 //! [`kern::intr::intr_post`], which is safe from any thread.
 //!
 //! # The queue discipline
