@@ -14,9 +14,10 @@
 //! | `SLEEP` | the idle loop, asleep on the state word | move it to `POLL` and wake it |
 //!
 //! A post that finds its bits already set does nothing at all: whoever set
-//! them took the responsibility of making the CPU look (coalescing). Cross-CPU
-//! signals cost 12-17 us on these machines, so this is the first thing
-//! between a device and the interrupt rate it can sustain.
+//! them took the responsibility of making the CPU look (coalescing). A
+//! cross-CPU signal costs orders of magnitude more than the atomic OR
+//! (`dvma bench micro` measures interrupt delivery), so this is the first
+//! thing between a device and the interrupt rate it can sustain.
 //!
 //! # Why it does not lose interrupts
 //! Both sides use the store-then-load pattern of Dekker's algorithm, with a

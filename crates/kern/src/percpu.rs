@@ -10,8 +10,8 @@
 //! plain load; an aligned 64-bit load never tears.
 //!
 //! Used for the hot per-CPU counters: interrupt depth, spin mutexes held,
-//! `no_ast` regions, and statistics. A locked RMW costs about 20 cycles
-//! here, and a kernel-thread switch used to execute six of them.
+//! `no_ast` regions, and statistics. A locked RMW costs many times a plain
+//! one, and a kernel-thread switch used to execute six of them.
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

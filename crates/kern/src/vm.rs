@@ -177,9 +177,8 @@ pub struct IoBuf {
     /// The flag is a bit of this word, not a `bool` field: a `bool` lends
     /// its spare values to the enums that carry an `IoBuf` (bus_dma's load
     /// state), whose tags then go to odd bytes written and read back in
-    /// mismatched pieces on every load and unload. Measured with
-    /// `dvma bench dvma --modes permanent`: 50 ns per load+unload with the
-    /// `bool`, about 30 without.
+    /// mismatched pieces on every load and unload (`dvma bench dvma
+    /// --modes permanent` shows the difference).
     len: usize,
     src: &'static dyn BufSource,
 }
