@@ -62,7 +62,7 @@ pub use aggregate::{
     RATIO_SPREAD_LIMIT, Ratio, RepSample, Stat, WorkloadAnalysis, aggregate, analyze,
 };
 pub use fio::{DirStats, FioJob, FioOutput};
-pub use markdown::{render_markdown, render_micro};
+pub use markdown::{esc, render_markdown, render_micro, us};
 pub use model::{
     COMPLETION_MODES, Counters, DVMA_MODES, DVMA_SERVER, MachineInfo, PEERS, PerIo, Results, Run,
     RunConfig, ServerSample,

@@ -42,7 +42,8 @@ pub(crate) fn file_stem(workload: &str) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+/// Text for a Markdown table cell: `|` escaped, line breaks folded.
+pub fn esc(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
@@ -71,7 +72,9 @@ fn value_text(a: &Aggregate) -> String {
     s
 }
 
-fn us(v: f64) -> String {
+/// Microseconds as a table shows them: three significant figures at most
+/// (`123`, `12.3`, `1.23`).
+pub fn us(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {

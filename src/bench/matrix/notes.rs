@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use report::{Aggregate, ConfigKey, Metric, PEERS, Results, Stat, WorkloadAnalysis, analyze};
+use report::{
+    Aggregate, ConfigKey, Metric, PEERS, Results, Stat, WorkloadAnalysis, analyze, esc, us,
+};
 
 use super::plan::{self, Phase, Plan};
 
@@ -95,20 +97,6 @@ pub struct Notes<'a> {
     pub estimate: Duration,
     /// Clock ticks per second of `/proc/PID/stat`.
     pub clk_tck: u64,
-}
-
-fn us(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
 }
 
 fn one_line(s: &str) -> String {
