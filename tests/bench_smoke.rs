@@ -17,12 +17,15 @@
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "common/skip.rs"]
 mod skip;
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir;
 
 /// Longest the bench may take (it needs about 5 s).
 const TIMEOUT: Duration = Duration::from_secs(45);
@@ -88,14 +91,6 @@ fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String
     })
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[track_caller]
 fn file(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -121,15 +116,13 @@ fn tiny_matrix_end_to_end() {
             ));
         }
     }
-    let out =
-        TempDir(std::env::temp_dir().join(format!("dvma-bench-smoke-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&out.0);
+    let out = TempDir::new("bench-smoke");
 
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dvma"))
         .arg("bench")
         .arg("--out")
-        .arg(&out.0)
+        .arg(out.path())
         .args(["--modes", "permanent", "--completions", "softint"])
         .args(["--workloads", "randread-4k-qd1"])
         .args(["--runtime", "0.5", "--ramp", "0.2", "--reps", "1"])
@@ -176,7 +169,7 @@ fn tiny_matrix_end_to_end() {
 
     // results.json: one dvma run with every figure, one run per installed
     // peer.
-    let results = report::Results::load(out.0.join("results.json")).expect("results.json");
+    let results = report::Results::load(out.path().join("results.json")).expect("results.json");
     let dvma: Vec<&report::Run> = results.runs.iter().filter(|r| r.is_dvma()).collect();
     assert_eq!(dvma.len(), 1, "{:?}", results.runs);
     let d = dvma[0];
@@ -221,7 +214,7 @@ fn tiny_matrix_end_to_end() {
     }
 
     // report.md, plots, raw data.
-    let md = file(&out.0.join("report.md"));
+    let md = file(&out.path().join("report.md"));
     for s in [
         "# dvma bench report",
         "## Headline",
@@ -241,9 +234,9 @@ fn tiny_matrix_end_to_end() {
         );
     }
     for svg in ["randread-4k-qd1.svg", "cdf-randread-4k-qd1.svg"] {
-        assert!(file(&out.0.join("plots").join(svg)).starts_with("<svg"));
+        assert!(file(&out.path().join("plots").join(svg)).starts_with("<svg"));
     }
-    let raw: Vec<String> = std::fs::read_dir(out.0.join("raw"))
+    let raw: Vec<String> = std::fs::read_dir(out.path().join("raw"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -254,6 +247,6 @@ fn tiny_matrix_end_to_end() {
         "{raw:?}"
     );
     // The backing files are gone.
-    assert!(!out.0.join("work").exists());
+    assert!(!out.path().join("work").exists());
     eprintln!("dvma bench smoke: {:.1} s", start.elapsed().as_secs_f64());
 }

@@ -5,6 +5,8 @@
 
 #[path = "../src/config.rs"]
 mod config;
+#[path = "common/tempdir.rs"]
+mod tempdir;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,7 @@ use config::{BackingPlan, BootArgs, CcdBufs, ConfigError, MachineSpec, Overrides
 use kern::Completion;
 use kern::bus_dma::DvmaMode;
 use machine::SplImpl;
+use tempdir::TempDir;
 
 const EXAMPLE: &str = include_str!("../examples/ccd-vnd.toml");
 const M: u64 = 1 << 20;
@@ -887,29 +890,12 @@ fn boot_args_parse() {
     }
 }
 
-/// A fresh directory under the system's temporary directory.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dvma-config-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn backing_files_are_created_grown_and_never_truncated() {
     let dir = TempDir::new("backing");
     let text = "[[disk]]\nname = \"sd0\"\nfile = \"sub/sd0.img\"\nsize = \"1M\"\n[[vnd]]\nname = \"vnd0\"\nfile = \"vnd0.img\"\n";
     let ov = Overrides {
-        data_dir: Some(dir.0.clone()),
+        data_dir: Some(dir.path().to_path_buf()),
         ..Overrides::default()
     };
     let s = MachineSpec::from_toml(text, Path::new("t.toml"), Path::new("/"), &ov).unwrap();

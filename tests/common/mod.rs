@@ -22,17 +22,18 @@
 
 pub mod client;
 pub mod skip;
+mod tempdir;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[allow(unused_imports)]
 pub use client::{Client, read_greeting, tcp};
+pub use tempdir::TempDir;
 
 /// How long a server may take to print `dvma: ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,40 +111,6 @@ pub fn test_seed(test: &str) -> u64 {
     };
     eprintln!("{test}: seed {seed:#x} (replay with DVMA_TEST_SEED={seed:#x})");
     seed
-}
-
-/// A directory under the system's temporary directory, removed on drop.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    /// A new, empty directory whose name contains `tag`.
-    pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("dvma-{tag}-{}-{n}-{nanos:x}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// `[machine]` for the tests: small and fast.
