@@ -199,7 +199,7 @@ const COALESCE_US_MAX: u32 = 1_000_000;
 const POLL_US_MAX: u32 = 1_000_000;
 /// Default `machine.idle_poll_us` and `disk.poll_us`: short, because the
 /// host's CPUs are shared by the virtual CPUs, the device workers and the
-/// clients (measured: 50 µs polls cost up to half the IOPS at depth 1).
+/// clients: a long poll takes the CPU from whoever would make progress.
 const DEFAULT_POLL_US: u32 = 5;
 /// Most `disk.slots`.
 const SLOTS_MAX: usize = 4096;

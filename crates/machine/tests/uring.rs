@@ -10,8 +10,6 @@
 //! A host without io_uring (`ENOSYS`/`EPERM` at setup) fails these tests
 //! with the reason, unless `DVMA_ALLOW_SKIP=1` (never under `CI=true`).
 
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -23,84 +21,16 @@ use kern::intr::{IntrHandle, intr_establish};
 use kern::iommu::Iova;
 use machine::dev::{DiskConfig, DiskEngine, DmaDisk};
 use machine::dvma::Window;
-use machine::{Machine, MachineConfig};
+use machine::Machine;
 
+mod common;
 #[path = "../../../tests/common/skip.rs"]
 mod skip;
 
+use common::{Stopper, TempFile, boot, pattern};
+
 const DEADLINE: Duration = Duration::from_secs(30);
 const DISK_BYTES: u64 = 16 << 20;
-
-fn boot(ncpu: usize) -> Machine {
-    let mut c = MachineConfig::default();
-    c.kernel.ncpu = ncpu;
-    c.ram_bytes = 128 << 20;
-    Machine::boot(c).unwrap()
-}
-
-/// A temporary backing file, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dvma-uring-{}-{name}-{}.img",
-            std::process::id(),
-            N.fetch_add(1, SeqCst)
-        ));
-        let _ = std::fs::remove_file(&p);
-        TempFile(p)
-    }
-
-    fn read_at(&self, off: u64, len: usize) -> Vec<u8> {
-        let f = std::fs::File::open(&self.0).unwrap();
-        let mut v = vec![0u8; len];
-        f.read_exact_at(&mut v, off).unwrap();
-        v
-    }
-
-    fn write_at(&self, off: u64, data: &[u8]) {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.0)
-            .unwrap();
-        f.write_all_at(data, off).unwrap();
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Stops a device when dropped (a failing test unwinds through it before
-/// its machine shuts down).
-struct Stopper<T: Stop>(Arc<T>);
-
-trait Stop {
-    fn stop_dev(&self);
-}
-
-impl Stop for DmaDisk {
-    fn stop_dev(&self) {
-        self.stop()
-    }
-}
-
-impl<T: Stop> Drop for Stopper<T> {
-    fn drop(&mut self) {
-        self.0.stop_dev();
-    }
-}
-
-impl<T: Stop> std::ops::Deref for Stopper<T> {
-    type Target = Arc<T>;
-    fn deref(&self) -> &Arc<T> {
-        &self.0
-    }
-}
 
 fn disk_cfg(tmp: &TempFile) -> DiskConfig {
     let mut c = DiskConfig::new(&tmp.0, DISK_BYTES);
@@ -120,12 +50,6 @@ fn open_disk(m: &Machine, cfg: DiskConfig) -> Option<Stopper<DmaDisk>> {
         }
         Err(e) => panic!("opening a uring disk: {e}"),
     }
-}
-
-fn pattern(seed: u8, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
 }
 
 fn rd(lba: u64, nsect: u32, iova: Iova) -> DiskCmd {
