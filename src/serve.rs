@@ -146,9 +146,14 @@ pub struct ServeArgs {
     /// The machine and its disks.
     #[command(flatten)]
     pub boot: BootArgs,
-    /// Address to listen on. Only a loopback address unless named here.
+    /// Address to listen on. Only a loopback address unless named here; a
+    /// non-loopback one also needs TLS or `--insecure-listen`.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: String,
+    /// Serve a non-loopback `--listen` address without TLS: anyone who can
+    /// reach it can read and write every disk.
+    #[arg(long)]
+    pub insecure_listen: bool,
     /// Write the statistics as JSON to FILE on SIGUSR1 and at exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
@@ -342,6 +347,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         .listen
         .parse()
         .map_err(|e| format!("--listen {}: {e} (expected IP:PORT)", a.listen))?;
+    exposure(addr, a.insecure_listen)?;
     // Signals first, so that every thread created from here on (devices,
     // connections) inherits nothing unexpected and none is missed.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -507,6 +513,25 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         }
         Err(e) => Err(format!("flush at shutdown: {e}")),
     }
+}
+
+/// No silent exposure: a listener off loopback without TLS is refused,
+/// unless `--insecure-listen` says so (then a warning).
+fn exposure(addr: SocketAddr, insecure: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(format!(
+            "--listen {addr} is not a loopback address, and without TLS anyone who can \
+             reach it can read and write every disk; pass --insecure-listen to serve it anyway"
+        ));
+    }
+    eprintln!(
+        "dvma: WARNING: serving {addr} without TLS (--insecure-listen): anyone who can \
+         reach it can read and write every disk"
+    );
+    Ok(())
 }
 
 /// Half the smallest memory the exported disks draw their buffers from.

@@ -143,6 +143,8 @@ pub struct ServerOpts {
     /// ignored (through `sh` and `prlimit`): writes at or beyond that offset
     /// of any file fail with `EFBIG`, a real device I/O error.
     pub fsize_limit: Option<u64>,
+    /// `--listen` (default `127.0.0.1:0`).
+    pub listen: Option<String>,
 }
 
 impl ServerOpts {
@@ -307,7 +309,7 @@ impl Server {
         };
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&data_dir);
         if let Some(text) = &opts.config {
@@ -383,9 +385,13 @@ impl Server {
             let (hostport, name) = rest
                 .split_once('/')
                 .unwrap_or_else(|| panic!("bad serving line {l:?}"));
-            let addr: SocketAddr = hostport
+            let mut addr: SocketAddr = hostport
                 .parse()
                 .unwrap_or_else(|e| panic!("bad address in {l:?}: {e}"));
+            if addr.ip().is_unspecified() {
+                // Listening on every address: connect through loopback.
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
             assert_ne!(addr.port(), 0, "serving line with port 0: {l:?}");
             if self.exports.is_empty() {
                 self.addr = addr;
