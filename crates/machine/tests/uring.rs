@@ -19,9 +19,9 @@ use kern::bus_dma::*;
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskOp, DiskStatus};
 use kern::intr::{IntrHandle, intr_establish};
 use kern::iommu::Iova;
+use machine::Machine;
 use machine::dev::{DiskConfig, DiskEngine, DmaDisk};
 use machine::dvma::Window;
-use machine::Machine;
 
 mod common;
 #[path = "../../../tests/common/skip.rs"]
