@@ -78,6 +78,24 @@
 //! `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error, is
 //! closed), and the refusal is logged (at most once a second).
 //!
+//! # TLS
+//! `--tls on|only` with `--tls-cert`/`--tls-key` (and `--tls-ca` to require
+//! client certificates) serves `NBD_OPT_STARTTLS` with rustls (ring); the
+//! `nbd` crate's `negotiate_tls` answers the options (`only`: everything but
+//! STARTTLS gets `NBD_REP_ERR_TLS_REQD` before TLS), and the TLS handshake
+//! runs under the handshake's deadline. A non-loopback `--listen` needs TLS
+//! or `--insecure-listen`. After the handshake both threads of a TLS
+//! connection share its `rustls::ServerConnection` behind a `Mutex` (`Io`):
+//! the reader reads ciphertext from the socket *without* the lock, then
+//! locks to decrypt; the writer locks to encrypt at most rustls's buffer
+//! limit (64 KiB) and sends it after unlocking. Only the writer sends
+//! ciphertext (what the reader's side owes, e.g. a key update, goes out with
+//! the next batch or within 200 ms), so records leave in order and neither
+//! thread blocks on the socket while holding the lock. The cost, unmeasured:
+//! a copy of every byte into and out of rustls's buffers (the plain path
+//! sends reads straight from the DMA buffers), a lock per 64 KiB, and the
+//! crypto itself.
+//!
 //! # Shutdown
 //! SIGINT or SIGTERM: stop accepting; shut the read side of every
 //! connection (a reader finishes the request it is reading); the writers
@@ -93,6 +111,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustls::ServerConnection;
 
 use kern::bio::{BioError, BlockDev, BufOp, DEV_BSIZE, bdevs, getbuf_wait, submit_wait};
 use kern::blksrv::{BlockReq, ReqOp, blksrv_attach, request_memory};
@@ -154,6 +174,19 @@ pub struct ServeArgs {
     /// reach it can read and write every disk.
     #[arg(long)]
     pub insecure_listen: bool,
+    /// TLS (`NBD_OPT_STARTTLS`): `off`, `on` (offered), `only` (required
+    /// before any other option). Default: `on` with `--tls-cert`, else `off`.
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<TlsArg>,
+    /// The server's X.509 certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CA certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// Write the statistics as JSON to FILE on SIGUSR1 and at exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
@@ -182,6 +215,17 @@ pub struct ServeArgs {
     /// sleeps, µs.
     #[arg(long, value_name = "US", default_value_t = 2)]
     pub reply_poll_us: u32,
+}
+
+/// `--tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    /// No TLS.
+    Off,
+    /// TLS offered; plaintext clients are served too.
+    On,
+    /// TLS required: every option but STARTTLS gets `NBD_REP_ERR_TLS_REQD`.
+    Only,
 }
 
 /// NBD-side counters.
@@ -314,6 +358,9 @@ struct Shared {
     refusers: AtomicU32,
     /// When a refusal was last logged, and how many since.
     refusal_log: Mutex<(Option<std::time::Instant>, u64)>,
+    tls_mode: nbd::TlsMode,
+    /// The TLS configuration (`None`: `--tls off`).
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// One connection in transmission: what its reader and writer share.
@@ -347,7 +394,8 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         .listen
         .parse()
         .map_err(|e| format!("--listen {}: {e} (expected IP:PORT)", a.listen))?;
-    exposure(addr, a.insecure_listen)?;
+    let (tls_mode, tls) = tls_config(&a)?;
+    exposure(addr, a.insecure_listen, tls.is_some())?;
     // Signals first, so that every thread created from here on (devices,
     // connections) inherits nothing unexpected and none is missed.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -401,9 +449,14 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         credits >> 20,
         max_payload >> 10
     );
+    let tls_note = match tls_mode {
+        nbd::TlsMode::Off => "",
+        nbd::TlsMode::On => " (TLS offered)",
+        nbd::TlsMode::Only => " (TLS required)",
+    };
     for e in &exports.exports {
         println!(
-            "serving nbd://{local}/{}{}",
+            "serving nbd://{local}/{}{}{tls_note}",
             e.name,
             if e.read_only { " (read-only)" } else { "" }
         );
@@ -433,6 +486,8 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
         refusers: AtomicU32::new(0),
         refusal_log: Mutex::new((None, 0)),
+        tls_mode,
+        tls,
     });
     let acceptor = {
         let sh = Arc::clone(&sh);
@@ -517,14 +572,15 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
 
 /// No silent exposure: a listener off loopback without TLS is refused,
 /// unless `--insecure-listen` says so (then a warning).
-fn exposure(addr: SocketAddr, insecure: bool) -> Result<(), String> {
-    if addr.ip().is_loopback() {
+fn exposure(addr: SocketAddr, insecure: bool, tls: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() || tls {
         return Ok(());
     }
     if !insecure {
         return Err(format!(
             "--listen {addr} is not a loopback address, and without TLS anyone who can \
-             reach it can read and write every disk; pass --insecure-listen to serve it anyway"
+             reach it can read and write every disk; serve TLS (--tls only --tls-cert FILE \
+             --tls-key FILE) or pass --insecure-listen to serve it anyway"
         ));
     }
     eprintln!(
@@ -809,19 +865,256 @@ impl Write for Timed<'_> {
     }
 }
 
+/// `--tls`, `--tls-cert`, `--tls-key`, `--tls-ca`: the handshake's mode
+/// and the TLS configuration (`None` without TLS).
+fn tls_config(a: &ServeArgs) -> Result<(nbd::TlsMode, Option<Arc<rustls::ServerConfig>>), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mode = match a.tls {
+        Some(TlsArg::Off) => nbd::TlsMode::Off,
+        Some(TlsArg::On) => nbd::TlsMode::On,
+        Some(TlsArg::Only) => nbd::TlsMode::Only,
+        None if a.tls_cert.is_some() => nbd::TlsMode::On,
+        None => nbd::TlsMode::Off,
+    };
+    if mode == nbd::TlsMode::Off {
+        if a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_ca.is_some() {
+            return Err("--tls off, but --tls-cert, --tls-key or --tls-ca given".into());
+        }
+        return Ok((mode, None));
+    }
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Err("TLS needs --tls-cert FILE and --tls-key FILE (PEM)".into());
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &a.tls_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?
+            {
+                let c = c.map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(v)
+        }
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    Ok((mode, Some(Arc::new(config))))
+}
+
+/// A connection's socket as one thread uses it: plain, or through the
+/// connection's TLS session (module docs: TLS). Dereferences to its
+/// [`Timed`] socket, whose deadline bounds every call.
+struct Io<'a> {
+    sock: Timed<'a>,
+    /// The TLS session, shared with the connection's other thread.
+    tls: Option<Arc<Mutex<ServerConnection>>>,
+    /// Ciphertext read from the socket and not yet given to rustls.
+    pending: Vec<u8>,
+    pos: usize,
+}
+
+impl<'a> Io<'a> {
+    fn new(sock: &'a TcpStream) -> Io<'a> {
+        Io {
+            sock: Timed::new(sock),
+            tls: None,
+            pending: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// After the `NBD_REP_ACK` to `NBD_OPT_STARTTLS`: the TLS handshake, by
+    /// the socket's deadline; from here on this stream speaks TLS.
+    fn start_tls(&mut self, config: Option<&Arc<rustls::ServerConfig>>) -> io::Result<()> {
+        let config = config.ok_or_else(|| io::Error::other("TLS is not configured"))?;
+        let mut conn = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut self.sock)?;
+        }
+        // Bytes the client sent after its handshake are in `conn` already.
+        self.tls = Some(Arc::new(Mutex::new(conn)));
+        Ok(())
+    }
+
+    fn lock(tls: &Mutex<ServerConnection>) -> std::sync::MutexGuard<'_, ServerConnection> {
+        tls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The ciphertext the session has to send (taken out under its lock).
+    fn take_tls(conn: &mut ServerConnection) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Whether the TLS session has something to send.
+    fn tls_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| Io::lock(t).wants_write())
+    }
+
+    /// Send TLS's `close_notify` (a clean end; errors do not matter).
+    fn close_notify(&mut self) {
+        if let Some(t) = &self.tls {
+            let out = {
+                let mut c = Io::lock(t);
+                c.send_close_notify();
+                Io::take_tls(&mut c)
+            };
+            if let Ok(out) = out {
+                let _ = self.sock.write_all(&out);
+            }
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for Io<'a> {
+    type Target = Timed<'a>;
+    fn deref(&self) -> &Timed<'a> {
+        &self.sock
+    }
+}
+
+impl<'a> std::ops::DerefMut for Io<'a> {
+    fn deref_mut(&mut self) -> &mut Timed<'a> {
+        &mut self.sock
+    }
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.clone() else {
+            return self.sock.read(buf);
+        };
+        loop {
+            {
+                let mut c = Io::lock(&tls);
+                match c.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    r => return r,
+                }
+                // Nothing decrypted: give rustls what was read (it has room:
+                // its plaintext is all taken).
+                if self.pos < self.pending.len() {
+                    let n = c.read_tls(&mut &self.pending[self.pos..])?;
+                    self.pos += n;
+                    c.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    continue;
+                }
+            }
+            // Read the socket without the lock: the writer goes on.
+            self.pending.resize(32 << 10, 0);
+            self.pos = 0;
+            let n = match self.sock.read(&mut self.pending) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.pending.clear();
+                    return Err(e);
+                }
+            };
+            self.pending.truncate(n);
+            if n == 0 {
+                // The socket's end: rustls says whether it was clean.
+                let mut c = Io::lock(&tls);
+                c.read_tls(&mut &[][..])?;
+                c.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                return match c.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Err(io::ErrorKind::UnexpectedEof.into())
+                    }
+                    r => r,
+                };
+            }
+        }
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let Some(tls) = self.tls.clone() else {
+            return self.sock.write_vectored(bufs);
+        };
+        loop {
+            // Encrypt what rustls takes (its buffer limit bounds it), then
+            // send it without the lock, so the reader is not held up by a
+            // slow client.
+            let (n, out) = {
+                let mut c = Io::lock(&tls);
+                let n = c.writer().write_vectored(bufs)?;
+                (n, Io::take_tls(&mut c)?)
+            };
+            self.sock.write_all(&out)?;
+            if n > 0 || out.is_empty() || bufs.iter().all(|b| b.is_empty()) {
+                return Ok(n);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.clone() {
+            let out = Io::take_tls(&mut Io::lock(&tls))?;
+            self.sock.write_all(&out)?;
+        }
+        Ok(())
+    }
+}
+
 /// One connection: the handshake, then the reader loop (this thread) and
 /// the writer (a second thread).
 fn connection(sh: &Arc<Shared>, sock: TcpStream) {
     let _ = sock.set_nodelay(true);
-    let mut hs = Timed::new(&sock);
+    let mut hs = Io::new(&sock);
+    // The whole handshake, TLS handshake included, by one deadline.
     hs.deadline = Some(Instant::now() + sh.handshake_timeout);
-    let neg = match nbd::negotiate(&mut hs, &sh.exports, nbd::HandshakeLimits::default()) {
+    let neg = nbd::negotiate_tls(
+        &mut hs,
+        &sh.exports,
+        nbd::HandshakeLimits::default(),
+        sh.tls_mode,
+        |io| io.start_tls(sh.tls.as_ref()),
+    );
+    let neg = match neg {
         Ok(n) => n,
         Err(_) => {
             sh.stats.bad_handshakes.fetch_add(1, Relaxed);
             return;
         }
     };
+    hs.deadline = None;
     let Some(&dev) = sh.devs.get(&neg.export.name) else {
         return;
     };
@@ -848,17 +1141,20 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
         reply_poll: sh.reply_poll,
     });
     let Ok(wsock) = sock.try_clone() else { return };
+    let wtls = hs.tls.clone();
     let writer = {
         let (sh, conn) = (Arc::clone(sh), Arc::clone(&conn));
         std::thread::Builder::new()
             .name("nbd-reply".into())
             .stack_size(256 << 10)
-            .spawn(move || writer(&sh, &conn, wsock))
+            .spawn(move || writer(&sh, &conn, &wsock, wtls))
     };
     let Ok(writer) = writer else { return };
     // Requests arrive in bursts: one `recv` takes many headers (and small
     // payloads); larger payloads bypass the buffer into the DMA memory.
-    let mut rd = io::BufReader::with_capacity(64 << 10, Timed::new(&sock));
+    // (Through TLS the handshake's stream goes on: it may hold ciphertext
+    // of the first requests.)
+    let mut rd = io::BufReader::with_capacity(64 << 10, hs);
     let _ = reader(sh, &conn, dev, &mut rd);
     conn.reader_done.store(true, SeqCst);
     conn.replies.notify();
@@ -866,7 +1162,7 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
     let _ = sock.shutdown(Shutdown::Both);
 }
 
-type Rd<'a> = io::BufReader<Timed<'a>>;
+type Rd<'a> = io::BufReader<Io<'a>>;
 
 /// Read requests until the client leaves (or must be disconnected).
 fn reader(
@@ -1302,9 +1598,10 @@ const BATCH: usize = 64;
 
 /// Send replies as the kernel completes requests, until the reader is done
 /// and nothing is in flight.
-fn writer(sh: &Shared, conn: &Conn, sock: TcpStream) {
+fn writer(sh: &Shared, conn: &Conn, sock: &TcpStream, tls: Option<Arc<Mutex<ServerConnection>>>) {
     let mut broken = false;
-    let mut out = Timed::new(&sock);
+    let mut out = Io::new(sock);
+    out.tls = tls;
     let mut batch: Vec<Box<BlockReq>> = Vec::with_capacity(BATCH);
     let mut heads: Vec<u8> = Vec::with_capacity(BATCH * 32);
     loop {
@@ -1318,7 +1615,19 @@ fn writer(sh: &Shared, conn: &Conn, sock: TcpStream) {
         }
         if batch.is_empty() && local.is_empty() {
             if conn.reader_done.load(SeqCst) && conn.inflight.load(SeqCst) == 0 {
+                if !broken {
+                    out.deadline = Some(Instant::now() + sh.io_timeout);
+                    out.close_notify();
+                }
                 return;
+            }
+            if !broken && out.tls_pending() {
+                // What the reader's TLS owes the client (a key update).
+                out.deadline = Some(Instant::now() + sh.io_timeout);
+                if out.flush().is_err() {
+                    broken = true;
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
             }
             conn.replies
                 .wait(seen, conn.reply_poll, Duration::from_millis(200));
@@ -1402,7 +1711,7 @@ fn writer(sh: &Shared, conn: &Conn, sock: TcpStream) {
     }
 }
 
-fn write_all_vectored(sock: &mut Timed<'_>, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
+fn write_all_vectored(sock: &mut Io<'_>, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !iov.is_empty() {
         match sock.write_vectored(iov) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

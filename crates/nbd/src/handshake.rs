@@ -28,10 +28,21 @@
 //! # Choices where the spec leaves room
 //!
 //! * Options: `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`,
-//!   `NBD_OPT_LIST`, `NBD_OPT_ABORT` and `NBD_OPT_STRUCTURED_REPLY` are
-//!   implemented; every other option (including `NBD_OPT_STARTTLS`, which the
-//!   NOTLS mode allows to refuse this way) gets `NBD_REP_ERR_UNSUP`, after its
-//!   data has been read and thrown away, so the stream stays in step.
+//!   `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_STRUCTURED_REPLY` and (with
+//!   a [`TlsMode`] other than `Off`) `NBD_OPT_STARTTLS` are implemented;
+//!   every other option gets `NBD_REP_ERR_UNSUP`, after its data has been
+//!   read and thrown away, so the stream stays in step.
+//! * TLS ("TLS support"): [`TlsMode::Off`] is the spec's NOTLS mode
+//!   (`NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`); [`TlsMode::On`] offers
+//!   TLS; [`TlsMode::Only`] is FORCEDTLS: before TLS every option but
+//!   `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD`, and
+//!   `NBD_OPT_EXPORT_NAME` (which cannot be refused) is a hard disconnect
+//!   ([`HandshakeError::TlsRequired`]). `NBD_OPT_STARTTLS` is answered
+//!   `NBD_REP_ACK` and [`Step::StartTls`]: the driver runs the TLS handshake
+//!   on the socket and haggling goes on inside TLS, where a second
+//!   `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_INVALID`, as does one with data.
+//!   `NBD_OPT_STRUCTURED_REPLY` acknowledged before TLS is forgotten (state
+//!   negotiated in plaintext is not trusted; clients negotiate it after).
 //! * Option data longer than [`HandshakeLimits::max_option_len`] (64 KiB) is
 //!   read and discarded if it is no longer than
 //!   [`HandshakeLimits::max_discard_len`] (1 MiB), and the option is answered
@@ -65,10 +76,10 @@ use crate::wire::{
     EXPORT_NAME_ZEROES, GREETING_LEN, IHAVEOPT, MAX_STRING_LEN, NBD_FLAG_C_FIXED_NEWSTYLE,
     NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE,
     NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
-    NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
-    NBD_REP_ERR_BLOCK_SIZE_REQD, NBD_REP_ERR_INVALID, NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN,
-    NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_SERVER, NBDMAGIC, OPTION_HEADER_LEN,
-    OPTION_REPLY_HEADER_LEN, TransmissionFlags,
+    NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK, NBD_REP_ERR_BLOCK_SIZE_REQD, NBD_REP_ERR_INVALID, NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_MAGIC,
+    NBD_REP_SERVER, NBDMAGIC, OPTION_HEADER_LEN, OPTION_REPLY_HEADER_LEN, TransmissionFlags,
 };
 
 /// Errors of the handshake layer. Every one of them ends the connection: the
@@ -128,6 +139,10 @@ pub enum HandshakeError {
         /// The export's name.
         name: String,
     },
+    /// `NBD_OPT_EXPORT_NAME` before TLS in [`TlsMode::Only`]: it cannot be
+    /// answered `NBD_REP_ERR_TLS_REQD`, so the connection is closed.
+    #[error("client used NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and TLS is required")]
+    TlsRequired,
     /// The client sent `NBD_OPT_ABORT`; the server has acknowledged it and
     /// should now close the connection. Not a failure of the server.
     #[error("client aborted the handshake")]
@@ -139,6 +154,19 @@ impl HandshakeError {
     pub fn is_client_abort(&self) -> bool {
         matches!(self, HandshakeError::ClientAborted)
     }
+}
+
+/// Whether the server offers or requires TLS (`NBD_OPT_STARTTLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS (the spec's NOTLS mode): `NBD_OPT_STARTTLS` is unsupported.
+    #[default]
+    Off,
+    /// TLS is offered; a client may also go on in plaintext.
+    On,
+    /// TLS is required (FORCEDTLS): nothing but `NBD_OPT_STARTTLS` (and
+    /// `NBD_OPT_ABORT`) is served before it.
+    Only,
 }
 
 /// Bounds that keep a hostile client from costing the server too much.
@@ -450,6 +478,10 @@ pub enum Step {
     /// Send the `NBD_REP_ACK` (a client that already left is no error), then
     /// close: the client's soft disconnect.
     Abort,
+    /// Send the replies (the `NBD_REP_ACK` to `NBD_OPT_STARTTLS`), run the
+    /// TLS handshake on the socket, call [`OptionHaggler::tls_started`], and
+    /// read the next option inside TLS.
+    StartTls,
 }
 
 /// The sans-I/O core of option haggling: one per connection.
@@ -460,6 +492,8 @@ pub struct OptionHaggler<'t, T: ExportTable + ?Sized> {
     client: ClientFlags,
     structured_replies: bool,
     options_seen: u32,
+    tls: TlsMode,
+    tls_active: bool,
 }
 
 impl<'t, T: ExportTable + ?Sized> OptionHaggler<'t, T> {
@@ -471,7 +505,32 @@ impl<'t, T: ExportTable + ?Sized> OptionHaggler<'t, T> {
             client,
             structured_replies: false,
             options_seen: 0,
+            tls: TlsMode::Off,
+            tls_active: false,
         }
+    }
+
+    /// The same haggler with TLS offered or required.
+    pub fn with_tls(mut self, mode: TlsMode) -> Self {
+        self.tls = mode;
+        self
+    }
+
+    /// The TLS handshake after [`Step::StartTls`] succeeded: haggling goes
+    /// on inside TLS, and what was negotiated before is forgotten.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured_replies = false;
+    }
+
+    /// Whether TLS is active (after [`Self::tls_started`]).
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// TLS is required and not yet active.
+    fn tls_missing(&self) -> bool {
+        self.tls == TlsMode::Only && !self.tls_active
     }
 
     /// Whether `NBD_OPT_STRUCTURED_REPLY` has been acknowledged so far.
@@ -493,6 +552,10 @@ impl<'t, T: ExportTable + ?Sized> OptionHaggler<'t, T> {
             length: header.length,
             limit,
         };
+        if header.option == NBD_OPT_EXPORT_NAME && self.tls_missing() {
+            // No error can be returned to NBD_OPT_EXPORT_NAME: terminate.
+            return Err(HandshakeError::TlsRequired);
+        }
         if header.option == NBD_OPT_EXPORT_NAME && header.length > self.limits.max_option_len {
             // No error can be returned to NBD_OPT_EXPORT_NAME: terminate.
             return Err(too_long(self.limits.max_option_len));
@@ -503,7 +566,7 @@ impl<'t, T: ExportTable + ?Sized> OptionHaggler<'t, T> {
         let needs_data = matches!(
             header.option,
             NBD_OPT_GO | NBD_OPT_INFO | NBD_OPT_EXPORT_NAME
-        );
+        ) && !self.tls_missing();
         Ok(
             if needs_data && header.length <= self.limits.max_option_len {
                 DataPlan::Read
@@ -522,7 +585,39 @@ impl<'t, T: ExportTable + ?Sized> OptionHaggler<'t, T> {
         out: &mut Vec<u8>,
     ) -> Result<Step, HandshakeError> {
         let option = header.option;
+        if self.tls_missing() && option != NBD_OPT_STARTTLS && option != NBD_OPT_ABORT {
+            if option == NBD_OPT_EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            reply_error(
+                out,
+                option,
+                NBD_REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            );
+            return Ok(Step::Continue);
+        }
         match option {
+            NBD_OPT_STARTTLS => {
+                if self.tls == TlsMode::Off {
+                    reply_error(out, option, NBD_REP_ERR_UNSUP, "TLS is not configured");
+                    Ok(Step::Continue)
+                } else if header.length != 0 {
+                    reply_error(
+                        out,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                    Ok(Step::Continue)
+                } else if self.tls_active {
+                    reply_error(out, option, NBD_REP_ERR_INVALID, "TLS is already active");
+                    Ok(Step::Continue)
+                } else {
+                    encode_option_reply(out, option, NBD_REP_ACK, &[]);
+                    Ok(Step::StartTls)
+                }
+            }
             NBD_OPT_ABORT => {
                 // "The server MUST reply with NBD_REP_ACK"; data is ignored.
                 encode_option_reply(out, option, NBD_REP_ACK, &[]);
@@ -689,12 +784,28 @@ pub fn negotiate<S: Read + Write + ?Sized>(
     exports: &(impl ExportTable + ?Sized),
     limits: HandshakeLimits,
 ) -> Result<Negotiated, HandshakeError> {
+    negotiate_tls(stream, exports, limits, TlsMode::Off, |_| {
+        Err(io::Error::other("TLS is not configured"))
+    })
+}
+
+/// [`negotiate`] with TLS offered or required (`tls`): after the
+/// `NBD_REP_ACK` to `NBD_OPT_STARTTLS` has been written and flushed,
+/// `start_tls` runs the TLS handshake and makes `stream` speak TLS from
+/// then on (an `Err` ends the connection).
+pub fn negotiate_tls<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    exports: &(impl ExportTable + ?Sized),
+    limits: HandshakeLimits,
+    tls: TlsMode,
+    mut start_tls: impl FnMut(&mut S) -> io::Result<()>,
+) -> Result<Negotiated, HandshakeError> {
     stream.write_all(&encode_greeting())?;
     stream.flush()?;
     let mut raw_flags = [0u8; 4];
     stream.read_exact(&mut raw_flags)?;
     let client = ClientFlags::parse(raw_flags)?;
-    let mut haggler = OptionHaggler::new(exports, client, limits);
+    let mut haggler = OptionHaggler::new(exports, client, limits).with_tls(tls);
     let mut data = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -724,8 +835,13 @@ pub fn negotiate<S: Read + Write + ?Sized>(
         }
         stream.write_all(&out)?;
         stream.flush()?;
-        if let Step::Transmission(negotiated) = step {
-            return Ok(negotiated);
+        match step {
+            Step::Transmission(negotiated) => return Ok(negotiated),
+            Step::StartTls => {
+                start_tls(stream)?;
+                haggler.tls_started();
+            }
+            Step::Continue | Step::Abort => {}
         }
     }
 }

@@ -13,9 +13,10 @@
 //!    types"). It ends when the client enters transmission with `NBD_OPT_GO`
 //!    or `NBD_OPT_EXPORT_NAME`, aborts with `NBD_OPT_ABORT`, or one side
 //!    drops the connection ("Termination of the session during option
-//!    haggling"). Oldstyle negotiation, non-fixed newstyle-only behaviour and
-//!    TLS are not implemented (NOTLS mode: `NBD_OPT_STARTTLS` gets
-//!    `NBD_REP_ERR_UNSUP`).
+//!    haggling"). Oldstyle negotiation and non-fixed newstyle-only behaviour
+//!    are not implemented. `NBD_OPT_STARTTLS` is answered as
+//!    [`handshake::TlsMode`] says; the TLS itself is the caller's
+//!    ([`negotiate_tls`]).
 //! 2. **Transmission** ([`transmission`]): the client sends 28-byte requests
 //!    (plus payload for writes) and the server answers each with a simple
 //!    reply or, if negotiated, structured reply chunks ("Transmission",
@@ -85,7 +86,7 @@ pub mod wire;
 pub use export::{BlockSizes, ExportError, ExportInfo, ExportList, ExportTable};
 pub use handshake::{
     ClientFlags, DataPlan, HandshakeError, HandshakeLimits, InfoRequest, Negotiated, OptionData,
-    OptionHaggler, OptionHeader, Step, negotiate,
+    OptionHaggler, OptionHeader, Step, TlsMode, negotiate, negotiate_tls,
 };
 pub use transmission::{
     MAX_WRITE_DRAIN, ReadReply, Request, RequestError, Validation, encode_read_reply_header,

@@ -862,3 +862,136 @@ fn duplex_socket_transcript() {
     );
     client_thread.join().unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// NBD_OPT_STARTTLS ("TLS support"): the TLS itself is the caller's; here the
+// upgrade is a no-op that is counted, so the transcript stays readable.
+// ---------------------------------------------------------------------------
+
+fn run_tls(input: Vec<u8>, mode: nbd::TlsMode) -> (Run, u32) {
+    let mut s = Script::new(input);
+    let mut upgrades = 0;
+    let result = nbd::negotiate_tls(&mut s, &table(), HandshakeLimits::default(), mode, |_| {
+        upgrades += 1;
+        Ok(())
+    });
+    let (replies, tail) = parse_replies(&s.output[18..]);
+    let run = Run {
+        result,
+        replies,
+        tail,
+        unread: s.unread(),
+    };
+    (run, upgrades)
+}
+
+#[test]
+fn tls_only_refuses_every_option_before_starttls() {
+    let go = go_data("disk", &[]);
+    let (r, upgrades) = run_tls(
+        client(
+            FIXED,
+            &[
+                opt(NBD_OPT_LIST, &[]),
+                opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                opt(NBD_OPT_INFO, &go),
+                opt(NBD_OPT_GO, &go),
+                opt(NBD_OPT_ABORT, &[]),
+            ],
+        ),
+        nbd::TlsMode::Only,
+    );
+    assert_eq!(upgrades, 0);
+    assert!(matches!(r.result, Err(HandshakeError::ClientAborted)));
+    let types: Vec<_> = r.replies.iter().map(|x| (x.option, x.reply_type)).collect();
+    assert_eq!(
+        types,
+        [
+            (NBD_OPT_LIST, NBD_REP_ERR_TLS_REQD),
+            (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ERR_TLS_REQD),
+            (NBD_OPT_INFO, NBD_REP_ERR_TLS_REQD),
+            (NBD_OPT_GO, NBD_REP_ERR_TLS_REQD),
+            (NBD_OPT_ABORT, NBD_REP_ACK),
+        ]
+    );
+}
+
+#[test]
+fn tls_only_export_name_before_starttls_closes() {
+    let (r, _) = run_tls(
+        client(FIXED, &[opt(NBD_OPT_EXPORT_NAME, b"disk")]),
+        nbd::TlsMode::Only,
+    );
+    assert!(matches!(r.result, Err(HandshakeError::TlsRequired)));
+    assert!(r.replies.is_empty() && r.tail.is_empty(), "nothing sent");
+}
+
+#[test]
+fn starttls_then_haggling_goes_on_inside_tls() {
+    let go = go_data("disk", &[]);
+    for mode in [nbd::TlsMode::On, nbd::TlsMode::Only] {
+        let (r, upgrades) = run_tls(
+            client(
+                FIXED,
+                &[
+                    opt(NBD_OPT_STARTTLS, &[]),
+                    opt(NBD_OPT_STARTTLS, &[]),
+                    opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                    opt(NBD_OPT_GO, &go),
+                ],
+            ),
+            mode,
+        );
+        assert_eq!(upgrades, 1, "{mode:?}");
+        let n = r.result.expect("transmission");
+        assert!(n.structured_replies);
+        assert_eq!(r.replies[0], ack(NBD_OPT_STARTTLS));
+        assert_eq!(r.replies[1].option, NBD_OPT_STARTTLS);
+        assert_eq!(
+            err_type(&r.replies[1]),
+            NBD_REP_ERR_INVALID,
+            "second STARTTLS"
+        );
+        assert_eq!(r.replies[2], ack(NBD_OPT_STRUCTURED_REPLY));
+        assert_eq!(r.unread, 0);
+    }
+}
+
+#[test]
+fn starttls_with_data_is_invalid_and_off_is_unsupported() {
+    let (r, upgrades) = run_tls(
+        client(
+            FIXED,
+            &[opt(NBD_OPT_STARTTLS, b"x"), opt(NBD_OPT_ABORT, &[])],
+        ),
+        nbd::TlsMode::On,
+    );
+    assert_eq!(upgrades, 0);
+    assert_eq!(err_type(&r.replies[0]), NBD_REP_ERR_INVALID);
+    let (r, upgrades) = run_tls(
+        client(
+            FIXED,
+            &[opt(NBD_OPT_STARTTLS, &[]), opt(NBD_OPT_ABORT, &[])],
+        ),
+        nbd::TlsMode::Off,
+    );
+    assert_eq!(upgrades, 0);
+    assert_eq!(err_type(&r.replies[0]), NBD_REP_ERR_UNSUP);
+}
+
+#[test]
+fn structured_replies_before_starttls_are_forgotten() {
+    let go = go_data("disk", &[]);
+    let (r, _) = run_tls(
+        client(
+            FIXED,
+            &[
+                opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                opt(NBD_OPT_STARTTLS, &[]),
+                opt(NBD_OPT_GO, &go),
+            ],
+        ),
+        nbd::TlsMode::On,
+    );
+    assert!(!r.result.expect("transmission").structured_replies);
+}
