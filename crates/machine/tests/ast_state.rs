@@ -130,6 +130,11 @@ unsafe extern "C" {
 
 /// Hold 16 ymm registers (or 32 zmm registers) and check them `iters`
 /// times against `pat`; returns the number of mismatching checks.
+///
+/// The loop's own pointers and counters live in r12-r15, which both
+/// trampolines preserve: the partial one loses r10/r11 on purpose, and a
+/// pointer the register allocator happened to put there would make the
+/// partial run crash instead of counting vector mismatches.
 fn vec_loop(pat: &[u8], scratch: &mut [u8], iters: u64, zmm: bool) -> u64 {
     let bad: u64;
     if zmm {
@@ -138,33 +143,33 @@ fn vec_loop(pat: &[u8], scratch: &mut [u8], iters: u64, zmm: bool) -> u64 {
         // clobbered register is declared.
         unsafe {
             core::arch::asm!(
-                "xor {bad}, {bad}",
+                "xor r15, r15",
                 "3:",
                 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
-                "vmovdqu64 zmm\\i, [{p} + \\i*64]",
+                "vmovdqu64 zmm\\i, [r12 + \\i*64]",
                 ".endr",
                 "2:",
                 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
-                "vmovdqu64 [{s} + \\i*64], zmm\\i",
+                "vmovdqu64 [r13 + \\i*64], zmm\\i",
                 ".endr",
                 "mov rcx, 2048",
-                "mov rsi, {p}",
-                "mov rdi, {s}",
+                "mov rsi, r12",
+                "mov rdi, r13",
                 "repe cmpsb",
                 "jne 4f",
-                "dec {n}",
+                "dec r14",
                 "jnz 2b",
                 "jmp 5f",
                 "4:",
-                "inc {bad}",
-                "dec {n}",
+                "inc r15",
+                "dec r14",
                 "jnz 3b",
                 "5:",
                 "vzeroupper",
-                p = in(reg) pat.as_ptr(),
-                s = in(reg) scratch.as_mut_ptr(),
-                n = inout(reg) iters => _,
-                bad = out(reg) bad,
+                in("r12") pat.as_ptr(),
+                in("r13") scratch.as_mut_ptr(),
+                inout("r14") iters => _,
+                out("r15") bad,
                 out("rcx") _, out("rsi") _, out("rdi") _,
                 out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
                 out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
@@ -181,33 +186,33 @@ fn vec_loop(pat: &[u8], scratch: &mut [u8], iters: u64, zmm: bool) -> u64 {
         // SAFETY: as above.
         unsafe {
             core::arch::asm!(
-                "xor {bad}, {bad}",
+                "xor r15, r15",
                 "3:",
                 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-                "vmovdqu ymm\\i, [{p} + \\i*32]",
+                "vmovdqu ymm\\i, [r12 + \\i*32]",
                 ".endr",
                 "2:",
                 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-                "vmovdqu [{s} + \\i*32], ymm\\i",
+                "vmovdqu [r13 + \\i*32], ymm\\i",
                 ".endr",
                 "mov rcx, 512",
-                "mov rsi, {p}",
-                "mov rdi, {s}",
+                "mov rsi, r12",
+                "mov rdi, r13",
                 "repe cmpsb",
                 "jne 4f",
-                "dec {n}",
+                "dec r14",
                 "jnz 2b",
                 "jmp 5f",
                 "4:",
-                "inc {bad}",
-                "dec {n}",
+                "inc r15",
+                "dec r14",
                 "jnz 3b",
                 "5:",
                 "vzeroupper",
-                p = in(reg) pat.as_ptr(),
-                s = in(reg) scratch.as_mut_ptr(),
-                n = inout(reg) iters => _,
-                bad = out(reg) bad,
+                in("r12") pat.as_ptr(),
+                in("r13") scratch.as_mut_ptr(),
+                inout("r14") iters => _,
+                out("r15") bad,
                 out("rcx") _, out("rsi") _, out("rdi") _,
                 out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
                 out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
