@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kern::Ipl;
 use kern::bus_dma::*;
-use kern::dev::{DiskCmd, DiskController, DiskDone, DiskOp, DiskStatus};
+use kern::dev::{DiskCmd, DiskController, DiskDone, DiskStatus};
 use kern::intr::{IntrHandle, intr_establish};
 use kern::iommu::Iova;
 use machine::Machine;
@@ -27,9 +27,8 @@ mod common;
 #[path = "../../../tests/common/skip.rs"]
 mod skip;
 
-use common::{Stopper, TempFile, boot, pattern};
+use common::*;
 
-const DEADLINE: Duration = Duration::from_secs(30);
 const DISK_BYTES: u64 = 16 << 20;
 
 fn disk_cfg(tmp: &TempFile) -> DiskConfig {
@@ -50,153 +49,6 @@ fn open_disk(m: &Machine, cfg: DiskConfig) -> Option<Stopper<DmaDisk>> {
         }
         Err(e) => panic!("opening a uring disk: {e}"),
     }
-}
-
-fn rd(lba: u64, nsect: u32, iova: Iova) -> DiskCmd {
-    DiskCmd {
-        id: 0,
-        op: DiskOp::Read,
-        lba,
-        nsect,
-        iova,
-        fua: false,
-    }
-}
-
-fn wr(lba: u64, nsect: u32, iova: Iova, fua: bool) -> DiskCmd {
-    DiskCmd {
-        id: 0,
-        op: DiskOp::Write,
-        lba,
-        nsect,
-        iova,
-        fua,
-    }
-}
-
-fn flush() -> DiskCmd {
-    DiskCmd {
-        id: 0,
-        op: DiskOp::Flush,
-        lba: 0,
-        nsect: 0,
-        iova: Iova(0),
-        fua: false,
-    }
-}
-
-/// Submit `n` commands (command `i` gets id `i`), ring, and poll for their
-/// completions: the statuses by id. Fails on a duplicate completion or on
-/// a hang.
-fn exec(
-    n: usize,
-    submit: impl Fn(usize) -> bool,
-    doorbell: impl Fn(),
-    reap: impl Fn() -> Option<DiskDone>,
-) -> Vec<DiskStatus> {
-    let mut out: Vec<Option<DiskStatus>> = vec![None; n];
-    let (mut next, mut got) = (0, 0);
-    let t0 = Instant::now();
-    while got < n {
-        assert!(
-            t0.elapsed() < DEADLINE,
-            "device hung: {got}/{n} completions"
-        );
-        let before = next;
-        while next < n && submit(next) {
-            next += 1;
-        }
-        if next > before {
-            doorbell();
-        }
-        while let Some(d) = reap() {
-            let slot = &mut out[d.id as usize];
-            assert!(slot.is_none(), "command {} completed twice", d.id);
-            *slot = Some(d.status);
-            got += 1;
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
-    out.into_iter().map(Option::unwrap).collect()
-}
-
-fn exec_disk(d: &DmaDisk, cmds: &[DiskCmd]) -> Vec<DiskStatus> {
-    exec(
-        cmds.len(),
-        |i| {
-            d.submit(DiskCmd {
-                id: i as u16,
-                ..cmds[i]
-            })
-        },
-        || d.doorbell(),
-        || d.reap(),
-    )
-}
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-fn tag(m: &Machine, mode: DvmaMode) -> &'static DmaTag {
-    m.run(0, "attach", move |_| {
-        let mut c = TagConfig::new(mode);
-        c.pool_bytes = 8 << 20;
-        c.slots = 8;
-        tag_create("devtest", c).unwrap()
-    })
-    .unwrap()
-}
-
-/// Load one map per `(len, fill)`: the buffer filled with `pattern(seed)`
-/// or 0xee.
-fn load(
-    m: &Machine,
-    tag: &'static DmaTag,
-    bufs: Vec<(usize, Option<u8>)>,
-    dir: DmaDir,
-) -> Vec<DmaMap> {
-    m.run(0, "load", move |ctx| {
-        bufs.into_iter()
-            .map(|(len, seed)| {
-                let mut b = dmamem_alloc(tag, len).unwrap();
-                match seed {
-                    Some(s) => b.as_mut_slice().copy_from_slice(&pattern(s, len)),
-                    None => b.as_mut_slice().fill(0xee),
-                }
-                let mut map = dmamap_create(tag, 1 << 20).unwrap();
-                dmamap_load(&mut map, b, dir, Wait::Ok(ctx)).unwrap();
-                let op = match dir {
-                    DmaDir::ToDevice => SyncOp::PreWrite,
-                    DmaDir::FromDevice => SyncOp::PreRead,
-                };
-                dmamap_sync(&mut map, op);
-                map
-            })
-            .collect()
-    })
-    .unwrap()
-}
-
-/// Unload the maps and return their buffers' bytes.
-fn unload(m: &Machine, maps: Vec<DmaMap>) -> Vec<Vec<u8>> {
-    m.run(0, "unload", move |_| {
-        maps.into_iter()
-            .map(|mut map| {
-                dmamap_sync(&mut map, SyncOp::PostRead);
-                dmamap_unload(&mut map).unwrap().as_slice().to_vec()
-            })
-            .collect()
-    })
-    .unwrap()
-}
-
-fn iova(map: &DmaMap) -> Iova {
-    map.segs()[0].iova
 }
 
 /// What an interrupt handler saw.
