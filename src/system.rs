@@ -221,11 +221,30 @@ impl System {
             w.accesses.load(std::sync::atomic::Ordering::Relaxed),
             w.faults.load(std::sync::atomic::Ordering::Relaxed),
         );
-        for (name, d) in &self.disks {
-            let _ = writeln!(s, "{name} device: {:?}", d.stats());
-        }
-        for (name, d) in &self.files {
-            let _ = writeln!(s, "{name} device: {:?}", d.stats());
+        let devs: Vec<(&str, Vec<(&'static str, u64)>)> = self
+            .disks
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.stats().fields()))
+            .chain(
+                self.files
+                    .iter()
+                    .map(|(n, d)| (n.as_str(), d.stats().fields())),
+            )
+            .collect();
+        if let Some((_, first)) = devs.first() {
+            // One row per counter, one column per device (as the CPU tables).
+            let _ = write!(s, "\n{:<22}", "device");
+            for (name, _) in &devs {
+                let _ = write!(s, " {name:>14}");
+            }
+            let _ = writeln!(s);
+            for (i, (field, _)) in first.iter().enumerate() {
+                let _ = write!(s, "{:<22}", field.replace('_', " "));
+                for (_, f) in &devs {
+                    let _ = write!(s, " {:>14}", f[i].1);
+                }
+                let _ = writeln!(s);
+            }
         }
         s
     }

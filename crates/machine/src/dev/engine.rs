@@ -72,6 +72,14 @@ macro_rules! counters {
             $( $(#[$doc])* pub $f: u64, )*
         }
 
+        impl DeviceStats {
+            /// Every counter as (name, value), in declaration order (for
+            /// tables).
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($f), self.$f), )* ]
+            }
+        }
+
         impl Counters {
             pub(crate) fn snapshot(&self) -> DeviceStats {
                 DeviceStats { $( $f: self.$f.load(Relaxed), )* }
