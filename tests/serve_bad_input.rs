@@ -1149,11 +1149,13 @@ fn run_case(ctx: &Ctx, case: &Case, rng: &mut Rng) -> Result<(), String> {
     }
 }
 
-fn run_table(test: &str, cases: Vec<Case>) {
+fn run_table(test: &str, cases: Vec<Case>, net: &str) {
     assert!(cases.len() >= 30, "{test}: only {} rows", cases.len());
     let seed = test_seed(test);
     let mut rng = Rng::new(seed);
-    let server = Server::start_opts(config());
+    let mut opts = config();
+    opts.args.extend(["--net".to_string(), net.to_string()]);
+    let server = Server::start_opts(opts);
     assert!(
         server.has_export("sd0") && server.has_export("sd1"),
         "exports {:?}",
@@ -1199,12 +1201,23 @@ fn run_table(test: &str, cases: Vec<Case>) {
 
 #[test]
 fn handshake_table() {
-    run_table("handshake_table", handshake_cases());
+    run_table("handshake_table", handshake_cases(), "poll");
 }
 
+/// The transmission rows on the run-to-completion path (the default).
 #[test]
 fn transmission_table() {
-    run_table("transmission_table", transmission_cases());
+    run_table("transmission_table", transmission_cases(), "poll");
+}
+
+/// The same rows on the threaded path (`--net threads`).
+#[test]
+fn transmission_table_threads() {
+    run_table(
+        "transmission_table_threads",
+        transmission_cases(),
+        "threads",
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -61,6 +61,12 @@ pub trait Md: Sync {
     /// Idle the calling CPU until `word` no longer holds `expect` (or
     /// spuriously). Host context of the CPU's own thread only.
     fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32);
+    /// The idle CPU `cpu` looks at the host devices that deliver their
+    /// events to its wait (a NIC's receive queue, say) and posts their
+    /// interrupts on itself: a poll, not a sleep. Called by the idle loop
+    /// while it polls and after every [`Md::idle_wait`]. Host context of the
+    /// CPU's own thread only. Default: no such devices.
+    fn idle_poll(&self, _cpu: usize) {}
     /// The machine's RAM: the address of its direct map and its size.
     fn physmem(&self) -> (usize, u64);
     /// The machine's IOMMU.

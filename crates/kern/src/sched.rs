@@ -45,7 +45,12 @@
 //! With nothing to run, a CPU polls its pending word (dispatching
 //! interrupts itself, without any signal), its run queue and its inbox for
 //! [`crate::KernelConfig::idle_poll_ns`], then sleeps on its state word
-//! (a futex) until a device or a wakeup moves it back to polling.
+//! until a device or a wakeup moves it back to polling. While it polls, and
+//! after every sleep, it asks the machine to look at the host devices that
+//! report to this CPU's wait ([`crate::md::Md::idle_poll`]: on Linux an
+//! `epoll` set holding, e.g., a NIC's receive queue), which post their
+//! interrupts on it: the wait is the CPU's `hlt`, and a device that has
+//! something to say while the CPU sleeps ends the `hlt`.
 //!
 //! # Teardown
 //! Threads end by returning. At shutdown every sleeper is woken with
@@ -805,6 +810,9 @@ fn idle(k: &Kernel, cpu: &Cpu) {
     let mut until = md.nanotime() + poll;
     let mut handed_asts = false;
     loop {
+        // Devices whose events come to this CPU's wait (`Md::idle_poll`).
+        #[cfg(not(loom))]
+        md.idle_poll(cpu.index());
         if cpu.line.pending() & work != 0 {
             crate::intr::dispatch(cpu, 0, crate::intr::Origin::Idle);
         }

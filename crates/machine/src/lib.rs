@@ -10,7 +10,7 @@
 //! | device interrupt | a real-time signal, one per hardware IPL (`signals`) |
 //! | IPI | `tgkill` of another CPU's thread |
 //! | interrupt stack | a `sigaltstack` per CPU, switched on or off at boot |
-//! | `hlt` | a futex wait on the CPU's state word |
+//! | `hlt` | `epoll_wait` on the CPU's set: a wake-up eventfd and the devices attached to the CPU (module `hlt`, [`dev::Nic`]) |
 //! | AST frame push | an edit of the signal's saved context (`arch`) |
 //! | `curcpu()` | a thread-local pointer ([`md`]) |
 //!
@@ -23,6 +23,7 @@
 pub(crate) mod arch;
 pub mod dev;
 pub mod dvma;
+pub(crate) mod hlt;
 pub mod host;
 pub mod md;
 pub mod mem;
@@ -109,6 +110,9 @@ pub enum MachineError {
     /// Physical memory or the DVMA window could not be set up.
     #[error("setting up RAM and the DVMA window: {0}")]
     Memory(std::io::Error),
+    /// A CPU's idle wait (`epoll` set and eventfd) could not be made.
+    #[error("creating a CPU's idle wait: {0}")]
+    Hlt(std::io::Error),
     /// A CPU died of a panic (in a kernel thread or the kernel).
     #[error("cpu{cpu} panicked: {message}")]
     CpuPanicked {
@@ -261,11 +265,24 @@ impl Machine {
                 return Err(MachineError::Memory(e));
             }
         };
+        let hlt: Result<Vec<hlt::Hlt>, _> = (0..ncpu.max(1)).map(|_| hlt::Hlt::new()).collect();
+        let hlt = match hlt {
+            Ok(h) => h.into_boxed_slice(),
+            Err(e) => {
+                // SAFETY: nothing uses the fresh RAM and window yet.
+                unsafe {
+                    window.release();
+                    ram.release();
+                }
+                return Err(MachineError::Hlt(e));
+            }
+        };
         let md: &'static md::LinuxMd = Box::leak(Box::new(md::LinuxMd::new(
             ncpu.max(1),
             base_mask(),
             ram,
             window,
+            hlt,
         )));
         signals::install(cfg.kernel.spl == SplImpl::Mask, cfg.intr_stack)
             .map_err(MachineError::Signals)?;
@@ -477,6 +494,11 @@ impl Machine {
         unsafe {
             self.md.window.release();
             self.md.ram.release();
+        }
+        for h in &self.md.hlt {
+            // SAFETY: every CPU thread has returned; devices attached to a
+            // CPU are stopped before shutdown (documented).
+            unsafe { h.release() };
         }
         Ok(snap)
     }

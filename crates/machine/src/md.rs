@@ -2,8 +2,10 @@
 //!
 //! * `curcpu()` is a thread-local pointer set on each vCPU thread.
 //! * Kicking a CPU is `tgkill` of its host thread with the signal of the
-//!   level (an inter-processor interrupt), or a futex wake of its state
-//!   word when it idles.
+//!   level (an inter-processor interrupt), or a write of its `hlt`'s
+//!   eventfd when it idles (`crate::hlt`).
+//! * An idle CPU sleeps in `epoll_wait` on its `hlt` set, which also holds
+//!   the event queues of the devices attached to it.
 //! * Time is the TSC, calibrated at boot against `CLOCK_MONOTONIC`.
 //! * `mask` spl is `rt_sigprocmask` of the interrupt signals.
 //! * Kernel-thread stacks are `mmap`ed with a guard page below.
@@ -87,6 +89,8 @@ pub(crate) struct LinuxMd {
     /// Signal mask of a vCPU thread at each IPL (mask spl).
     pub(crate) masks: [u64; Ipl::COUNT],
     pub(crate) kicks_failed: AtomicU32,
+    /// Each CPU's wait.
+    pub(crate) hlt: Box<[crate::hlt::Hlt]>,
 }
 
 impl LinuxMd {
@@ -95,6 +99,7 @@ impl LinuxMd {
         base_mask: u64,
         ram: crate::dvma::Ram,
         window: crate::dvma::Window,
+        hlt: Box<[crate::hlt::Hlt]>,
     ) -> Self {
         let mut masks = [base_mask; Ipl::COUNT];
         for l in Ipl::ALL {
@@ -110,6 +115,7 @@ impl LinuxMd {
             clock: Tsc::calibrate(),
             masks,
             kicks_failed: AtomicU32::new(0),
+            hlt,
         }
     }
 }
@@ -123,10 +129,7 @@ impl Md for LinuxMd {
                     self.kicks_failed.fetch_add(1, Relaxed);
                 }
             }
-            Kick::Wake => {
-                let k = kern::kernel();
-                sys::futex_wake(k.cpu(cpu).line().state_word(), 1);
-            }
+            Kick::Wake => self.hlt[cpu].wake(),
         }
     }
 
@@ -143,8 +146,16 @@ impl Md for LinuxMd {
         sys::sigsetmask(self.masks[level as usize]);
     }
 
-    fn idle_wait(&self, _cpu: usize, word: &AtomicU32, expect: u32) {
-        sys::futex_wait(word, expect);
+    fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32) {
+        // A waker changes the word before it writes the eventfd, and the
+        // eventfd stays readable until this CPU reads it: no lost wake-up.
+        if word.load(Relaxed) == expect {
+            self.hlt[cpu].wait();
+        }
+    }
+
+    fn idle_poll(&self, cpu: usize) {
+        self.hlt[cpu].poll(cpu, self.clock.now());
     }
 
     fn physmem(&self) -> (usize, u64) {

@@ -92,12 +92,14 @@ pub mod chan;
 pub mod disk;
 mod engine;
 pub mod file;
+pub mod nic;
 mod uring;
 
 pub use chan::{HostChannel, ReplyQueue};
 pub use disk::{DiskConfig, DiskEngine, DmaDisk};
 pub use engine::DeviceStats;
 pub use file::{FileConfig, FileDev};
+pub use nic::{Nic, NicEvent};
 
 /// Bytes per sector of the machine's disks.
 pub const SECTOR: u32 = 512;

@@ -124,6 +124,8 @@ use nbd::{
 use crate::config::BootArgs;
 use crate::system::System;
 
+pub mod nic;
+
 /// The default listening address (loopback; anything else only when named).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -215,6 +217,22 @@ pub struct ServeArgs {
     /// sleeps, µs.
     #[arg(long, value_name = "US", default_value_t = 2)]
     pub reply_poll_us: u32,
+    /// The transmission path: `poll` (run to completion: the vCPUs read
+    /// requests and send replies themselves, the sockets are their NICs'
+    /// devices) or `threads` (a reader and a writer host thread per
+    /// connection). TLS connections and `NBD_OPT_EXPORT_NAME` clients always
+    /// take `threads`.
+    #[arg(long, value_name = "PATH", default_value = "poll")]
+    pub net: NetArg,
+}
+
+/// `--net`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetArg {
+    /// Run to completion on the vCPUs ([`nic`]).
+    Poll,
+    /// A reader and a writer host thread per connection.
+    Threads,
 }
 
 /// `--tls`.
@@ -259,6 +277,10 @@ struct Budget {
     light: u64,
     state: Mutex<CreditState>,
     freed: Condvar,
+    /// Run-to-completion connections waiting for credits ([`nic`]), and
+    /// what tells their NICs when credits come back.
+    stalled: AtomicU32,
+    waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// The credits left and how many threads wait for more: `release` makes
@@ -287,6 +309,8 @@ impl Budget {
                 waiting: 0,
             }),
             freed: Condvar::new(),
+            stalled: AtomicU32::new(0),
+            waker: std::sync::OnceLock::new(),
         }
     }
 
@@ -301,17 +325,37 @@ impl Budget {
         }
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            let h = held.load(Relaxed);
-            let floor = if h + n <= self.light { 0 } else { self.reserve };
-            if h + n <= self.share && s.avail >= n + floor {
-                s.avail -= n;
-                held.store(h + n, Relaxed);
+            if self.take(&mut s, held, n) {
                 return n;
             }
             s.waiting += 1;
             s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
             s.waiting -= 1;
         }
+    }
+
+    /// [`Budget::acquire`] without waiting: `None` if it would wait (then
+    /// the caller is told, through the waker, when credits come back).
+    fn try_acquire(&self, held: &AtomicU64, n: u64) -> Option<u64> {
+        let n = n.min(self.share);
+        if n == 0 {
+            return Some(0);
+        }
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.take(&mut s, held, n).then_some(n)
+    }
+
+    /// The admission rule: the connection's share has room and, unless it
+    /// stays light, the pool has `n` beyond the reserve.
+    fn take(&self, s: &mut CreditState, held: &AtomicU64, n: u64) -> bool {
+        let h = held.load(Relaxed);
+        let floor = if h + n <= self.light { 0 } else { self.reserve };
+        if h + n <= self.share && s.avail >= n + floor {
+            s.avail -= n;
+            held.store(h + n, Relaxed);
+            return true;
+        }
+        false
     }
 
     fn release(&self, held: &AtomicU64, n: u64) {
@@ -325,6 +369,11 @@ impl Budget {
         drop(s);
         if wake {
             self.freed.notify_all();
+        }
+        if self.stalled.load(SeqCst) > 0
+            && let Some(w) = self.waker.get()
+        {
+            w();
         }
     }
 
@@ -340,6 +389,8 @@ struct Shared {
     exports: ExportList,
     devs: HashMap<String, &'static dyn BlockDev>,
     chan: &'static HostChannel,
+    /// The run-to-completion path (`--net poll`).
+    nic: Option<&'static nic::NicChannel>,
     budget: Budget,
     stats: NbdStats,
     stopping: AtomicBool,
@@ -414,6 +465,18 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     let ncpu = sys.machine.ncpu();
     let chan = HostChannel::new().leak();
     let srv = blksrv_attach(chan, 0, ncpu, a.threads as usize)?;
+    let nicchan = match a.net {
+        NetArg::Threads => None,
+        NetArg::Poll => {
+            let nics = (0..ncpu)
+                .map(|c| sys.machine.nic(c))
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(|e| format!("nic: {e}"))?;
+            let nc: &'static nic::NicChannel = Box::leak(Box::new(nic::NicChannel::new(nics)));
+            blksrv_attach(nc, 0, ncpu, a.threads as usize)?;
+            Some(nc)
+        }
+    };
 
     let credits = credit_budget(&sys);
     let max_payload = payload_limit(credits / CONN_SHARE);
@@ -472,6 +535,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         exports,
         devs,
         chan,
+        nic: nicchan,
         budget: Budget::new(credits),
         stats: NbdStats::default(),
         stopping: AtomicBool::new(false),
@@ -489,6 +553,9 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         tls_mode,
         tls,
     });
+    if let Some(nc) = nicchan {
+        nc.start(&sh).map_err(|e| format!("nic watchdog: {e}"))?;
+    }
     let acceptor = {
         let sh = Arc::clone(&sh);
         std::thread::Builder::new()
@@ -531,7 +598,10 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     let threads = std::mem::take(&mut *sh.threads.lock().unwrap_or_else(PoisonError::into_inner));
     // Drain: replies still owed go out, unless a client will not take them.
     let t0 = std::time::Instant::now();
-    while threads.iter().any(|t| !t.is_finished()) && t0.elapsed() < DRAIN_TIMEOUT {
+    let busy = |threads: &[JoinHandle<()>]| {
+        threads.iter().any(|t| !t.is_finished()) || nicchan.is_some_and(|n| n.open() > 0)
+    };
+    while busy(&threads) && t0.elapsed() < DRAIN_TIMEOUT {
         std::thread::sleep(Duration::from_millis(10));
     }
     let stuck: Vec<_> = sh
@@ -554,7 +624,14 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     for t in threads {
         let _ = t.join();
     }
+    let t0 = std::time::Instant::now();
+    while nicchan.is_some_and(|n| n.open() > 0) && t0.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     chan.stop();
+    if let Some(n) = nicchan {
+        n.stop();
+    }
     let flushed = flush_all(&sys);
     let text = stats_text(&sys, &sh.stats, srv);
     write_stats(&mut seq);
@@ -658,8 +735,9 @@ fn accept_loop(sh: &Arc<Shared>, listener: TcpListener) {
             .name(format!("nbd-conn{id}"))
             .stack_size(256 << 10)
             .spawn(move || {
-                connection(&sh2, sock);
-                closed(&sh2, id, ip);
+                if !connection(&sh2, sock, id, ip) {
+                    closed(&sh2, id, ip);
+                }
             });
         let mut threads = sh.threads.lock().unwrap_or_else(PoisonError::into_inner);
         threads.retain(|t| !t.is_finished());
@@ -1095,7 +1173,10 @@ impl Write for Io<'_> {
 
 /// One connection: the handshake, then the reader loop (this thread) and
 /// the writer (a second thread).
-fn connection(sh: &Arc<Shared>, sock: TcpStream) {
+/// Serve one connection: its handshake, then its transmission on this
+/// thread and a writer, or handed over to the NICs (`true`: the
+/// connection is theirs now, and they count it out when it closes).
+fn connection(sh: &Arc<Shared>, sock: TcpStream, id: u64, ip: Option<IpAddr>) -> bool {
     let _ = sock.set_nodelay(true);
     let mut hs = Io::new(&sock);
     // The whole handshake, TLS handshake included, by one deadline.
@@ -1111,12 +1192,12 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
         Ok(n) => n,
         Err(_) => {
             sh.stats.bad_handshakes.fetch_add(1, Relaxed);
-            return;
+            return false;
         }
     };
     hs.deadline = None;
     let Some(&dev) = sh.devs.get(&neg.export.name) else {
-        return;
+        return false;
     };
     let lenient = neg.entered_by == nbd::wire::NBD_OPT_EXPORT_NAME;
     let mut vexport = neg.export.clone();
@@ -1125,6 +1206,21 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
         // any alignment and up to 32 MiB.
         vexport.block_sizes =
             BlockSizes::new(1, vexport.block_sizes.preferred(), MAX_PAYLOAD).unwrap_or_default();
+    }
+    let max_transfer = dev.max_transfer().max(DEV_BSIZE) / DEV_BSIZE * DEV_BSIZE;
+    if let Some(nc) = sh.nic
+        && hs.tls.is_none()
+        && !lenient
+    {
+        // Run to completion: the socket becomes a device of a vCPU.
+        drop(hs);
+        let p = nic::Params {
+            dev,
+            vexport,
+            structured: neg.structured_replies,
+            max_transfer,
+        };
+        return nc.adopt(id, ip, sock, p).is_ok();
     }
     let conn = Arc::new(Conn {
         replies: Arc::new(ReplyQueue::new()),
@@ -1137,10 +1233,12 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
         inflight: AtomicU64::new(0),
         reader_done: AtomicBool::new(false),
         structured: neg.structured_replies,
-        max_transfer: dev.max_transfer().max(DEV_BSIZE) / DEV_BSIZE * DEV_BSIZE,
+        max_transfer,
         reply_poll: sh.reply_poll,
     });
-    let Ok(wsock) = sock.try_clone() else { return };
+    let Ok(wsock) = sock.try_clone() else {
+        return false;
+    };
     let wtls = hs.tls.clone();
     let writer = {
         let (sh, conn) = (Arc::clone(sh), Arc::clone(&conn));
@@ -1149,7 +1247,9 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
             .stack_size(256 << 10)
             .spawn(move || writer(&sh, &conn, &wsock, wtls))
     };
-    let Ok(writer) = writer else { return };
+    let Ok(writer) = writer else {
+        return false;
+    };
     // Requests arrive in bursts: one `recv` takes many headers (and small
     // payloads); larger payloads bypass the buffer into the DMA memory.
     // (Through TLS the handshake's stream goes on: it may hold ciphertext
@@ -1160,6 +1260,7 @@ fn connection(sh: &Arc<Shared>, sock: TcpStream) {
     conn.replies.notify();
     let _ = writer.join();
     let _ = sock.shutdown(Shutdown::Both);
+    false
 }
 
 type Rd<'a> = io::BufReader<Io<'a>>;

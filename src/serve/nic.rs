@@ -1,0 +1,954 @@
+//! Run to completion: the network as a device of the virtual CPUs.
+//!
+//! The default transmission path (`--net poll`). After its handshake, a
+//! plain connection's socket is made non-blocking and attached to the
+//! [`Nic`] of one vCPU (round robin, as receive-side scaling spreads flows).
+//! From then on no host thread of its own touches it:
+//!
+//! ```text
+//! client ─TCP─► NIC receive queue (epoll, in the vCPU's hlt)
+//!           ─► idle vCPU posts the NIC interrupt on itself (IPL_NET)
+//!           ─► blksrv kernel thread: NicChannel::take: recv (non-blocking),
+//!              Request::parse, validate, admission (credits), a write's
+//!              payload into device DMA memory ─► Buf ─► strategy ─► device
+//!           ◄─ completion mode ─► biodone ─► biowait returns
+//!           ◄─ NicChannel::complete: reply header + data from the DMA
+//!              buffers, writev (non-blocking) from the same kernel thread
+//! ```
+//!
+//! The NIC's interrupt only says "look" (NAPI): a blksrv thread that looks
+//! for work polls the receive queues itself, its own CPU's first, so a busy
+//! CPU finds new requests without being interrupted, and an idle one is
+//! woken by the queue, not by a host thread. A reply that the socket does
+//! not take at once stays queued on its connection (with the credits it
+//! holds) and leaves when the queue reports the socket writable.
+//!
+//! The rules of the threaded path (module docs of [`super`]) hold here
+//! too: credits at admission, a connection over its share is not read
+//! (its stalled request waits, and the budget's waker posts the NIC
+//! interrupt when credits come back), the same deadlines (checked once
+//! a second by a watchdog host thread that shuts down late connections),
+//! and shutdown drains every owed reply. TLS connections and clients that
+//! entered with `NBD_OPT_EXPORT_NAME` (any alignment, the bounce path)
+//! keep the threaded path, as does `--net threads`.
+//!
+//! # Contexts and locks
+//! `NicChannel::take` and `NicChannel::complete` run in blksrv kernel
+//! threads. Every host lock they take (a connection's receive or transmit
+//! state, a CPU's request queue, the connection table) is held inside a
+//! `no_ast` region and never across a sleep: an AST upcall, which may
+//! sleep, cannot run while a kernel thread holds a host lock that another
+//! kernel thread of the same vCPU might wait for. No interrupt handler
+//! takes any of them. The receive state is taken with `try_lock` plus a
+//! flag (whoever holds it looks again before letting go), so two CPUs never
+//! wait for each other over one connection's socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use kern::bio::BlockDev;
+use kern::blksrv::{BlockReq, ReqOp, RequestChannel};
+use kern::intr::IntrHandle;
+use kern::vm::IoBuf;
+use machine::dev::{Nic, NicEvent};
+use nbd::{Command, CommandFlags, ErrorCode, ExportInfo, Request, Validation};
+
+use super::{REPLY_COST, Shared, closed, errcode};
+
+/// Bytes of requests taken from a socket per `recv`.
+const RX_BUF: usize = 64 << 10;
+
+/// Most replies gathered into one `writev`.
+const TX_BATCH: usize = 64;
+
+/// Events taken from a receive queue at a time.
+const EVENTS: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a connection needs to serve its requests.
+pub(super) struct Params {
+    pub dev: &'static dyn BlockDev,
+    pub vexport: ExportInfo,
+    pub structured: bool,
+    pub max_transfer: usize,
+}
+
+/// A request waiting for credits (or for DMA memory).
+enum Stalled {
+    Req(Request, ReqOp),
+    Local(Vec<u8>, bool),
+}
+
+/// Where the receive side is in the request stream.
+enum Stage {
+    /// Between requests, or inside a header.
+    Header,
+    /// A parsed request that could not be admitted yet.
+    Stalled(Stalled),
+    /// A write's payload, arriving into its DMA buffers.
+    Payload {
+        req: Box<BlockReq>,
+        chunk: usize,
+        off: usize,
+    },
+    /// A rejected request's payload, thrown away; then its error reply.
+    Discard { left: u64, reply: Vec<u8> },
+}
+
+struct Rx {
+    /// The last receive came back short: the socket is drained for now
+    /// (an edge-triggered queue reports the next arrival).
+    drained: bool,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    stage: Stage,
+    /// The peer sent its last byte (or the connection failed).
+    eof: bool,
+}
+
+/// One queued reply.
+enum Out {
+    /// Made on the host (an error, a rejected request), with its credits.
+    Local(Vec<u8>, u64),
+    /// A request the kernel served: its header, and a read's data in the
+    /// request's DMA buffers.
+    Done(Box<BlockReq>, Vec<u8>),
+}
+
+struct Tx {
+    q: VecDeque<Out>,
+    /// Bytes of the front reply already sent.
+    sent: usize,
+    /// The socket failed: replies are dropped (and their credits freed).
+    broken: bool,
+}
+
+/// A connection on the run-to-completion path.
+struct NConn {
+    id: u64,
+    ip: Option<IpAddr>,
+    sock: TcpStream,
+    nic: usize,
+    p: Params,
+    held: AtomicU64,
+    /// Requests in the kernel.
+    inflight: AtomicU64,
+    rx: Mutex<Rx>,
+    /// Someone wants `rx` looked at again (its holder does, before it
+    /// lets go).
+    rx_again: AtomicBool,
+    /// The socket reported new data since the receive side last looked.
+    rx_event: AtomicBool,
+    /// The peer shut down its sending side.
+    peer_closed: AtomicBool,
+    rx_done: AtomicBool,
+    tx: Mutex<Tx>,
+    /// Queued on the NIC's stalled list.
+    stalled: AtomicBool,
+    finished: AtomicBool,
+    /// Watchdog clocks (ms since the channel's epoch; 0: not running).
+    rx_since: AtomicU64,
+    tx_since: AtomicU64,
+    active: AtomicU64,
+}
+
+/// One vCPU's share of the channel.
+struct PerCpu {
+    nic: Nic,
+    /// Requests parsed and not yet taken by a blksrv thread.
+    reqs: Mutex<VecDeque<Box<BlockReq>>>,
+    nreqs: AtomicUsize,
+    /// Connections waiting for credits or memory.
+    stalled: Mutex<Vec<Arc<NConn>>>,
+    /// Credits came back since the stalled list was last looked at.
+    retry: AtomicBool,
+    vector: OnceLock<IntrHandle>,
+}
+
+/// The NIC channel: blksrv's request source on the run-to-completion path.
+pub(super) struct NicChannel {
+    cpus: Vec<PerCpu>,
+    conns: RwLock<HashMap<u64, Arc<NConn>>>,
+    next: AtomicUsize,
+    open: AtomicU64,
+    sh: OnceLock<Arc<Shared>>,
+    epoch: Instant,
+}
+
+impl NicChannel {
+    /// A channel over one NIC per vCPU.
+    pub(super) fn new(nics: Vec<Nic>) -> NicChannel {
+        NicChannel {
+            cpus: nics
+                .into_iter()
+                .map(|nic| PerCpu {
+                    nic,
+                    reqs: Mutex::new(VecDeque::new()),
+                    nreqs: AtomicUsize::new(0),
+                    stalled: Mutex::new(Vec::new()),
+                    retry: AtomicBool::new(false),
+                    vector: OnceLock::new(),
+                })
+                .collect(),
+            conns: RwLock::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+            open: AtomicU64::new(0),
+            sh: OnceLock::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Give the channel the server's shared state, and make the budget
+    /// wake stalled connections; then start the watchdog.
+    pub(super) fn start(&'static self, sh: &Arc<Shared>) -> io::Result<()> {
+        let _ = self.sh.set(Arc::clone(sh));
+        let _ = sh.budget.waker.set(Box::new(move || self.credits_back()));
+        std::thread::Builder::new()
+            .name("nbd-watchdog".into())
+            .spawn(move || self.watchdog())?;
+        Ok(())
+    }
+
+    fn sh(&self) -> &Shared {
+        self.sh.get().expect("NicChannel::start before use")
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Stop every NIC reporting to its CPU (before the machine shuts down).
+    pub(super) fn stop(&self) {
+        for pc in &self.cpus {
+            pc.nic.stop();
+        }
+    }
+
+    /// Connections on this path still open.
+    pub(super) fn open(&self) -> u64 {
+        self.open.load(SeqCst)
+    }
+
+    /// Take over a connection after its handshake.
+    pub(super) fn adopt(
+        &self,
+        id: u64,
+        ip: Option<IpAddr>,
+        sock: TcpStream,
+        p: Params,
+    ) -> io::Result<()> {
+        sock.set_nonblocking(true)?;
+        let nic = self.next.fetch_add(1, Relaxed) % self.cpus.len();
+        let c = Arc::new(NConn {
+            id,
+            ip,
+            sock,
+            nic,
+            p,
+            held: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            rx: Mutex::new(Rx {
+                drained: false,
+                buf: vec![0u8; RX_BUF].into_boxed_slice(),
+                start: 0,
+                end: 0,
+                stage: Stage::Header,
+                eof: false,
+            }),
+            rx_again: AtomicBool::new(false),
+            rx_event: AtomicBool::new(true),
+            peer_closed: AtomicBool::new(false),
+            rx_done: AtomicBool::new(false),
+            tx: Mutex::new(Tx {
+                q: VecDeque::new(),
+                sent: 0,
+                broken: false,
+            }),
+            stalled: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            rx_since: AtomicU64::new(0),
+            tx_since: AtomicU64::new(0),
+            active: AtomicU64::new(self.now_ms()),
+        });
+        let fd = c.sock.as_raw_fd();
+        self.conns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, c);
+        self.open.fetch_add(1, SeqCst);
+        if let Err(e) = self.cpus[nic].nic.attach(fd, id) {
+            self.conns
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            self.open.fetch_sub(1, SeqCst);
+            return Err(e);
+        }
+        // Bytes that arrived before the attach are reported by it; this
+        // only makes sure the CPU looks soon.
+        self.kick(nic);
+        Ok(())
+    }
+
+    fn conn(&self, id: u64) -> Option<Arc<NConn>> {
+        self.conns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    /// Make CPU `cpu`'s blksrv look at its NIC (any context but an
+    /// interrupt handler's).
+    fn kick(&self, cpu: usize) {
+        let pc = &self.cpus[cpu];
+        pc.retry.store(true, SeqCst);
+        if let Some(&v) = pc.vector.get() {
+            kern::intr::intr_post(cpu, v);
+        }
+    }
+
+    /// The budget's waker: credits came back.
+    fn credits_back(&self) {
+        for (i, pc) in self.cpus.iter().enumerate() {
+            if !lock(&pc.stalled).is_empty() {
+                self.kick(i);
+            }
+        }
+    }
+
+    /// Look at CPU `cpu`'s NIC: its events, and its stalled connections if
+    /// credits came back. Parsed requests land in its queue.
+    fn service(&self, cpu: usize) {
+        let pc = &self.cpus[cpu];
+        if pc.retry.swap(false, SeqCst) {
+            let st = std::mem::take(&mut *lock(&pc.stalled));
+            for c in st {
+                c.stalled.store(false, SeqCst);
+                self.sh().budget.stalled.fetch_sub(1, SeqCst);
+                // Credits, not the socket: what it holds is still there.
+                self.receive(&c, false);
+                self.transmit(&c);
+            }
+        }
+        let mut evs = [NicEvent::default(); EVENTS];
+        loop {
+            let n = pc.nic.poll(&mut evs);
+            for e in &evs[..n] {
+                let Some(c) = self.conn(e.token) else {
+                    continue;
+                };
+                if e.peer_closed {
+                    // Read to the end of stream: a short read no longer
+                    // means "nothing more for now".
+                    c.peer_closed.store(true, SeqCst);
+                }
+                if e.readable || e.hangup {
+                    self.receive(&c, true);
+                }
+                if e.writable || e.hangup {
+                    self.transmit(&c);
+                }
+                if e.hangup {
+                    c.rx_done.store(true, SeqCst);
+                    self.maybe_finish(&c);
+                }
+            }
+            if n < EVENTS {
+                break;
+            }
+        }
+    }
+
+    fn pop(&self, cpu: usize) -> Option<Box<BlockReq>> {
+        let pc = &self.cpus[cpu];
+        if pc.nreqs.load(Acquire) == 0 {
+            return None;
+        }
+        let mut q = lock(&pc.reqs);
+        let r = q.pop_front();
+        pc.nreqs.store(q.len(), Release);
+        r
+    }
+
+    fn push(&self, cpu: usize, r: Box<BlockReq>) {
+        let pc = &self.cpus[cpu];
+        let mut q = lock(&pc.reqs);
+        q.push_back(r);
+        pc.nreqs.store(q.len(), Release);
+    }
+
+    /// Read and parse what `c`'s socket has, unless another CPU is at it
+    /// (then it looks again before it lets go).
+    fn receive(&self, c: &Arc<NConn>, event: bool) {
+        if event {
+            c.rx_event.store(true, SeqCst);
+        }
+        c.rx_again.store(true, SeqCst);
+        loop {
+            let Ok(mut rx) = c.rx.try_lock() else {
+                return;
+            };
+            if c.rx_event.swap(false, SeqCst) || c.peer_closed.load(SeqCst) {
+                rx.drained = false;
+            }
+            c.rx_again.store(false, SeqCst);
+            self.parse(c, &mut rx);
+            drop(rx);
+            if !c.rx_again.load(SeqCst) {
+                break;
+            }
+        }
+        if c.rx_done.load(SeqCst) {
+            self.maybe_finish(c);
+        }
+    }
+
+    /// Advance the receive side as far as the socket allows.
+    fn parse(&self, c: &Arc<NConn>, rx: &mut Rx) {
+        loop {
+            if c.rx_done.load(SeqCst) {
+                return;
+            }
+            match std::mem::replace(&mut rx.stage, Stage::Header) {
+                Stage::Header => {
+                    const N: usize = nbd::wire::REQUEST_LEN;
+                    if rx.end - rx.start < N {
+                        if rx.end - rx.start > 0 && c.rx_since.load(Relaxed) == 0 {
+                            c.rx_since.store(self.now_ms(), Relaxed);
+                        }
+                        if rx.eof || !self.fill(c, rx) {
+                            if rx.eof && rx.end - rx.start < N {
+                                c.rx_done.store(true, SeqCst);
+                            }
+                            return;
+                        }
+                        continue;
+                    }
+                    let mut raw = [0u8; N];
+                    raw.copy_from_slice(&rx.buf[rx.start..rx.start + N]);
+                    rx.start += N;
+                    c.rx_since.store(0, Relaxed);
+                    rx.stage = self.request(c, &raw);
+                }
+                Stage::Stalled(s) => {
+                    rx.stage = self.admit(c, s);
+                    if matches!(rx.stage, Stage::Stalled(_)) {
+                        return;
+                    }
+                }
+                Stage::Payload {
+                    mut req,
+                    mut chunk,
+                    mut off,
+                } => {
+                    // From the buffer, then straight from the socket.
+                    while chunk < req.chunks.len() {
+                        let dst = &mut req.chunks[chunk].as_mut_slice()[off..];
+                        let n = if rx.end > rx.start {
+                            let n = dst.len().min(rx.end - rx.start);
+                            dst[..n].copy_from_slice(&rx.buf[rx.start..rx.start + n]);
+                            rx.start += n;
+                            n
+                        } else if rx.eof {
+                            0
+                        } else if rx.drained {
+                            rx.stage = Stage::Payload { req, chunk, off };
+                            return;
+                        } else {
+                            let want = dst.len();
+                            match (&c.sock).read(dst) {
+                                Ok(n) => {
+                                    rx.drained = n > 0 && n < want && !c.peer_closed.load(SeqCst);
+                                    n
+                                }
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                    rx.drained = true;
+                                    rx.stage = Stage::Payload { req, chunk, off };
+                                    return;
+                                }
+                                Err(_) => 0,
+                            }
+                        };
+                        if n == 0 {
+                            // The client left inside a payload.
+                            self.abandon(c, &req);
+                            rx.eof = true;
+                            c.rx_done.store(true, SeqCst);
+                            return;
+                        }
+                        off += n;
+                        if off == req.chunks[chunk].len() {
+                            chunk += 1;
+                            off = 0;
+                        }
+                    }
+                    c.rx_since.store(0, Relaxed);
+                    self.submit(c, req);
+                }
+                Stage::Discard { mut left, reply } => {
+                    let n = (left as usize).min(rx.end - rx.start);
+                    rx.start += n;
+                    left -= n as u64;
+                    if left > 0 {
+                        if rx.eof || !self.fill(c, rx) {
+                            if rx.eof {
+                                c.rx_done.store(true, SeqCst);
+                            } else {
+                                rx.stage = Stage::Discard { left, reply };
+                            }
+                            return;
+                        }
+                        rx.stage = Stage::Discard { left, reply };
+                        continue;
+                    }
+                    c.rx_since.store(0, Relaxed);
+                    rx.stage = self.admit(c, Stalled::Local(reply, true));
+                }
+            }
+        }
+    }
+
+    /// Receive more bytes into the buffer: `false` if none came now (the
+    /// socket would block, or it ended: then `rx.eof`).
+    fn fill(&self, c: &NConn, rx: &mut Rx) -> bool {
+        if rx.drained {
+            return false;
+        }
+        if rx.start > 0 {
+            rx.buf.copy_within(rx.start..rx.end, 0);
+            rx.end -= rx.start;
+            rx.start = 0;
+        }
+        loop {
+            let room = rx.buf.len() - rx.end;
+            match (&c.sock).read(&mut rx.buf[rx.end..]) {
+                Ok(0) => {
+                    rx.eof = true;
+                    return false;
+                }
+                Ok(n) => {
+                    rx.drained = n < room && !c.peer_closed.load(SeqCst);
+                    rx.end += n;
+                    c.active.store(self.now_ms(), Relaxed);
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    rx.drained = true;
+                    return false;
+                }
+                Err(_) => {
+                    rx.eof = true;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// A request header arrived: what comes next.
+    fn request(&self, c: &Arc<NConn>, raw: &[u8; nbd::wire::REQUEST_LEN]) -> Stage {
+        let Ok(req) = Request::parse(raw) else {
+            // Bad magic: the stream is lost. Hard disconnect.
+            self.hang_up(c);
+            return Stage::Header;
+        };
+        let p = &c.p;
+        match nbd::validate(&req, &p.vexport, p.vexport.block_sizes.max(), p.structured) {
+            Ok(()) => {}
+            Err(Validation::Disconnect { .. }) => {
+                self.hang_up(c);
+                return Stage::Header;
+            }
+            Err(Validation::Reject { error, drain }) => {
+                self.sh().stats.errors.fetch_add(1, Relaxed);
+                let reply = nbd::error_reply(req.cookie, error, p.structured);
+                c.rx_since.store(self.now_ms(), Relaxed);
+                return Stage::Discard {
+                    left: u64::from(drain),
+                    reply,
+                };
+            }
+        }
+        let op = match req.command {
+            Command::Disc => {
+                c.rx_done.store(true, SeqCst);
+                return Stage::Header;
+            }
+            Command::Read => ReqOp::Read,
+            Command::Write => ReqOp::Write,
+            Command::Flush => ReqOp::Flush,
+            Command::Trim => ReqOp::Trim,
+            Command::WriteZeroes => ReqOp::WriteZeroes,
+            Command::Cache | Command::BlockStatus | Command::Unknown(_) => {
+                self.sh().stats.errors.fetch_add(1, Relaxed);
+                let reply = nbd::error_reply(req.cookie, ErrorCode::Inval, p.structured);
+                return self.admit(c, Stalled::Local(reply, true));
+            }
+        };
+        self.admit(c, Stalled::Req(req, op))
+    }
+
+    /// Admission: credits (and a write's DMA memory), or a stall.
+    fn admit(&self, c: &Arc<NConn>, s: Stalled) -> Stage {
+        let sh = self.sh();
+        match s {
+            Stalled::Local(bytes, e) => match sh.budget.try_acquire(&c.held, REPLY_COST) {
+                Some(held) => {
+                    self.queue(c, Out::Local(bytes, held));
+                    Stage::Header
+                }
+                None => self.stall(c, Stalled::Local(bytes, e)),
+            },
+            Stalled::Req(req, op) => {
+                let len = u64::from(req.length);
+                let want = sh.budget.charge(op, len, c.p.max_transfer);
+                let Some(held) = sh.budget.try_acquire(&c.held, want) else {
+                    return self.stall(c, Stalled::Req(req, op));
+                };
+                let mut chunks = Vec::new();
+                if op == ReqOp::Write {
+                    let max = c.p.max_transfer;
+                    let mut left = len as usize;
+                    while left > 0 {
+                        let n = left.min(max);
+                        let Some(mut b) = c.p.dev.alloc_buf(n) else {
+                            // Admitted memory is short only for moments:
+                            // look again when credits come back.
+                            drop(chunks);
+                            sh.budget.release(&c.held, held);
+                            return self.stall(c, Stalled::Req(req, op));
+                        };
+                        b.set_len(n);
+                        chunks.push(b);
+                        left -= n;
+                    }
+                }
+                let breq = Box::new(BlockReq {
+                    cookie: req.cookie,
+                    dev: c.p.dev,
+                    op,
+                    offset: req.offset,
+                    len,
+                    fua: req.flags.contains(CommandFlags::FUA),
+                    chunks,
+                    error: None,
+                    route: c.id as usize,
+                });
+                if op == ReqOp::Write && len > 0 {
+                    // From admission: the client was not kept waiting before.
+                    c.rx_since.store(self.now_ms(), Relaxed);
+                    Stage::Payload {
+                        req: breq,
+                        chunk: 0,
+                        off: 0,
+                    }
+                } else {
+                    self.submit(c, breq);
+                    Stage::Header
+                }
+            }
+        }
+    }
+
+    fn stall(&self, c: &Arc<NConn>, s: Stalled) -> Stage {
+        if !c.stalled.swap(true, SeqCst) {
+            self.sh().budget.stalled.fetch_add(1, SeqCst);
+            lock(&self.cpus[c.nic].stalled).push(Arc::clone(c));
+            // Credits may have come back before we were listed.
+            self.kick(c.nic);
+        }
+        Stage::Stalled(s)
+    }
+
+    fn submit(&self, c: &NConn, req: Box<BlockReq>) {
+        c.inflight.fetch_add(1, SeqCst);
+        self.push(c.nic, req);
+    }
+
+    /// A write whose client left in its payload: give everything back.
+    fn abandon(&self, c: &NConn, req: &BlockReq) {
+        let sh = self.sh();
+        sh.budget
+            .release(&c.held, sh.budget.charge(req.op, req.len, c.p.max_transfer));
+    }
+
+    /// Stop reading: the client broke the protocol or must go.
+    fn hang_up(&self, c: &NConn) {
+        c.rx_done.store(true, SeqCst);
+        let _ = c.sock.shutdown(Shutdown::Read);
+    }
+
+    /// Queue a reply and send what the socket takes.
+    fn queue(&self, c: &NConn, out: Out) {
+        lock(&c.tx).q.push_back(out);
+        self.transmit(c);
+    }
+
+    /// Send queued replies until the socket would block; free what was
+    /// sent (or, on a broken socket, everything).
+    fn transmit(&self, c: &NConn) {
+        let sh = self.sh();
+        let mut done: Vec<Out> = Vec::new();
+        {
+            let mut tx = lock(&c.tx);
+            while !tx.q.is_empty() && !tx.broken {
+                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(TX_BATCH * 2);
+                for o in tx.q.iter().take(TX_BATCH) {
+                    match o {
+                        Out::Local(b, _) => iov.push(IoSlice::new(b)),
+                        Out::Done(r, head) => {
+                            iov.push(IoSlice::new(head));
+                            if r.error.is_none() && r.op == ReqOp::Read {
+                                for ch in &r.chunks {
+                                    iov.push(IoSlice::new(ch.as_slice()));
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut skip = tx.sent;
+                let mut first = 0;
+                while first < iov.len() && skip >= iov[first].len() {
+                    skip -= iov[first].len();
+                    first += 1;
+                }
+                let r = {
+                    let mut iov = &mut iov[first..];
+                    if skip > 0 {
+                        IoSlice::advance_slices(&mut iov, skip);
+                    }
+                    (&c.sock).write_vectored(iov)
+                };
+                drop(iov);
+                match r {
+                    Ok(0) => tx.broken = true,
+                    Ok(n) => {
+                        c.active.store(self.now_ms(), Relaxed);
+                        let mut n = tx.sent + n;
+                        while let Some(o) = tx.q.front() {
+                            let len = out_len(o);
+                            if n < len {
+                                break;
+                            }
+                            n -= len;
+                            done.push(tx.q.pop_front().expect("front"));
+                        }
+                        tx.sent = n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if c.tx_since.load(Relaxed) == 0 {
+                            c.tx_since.store(self.now_ms(), Relaxed);
+                        }
+                        break;
+                    }
+                    Err(_) => tx.broken = true,
+                }
+            }
+            if tx.broken {
+                done.extend(tx.q.drain(..));
+                tx.sent = 0;
+                c.rx_done.store(true, SeqCst);
+            }
+            if tx.q.is_empty() {
+                c.tx_since.store(0, Relaxed);
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let (mut freed, mut served) = (0u64, 0u64);
+        for o in done {
+            match o {
+                Out::Local(_, held) => freed += held,
+                Out::Done(r, _) => {
+                    sh.stats.requests.fetch_add(1, Relaxed);
+                    match (r.error, r.op) {
+                        (Some(_), _) => {
+                            sh.stats.errors.fetch_add(1, Relaxed);
+                        }
+                        (None, ReqOp::Read) => {
+                            sh.stats.bytes_read.fetch_add(r.len, Relaxed);
+                        }
+                        (None, ReqOp::Write) => {
+                            sh.stats.bytes_written.fetch_add(r.len, Relaxed);
+                        }
+                        _ => {}
+                    }
+                    freed += sh.budget.charge(r.op, r.len, c.p.max_transfer);
+                    served += 1;
+                }
+            }
+        }
+        // Credits back before the in-flight count drops (as the writer).
+        sh.budget.release(&c.held, freed);
+        c.inflight.fetch_sub(served, SeqCst);
+        if c.rx_done.load(SeqCst) {
+            self.maybe_finish(c);
+        }
+    }
+
+    /// Close the connection once nothing is owed either way: no more
+    /// requests (`rx_done`), none in the kernel, no reply queued (or the
+    /// socket broken). Decided under the receive lock, which every
+    /// admission holds; its holder looks again when it lets go.
+    fn maybe_finish(&self, c: &NConn) {
+        if !c.rx_done.load(SeqCst) || c.inflight.load(SeqCst) != 0 {
+            return;
+        }
+        let Ok(mut rx) = c.rx.try_lock() else {
+            c.rx_again.store(true, SeqCst);
+            return;
+        };
+        if c.inflight.load(SeqCst) != 0 {
+            return;
+        }
+        {
+            let tx = lock(&c.tx);
+            if !tx.q.is_empty() && !tx.broken {
+                return;
+            }
+        }
+        if c.finished.swap(true, SeqCst) {
+            return;
+        }
+        // What a half-received write held.
+        if let Stage::Payload { req, .. } = std::mem::replace(&mut rx.stage, Stage::Header) {
+            self.abandon(c, &req);
+        }
+        drop(rx);
+        self.cpus[c.nic].nic.detach(c.sock.as_raw_fd());
+        let _ = c.sock.shutdown(Shutdown::Both);
+        self.conns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&c.id);
+        closed(self.sh(), c.id, c.ip);
+        self.open.fetch_sub(1, SeqCst);
+    }
+
+    /// Once a second: deadlines (`--io-timeout` for a begun request and for
+    /// owed replies, `--idle-timeout`), and a nudge for every NIC so that
+    /// nothing waits on a lost event.
+    fn watchdog(&self) {
+        let sh = self.sh();
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = self.now_ms();
+            let io = sh.io_timeout.as_millis() as u64;
+            let idle = sh.idle_timeout.map(|d| d.as_millis() as u64);
+            let conns: Vec<Arc<NConn>> = self
+                .conns
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .cloned()
+                .collect();
+            for c in conns {
+                let late = |t: &AtomicU64| {
+                    let t = t.load(Relaxed);
+                    t != 0 && now.saturating_sub(t) > io
+                };
+                if late(&c.rx_since) || late(&c.tx_since) {
+                    let _ = c.sock.shutdown(Shutdown::Both);
+                    continue;
+                }
+                if let Some(idle) = idle
+                    && !c.rx_done.load(SeqCst)
+                    && c.inflight.load(SeqCst) == 0
+                    && c.held.load(Relaxed) == 0
+                    && now.saturating_sub(c.active.load(Relaxed)) > idle
+                {
+                    eprintln!(
+                        "dvma: closing a connection idle for {:?} (--idle-timeout)",
+                        sh.idle_timeout.unwrap_or_default()
+                    );
+                    c.active.store(now, Relaxed);
+                    let _ = c.sock.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+fn out_len(o: &Out) -> usize {
+    match o {
+        Out::Local(b, _) => b.len(),
+        Out::Done(r, head) => {
+            head.len()
+                + if r.error.is_none() && r.op == ReqOp::Read {
+                    r.chunks.iter().map(IoBuf::len).sum()
+                } else {
+                    0
+                }
+        }
+    }
+}
+
+impl RequestChannel for NicChannel {
+    fn take(&self) -> Option<Box<BlockReq>> {
+        let _na = kern::ast::no_ast();
+        let me = kern::cpu::curcpu().index() % self.cpus.len();
+        if let Some(r) = self.pop(me) {
+            return Some(r);
+        }
+        self.service(me);
+        if let Some(r) = self.pop(me) {
+            return Some(r);
+        }
+        // Another CPU's requests, parsed and waiting.
+        (0..self.cpus.len())
+            .filter(|&i| i != me)
+            .find_map(|i| self.pop(i))
+    }
+
+    fn pending(&self) -> bool {
+        self.cpus.iter().any(|pc| pc.nreqs.load(Acquire) != 0)
+    }
+
+    fn complete(&self, req: Box<BlockReq>) {
+        let _na = kern::ast::no_ast();
+        let Some(c) = self.conn(req.route as u64) else {
+            return;
+        };
+        let mut head = Vec::with_capacity(32);
+        match (req.error, req.op) {
+            (Some(e), _) => {
+                head = nbd::error_reply(req.cookie, errcode(e), c.p.structured);
+            }
+            (None, ReqOp::Read) => {
+                let r = Request {
+                    flags: CommandFlags(0),
+                    command: Command::Read,
+                    cookie: req.cookie,
+                    offset: req.offset,
+                    length: req.len as u32,
+                };
+                nbd::encode_read_reply_header(&mut head, &r, c.p.structured);
+            }
+            (None, _) => nbd::encode_simple_reply(&mut head, req.cookie, Ok(&[])),
+        }
+        self.queue(&c, Out::Done(req, head));
+    }
+
+    fn set_interrupt(&self, _cpu: usize, vector: IntrHandle) {
+        // Every CPU's NIC posts the one blksrv vector on its own CPU.
+        for pc in &self.cpus {
+            let _ = pc.vector.set(vector);
+            if let Err(e) = pc.nic.set_interrupt(vector) {
+                eprintln!("dvma: nic on cpu{}: {e}", pc.nic.cpu());
+            }
+        }
+    }
+}
