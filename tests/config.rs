@@ -1,9 +1,9 @@
-//! The machine description (`src/config.rs`, included here directly so it
+//! The machine description (`src/config/`, included here directly so it
 //! builds without the binary): the default, the example file, overrides,
 //! the round trip through `to_toml`, and a table of bad inputs whose errors
 //! must name the key and the allowed values.
 
-#[path = "../src/config.rs"]
+#[path = "../src/config/mod.rs"]
 mod config;
 #[path = "common/tempdir.rs"]
 mod tempdir;

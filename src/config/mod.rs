@@ -1987,7 +1987,7 @@ mod tests {
     #[test]
     fn keys_are_the_serialized_fields() {
         let spec = MachineSpec::from_toml(
-            include_str!("../examples/ccd-vnd.toml"),
+            include_str!("../../examples/ccd-vnd.toml"),
             Path::new("ccd-vnd.toml"),
             Path::new("/base"),
             &Overrides::default(),
