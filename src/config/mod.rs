@@ -152,17 +152,24 @@
 //! lazy, slots, permanent, shadow`. A TOML syntax error gives the line and
 //! column.
 
+mod args;
+mod backing;
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZero;
 use std::path::{Component, Path, PathBuf};
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
 use kern::Completion;
 use kern::bus_dma::{DvmaMode, TagConfig};
 use machine::{MachineConfig, SplImpl};
 use serde::Serialize;
 use toml::{Table, Value};
+
+pub use args::{BootArgs, Overrides};
+pub use backing::{BackingFile, BackingPlan};
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
@@ -424,100 +431,6 @@ impl ConfigError {
 type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 // ---------------------------------------------------------------------------
-// Overrides and the command line
-// ---------------------------------------------------------------------------
-
-/// Values given on the command line; each one replaces the key in the file
-/// for every instance it applies to.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Overrides {
-    /// `dvma` of every disk.
-    pub dvma: Option<DvmaMode>,
-    /// `completion` of every disk, ccd and vnd.
-    pub completion: Option<Completion>,
-    /// `machine.spl`.
-    pub spl: Option<SplImpl>,
-    /// `machine.intr_stack`.
-    pub intr_stack: Option<bool>,
-    /// `machine.cpus`.
-    pub cpus: Option<usize>,
-    /// `machine.data_dir` (relative: to the current directory).
-    pub data_dir: Option<PathBuf>,
-}
-
-/// The flags of every command that boots a machine (`#[command(flatten)]`).
-#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
-pub struct BootArgs {
-    /// Machine description (TOML). Without it: one 256 MiB disk sd0.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// DVMA mode of every disk.
-    #[arg(long, value_name = "MODE", value_parser = dvma_parser())]
-    pub dvma: Option<DvmaMode>,
-    /// Completion mode of every driver (disks, ccds, vnds).
-    #[arg(long, value_name = "MODE", value_parser = completion_parser())]
-    pub completion: Option<Completion>,
-    /// spl implementation.
-    #[arg(long, value_name = "IMPL", value_parser = spl_parser())]
-    pub spl: Option<SplImpl>,
-    /// Take interrupts on a per-CPU interrupt stack.
-    #[arg(long, value_name = "on|off", value_parser = switch_parser())]
-    pub intr_stack: Option<bool>,
-    /// Number of CPUs (1 to 64).
-    #[arg(long, value_name = "N", value_parser = parse_cpus)]
-    pub cpus: Option<usize>,
-    /// Directory of the backing files.
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-}
-
-fn dvma_parser() -> impl TypedValueParser<Value = DvmaMode> {
-    PossibleValuesParser::new(DvmaMode::ALL.map(DvmaMode::name))
-        .try_map(|s| DvmaMode::from_name(&s).ok_or("unknown DVMA mode"))
-}
-
-fn completion_parser() -> impl TypedValueParser<Value = Completion> {
-    PossibleValuesParser::new(Completion::ALL.map(Completion::name))
-        .try_map(|s| Completion::from_name(&s).ok_or("unknown completion mode"))
-}
-
-fn spl_parser() -> impl TypedValueParser<Value = SplImpl> {
-    PossibleValuesParser::new(SPL_ALL.map(SplImpl::name))
-        .try_map(|s| spl_from_name(&s).ok_or("unknown spl implementation"))
-}
-
-fn switch_parser() -> impl TypedValueParser<Value = bool> {
-    PossibleValuesParser::new(["on", "off"]).map(|s| s == "on")
-}
-
-fn parse_cpus(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
-        _ => Err(format!("expected a number of CPUs from 1 to {MAX_CPUS}")),
-    }
-}
-
-impl BootArgs {
-    /// The overrides these flags ask for.
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            dvma: self.dvma,
-            completion: self.completion,
-            spl: self.spl,
-            intr_stack: self.intr_stack,
-            cpus: self.cpus,
-            data_dir: self.data_dir.clone(),
-        }
-    }
-
-    /// The machine to boot: `--config FILE` (or the built-in default) with
-    /// the flags applied, validated.
-    pub fn load(&self) -> Result<MachineSpec> {
-        MachineSpec::load(self.config.as_deref(), &self.overrides())
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------
 
@@ -655,27 +568,6 @@ impl MachineSpec {
         };
         format!("# dvma machine description (every key explicit)\n\n{body}")
     }
-
-    /// The backing file of every disk and vnd, in file order (disks first).
-    pub fn backing_files(&self) -> Vec<BackingFile> {
-        let disks = self.disks.iter().enumerate().map(|(i, d)| BackingFile {
-            device: d.name.clone(),
-            key: format!("disk[{i}]"),
-            path: d.file.clone(),
-            size: d.size,
-            sector_size: d.sector_size,
-            read_only: d.read_only,
-        });
-        let vnds = self.vnds.iter().enumerate().map(|(i, v)| BackingFile {
-            device: v.name.clone(),
-            key: format!("vnd[{i}]"),
-            path: v.file.clone(),
-            size: v.size,
-            sector_size: SECTOR as u32,
-            read_only: v.read_only,
-        });
-        disks.chain(vnds).collect()
-    }
 }
 
 impl MachineSection {
@@ -702,156 +594,6 @@ impl DiskSpec {
         t.slots = self.slots;
         t.pool_bytes = usize::try_from(self.pool).unwrap_or(usize::MAX);
         t
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Backing files
-// ---------------------------------------------------------------------------
-
-/// The backing file of a disk or vnd, and the size its configuration asks
-/// for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackingFile {
-    /// The device (`sd0`).
-    pub device: String,
-    /// Its entry (`disk[0]`).
-    pub key: String,
-    /// The file.
-    pub path: PathBuf,
-    /// `size`, if given.
-    pub size: Option<u64>,
-    /// The device's sector size.
-    pub sector_size: u32,
-    /// The device is read-only: its file is never changed.
-    pub read_only: bool,
-}
-
-/// What [`BackingFile::prepare`] does to a backing file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackingPlan {
-    /// Create it, sparse, with this size.
-    Create {
-        /// Bytes.
-        size: u64,
-    },
-    /// Extend it, sparse, from `from` to `to` bytes.
-    Grow {
-        /// Its size now.
-        from: u64,
-        /// Its size after.
-        to: u64,
-    },
-    /// Use it as it is.
-    Keep {
-        /// Its size.
-        size: u64,
-    },
-}
-
-impl BackingPlan {
-    /// The device's size after the plan is carried out.
-    pub fn size(self) -> u64 {
-        match self {
-            BackingPlan::Create { size } | BackingPlan::Keep { size } => size,
-            BackingPlan::Grow { to, .. } => to,
-        }
-    }
-}
-
-impl BackingFile {
-    /// The rule for a file whose current length is `existing` (`None`: it
-    /// does not exist). Missing: created with `size` (required). Existing:
-    /// kept when `size` is not given or equal, grown when `size` is larger,
-    /// refused when `size` is smaller (never truncated). Read-only devices
-    /// only keep. The resulting size must be a multiple of the sector size.
-    pub fn plan(&self, existing: Option<u64>) -> Result<BackingPlan> {
-        let plan = match (existing, self.size) {
-            (None, None) => {
-                return Err(self.refuse(
-                    "file",
-                    "does not exist, and no size is given to create it with",
-                ));
-            }
-            (None, Some(_)) if self.read_only => {
-                return Err(self.refuse(
-                    "file",
-                    "does not exist (a read_only device never creates its file)",
-                ));
-            }
-            (None, Some(size)) => BackingPlan::Create { size },
-            (Some(len), None) => BackingPlan::Keep { size: len },
-            (Some(len), Some(size)) if len == size => BackingPlan::Keep { size },
-            (Some(len), Some(size)) if len > size => {
-                return Err(self.refuse(
-                    "size",
-                    format!(
-                        "the file has {len} bytes, more than size = {size}; dvma never truncates a backing file (raise or remove size)"
-                    ),
-                ));
-            }
-            (Some(len), Some(_)) if self.read_only => {
-                return Err(self.refuse(
-                    "size",
-                    format!("the file has {len} bytes, less than size; a read_only device never grows its file"),
-                ));
-            }
-            (Some(from), Some(to)) => BackingPlan::Grow { from, to },
-        };
-        let size = plan.size();
-        if size == 0 || !size.is_multiple_of(u64::from(self.sector_size)) {
-            return Err(self.refuse(
-                "file",
-                format!(
-                    "has {size} bytes, not a positive multiple of the {}-byte sector",
-                    self.sector_size
-                ),
-            ));
-        }
-        Ok(plan)
-    }
-
-    /// Carry out [`plan`](Self::plan) on the host: create the directory and
-    /// the file, or grow it; return the device's size in bytes.
-    pub fn prepare(&self) -> Result<u64> {
-        let io = |e: std::io::Error| self.refuse("file", e.to_string());
-        let existing = match std::fs::metadata(&self.path) {
-            Ok(md) if md.is_file() => Some(md.len()),
-            Ok(_) => return Err(self.refuse("file", "is not a regular file")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(e)),
-        };
-        let plan = self.plan(existing)?;
-        match plan {
-            BackingPlan::Keep { .. } => {}
-            BackingPlan::Create { size } => {
-                if let Some(dir) = self.path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&self.path)
-                    .map_err(io)?;
-                f.set_len(size).map_err(io)?;
-            }
-            BackingPlan::Grow { to, .. } => {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&self.path)
-                    .map_err(io)?;
-                f.set_len(to).map_err(io)?;
-            }
-        }
-        Ok(plan.size())
-    }
-
-    fn refuse(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Backing {
-            path: self.path.clone(),
-            key: format!("{}.{key}", self.key),
-            message: message.into(),
-        }
     }
 }
 
@@ -1797,10 +1539,6 @@ fn uses_pool(mode: DvmaMode) -> bool {
     matches!(mode, DvmaMode::Permanent | DvmaMode::Shadow)
 }
 
-fn spl_from_name(s: &str) -> Option<SplImpl> {
-    SPL_ALL.into_iter().find(|i| i.name() == s)
-}
-
 fn host_cpus() -> usize {
     std::thread::available_parallelism()
         .map_or(1, NonZero::get)
@@ -1901,156 +1639,4 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        let t = |s: &str| parse_size(&SizeValue::Text(s.to_owned()));
-        assert_eq!(t("4096"), Ok(4096));
-        assert_eq!(t("64K"), Ok(64 << 10));
-        assert_eq!(t("64k"), Ok(64 << 10));
-        assert_eq!(t("256M"), Ok(256 << 20));
-        assert_eq!(t("2G"), Ok(2 << 30));
-        assert_eq!(parse_size(&SizeValue::Bytes(0)), Ok(0));
-        for bad in ["", "M", "12Q", "1.5G", "-1K", " 1K", "1 K", "1KB", "0x10"] {
-            let e = t(bad).unwrap_err();
-            assert!(e.contains("optional K, M or G suffix"), "{bad}: {e}");
-        }
-        assert!(t("99999999999999G").unwrap_err().contains("too large"));
-        assert!(
-            parse_size(&SizeValue::Bytes(-5))
-                .unwrap_err()
-                .contains("negative")
-        );
-    }
-
-    #[test]
-    fn sizes_print_exactly() {
-        for b in [
-            0,
-            1,
-            512,
-            1000,
-            4096,
-            64 << 10,
-            1 << 20,
-            3 << 20,
-            1 << 30,
-            (1 << 30) + 512,
-            5 << 40,
-        ] {
-            assert_eq!(parse_size(&SizeValue::of(b)), Ok(b), "{b}");
-        }
-        assert_eq!(SizeValue::of(64 << 10), SizeValue::Text("64K".into()));
-        assert_eq!(SizeValue::of(1 << 30), SizeValue::Text("1G".into()));
-        assert_eq!(SizeValue::of(1000), SizeValue::Bytes(1000));
-        assert_eq!(SizeValue::of(0), SizeValue::Bytes(0));
-    }
-
-    #[test]
-    fn lines_and_columns() {
-        assert_eq!(line_col("abc", 0), (1, 1));
-        assert_eq!(line_col("a\nbc", 3), (2, 2));
-        assert_eq!(line_col("é\nxé y", 7), (2, 4));
-        assert_eq!(line_col("a", 99), (1, 2));
-    }
-
-    #[test]
-    fn paths_normalize() {
-        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
-        assert_eq!(normalize(Path::new("/a/../../c")), PathBuf::from("/c"));
-        assert_eq!(
-            normalize(Path::new("/d/./x.img")),
-            PathBuf::from("/d/x.img")
-        );
-        assert_eq!(normalize(Path::new("../x")), PathBuf::from("../x"));
-        assert_eq!(relative_to(Path::new("/d/x.img"), Path::new("/d")), "x.img");
-        assert_eq!(
-            relative_to(Path::new("/e/x.img"), Path::new("/d")),
-            "/e/x.img"
-        );
-    }
-
-    #[test]
-    fn suggestions() {
-        assert_eq!(suggest("dvmaa", DiskToml::KEYS), Some("dvma"));
-        assert_eq!(suggest("queue_dept", DiskToml::KEYS), Some("queue_depth"));
-        assert_eq!(suggest("disks", &SECTIONS), Some("disk"));
-        assert_eq!(suggest("zzzzzzzz", DiskToml::KEYS), None);
-    }
-
-    /// The key lists the reader accepts are the keys the writer writes.
-    #[test]
-    fn keys_are_the_serialized_fields() {
-        let spec = MachineSpec::from_toml(
-            include_str!("../../examples/ccd-vnd.toml"),
-            Path::new("ccd-vnd.toml"),
-            Path::new("/base"),
-            &Overrides::default(),
-        )
-        .unwrap();
-        let table: Table = spec.to_toml().parse().unwrap();
-        let keys = |v: &Value| -> Vec<String> { v.as_table().unwrap().keys().cloned().collect() };
-        assert_eq!(keys(&table["machine"]), MachineToml::KEYS);
-        assert_eq!(keys(&table["disk"][0]), DiskToml::KEYS);
-        assert_eq!(keys(&table["ccd"][0]), CcdToml::KEYS);
-        assert_eq!(keys(&table["vnd"][0]), VndToml::KEYS);
-        assert_eq!(table.keys().cloned().collect::<Vec<_>>(), SECTIONS);
-    }
-
-    fn backing(size: Option<u64>, read_only: bool) -> BackingFile {
-        BackingFile {
-            device: "sd0".into(),
-            key: "disk[0]".into(),
-            path: "/d/sd0.img".into(),
-            size,
-            sector_size: 512,
-            read_only,
-        }
-    }
-
-    #[test]
-    fn backing_plans() {
-        let rw = |size| backing(size, false);
-        assert_eq!(
-            rw(Some(M)).plan(None).unwrap(),
-            BackingPlan::Create { size: M }
-        );
-        assert_eq!(
-            rw(None).plan(Some(M)).unwrap(),
-            BackingPlan::Keep { size: M }
-        );
-        assert_eq!(
-            rw(Some(M)).plan(Some(M)).unwrap(),
-            BackingPlan::Keep { size: M }
-        );
-        assert_eq!(
-            rw(Some(2 * M)).plan(Some(M)).unwrap(),
-            BackingPlan::Grow { from: M, to: 2 * M }
-        );
-        let e = rw(Some(M)).plan(Some(2 * M)).unwrap_err();
-        assert_eq!(e.key(), Some("disk[0].size"));
-        assert!(e.to_string().contains("never truncates"), "{e}");
-        assert_eq!(rw(None).plan(None).unwrap_err().key(), Some("disk[0].file"));
-        assert_eq!(
-            rw(None).plan(Some(1000)).unwrap_err().key(),
-            Some("disk[0].file")
-        );
-        assert_eq!(
-            rw(None).plan(Some(0)).unwrap_err().key(),
-            Some("disk[0].file")
-        );
-        let ro = |size| backing(size, true);
-        assert_eq!(
-            ro(None).plan(Some(M)).unwrap(),
-            BackingPlan::Keep { size: M }
-        );
-        assert!(ro(Some(M)).plan(None).is_err());
-        assert!(ro(Some(2 * M)).plan(Some(M)).is_err());
-        assert!(ro(Some(M)).plan(Some(2 * M)).is_err());
-    }
 }
