@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
 
+use super::file::{
+    CcdToml, DiskToml, MachineToml, SECTIONS, SizeValue, VndToml, line_col, parse_size,
+    relative_to, suggest,
+};
 use super::*;
 
 #[test]
