@@ -10,6 +10,7 @@ use super::file::{
     CcdToml, DiskToml, MachineToml, SECTIONS, SizeValue, VndToml, line_col, parse_size,
     relative_to, suggest,
 };
+use super::resolve::normalize;
 use super::*;
 
 #[test]
