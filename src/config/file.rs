@@ -1,5 +1,5 @@
 //! The file as TOML: the section types, read key by key from a
-//! [`toml::Table`] so that every error names its key as a path, and written
+//! `toml::Table` so that every error names its key as a path, and written
 //! back with serde ([`MachineSpec::to_toml`]).
 
 use std::path::Path;

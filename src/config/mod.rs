@@ -151,6 +151,21 @@
 //! allowed values: `config m.toml: disk[0].dvma: "fast" is not one of strict,
 //! lazy, slots, permanent, shadow`. A TOML syntax error gives the line and
 //! column.
+//!
+//! # Why the reader is not serde derive
+//!
+//! The file is read into a `toml::Table` and then key by key (`file.rs`),
+//! not with `#[derive(Deserialize)]` and `#[serde(deny_unknown_fields)]`,
+//! because serde cannot give the errors promised above: a
+//! `toml::de::Error` has serde's fixed text (``unknown field `dvmaa`,
+//! expected one of `name`, ...``, ``invalid type: string "two", expected
+//! i64``) and a byte span, but not the key as a path with its array indices
+//! (`disk[0].dvmaa`, `ccd[0].components[1]`) that [`ConfigError::key`]
+//! returns, and the misspelt key exists only inside that text, so there is
+//! nothing to suggest "did you mean dvma?" from (a unit test shows both).
+//! Serde does the writing ([`MachineSpec::to_toml`] serializes the same
+//! section types), and a unit test checks that the keys read are the keys
+//! written.
 
 mod args;
 mod backing;
