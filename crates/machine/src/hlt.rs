@@ -75,7 +75,14 @@ impl Hlt {
             ready: AtomicU64::new(0),
             polled: AtomicU64::new(0),
         };
-        h.ctl(libc::EPOLL_CTL_ADD, kick, libc::EPOLLIN as u32, KICK)?;
+        // Edge-triggered: every write is a new edge, so the counter is
+        // never read back (one system call less per wake-up).
+        h.ctl(
+            libc::EPOLL_CTL_ADD,
+            kick,
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            KICK,
+        )?;
         Ok(h)
     }
 
@@ -172,10 +179,7 @@ impl Hlt {
         let mut ready = 0u64;
         for e in evs.iter().take(n.max(0) as usize) {
             let token = e.u64;
-            if token == KICK {
-                let mut v = 0u64;
-                sys::read(self.kick.load(Relaxed), (&mut v as *mut u64).cast(), 8);
-            } else if token < MAX_DEVS as u64 {
+            if token < MAX_DEVS as u64 {
                 ready |= 1 << token;
             }
         }

@@ -36,6 +36,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use arch::{AstSave, XsaveInfo};
+/// Devices (NICs) that may report to one CPU's idle wait.
+pub use hlt::MAX_DEVS as MAX_CPU_DEVICES;
 use kern::ThreadCtx;
 pub use kern::kernel::{KernelConfig, SplImpl};
 use kern::sched::{KThread, SchedError};

@@ -185,9 +185,3 @@ pub fn io_uring_enter(fd: i32, to_submit: u32, min_complete: u32, flags: u32) ->
 pub fn write(fd: i32, buf: *const u8, len: usize) -> isize {
     raw6(libc::SYS_write, [fd as usize, buf as usize, len, 0, 0, 0])
 }
-
-/// `read(fd, buf, len)`: bytes read, or a negative errno. The caller passes
-/// `len` writable bytes at `buf`.
-pub fn read(fd: i32, buf: *mut u8, len: usize) -> isize {
-    raw6(libc::SYS_read, [fd as usize, buf as usize, len, 0, 0, 0])
-}
