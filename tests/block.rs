@@ -146,7 +146,7 @@ fn workload(
                 let idx = NEXT.fetch_add(1, SeqCst) % COUNTS.len();
                 let c = &COUNTS[idx];
                 c.store(0, SeqCst);
-                bp.iodone = Some((counted, idx));
+                bp.iodone = Some(kern::bio::IoDone::Call(counted, idx));
                 t.async_issued.fetch_add(1, SeqCst);
                 dev.strategy(bp);
                 // Wait for it before the region is read again (ordering).

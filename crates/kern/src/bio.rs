@@ -48,6 +48,7 @@ pub enum BufOp {
 
 /// Errors the block layer reports on a buf (errno semantics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum BioError {
     /// EIO: the device failed (a media error or a DMA fault).
     Io,
@@ -62,6 +63,15 @@ pub enum BioError {
 }
 
 impl BioError {
+    /// Every error, in declaration order (`e as usize` indexes it).
+    const ALL: [BioError; 5] = [
+        BioError::Io,
+        BioError::Inval,
+        BioError::NoSpc,
+        BioError::Perm,
+        BioError::Shutdown,
+    ];
+
     /// What a device's media error `errno` (a host errno) means to the
     /// block layer: no space left (`ENOSPC`, `EDQUOT`: a backing file on a
     /// full filesystem) is `NoSpc`, everything else `Io`.
@@ -96,8 +106,102 @@ impl core::fmt::Display for BioError {
     }
 }
 
-/// An `iodone` callback: gets the buf back when the I/O is done.
-pub type IoDone = fn(BufBox, usize);
+/// What `biodone` does with a buf instead of waking `biowait` (B_CALL).
+pub enum IoDone {
+    /// Call a function with the buf and an argument, in the completion
+    /// context of the device.
+    Call(fn(BufBox, usize), usize),
+    /// The buf is a stacking driver's component buf: hand it to the driver.
+    Child(ChildLink),
+}
+
+impl core::fmt::Debug for IoDone {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            IoDone::Call(_, arg) => write!(f, "Call({arg})"),
+            IoDone::Child(l) => write!(f, "Child({}, comp {})", l.driver.name(), l.comp),
+        }
+    }
+}
+
+/// A stacking driver: a block device whose I/Os are carried out by
+/// component bufs on other devices (ccd).
+pub trait StackedDev: BlockDev {
+    /// Component buf `child` is done; `link` is what the driver put in it.
+    /// Runs in the component's completion context.
+    fn child_done(&self, child: BufBox, link: ChildLink);
+}
+
+/// The typed back-pointers of a component buf: NetBSD's `struct ccdbuf`
+/// (`cb_obp`, `cb_sc`, `cb_comp`) without the casts.
+pub struct ChildLink {
+    /// The parent buf (`cb_obp`).
+    pub parent: ParentRef,
+    /// The driver that issued the component buf (`cb_sc`).
+    pub driver: &'static dyn StackedDev,
+    /// The component it went to (`cb_comp`).
+    pub comp: usize,
+}
+
+/// A parent buf split into component bufs, parked while they are in
+/// flight: made by [`BufBox::park`], which fixes the number of children;
+/// hands out one [`ParentRef`] per child.
+pub struct Parked {
+    ptr: NonNull<Buf>,
+    unissued: u32,
+}
+
+/// One child's share of a parked parent. Not `Clone`: each is released
+/// once, and the last release gives the parent back.
+pub struct ParentRef(NonNull<Buf>);
+
+// SAFETY: a ParentRef only touches the parent's atomics (`children`,
+// `child_error`) until the last one takes the whole buf back, which is
+// then owned by that one thread; Buf itself is Send.
+unsafe impl Send for ParentRef {}
+// SAFETY: as for ParentRef; a Parked only hands out ParentRefs.
+unsafe impl Send for Parked {}
+
+impl Parked {
+    /// The next child's share of the parent; `None` once every child the
+    /// parent was parked for has one.
+    pub fn child(&mut self) -> Option<ParentRef> {
+        self.unissued = self.unissued.checked_sub(1)?;
+        Some(ParentRef(self.ptr))
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        // Shares not handed out would keep the parent parked for ever: a
+        // leak, never a double owner. Callers hand out all of them.
+        debug_assert_eq!(self.unissued, 0, "bio: a parked parent lost children");
+    }
+}
+
+impl ParentRef {
+    /// This child is done, with `error`: record the first error; the last
+    /// child gets the parent back, with its error set from the children's.
+    pub fn release(self, error: Option<BioError>) -> Option<BufBox> {
+        // SAFETY: the parent is live while any share is outstanding (ours
+        // is), and shares touch only its atomics.
+        let p = unsafe { self.0.as_ref() };
+        if let Some(e) = error {
+            let _ = p
+                .child_error
+                .compare_exchange(0, e as u8 + 1, AcqRel, Relaxed);
+        }
+        if p.children.fetch_sub(1, AcqRel) != 1 {
+            return None;
+        }
+        // SAFETY: the last share: every other child has released, so
+        // ownership of the parent (given up in `park`) comes back to us.
+        let mut bp = unsafe { BufBox::from_raw(self.0) };
+        let e = bp.child_error.load(Acquire);
+        bp.error = (e != 0).then(|| BioError::ALL[(e - 1) as usize]);
+        Some(bp)
+    }
+}
 
 /// `struct buf`.
 pub struct Buf {
@@ -116,13 +220,12 @@ pub struct Buf {
     /// Bytes not transferred.
     pub resid: usize,
     /// Called by `biodone` instead of waking `biowait` (B_CALL).
-    pub iodone: Option<(IoDone, usize)>,
-    /// Stacking drivers (ccd): children still in flight.
-    pub children: AtomicU32,
-    /// Stacking drivers: the first error of the children (errno + 1).
-    pub child_error: AtomicU8,
-    /// Driver-private words.
-    pub private: [usize; 2],
+    pub iodone: Option<IoDone>,
+    /// Stacking drivers (ccd), while parked: children still in flight.
+    children: AtomicU32,
+    /// Stacking drivers, while parked: the first error of the children
+    /// (`BioError as u8 + 1`; 0 for none).
+    child_error: AtomicU8,
     state: AtomicU8,
     /// Buffer-queue link.
     qnext: *mut Buf,
@@ -149,7 +252,6 @@ impl Buf {
             iodone: None,
             children: AtomicU32::new(0),
             child_error: AtomicU8::new(0),
-            private: [0; 2],
             state: AtomicU8::new(0),
             qnext: core::ptr::null_mut(),
             alloc,
@@ -219,6 +321,20 @@ impl BufBox {
     /// 1. `p` came from [`BufBox::into_raw`] and is rebuilt once.
     pub unsafe fn from_raw(p: NonNull<Buf>) -> BufBox {
         BufBox { ptr: p }
+    }
+
+    /// Park this buf as the parent of `children` component bufs: each gets
+    /// a [`ParentRef`] from the [`Parked`], and the last to
+    /// [`ParentRef::release`] gets the buf back (with `error` set from the
+    /// children's first error). `children` must be at least 1.
+    pub fn park(self, children: u32) -> Parked {
+        assert!(children > 0, "bio: a parent with no children");
+        self.children.store(children, Release);
+        self.child_error.store(0, Release);
+        Parked {
+            ptr: self.into_raw(),
+            unissued: children,
+        }
     }
 }
 
@@ -406,8 +522,10 @@ pub fn bio_prepare(bp: &mut BufBox) -> BufWait {
 /// The I/O of `bp` is done: give it to its `iodone` callback, or wake the
 /// thread waiting in `biowait`. Any context.
 pub fn biodone(mut bp: BufBox) {
-    if let Some((f, arg)) = bp.iodone.take() {
-        return f(bp, arg);
+    match bp.iodone.take() {
+        Some(IoDone::Call(f, arg)) => return f(bp, arg),
+        Some(IoDone::Child(link)) => return link.driver.child_done(bp, link),
+        None => {}
     }
     let p = bp.into_raw();
     let g = biolock(p).lock();
@@ -709,4 +827,50 @@ pub fn bdev_lookup(name: &str) -> Option<&'static dyn BlockDev> {
 /// Every attached block device, in attach order.
 pub fn bdevs() -> Vec<&'static dyn BlockDev> {
     DEVSW.lock().iter().flatten().copied().collect()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{BioError, Buf, BufAlloc, BufBox};
+    use core::ptr::NonNull;
+    use std::boxed::Box;
+
+    /// Bufs from the host heap (no kernel needed).
+    struct HeapBufs;
+    impl BufAlloc for HeapBufs {
+        fn alloc(&'static self) -> Option<NonNull<Buf>> {
+            NonNull::new(Box::into_raw(Box::new(Buf::new(self))))
+        }
+        unsafe fn free(&self, b: NonNull<Buf>) {
+            // SAFETY: from `alloc` (contract); the contents are dropped, so
+            // only the memory is freed.
+            drop(unsafe { Box::from_raw(b.as_ptr().cast::<core::mem::MaybeUninit<Buf>>()) });
+        }
+    }
+    static HEAP: HeapBufs = HeapBufs;
+
+    /// A parked parent comes back once, to the last child, with the first
+    /// child error; shares beyond the count are refused.
+    #[test]
+    fn parked_parent_returns_to_the_last_child() {
+        let mut bp = BufBox::new_in(&HEAP).unwrap();
+        bp.bcount = 4096;
+        let mut parked = bp.park(3);
+        let (a, b, c) = (
+            parked.child().unwrap(),
+            parked.child().unwrap(),
+            parked.child().unwrap(),
+        );
+        assert!(parked.child().is_none(), "no more shares than children");
+        drop(parked);
+        assert!(a.release(None).is_none());
+        assert!(b.release(Some(BioError::NoSpc)).is_none());
+        let back = c.release(Some(BioError::Io)).expect("the last child");
+        assert_eq!(back.error, Some(BioError::NoSpc), "the first error wins");
+        assert_eq!(back.bcount, 4096);
+
+        let mut parked = BufBox::new_in(&HEAP).unwrap().park(1);
+        let back = parked.child().unwrap().release(None).unwrap();
+        assert_eq!(back.error, None);
+    }
 }

@@ -9,7 +9,9 @@
 //! first allocates **every** component buf (with NOWAIT); if one is missing
 //! it gives back those it got and keeps the buf for later (backoff), so an
 //! I/O is either entirely in flight or not at all. Component bufs carry
-//! views of the parent's data and an `iodone` of ccd's, `ccd_iodone`,
+//! views of the parent's data and typed links ([`ChildLink`]: the parent,
+//! parked with [`BufBox::park`], this unit and the component; NetBSD's
+//! `struct ccdbuf`); `biodone` hands them to [`StackedDev::child_done`],
 //! which runs in the component's completion context: it frees the
 //! component buf (to an IPL_BIO pool, or to `kmem` in the 1995
 //! configuration, where that free races with thread code in the allocator)
@@ -23,18 +25,18 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
 
 use super::completer::{Completer, WorkCtx};
 use crate::bio::{
-    BioError, BlockDev, Buf, BufAlloc, BufBox, BufOp, BufPool, BufQueue, BufqStrategy, DEV_BSIZE,
-    biodone, bounds_check,
+    BlockDev, BufAlloc, BufBox, BufOp, BufPool, BufQueue, BufqStrategy, ChildLink, DEV_BSIZE,
+    IoDone, StackedDev, biodone, bounds_check,
 };
 use crate::callout::{Callout, callout_schedule};
 use crate::completion::Completion;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::vm::IoBuf;
 
 /// Where component bufs come from.
@@ -101,6 +103,9 @@ pub struct Ccd {
     cbufs: &'static dyn BufAlloc,
     state: SpinMutex<State>,
     retrying: AtomicBool,
+    /// The unit itself, as its component bufs' `driver` link (set once at
+    /// attach, before any I/O).
+    me: Once<&'static Ccd>,
     /// Counters.
     pub stats: CcdStats,
 }
@@ -185,11 +190,9 @@ impl Ccd {
             .map(|c| c.max_transfer())
             .min()
             .unwrap_or(DEV_BSIZE);
-        let cell: &'static AtomicPtr<Ccd> =
-            Box::leak(Box::new(AtomicPtr::new(core::ptr::null_mut())));
+        let cell: &'static Once<&'static Ccd> = Box::leak(Box::new(Once::new()));
         let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
-            // SAFETY: set below to the leaked unit before any I/O starts.
-            if let Some(c) = unsafe { cell.load(Acquire).as_ref() } {
+            if let Some(c) = cell.get() {
                 c.work(ctx);
             }
         })?;
@@ -214,9 +217,12 @@ impl Ccd {
                 },
             ),
             retrying: AtomicBool::new(false),
+            me: Once::new(),
             stats: CcdStats::default(),
         }));
-        cell.store(ccd as *const Ccd as *mut Ccd, Release);
+        // The only sets of these cells: they cannot fail.
+        let _ = cell.set(ccd);
+        let _ = ccd.me.set(ccd);
         let p = ccd as *const Ccd as *mut Ccd;
         if !CCDS.iter().any(|s| {
             s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
@@ -267,28 +273,28 @@ impl Ccd {
     /// Split `bp` into component I/Os and start them, or give it back if a
     /// component buf is missing.
     fn start_one(&self, bp: BufBox) -> Result<(), BufBox> {
+        let Some(&me) = self.me.get() else {
+            return Err(bp); // not attached yet: cannot happen
+        };
         let mut kids = BufQueue::new(BufqStrategy::Fcfs);
-        let me = self as *const Ccd as usize;
         let mut short = false;
-        let mut add =
-            |op: BufOp, comp: usize, blkno: u64, bytes: usize, data: Option<IoBuf>, fua: bool| {
-                match BufBox::new_in(self.cbufs) {
-                    Some(mut k) => {
-                        k.op = op;
-                        k.fua = fua;
-                        k.blkno = blkno;
-                        k.bcount = bytes;
-                        k.data = data;
-                        k.private = [comp, me];
-                        kids.put(k);
-                    }
-                    None => short = true,
+        let mut add = |op: BufOp, blkno: u64, bytes: usize, data: Option<IoBuf>, fua: bool| {
+            match BufBox::new_in(self.cbufs) {
+                Some(mut k) => {
+                    k.op = op;
+                    k.fua = fua;
+                    k.blkno = blkno;
+                    k.bcount = bytes;
+                    k.data = data;
+                    kids.put(k);
                 }
-            };
+                None => short = true,
+            }
+        };
         match bp.op {
             BufOp::Flush => {
-                for c in 0..self.comps.len() {
-                    add(BufOp::Flush, c, 0, 0, None, false);
+                for _ in 0..self.comps.len() {
+                    add(BufOp::Flush, 0, 0, None, false);
                 }
             }
             op => {
@@ -300,7 +306,7 @@ impl Ccd {
                     // not touched until every child is done (the parent is
                     // parked as a raw pointer meanwhile, see ccd_iodone).
                     let view = unsafe { data.view(ch.offset, bytes) };
-                    add(op, ch.comp, ch.blkno, bytes, Some(view), fua);
+                    add(op, ch.blkno, bytes, Some(view), fua);
                 });
             }
         }
@@ -308,16 +314,26 @@ impl Ccd {
             drop(kids); // frees what we got (views free nothing)
             return Err(bp);
         }
-        let n = kids.len() as u32;
-        bp.children.store(n, Release);
-        bp.child_error.store(0, Release);
-        let parent = bp.into_raw();
+        // Issue the component bufs: the same walk as above, so the same
+        // order as `kids`, which tells each its component.
+        let (op, blkno, nsect) = (bp.op, bp.blkno, (bp.bcount / DEV_BSIZE) as u64);
+        let mut parent = bp.park(kids.len() as u32);
         self.stats.xfers.fetch_add(1, Relaxed);
-        while let Some(mut k) = kids.get() {
-            let comp = k.private[0];
-            k.iodone = Some((ccd_iodone, parent.as_ptr() as usize));
+        let mut issue = |comp: usize| {
+            let (Some(mut k), Some(share)) = (kids.get(), parent.child()) else {
+                return;
+            };
+            k.iodone = Some(IoDone::Child(ChildLink {
+                parent: share,
+                driver: me,
+                comp,
+            }));
             self.stats.component_ios.fetch_add(1, Relaxed);
             self.comps[comp].strategy(k);
+        };
+        match op {
+            BufOp::Flush => (0..self.comps.len()).for_each(&mut issue),
+            _ => self.map(blkno, nsect, |ch| issue(ch.comp)),
         }
         Ok(())
     }
@@ -355,15 +371,7 @@ impl Ccd {
     }
 
     fn finish_parent(&self, mut bp: BufBox) {
-        let e = bp.child_error.load(Acquire);
-        if e != 0 {
-            bp.error = Some(match (e - 1) as i32 {
-                22 => BioError::Inval,
-                28 => BioError::NoSpc,
-                1 => BioError::Perm,
-                108 => BioError::Shutdown,
-                _ => BioError::Io,
-            });
+        if bp.error.is_some() {
             bp.resid = bp.bcount;
             self.stats.errors.fetch_add(1, Relaxed);
         } else {
@@ -381,30 +389,22 @@ impl Ccd {
     }
 }
 
-/// A component I/O is done (component completion context).
-fn ccd_iodone(child: BufBox, parent: usize) {
-    // SAFETY: `private[1]` is the leaked ccd that issued the child.
-    let ccd = unsafe { &*(child.private[1] as *const Ccd) };
-    let pp = NonNull::new(parent as *mut Buf).expect("ccd: parent");
-    // SAFETY: the parent is parked (raw) until its last child is done; the
-    // counters are atomics.
-    let p = unsafe { pp.as_ref() };
-    if let Some(e) = child.error {
-        let _ = p
-            .child_error
-            .compare_exchange(0, (e.errno() + 1) as u8, AcqRel, Relaxed);
-    }
-    // Free the component buf (the pool, or kmem).
-    drop(child);
-    if p.children.fetch_sub(1, AcqRel) == 1 {
-        // SAFETY: the last child: ownership of the parent comes back here.
-        ccd.finish_parent(unsafe { BufBox::from_raw(pp) });
-    } else if !ccd.state.lock().waiting.is_empty() {
-        // A component buf was freed: let a backed-off parent try again.
-        if ccd.completer.mode() == Completion::Intr {
-            ccd.retry();
-        } else {
-            ccd.completer.post();
+impl StackedDev for Ccd {
+    /// A component I/O is done (component completion context).
+    fn child_done(&self, child: BufBox, link: ChildLink) {
+        let error = child.error;
+        // Free the component buf (the pool, or kmem).
+        drop(child);
+        if let Some(parent) = link.parent.release(error) {
+            // The last child: the parent is ours again.
+            self.finish_parent(parent);
+        } else if !self.state.lock().waiting.is_empty() {
+            // A component buf was freed: let a backed-off parent try again.
+            if self.completer.mode() == Completion::Intr {
+                self.retry();
+            } else {
+                self.completer.post();
+            }
         }
     }
 }
