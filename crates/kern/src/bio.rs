@@ -19,7 +19,6 @@
 //! 1995 configuration of ccd's component bufs, for `dvma race`-style
 //! experiments).
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering::*};
@@ -27,6 +26,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering::*};
 use crate::ctx::ThreadCtx;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::pool::Pool;
 use crate::sched::{Interrupted, sleep_interlocked, wakeup};
 use crate::vm::IoBuf;
@@ -446,39 +446,38 @@ impl BufAlloc for KmemBufs {
 /// The kmem buf allocator.
 pub static KMEM_BUFS: KmemBufs = KmemBufs;
 
-/// The system's buffer pool (created at first use: thread or host context).
-static BUFS: AtomicPtr<BufPool> = AtomicPtr::new(core::ptr::null_mut());
+const MAXDEV: usize = 32;
+
+/// The block layer's per-boot state, owned by the kernel: the system
+/// buffer pool and the block device switch.
+pub(crate) struct BioState {
+    bufs: Once<BufPool>,
+    devsw: SpinMutex<[Option<&'static dyn BlockDev>; MAXDEV]>,
+}
+
+impl BioState {
+    pub(crate) const fn new() -> Self {
+        Self {
+            bufs: Once::new(),
+            devsw: SpinMutex::new(Ipl::Vm, [None; MAXDEV]),
+        }
+    }
+}
 
 /// The system buffer pool.
 pub fn bufpool() -> &'static BufPool {
-    let p = BUFS.load(Acquire);
-    // SAFETY: a leaked pool, set once per boot (`bio_init`).
-    match unsafe { p.as_ref() } {
+    match crate::kernel::kernel().bio.bufs.get() {
         Some(b) => b,
         None => panic!("bio: buffer pool not initialised (bio_init at attach)"),
     }
 }
 
-/// Create the system buffer pool (`n` bufs). Thread or host context, before
-/// the first block device attaches.
+/// Create the system buffer pool (`n` bufs), once per boot; later calls do
+/// nothing. Thread or host context, before the first block device attaches.
 pub fn bio_init(n: usize) {
-    let b = Box::into_raw(Box::new(BufPool::new("bufpl", n)));
-    if BUFS
-        .compare_exchange(core::ptr::null_mut(), b, AcqRel, Acquire)
-        .is_err()
-    {
-        // SAFETY: never published.
-        drop(unsafe { Box::from_raw(b) });
-    }
-}
-
-/// Forget the buffer pool and the device table (kernel teardown).
-pub(crate) fn bio_reset() {
-    BUFS.store(core::ptr::null_mut(), Release);
-    crate::dev::sd::reset();
-    crate::dev::ccd::reset();
-    for d in DEVSW.lock().iter_mut() {
-        *d = None;
+    let bufs = &crate::kernel::kernel().bio.bufs;
+    if bufs.get().is_none() {
+        let _ = bufs.set(BufPool::new("bufpl", n));
     }
 }
 
@@ -795,13 +794,9 @@ pub trait BlockDev: Sync {
     fn describe(&self) -> alloc::string::String;
 }
 
-const MAXDEV: usize = 32;
-static DEVSW: SpinMutex<[Option<&'static dyn BlockDev>; MAXDEV]> =
-    SpinMutex::new(Ipl::Vm, [None; MAXDEV]);
-
 /// Register an attached block device. Thread or host context.
 pub fn bdev_attach(dev: &'static dyn BlockDev) -> Result<(), BioError> {
-    let mut t = DEVSW.lock();
+    let mut t = crate::kernel::kernel().bio.devsw.lock();
     if t.iter().flatten().any(|d| d.name() == dev.name()) {
         return Err(BioError::Inval);
     }
@@ -815,8 +810,11 @@ pub fn bdev_attach(dev: &'static dyn BlockDev) -> Result<(), BioError> {
 }
 
 /// A block device by name.
+/// (None when no kernel is booted.)
 pub fn bdev_lookup(name: &str) -> Option<&'static dyn BlockDev> {
-    DEVSW
+    crate::kernel::try_kernel()?
+        .bio
+        .devsw
         .lock()
         .iter()
         .flatten()
@@ -824,9 +822,13 @@ pub fn bdev_lookup(name: &str) -> Option<&'static dyn BlockDev> {
         .copied()
 }
 
-/// Every attached block device, in attach order.
+/// Every attached block device, in attach order (none when no kernel is
+/// booted).
 pub fn bdevs() -> Vec<&'static dyn BlockDev> {
-    DEVSW.lock().iter().flatten().copied().collect()
+    match crate::kernel::try_kernel() {
+        Some(k) => k.bio.devsw.lock().iter().flatten().copied().collect(),
+        None => Vec::new(),
+    }
 }
 
 #[cfg(all(test, not(loom)))]

@@ -2,109 +2,119 @@
 //!
 //! The machine's clock device interrupts CPU 0 every tick at IPL_SCHED
 //! ([`hardclock`]); due callouts are marked and the `softclock` soft
-//! interrupt runs them, in soft-interrupt context. A [`Callout`] is a static
-//! (no allocation, any context may schedule it); scheduling an armed
-//! callout again keeps the earlier deadline.
+//! interrupt runs them, in soft-interrupt context. A callout is
+//! established once (attach: thread or host context) into the kernel's
+//! per-boot callout table and named by a [`CalloutHandle`]; scheduling it
+//! needs no allocation (any context), and scheduling an armed callout
+//! again keeps the earlier deadline. The table goes away with the kernel.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 
 use crate::ctx::{IntrCtx, SoftCtx};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
+use crate::once::{Once, Registry};
 use crate::softint::{SoftintHandle, softint_establish, softint_schedule};
 
 const IDLE: u64 = u64::MAX;
 
+/// Callouts a boot may establish.
+pub const MAXCALLOUT: usize = 128;
+
+type CalloutFn = dyn Fn(&SoftCtx) + Send + Sync;
+
 /// A callout.
-pub struct Callout {
-    f: fn(&SoftCtx),
+struct Callout {
+    f: Box<CalloutFn>,
     due: AtomicU64,
     fired: AtomicBool,
-    registered: AtomicBool,
-    next: AtomicPtr<Callout>,
 }
 
-impl Callout {
-    /// A callout that runs `f`.
-    pub const fn new(f: fn(&SoftCtx)) -> Self {
+/// An established callout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CalloutHandle(u16);
+
+/// The callout table is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CalloutsFull;
+
+impl core::fmt::Display for CalloutsFull {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "callout: more than {MAXCALLOUT} callouts")
+    }
+}
+
+/// The kernel's per-boot callouts and the softclock softint.
+pub(crate) struct Callouts {
+    table: Registry<Callout, MAXCALLOUT>,
+    softclock: Once<SoftintHandle>,
+}
+
+impl Callouts {
+    pub(crate) const fn new() -> Self {
         Self {
-            f,
-            due: AtomicU64::new(IDLE),
-            fired: AtomicBool::new(false),
-            registered: AtomicBool::new(false),
-            next: AtomicPtr::new(core::ptr::null_mut()),
+            table: Registry::new(),
+            softclock: Once::new(),
         }
     }
 }
 
-/// Every callout ever scheduled (append-only, lock-free).
-static LIST: AtomicPtr<Callout> = AtomicPtr::new(core::ptr::null_mut());
-static SOFTCLOCK: AtomicPtr<SoftintHandle> = AtomicPtr::new(core::ptr::null_mut());
-
-fn each(mut f: impl FnMut(&'static Callout)) {
-    let mut p = LIST.load(Acquire);
-    // SAFETY: the list holds only `&'static Callout`s, never removed.
-    while let Some(c) = unsafe { p.as_ref() } {
-        f(c);
-        p = c.next.load(Acquire);
+/// Establish a callout that runs `f`. Thread or host context (attach).
+pub fn callout_establish(
+    f: impl Fn(&SoftCtx) + Send + Sync + 'static,
+) -> Result<CalloutHandle, CalloutsFull> {
+    let c = Callout {
+        f: Box::new(f),
+        due: AtomicU64::new(IDLE),
+        fired: AtomicBool::new(false),
+    };
+    match kernel().callouts.table.register(c) {
+        Ok(i) => Ok(CalloutHandle(i as u16)),
+        Err(_) => Err(CalloutsFull),
     }
 }
 
-/// Run `c` once, `delay_ns` from now (or at its earlier deadline if it is
+/// Run `h` once, `delay_ns` from now (or at its earlier deadline if it is
 /// already armed). Any context.
-pub fn callout_schedule(c: &'static Callout, delay_ns: u64) {
-    if !c.registered.swap(true, AcqRel) {
-        let me = c as *const Callout as *mut Callout;
-        let mut head = LIST.load(Relaxed);
-        loop {
-            c.next.store(head, Relaxed);
-            match LIST.compare_exchange_weak(head, me, AcqRel, Relaxed) {
-                Ok(_) => break,
-                Err(h) => head = h,
-            }
-        }
+pub fn callout_schedule(h: CalloutHandle, delay_ns: u64) {
+    let k = kernel();
+    if let Some(c) = k.callouts.table.get(h.0 as usize) {
+        let due = k.md().nanotime().saturating_add(delay_ns);
+        c.due.fetch_min(due, AcqRel);
     }
-    let due = kernel().md().nanotime().saturating_add(delay_ns);
-    c.due.fetch_min(due, AcqRel);
 }
 
 /// The clock interrupt: mark due callouts and schedule softclock.
 pub fn hardclock(_ctx: &IntrCtx) {
-    let now = kernel().md().nanotime();
+    let k = kernel();
+    let now = k.md().nanotime();
     let mut any = false;
-    each(|c| {
+    for c in k.callouts.table.iter() {
         let d = c.due.load(Acquire);
         if d <= now && c.due.compare_exchange(d, IDLE, AcqRel, Relaxed).is_ok() {
             c.fired.store(true, Release);
             any = true;
         }
-    });
-    if any {
-        // SAFETY: set once at boot to a leaked handle.
-        if let Some(h) = unsafe { SOFTCLOCK.load(Acquire).as_ref() } {
-            softint_schedule(h);
-        }
+    }
+    if any && let Some(h) = k.callouts.softclock.get() {
+        softint_schedule(h);
     }
 }
 
 fn softclock(ctx: &SoftCtx) {
-    each(|c| {
+    for c in kernel().callouts.table.iter() {
         if c.fired.swap(false, AcqRel) {
             (c.f)(ctx);
         }
-    });
+    }
 }
 
 /// Establish the clock vector and softclock (boot). Returns the vector the
 /// machine's clock device posts to CPU 0 every tick.
 pub fn clock_attach() -> Result<crate::intr::IntrHandle, crate::intr::IntrError> {
     let si = softint_establish(Ipl::SoftClock, "softclock", softclock).expect("softclock");
-    let b = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(si));
-    let old = SOFTCLOCK.swap(b, AcqRel);
-    if !old.is_null() {
-        // SAFETY: the previous boot's handle, leaked by the previous call;
-        // that kernel is gone, nothing uses it.
-        drop(unsafe { alloc::boxed::Box::from_raw(old) });
-    }
+    // Boot calls this once per kernel, whose cell is empty.
+    let _ = kernel().callouts.softclock.set(si);
     crate::intr::intr_establish(Ipl::Sched, "clock", hardclock)
 }

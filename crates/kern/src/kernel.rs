@@ -4,12 +4,25 @@
 //! per CPU that calls [`crate::sched::cpu_run`], and later calls
 //! [`shutdown`], waits for the CPU threads to return, and calls
 //! [`teardown`]. One kernel exists at a time per process.
+//!
+//! # Who owns what per boot
+//! The [`Kernel`] owns every piece of state that lives for one boot, layer
+//! by layer: the core's CPUs, vectors, softints, ASTs, threads, kmem and
+//! callouts; the DMA layer's [`Domain`] (the window, its pool, every tag and
+//! the busdma softint); the block layer's buffer pool and device table
+//! (`bio`). Drivers keep no table of their own: a unit reaches what it needs
+//! through handles it got at attach (its tag, its callout, its completer).
+//! State set after boot is kept in the cells of [`crate::once`], so
+//! `teardown` (or `abandon`) ends it all by construction and the next boot
+//! starts from nothing; no module static holds per-boot state.
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Acquire, Ordering::SeqCst};
 
 use crate::ast::Asts;
+use crate::bio::BioState;
 use crate::bus_dma::Domain;
+use crate::callout::Callouts;
 use crate::cpu::{Cpu, MAXCPU};
 use crate::intr::Vectors;
 use crate::kmem::Kmem;
@@ -116,6 +129,8 @@ pub struct Kernel {
     pub kmem: Kmem,
     physmem: PhysMem,
     dma: Domain,
+    pub(crate) callouts: Callouts,
+    pub(crate) bio: BioState,
     clock: crate::intr::IntrHandle,
     shutdown: AtomicBool,
 }
@@ -160,6 +175,8 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
             PhysMem::new(kva, size)
         },
         dma: Domain::new(md.iommu(), cfg.ncpu),
+        callouts: Callouts::new(),
+        bio: BioState::new(),
         // Replaced below, once the kernel is reachable.
         clock: crate::intr::IntrHandle::placeholder(),
         shutdown: AtomicBool::new(false),
@@ -231,8 +248,7 @@ pub unsafe fn teardown() {
     // one uses it any more.
     let k = unsafe { Box::from_raw(p) };
     k.threads.free_stacks(&k);
-    crate::bus_dma::reset_tags();
-    crate::bio::bio_reset();
+    // The per-boot state (tags, callouts, buffer pool, devices) goes with it.
     drop(k);
 }
 
@@ -290,7 +306,6 @@ impl Kernel {
 /// suspended on it: freeing them would unwind through foreign frames).
 /// The process may boot a new kernel afterwards.
 pub fn abandon() {
+    // Its per-boot state is forgotten with it.
     KERNEL.store(core::ptr::null_mut(), SeqCst);
-    crate::bus_dma::reset_tags();
-    crate::bio::bio_reset();
 }

@@ -1,5 +1,15 @@
-//! A set-once cell that is `Sync`: asterinas' `spin::Once`, Tock's
-//! `OptionalCell` made shareable.
+//! A set-once cell that is `Sync` (asterinas' `spin::Once`, Tock's
+//! `OptionalCell` made shareable), and a fixed-size registry of them.
+//!
+//! These two are how the kernel keeps per-boot state: the [`Kernel`]
+//! owns a `Once` or a [`Registry`] for each thing set up after boot (the
+//! buffer pool, the DMA tags, the callouts, the busdma and softclock
+//! softints), so a teardown drops them all with the kernel and the next
+//! boot starts empty, with no module static to clear by hand. This is the
+//! one audited module for it: the `unsafe` of these cells is here and
+//! nowhere else.
+//!
+//! [`Kernel`]: crate::kernel::Kernel
 //!
 //! An object that is shared (leaked to `'static`, captured by handlers)
 //! before all of its fields are known, such as a driver whose softint
@@ -16,8 +26,8 @@
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{
-    AtomicU8,
-    Ordering::{Acquire, Relaxed, Release},
+    AtomicU8, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 
 const EMPTY: u8 = 0;
@@ -97,6 +107,63 @@ impl<T: core::fmt::Debug> core::fmt::Debug for Once<T> {
             Some(v) => f.debug_tuple("Once").field(v).finish(),
             None => f.write_str("Once(<unset>)"),
         }
+    }
+}
+
+/// A fixed-size, append-only table of values registered once each and
+/// then read lock-free by anyone: the per-boot tables of the kernel
+/// (every DMA tag, every callout). Registration never blocks and never
+/// allocates; a full table refuses.
+///
+/// # Contexts
+/// [`Registry::register`], [`Registry::get`], [`Registry::iter`]: any.
+pub struct Registry<T, const N: usize> {
+    slots: [Once<T>; N],
+    next: AtomicUsize,
+}
+
+impl<T, const N: usize> Default for Registry<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T, const N: usize> Registry<T, N> {
+    /// An empty table.
+    pub const fn new() -> Self {
+        Self {
+            slots: [const { Once::new() }; N],
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Add `v`; its index, or `Err(v)` if the table is full.
+    pub fn register(&self, v: T) -> Result<usize, T> {
+        let Ok(i) = self
+            .next
+            .fetch_update(AcqRel, Acquire, |n| (n < N).then_some(n + 1))
+        else {
+            return Err(v);
+        };
+        // Slot `i` was claimed by us alone, so this first set succeeds.
+        self.slots[i].set(v).map(|()| i)
+    }
+
+    /// Entry `i`, if it is registered.
+    pub fn get(&self, i: usize) -> Option<&T> {
+        self.slots.get(i)?.get()
+    }
+
+    /// Every registered entry, in registration order (an entry being
+    /// registered concurrently may or may not be seen).
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        let n = self.next.load(Acquire).min(N);
+        self.slots[..n].iter().filter_map(Once::get)
+    }
+
+    /// Its capacity.
+    pub const fn capacity(&self) -> usize {
+        N
     }
 }
 
@@ -183,5 +250,44 @@ mod tests {
             let v = *c.get().unwrap();
             assert!(v < 4);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod registry_tests {
+    use super::Registry;
+    use std::sync::Arc;
+    use std::vec::Vec;
+
+    #[test]
+    fn registers_in_order_until_full() {
+        let r: Registry<u32, 3> = Registry::new();
+        assert_eq!(r.iter().count(), 0);
+        assert_eq!(r.register(10), Ok(0));
+        assert_eq!(r.register(11), Ok(1));
+        assert_eq!(r.register(12), Ok(2));
+        assert_eq!(r.register(13), Err(13), "a full table refuses");
+        assert_eq!(r.iter().copied().collect::<Vec<_>>(), [10, 11, 12]);
+        assert_eq!(r.get(1), Some(&11));
+        assert_eq!(r.get(3), None);
+    }
+
+    #[test]
+    fn concurrent_registrations_get_distinct_slots() {
+        let r: Arc<Registry<usize, 64>> = Arc::new(Registry::new());
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    (0..20).filter(|i| r.register(t * 100 + i).is_ok()).count()
+                })
+            })
+            .collect();
+        let ok: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(ok, 64, "exactly the capacity is accepted");
+        let mut all: Vec<usize> = r.iter().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 64);
     }
 }

@@ -5,15 +5,21 @@ use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering::*};
 
 use super::pool::DmaPool;
-use super::{DmaError, DmaTag, pages};
+use super::{DmaError, DmaTag, MAX_TAGS, pages};
 use crate::iommu::{DmaAccess, IOPAGE, Iommu, Iova, IovaArena};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::lock::SpinMutex;
+use crate::once::{Once, Registry};
+use crate::softint::SoftintHandle;
 use crate::vm::Paddr;
 
 /// The machine's IOMMU domain: the window and its IOVA arena.
 pub struct Domain {
+    /// Every tag created since boot.
+    pub(super) tags: Registry<&'static DmaTag, MAX_TAGS>,
+    /// The `busdma` soft interrupt (established with the first tag).
+    pub(super) softint: Once<SoftintHandle>,
     iommu: &'static dyn Iommu,
     /// IOVA allocator.
     pub iova: IovaArena,
@@ -29,6 +35,8 @@ impl Domain {
     pub fn new(iommu: &'static dyn Iommu, ncpu: usize) -> Self {
         let size = iommu.size();
         Self {
+            tags: Registry::new(),
+            softint: Once::new(),
             iommu,
             iova: IovaArena::new(Iova(IOPAGE as u64), size - IOPAGE as u64, ncpu),
             pool: SpinMutex::new(Ipl::None, None),

@@ -4,12 +4,12 @@
 //! empty every load queues or fails (FreeBSD lets them overtake; dvma keeps
 //! the order).
 
-use alloc::boxed::Box;
-use core::sync::atomic::{AtomicPtr, Ordering::*};
+use core::sync::atomic::Ordering::*;
 
 use super::{DmaDir, DmaError, DmaMap, DmaTag, LoadError, Wait, dmamap_load, tags};
 use crate::ctx::SoftCtx;
 use crate::ipl::Ipl;
+use crate::kernel::kernel;
 use crate::sched::{wakeup, wchan};
 use crate::softint::{SoftintHandle, softint_schedule};
 use crate::vm::IoBuf;
@@ -22,17 +22,9 @@ pub(super) struct Deferred {
     arg: usize,
 }
 
-static BUSDMA_SI: AtomicPtr<SoftintHandle> = AtomicPtr::new(core::ptr::null_mut());
-
-/// Forget the softint handle (kernel teardown).
-pub(super) fn reset_softint() {
-    BUSDMA_SI.store(core::ptr::null_mut(), Release);
-}
-
 pub(super) fn busdma_softint() -> &'static SoftintHandle {
-    let p = BUSDMA_SI.load(Acquire);
-    // SAFETY: a leaked handle, set once below.
-    if let Some(h) = unsafe { p.as_ref() } {
+    let dom = kernel().dma_domain();
+    if let Some(h) = dom.softint.get() {
         return h;
     }
     let h = crate::softint::softint_establish(Ipl::SoftBio, "busdma", |ctx| {
@@ -41,19 +33,9 @@ pub(super) fn busdma_softint() -> &'static SoftintHandle {
         }
     })
     .expect("busdma softint");
-    let b = Box::into_raw(Box::new(h));
-    match BUSDMA_SI.compare_exchange(core::ptr::null_mut(), b, AcqRel, Acquire) {
-        Ok(_) => {
-            // SAFETY: just leaked.
-            unsafe { &*b }
-        }
-        Err(other) => {
-            // SAFETY: ours lost the race and was never shared.
-            drop(unsafe { Box::from_raw(b) });
-            // SAFETY: `other` is the winner's leaked handle.
-            unsafe { &*other }
-        }
-    }
+    // Two first attaches racing: the loser's softint is never scheduled.
+    let _ = dom.softint.set(h);
+    dom.softint.get().expect("just set")
 }
 
 /// A load that, when out of space, is queued in the tag's FIFO and

@@ -6,8 +6,7 @@
 use alloc::boxed::Box;
 use core::sync::atomic::Ordering::*;
 
-use super::{DmaDir, DmaError, DmaTag, Kind, LoadError, Loaded, page_span, pages, strict, tags};
-use crate::ctx::SoftCtx;
+use super::{DmaDir, DmaError, DmaTag, Kind, LoadError, Loaded, page_span, pages, strict};
 use crate::iommu::Iova;
 use crate::kernel::kernel;
 use crate::lock::SpinMutex;
@@ -108,7 +107,7 @@ impl DmaTag {
             if due {
                 self.lazy_flush(q);
             } else {
-                crate::callout::callout_schedule(&LAZY_CALLOUT, self.cfg.lazy_timeout_ns);
+                self.lazy_schedule(self.cfg.lazy_timeout_ns);
             }
             return;
         }
@@ -157,8 +156,15 @@ impl DmaTag {
         }
     }
 
-    /// Lazy mode: flush what is older than the timeout (callout).
-    fn lazy_tick(&self) {
+    /// Arm the tag's flush callout.
+    fn lazy_schedule(&self, delay_ns: u64) {
+        if let Some(&h) = self.lazy_callout.get() {
+            crate::callout::callout_schedule(h, delay_ns);
+        }
+    }
+
+    /// Lazy mode: flush what is older than the timeout (its callout).
+    pub(super) fn lazy_tick(&self) {
         if let Kind::Lazy(q) = &self.kind {
             let now = kernel().md().nanotime();
             let g = q.lock();
@@ -168,7 +174,7 @@ impl DmaTag {
             if due {
                 self.lazy_flush(q);
             } else if any {
-                crate::callout::callout_schedule(&LAZY_CALLOUT, self.cfg.lazy_timeout_ns / 2);
+                self.lazy_schedule(self.cfg.lazy_timeout_ns / 2);
             }
         }
     }
@@ -178,15 +184,6 @@ impl DmaTag {
         if let Kind::Lazy(q) = &self.kind {
             self.lazy_flush(q);
         }
-    }
-}
-
-/// The lazy-flush callout (shared by every lazy tag).
-static LAZY_CALLOUT: crate::callout::Callout = crate::callout::Callout::new(lazy_callout);
-
-fn lazy_callout(_: &SoftCtx) {
-    for t in tags() {
-        t.lazy_tick();
     }
 }
 

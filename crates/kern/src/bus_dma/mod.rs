@@ -55,13 +55,15 @@
 //! deferred-load FIFO and its soft interrupt are `fifo.rs`.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
+use crate::callout::CalloutHandle;
 use crate::ctx::ThreadCtx;
 use crate::iommu::{DmaAccess, IOPAGE, Iova};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::percpu::PerCpuCounter;
 use crate::sched::{Interrupted, sleep_interlocked, wchan};
 use crate::vm::{IoBuf, Paddr, PhysRange};
@@ -379,30 +381,23 @@ pub struct DmaTag {
     fifo: SpinMutex<alloc::collections::VecDeque<Deferred>>,
     fifo_len: AtomicUsize,
     waiters: AtomicUsize,
+    /// `lazy`: the callout that flushes old unloads (set at creation).
+    lazy_callout: Once<CalloutHandle>,
     /// Counters.
     pub stats: TagStats,
 }
 
+/// Tags a boot may create.
 const MAX_TAGS: usize = 64;
-static TAGS: [AtomicPtr<DmaTag>; MAX_TAGS] =
-    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_TAGS];
 
-/// Every tag created since boot.
+/// Every tag created since boot (none when no kernel is booted). A tag
+/// lives as long as the boot: its memory is leaked with its mappings,
+/// which die with the machine; the kernel's table of them is dropped with
+/// the kernel.
 pub fn tags() -> impl Iterator<Item = &'static DmaTag> {
-    TAGS.iter().filter_map(|p| {
-        // SAFETY: tags are leaked at creation and forgotten only by
-        // `reset_tags` at kernel teardown.
-        unsafe { p.load(Acquire).as_ref() }
-    })
-}
-
-/// Forget every tag (kernel teardown; their memory is leaked with their
-/// mappings, which die with the machine).
-pub(crate) fn reset_tags() {
-    for p in &TAGS {
-        p.store(core::ptr::null_mut(), Release);
-    }
-    fifo::reset_softint();
+    crate::kernel::try_kernel()
+        .into_iter()
+        .flat_map(|k| k.dma_domain().tags.iter().copied())
 }
 
 /// Create a tag (driver attach). Thread or host context.
@@ -428,17 +423,19 @@ pub fn tag_create(name: &'static str, cfg: TagConfig) -> Result<&'static DmaTag,
         dom,
         kind,
         waiters: AtomicUsize::new(0),
+        lazy_callout: Once::new(),
         stats: TagStats::default(),
     }));
     if let Some(p) = tag.kind.pool() {
         // The pool's pages are held for this tag's devices, always.
         tag.stats.held(p.pages() as i64);
     }
-    let p = tag as *const DmaTag as *mut DmaTag;
-    if !TAGS.iter().any(|s| {
-        s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
-            .is_ok()
-    }) {
+    if let Kind::Lazy(_) = &tag.kind {
+        let h = crate::callout::callout_establish(move |_| tag.lazy_tick())
+            .map_err(|_| DmaError::NoSpace { len: 0 })?;
+        let _ = tag.lazy_callout.set(h); // the only set
+    }
+    if dom.tags.register(tag).is_err() {
         return Err(DmaError::NoSpace { len: 0 });
     }
     Ok(tag)

@@ -25,14 +25,14 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 
 use super::completer::{Completer, WorkCtx};
 use crate::bio::{
     BlockDev, BufAlloc, BufBox, BufOp, BufPool, BufQueue, BufqStrategy, ChildLink, DEV_BSIZE,
     IoDone, StackedDev, biodone, bounds_check,
 };
-use crate::callout::{Callout, callout_schedule};
+use crate::callout::{CalloutHandle, callout_establish, callout_schedule};
 use crate::completion::Completion;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
@@ -106,28 +106,10 @@ pub struct Ccd {
     /// The unit itself, as its component bufs' `driver` link (set once at
     /// attach, before any I/O).
     me: Once<&'static Ccd>,
+    /// Retries backed-off parents (set once at attach).
+    retry: Once<CalloutHandle>,
     /// Counters.
     pub stats: CcdStats,
-}
-
-const MAXCCD: usize = 8;
-static CCDS: [AtomicPtr<Ccd>; MAXCCD] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAXCCD];
-static RETRY: Callout = Callout::new(retry_all);
-
-fn retry_all(_: &crate::ctx::SoftCtx) {
-    for p in &CCDS {
-        // SAFETY: units are leaked at attach and forgotten at teardown.
-        if let Some(c) = unsafe { p.load(Acquire).as_ref() } {
-            c.retry();
-        }
-    }
-}
-
-/// Forget the units (kernel teardown).
-pub(crate) fn reset() {
-    for p in &CCDS {
-        p.store(core::ptr::null_mut(), Release);
-    }
 }
 
 /// A piece of a parent I/O on one component.
@@ -218,18 +200,15 @@ impl Ccd {
             ),
             retrying: AtomicBool::new(false),
             me: Once::new(),
+            retry: Once::new(),
             stats: CcdStats::default(),
         }));
         // The only sets of these cells: they cannot fail.
         let _ = cell.set(ccd);
         let _ = ccd.me.set(ccd);
-        let p = ccd as *const Ccd as *mut Ccd;
-        if !CCDS.iter().any(|s| {
-            s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
-                .is_ok()
-        }) {
-            return Err(alloc::format!("{}: more than {MAXCCD} ccd units", ccd.name));
-        }
+        let retry = callout_establish(move |_| ccd.retry())
+            .map_err(|e| alloc::format!("{}: {e}", ccd.name))?;
+        let _ = ccd.retry.set(retry);
         Ok(ccd)
     }
 
@@ -338,6 +317,13 @@ impl Ccd {
         Ok(())
     }
 
+    /// Retry backed-off parents in a millisecond.
+    fn schedule_retry(&self) {
+        if let Some(&h) = self.retry.get() {
+            callout_schedule(h, 1_000_000);
+        }
+    }
+
     /// Retry backed-off parents, in order, one retrier at a time.
     fn retry(&self) {
         if self.retrying.swap(true, AcqRel) {
@@ -348,7 +334,7 @@ impl Ccd {
             let Some(bp) = bp else { break };
             if let Err(bp) = self.start_one(bp) {
                 self.state.lock().waiting.put_front(bp);
-                callout_schedule(&RETRY, 1_000_000);
+                self.schedule_retry();
                 break;
             }
         }
@@ -439,7 +425,7 @@ impl BlockDev for Ccd {
         if let Err(bp) = self.start_one(bp) {
             self.stats.backoffs.fetch_add(1, Relaxed);
             self.state.lock().waiting.put(bp);
-            callout_schedule(&RETRY, 1_000_000);
+            self.schedule_retry();
         }
     }
 

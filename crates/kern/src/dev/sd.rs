@@ -29,7 +29,7 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 use super::completer::{Completer, WorkCtx};
 use super::{DiskCmd, DiskController, DiskGeometry, DiskOp, DiskStatus};
@@ -40,11 +40,12 @@ use crate::bus_dma::{
     DmaDir, DmaError, DmaMap, DmaTag, SyncOp, TagConfig, Wait, dmamap_create, dmamap_load,
     dmamap_sync, dmamap_unload, tag_create,
 };
-use crate::callout::{Callout, callout_schedule};
+use crate::callout::{CalloutHandle, callout_establish, callout_schedule};
 use crate::completion::Completion;
 use crate::intr::intr_establish;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::vm::IoBuf;
 
 /// Attach-time configuration of an sd unit.
@@ -115,6 +116,9 @@ pub struct Sd {
     state: SpinMutex<State>,
     slots: Box<[UnsafeCell<Slot>]>,
     inflight: AtomicUsize,
+    /// Retries the unit when it is starved of DVMA space with nothing in
+    /// flight (set once at attach).
+    retry: Once<CalloutHandle>,
     /// Counters.
     pub stats: SdStats,
 }
@@ -123,31 +127,6 @@ pub struct Sd {
 // slot (taken off the free list under `state`, given back the same way);
 // see the module docs.
 unsafe impl Sync for Sd {}
-
-const MAXSD: usize = 32;
-/// Attached units, for the retry callout (lock-free: it runs at softclock).
-static SDS: [AtomicPtr<Sd>; MAXSD] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAXSD];
-
-/// Forget the attached units (kernel teardown).
-pub(crate) fn reset() {
-    for p in &SDS {
-        p.store(core::ptr::null_mut(), Release);
-    }
-}
-
-/// Retries units starved of DVMA space with nothing in flight.
-static RETRY: Callout = Callout::new(retry_all);
-
-fn retry_all(_: &crate::ctx::SoftCtx) {
-    for p in &SDS {
-        // SAFETY: units are leaked at attach and forgotten at teardown.
-        if let Some(sd) = unsafe { p.load(Acquire).as_ref() }
-            && sd.state.lock().starved
-        {
-            sd.start(None);
-        }
-    }
-}
 
 impl Sd {
     /// Attach an sd unit to controller `ctrl`. Thread or host context.
@@ -173,8 +152,7 @@ impl Sd {
             .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
         // The completer needs the unit and the unit needs the completer:
         // the unit is built first with a placeholder-free two-step leak.
-        let cell: &'static spin_cell::Once<&'static Sd> =
-            Box::leak(Box::new(spin_cell::Once::new()));
+        let cell: &'static Once<&'static Sd> = Box::leak(Box::new(Once::new()));
         let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
             if let Some(sd) = cell.get() {
                 sd.done(ctx);
@@ -197,22 +175,23 @@ impl Sd {
             ),
             slots,
             inflight: AtomicUsize::new(0),
+            retry: Once::new(),
             stats: SdStats::default(),
         }));
-        cell.set(sd);
+        let _ = cell.set(sd); // the only set
+        let retry = callout_establish(move |_| {
+            if sd.state.lock().starved {
+                sd.start(None);
+            }
+        })
+        .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        let _ = sd.retry.set(retry); // the only set
         let vector = intr_establish(Ipl::Bio, cfg.name, move |ctx| {
             sd.stats.intrs.fetch_add(1, Relaxed);
             sd.completer.interrupt(ctx);
         })
         .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
         ctrl.set_interrupt(cfg.cpu, vector);
-        let p = sd as *const Sd as *mut Sd;
-        if !SDS.iter().any(|s| {
-            s.compare_exchange(core::ptr::null_mut(), p, AcqRel, Relaxed)
-                .is_ok()
-        }) {
-            return Err(alloc::format!("{}: more than {MAXSD} sd units", cfg.name));
-        }
         Ok(sd)
     }
 
@@ -297,8 +276,10 @@ impl Sd {
                     st.free.push(id);
                     st.starved = true;
                     drop(st);
-                    if self.inflight.load(Relaxed) == 0 {
-                        callout_schedule(&RETRY, 1_000_000);
+                    if self.inflight.load(Relaxed) == 0
+                        && let Some(&h) = self.retry.get()
+                    {
+                        callout_schedule(h, 1_000_000);
                     }
                     break;
                 }
@@ -495,40 +476,5 @@ impl BlockDev for Sd {
             extra,
             self.completer.mode()
         )
-    }
-}
-
-/// A tiny set-once cell (no_std).
-mod spin_cell {
-    use core::sync::atomic::{AtomicPtr, Ordering::*};
-
-    /// Set once, read many.
-    pub struct Once<T: 'static> {
-        p: AtomicPtr<T>,
-    }
-
-    impl<T: Copy + 'static> Once<T> {
-        pub const fn new() -> Self {
-            Self {
-                p: AtomicPtr::new(core::ptr::null_mut()),
-            }
-        }
-
-        pub fn set(&self, v: T) {
-            let b = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(v));
-            if self
-                .p
-                .compare_exchange(core::ptr::null_mut(), b, AcqRel, Acquire)
-                .is_err()
-            {
-                // SAFETY: never published.
-                drop(unsafe { alloc::boxed::Box::from_raw(b) });
-            }
-        }
-
-        pub fn get(&self) -> Option<T> {
-            // SAFETY: set once to a leaked box.
-            unsafe { self.p.load(Acquire).as_ref() }.copied()
-        }
     }
 }

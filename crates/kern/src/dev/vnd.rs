@@ -30,6 +30,7 @@ use crate::ctx::ThreadCtx;
 use crate::intr::intr_establish;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::Once;
 use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
 
 /// Attach-time configuration.
@@ -87,12 +88,9 @@ unsafe impl Sync for Vnd {}
 impl Vnd {
     /// Attach a vnd on file device `dev`. Thread or host context.
     pub fn attach(cfg: VndConfig, dev: &'static dyn FileDevice) -> Result<&'static Vnd, String> {
-        let cell: &'static core::sync::atomic::AtomicPtr<Vnd> = Box::leak(Box::new(
-            core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
-        ));
+        let cell: &'static Once<&'static Vnd> = Box::leak(Box::new(Once::new()));
         let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
-            // SAFETY: set below, before the device can interrupt.
-            if let Some(v) = unsafe { cell.load(Acquire).as_ref() } {
+            if let Some(v) = cell.get() {
                 v.done(ctx);
             }
         })?;
@@ -117,7 +115,7 @@ impl Vnd {
             thread: SpinMutex::new(Ipl::None, None),
             stats: VndStats::default(),
         }));
-        cell.store(vnd as *const Vnd as *mut Vnd, Release);
+        let _ = cell.set(vnd); // the only set: before the device can interrupt
         let vector = intr_establish(Ipl::Bio, cfg.name, move |ctx| vnd.completer.interrupt(ctx))
             .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
         dev.set_interrupt(cfg.cpu, vector);
