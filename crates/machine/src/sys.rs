@@ -185,3 +185,13 @@ pub fn io_uring_enter(fd: i32, to_submit: u32, min_complete: u32, flags: u32) ->
 pub fn write(fd: i32, buf: *const u8, len: usize) -> isize {
     raw6(libc::SYS_write, [fd as usize, buf as usize, len, 0, 0, 0])
 }
+
+/// `pwrite(fd, buf, len, off)`: bytes written, or a negative errno. The
+/// caller passes an address range the kernel may read (or the call fails
+/// with `-EFAULT`, which is how an unmapped DVMA page shows).
+pub fn pwrite(fd: i32, buf: usize, len: usize, off: u64) -> isize {
+    raw6(
+        libc::SYS_pwrite64,
+        [fd as usize, buf, len, off as usize, 0, 0],
+    )
+}

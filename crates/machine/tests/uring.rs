@@ -216,8 +216,11 @@ fn dma_fault_on_unmapped_iova() {
     assert_eq!(w.stats.faults.load(SeqCst), faults0 + 5);
 
     let ok = load(&m, t, vec![(8192, Some(0x44))], DmaDir::ToDevice);
+    let inline0 = disk.stats().inline_writes;
     let st = exec_disk(&disk, &[wr(100, 16, iova(&ok[0]), false)]);
     assert_eq!(st, vec![DiskStatus::Ok]);
+    // Written by the doorbell itself, not handed to io_uring.
+    assert_eq!(disk.stats().inline_writes, inline0 + 1);
     unload(&m, ok);
     assert!(tmp.read_at(100 * 512, 8192) == pattern(0x44, 8192));
     let s = disk.stats();

@@ -105,6 +105,8 @@ counters! {
     writes,
     /// WRITE commands with FUA set.
     fua_writes,
+    /// WRITE commands the io_uring engine wrote itself, on the doorbell.
+    inline_writes,
     /// FLUSH commands executed.
     flushes,
     /// Bytes moved from the medium to memory.

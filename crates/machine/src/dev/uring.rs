@@ -29,6 +29,21 @@
 //!   look; the timed wake bounds what that would cost, and retries a
 //!   submission the host refused for a moment (`EAGAIN`, `EBUSY`).
 //!
+//! # Writes
+//! A WRITE is not handed to io_uring: the doorbell's caller writes it
+//! itself, with one `pwrite(2)` from `window + iova` (a plain buffered
+//! write: the copy into the page cache). io_uring would hand every
+//! buffered write on ext4 to one of its worker threads (ext4 cannot do a
+//! buffered write without blocking: `RWF_NOWAIT` gives `EOPNOTSUPP`), and
+//! each would cost a worker's and the reaper's wake-ups, where the copy
+//! costs a few microseconds of the vCPU. Its result goes where its CQE's
+//! would: a short write's rest, and a FUA write's `fdatasync`, go to the
+//! ring. (With an injected delay the write goes to the ring, linked to its
+//! timeout, as before.) The doorbell may run in an interrupt handler: the
+//! raw system call allocates nothing, takes no lock of ours and leaves
+//! `errno` alone, though it may block in the host kernel for as long as
+//! the page cache makes it.
+//!
 //! # The DVMA guarantees
 //! Data moves only between the file and `window + iova`, with plain
 //! (not registered, not fixed) buffers: the host kernel copies through the
@@ -380,7 +395,7 @@ impl UringCore {
                 && let Some(cmd) = self.sq.pop()
             {
                 moved += 1;
-                self.start(&mut sq, slots, free, unsignalled, cmd);
+                self.start(&mut sq, slots, free, redo, unsignalled, cmd);
             }
             let n = sq.len() as u32;
             drop(sq); // publishes the tail
@@ -408,6 +423,7 @@ impl UringCore {
         sq: &mut squeue::SubmissionQueue<'_>,
         slots: &mut [Slot],
         free: &mut Vec<u16>,
+        redo: &mut Vec<(u16, u64)>,
         unsignalled: &mut u32,
         c: DiskCmd,
     ) {
@@ -458,6 +474,16 @@ impl UringCore {
             done: 0,
             ts: slot.ts,
         };
+        if kind == KIND_DATA && c.op == DiskOp::Write && self.delay_ns.load(Relaxed) == 0 {
+            // A buffered write, done here (module docs: writes). Its result
+            // goes where its CQE's would; a short write's rest, and a FUA
+            // write's fdatasync, go to the ring.
+            let addr = self.medium.window.base() + c.iova.get() as usize;
+            let off = c.lba * SECTOR as u64;
+            let res = sys::pwrite(self.medium.file.as_raw_fd(), addr, slot.len, off);
+            Counters::inc(&self.stats.inline_writes);
+            return self.on_cqe(slots, free, redo, unsignalled, tag, KIND_DATA, res as i32);
+        }
         self.push(sq, slot, tag, kind, true);
     }
 
