@@ -17,9 +17,13 @@
 //! ```
 //!
 //! The NIC's interrupt only says "look" (NAPI): a blksrv thread that looks
-//! for work polls the receive queues itself, its own CPU's first, so a busy
-//! CPU finds new requests without being interrupted, and an idle one is
-//! woken by the queue, not by a host thread. A reply that the socket does
+//! for work polls its CPU's receive queue itself, so a busy CPU finds new
+//! requests without being interrupted, and an idle one is woken by the
+//! queue, not by a host thread. A connection's requests are parsed, served
+//! and answered on its NIC's CPU only (blksrv's `per_cpu` channel: the
+//! interrupt and the baton wake that CPU's threads, never another's), and
+//! with the io_uring disk engine their completions interrupt that CPU too,
+//! without a signal: nothing crosses CPUs on the way. A reply that the socket does
 //! not take at once stays queued on its connection (with the credits it
 //! holds) and leaves when the queue reports the socket writable.
 //!
@@ -904,17 +908,18 @@ impl RequestChannel for NicChannel {
             return Some(r);
         }
         self.service(me);
-        if let Some(r) = self.pop(me) {
-            return Some(r);
-        }
-        // Another CPU's requests, parsed and waiting.
-        (0..self.cpus.len())
-            .filter(|&i| i != me)
-            .find_map(|i| self.pop(i))
+        self.pop(me)
     }
 
     fn pending(&self) -> bool {
-        self.cpus.iter().any(|pc| pc.nreqs.load(Acquire) != 0)
+        let me = kern::cpu::curcpu_opt().map_or(0, |c| c.index()) % self.cpus.len();
+        self.cpus[me].nreqs.load(Acquire) != 0
+    }
+
+    /// A connection's requests are served by its NIC's CPU (parsed there,
+    /// its DMA buffers and completions stay there): no CPU takes another's.
+    fn per_cpu(&self) -> bool {
+        true
     }
 
     fn complete(&self, req: Box<BlockReq>) {

@@ -33,7 +33,7 @@ use crate::ctx::ThreadCtx;
 use crate::intr::{IntrHandle, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
-use crate::sched::{kthread_create, sleep_interlocked, wakeup_one_local, wchan};
+use crate::sched::{kthread_create, sleep_interlocked, wakeup_one_local, wakeup_one_on, wchan};
 use crate::vm::IoBuf;
 
 /// A block request.
@@ -91,6 +91,14 @@ pub trait RequestChannel: Sync {
     fn complete(&self, req: Box<BlockReq>);
     /// Post `vector` on `cpu` when requests are queued.
     fn set_interrupt(&self, cpu: usize, vector: IntrHandle);
+    /// Are requests queued per CPU, for that CPU's threads only (a NIC
+    /// per CPU, as receive-side scaling has)? Then the interrupt and the
+    /// baton wake a thread of the calling CPU and never another CPU's,
+    /// and [`RequestChannel::take`] and [`RequestChannel::pending`] look at
+    /// the calling CPU's queue. Default: one queue for every CPU.
+    fn per_cpu(&self) -> bool {
+        false
+    }
 }
 
 /// Counters.
@@ -133,7 +141,7 @@ pub fn blksrv_attach(
         // One thread, on this CPU if one sleeps here (the requests' data
         // and the disk's interrupts stay on one CPU, and no other CPU has
         // to be kicked awake); it passes the baton if more are queued.
-        wakeup_one_local(wchan(&srv.work));
+        srv.wake();
     })
     .map_err(|e| alloc::format!("blksrv: {e}"))?;
     chan.set_interrupt(cpu, vector);
@@ -147,12 +155,24 @@ pub fn blksrv_attach(
 }
 
 impl Srv {
+    /// Wake one thread: of this CPU for a per-CPU channel, else preferably.
+    fn wake(&self) {
+        match crate::cpu::curcpu_opt() {
+            Some(c) if self.chan.per_cpu() => {
+                wakeup_one_on(wchan(&self.work), c.index());
+            }
+            _ => {
+                wakeup_one_local(wchan(&self.work));
+            }
+        }
+    }
+
     fn thread(&self, ctx: &ThreadCtx) {
         loop {
             let req = loop {
                 if let Some(r) = self.chan.take() {
                     if self.chan.pending() {
-                        wakeup_one_local(wchan(&self.work));
+                        self.wake();
                     }
                     break r;
                 }

@@ -129,6 +129,9 @@ pub struct CpuStats {
     pub posts_coalesced: AtomicU64,
     /// Posts that required a signal.
     pub kicks_intr: AtomicU64,
+    /// Posts by thread code of the target CPU itself: taken at once (or
+    /// at the `splx` that lowers the IPL), without a signal.
+    pub posts_self: AtomicU64,
     /// Posts or wakeups that woke the CPU from idle sleep.
     pub kicks_wake: AtomicU64,
     /// Soft-interrupt handler invocations.
@@ -169,6 +172,7 @@ impl Default for CpuStats {
             idle_dispatch: CpuLocal::new(),
             posts_coalesced: AtomicU64::new(0),
             kicks_intr: AtomicU64::new(0),
+            posts_self: AtomicU64::new(0),
             kicks_wake: AtomicU64::new(0),
             softints: CpuLocal::new(),
             softint_overruns: CpuLocal::new(),

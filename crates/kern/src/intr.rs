@@ -161,8 +161,25 @@ pub fn intr_establish(
 /// Post vector `h` on CPU `cpu`: any thread, any context (devices call it).
 ///
 /// Sets the vector pending and kicks the CPU only when it would not notice
-/// by itself; a vector already pending coalesces.
+/// by itself; a vector already pending coalesces. A post by the target
+/// CPU's own thread code interrupts it with a signal, as a self-IPI would
+/// (the micro-benchmarks and `dvma race` rely on that); see
+/// [`intr_post_inline`] for the device that would rather not.
 pub fn intr_post(cpu: usize, h: IntrHandle) {
+    post(cpu, h, false)
+}
+
+/// [`intr_post`] for a device whose completion the target CPU noticed
+/// itself (a doorbell that reaped it inline): from thread code of that CPU
+/// the interrupt is taken right here, as the signal would have been taken
+/// on its return, or, if the IPL blocks it, by the `splx` that lowers the
+/// IPL, as a deferred signal would be; no signal is sent. From anywhere
+/// else, the same as [`intr_post`]. Any context.
+pub fn intr_post_inline(cpu: usize, h: IntrHandle) {
+    post(cpu, h, true)
+}
+
+fn post(cpu: usize, h: IntrHandle, inline: bool) {
     let k = kernel();
     let c = k.cpu(cpu);
     match c.line.post(1u64 << h.bit, h.level()) {
@@ -170,6 +187,13 @@ pub fn intr_post(cpu: usize, h: IntrHandle) {
             c.stats.posts_coalesced.fetch_add(1, Relaxed);
         }
         Post::Noticed => {}
+        Post::Kick(crate::md::Kick::Interrupt(level)) if inline && self_post(c) => {
+            c.stats.posts_self.fetch_add(1, Relaxed);
+            let ipl = c.line.ipl();
+            if level as u8 > ipl {
+                crate::spl::splx_cpu(c, ipl);
+            }
+        }
         Post::Kick(kick) => {
             match kick {
                 crate::md::Kick::Interrupt(_) => c.stats.kicks_intr.fetch_add(1, Relaxed),
@@ -178,6 +202,14 @@ pub fn intr_post(cpu: usize, h: IntrHandle) {
             k.md().kick(cpu, kick);
         }
     }
+}
+
+/// Is the caller thread code of CPU `c` (not one of its interrupt
+/// handlers, not its idle loop, not another CPU or a host thread)?
+fn self_post(c: &Cpu) -> bool {
+    curcpu_opt().is_some_and(|me| core::ptr::eq(me, c))
+        && c.intr_depth() == 0
+        && c.in_kthread.load(Relaxed)
 }
 
 /// What the machine knows about an interrupted context (a signal frame).

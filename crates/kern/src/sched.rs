@@ -674,12 +674,12 @@ pub fn sleep_interlocked<T>(
 }
 
 fn wake(chan: WChan, all: bool) -> usize {
-    wake_on(chan, all, None)
+    wake_on(chan, all, None, false)
 }
 
 /// Wake the sleepers on `chan`: all, or one (the first bound to CPU
 /// `prefer` if there is one, else the first). One walk of the bucket.
-fn wake_on(chan: WChan, all: bool, prefer: Option<usize>) -> usize {
+fn wake_on(chan: WChan, all: bool, prefer: Option<usize>, only: bool) -> usize {
     let k = kernel();
     let b = bucket(k, chan);
     let mut q = b.lock();
@@ -718,7 +718,9 @@ fn wake_on(chan: WChan, all: bool, prefer: Option<usize>) -> usize {
         }
         cur = next;
     }
-    if let Some((p, c)) = first {
+    if let Some((p, c)) = first
+        && !only
+    {
         take(&mut q, p, c);
         n = 1;
     }
@@ -740,7 +742,13 @@ pub fn wakeup_one(chan: WChan) -> bool {
 /// system call and a host context switch), else any. Returns whether there
 /// was one. Any context; on a host thread, the same as [`wakeup_one`].
 pub fn wakeup_one_local(chan: WChan) -> bool {
-    wake_on(chan, false, curcpu_opt().map(|c| c.index())) == 1
+    wake_on(chan, false, curcpu_opt().map(|c| c.index()), false) == 1
+}
+
+/// Wake one thread sleeping on `chan` that is bound to CPU `cpu`, and no
+/// other. Returns whether there was one. Any context.
+pub fn wakeup_one_on(chan: WChan, cpu: usize) -> bool {
+    wake_on(chan, false, Some(cpu), true) == 1
 }
 
 /// Shutdown: wake every sleeper with `Err(Interrupted)`. The caller has

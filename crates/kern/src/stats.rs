@@ -34,6 +34,8 @@ pub struct CpuSnapshot {
     pub posts_coalesced: u64,
     /// Posts that sent a signal.
     pub kicks_intr: u64,
+    /// Posts by the target CPU's own thread code (no signal).
+    pub posts_self: u64,
     /// Wakeups of an idle CPU.
     pub kicks_wake: u64,
     /// Softint handler runs (in interrupt context).
@@ -73,6 +75,7 @@ impl CpuSnapshot {
             idle_dispatch: s.idle_dispatch.get(),
             posts_coalesced: s.posts_coalesced.load(Relaxed),
             kicks_intr: s.kicks_intr.load(Relaxed),
+            posts_self: s.posts_self.load(Relaxed),
             kicks_wake: s.kicks_wake.load(Relaxed),
             softints: s.softints.get(),
             softint_overruns: s.softint_overruns.get(),
@@ -244,7 +247,7 @@ impl fmt::Display for Snapshot {
             writeln!(f, "{:<24} {:<6} {r:>12}  (ast)", n, "none")?;
         }
         type Row = (&'static str, fn(&CpuSnapshot) -> u64);
-        let rows: [Row; 19] = [
+        let rows: [Row; 20] = [
             ("traps (signals)", |c| c.traps),
             ("traps with nothing to run", |c| c.traps_idle),
             ("traps inside an allocator", |c| c.traps_in_alloc),
@@ -252,6 +255,7 @@ impl fmt::Display for Snapshot {
             ("interrupts run by idle loop", |c| c.idle_dispatch),
             ("posts coalesced", |c| c.posts_coalesced),
             ("posts that signalled", |c| c.kicks_intr),
+            ("posts by the CPU itself", |c| c.posts_self),
             ("idle wakeups", |c| c.kicks_wake),
             ("softints", |c| c.softints),
             ("softint passes over budget", |c| c.softint_overruns),

@@ -29,6 +29,16 @@
 //!   look; the timed wake bounds what that would cost, and retries a
 //!   submission the host refused for a moment (`EAGAIN`, `EBUSY`).
 //!
+//! # Which CPU is interrupted
+//! Completions reaped by a doorbell, which runs on the vCPU that submitted
+//! the commands, interrupt that vCPU, as blk-mq completes a request on the
+//! CPU that submitted it: the request's thread, its buffers and its
+//! completion stay on one CPU, and a post to oneself costs no signal
+//! (`kern::intr::intr_post_inline`). Completions the reaper finds go to the CPU
+//! given by `set_interrupt`. The driver's completion work may so run on
+//! several CPUs at once; sd's does not mind (a command's slot belongs to
+//! whoever took its id off the completion ring).
+//!
 //! # Writes
 //! A WRITE is not handed to io_uring: the doorbell's caller writes it
 //! itself, with one `pwrite(2)` from `window + iova` (a plain buffered
@@ -655,13 +665,17 @@ impl UringCore {
             return;
         };
         *unsignalled = 0;
-        self.post(cpu, h);
+        // Reaped by a doorbell on a vCPU: interrupt that vCPU (module docs:
+        // completion on the submitting CPU); by the reaper: the set CPU.
+        let here = kern::cpu::curcpu_opt().map_or(cpu, |c| c.index());
+        self.post(here, h);
     }
 
     fn post(&self, cpu: usize, h: IntrHandle) {
         match kern::kernel::try_kernel() {
             Some(k) if cpu < k.ncpu() => {
-                kern::intr::intr_post(cpu, h);
+                // A doorbell's own CPU takes it without a signal.
+                kern::intr::intr_post_inline(cpu, h);
                 Counters::inc(&self.stats.interrupts);
             }
             _ => Counters::inc(&self.stats.interrupts_dropped),
