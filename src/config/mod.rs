@@ -49,7 +49,7 @@
 //! | `spl` | string | `"lazy"` | `lazy`, `mask` |
 //! | `intr_stack` | switch | `true` | |
 //! | `data_dir` | string | `"./dvma-data"` | a relative path is relative to the current directory (not to the file) |
-//! | `idle_poll_us` | integer | 5 | 0 to 1000000: how long an idle CPU polls for work before it sleeps (host CPUs are shared: long polls steal them from devices and clients) |
+//! | `idle_poll_us` | integer | 50 | 0 to 1000000: how long an idle CPU polls for work before it sleeps (host CPUs are shared: long polls steal them from devices and clients; short ones sleep between a client's requests) |
 //!
 //! ## `[[disk]]`: a DMA disk controller and its `sd` driver
 //!
@@ -68,7 +68,7 @@
 //! | `workers` | integer | 2 | 1 to 64 (device threads) |
 //! | `o_direct` | bool | `false` | |
 //! | `write_cache` | bool | `false` | a volatile write cache in the controller: writes without FUA are acknowledged from its memory and reach the file at a flush, when the cache is full, and at a clean shutdown (so `kill -9` loses unflushed writes, as a power cut loses a disk's cache) |
-//! | `engine` | string | `"threads"` | `threads` (`workers` host threads do the I/O), `uring` (the vCPU submits to an io_uring, a reaper thread takes late completions; not with `write_cache`; fails at boot where the host has no io_uring) |
+//! | `engine` | string | `"uring"`, or `"threads"` with `write_cache` or where the host has no io_uring | `threads` (`workers` host threads do the I/O), `uring` (the vCPU submits to an io_uring and writes itself, a reaper thread takes late completions; not with `write_cache`; fails at boot where the host has no io_uring) |
 //! | `write_cache_size` | size | `"16M"` | a multiple of 4K, 4K to 1G; used when `write_cache = true` (a write larger than the cache goes straight through) |
 //! | `coalesce_count` | integer | 1 (an interrupt per completion) | 1 to `queue_depth` |
 //! | `coalesce_us` | integer | 0 (no coalescing timer) | 0 to 1000000 |
@@ -221,10 +221,16 @@ const WORKERS_MAX: usize = 64;
 const COALESCE_US_MAX: u32 = 1_000_000;
 /// Most `machine.idle_poll_us` and `disk.poll_us`.
 const POLL_US_MAX: u32 = 1_000_000;
-/// Default `machine.idle_poll_us` and `disk.poll_us`: short, because the
-/// host's CPUs are shared by the virtual CPUs, the device workers and the
-/// clients: a long poll takes the CPU from whoever would make progress.
+/// Default `disk.poll_us`: short, because the host's CPUs are shared by
+/// the virtual CPUs, the device workers and the clients: a long poll takes
+/// the CPU from whoever would make progress.
 const DEFAULT_POLL_US: u32 = 5;
+/// Default `machine.idle_poll_us`: about one client round trip on loopback,
+/// so that a vCPU serving a connection at queue depth 1 catches the next
+/// request while it polls, instead of sleeping and being woken for it (a
+/// host context switch each way). It costs that much CPU per idle period
+/// (docs/bench/rtc.md).
+const DEFAULT_IDLE_POLL_US: u32 = 50;
 /// Most `disk.slots`.
 const SLOTS_MAX: usize = 4096;
 /// The name shown for a spec that comes from no file.

@@ -11,9 +11,9 @@ use machine::SplImpl;
 
 use super::file::{CcdToml, DiskToml, FileToml, SizeValue, Switch, VndToml, parse_size};
 use super::{
-    COALESCE_US_MAX, CcdBufs, CcdSpec, Cx, DEFAULT_DATA_DIR, DEFAULT_MEMORY, DEFAULT_POLL_US,
-    DiskSpec, M, MAX_CPUS, MachineSection, MachineSpec, Overrides, POLL_US_MAX, QUEUE_DEPTH_MAX,
-    Result, SLOTS_MAX, SPL_ALL, VndSpec, WORKERS_MAX, join,
+    COALESCE_US_MAX, CcdBufs, CcdSpec, Cx, DEFAULT_DATA_DIR, DEFAULT_IDLE_POLL_US, DEFAULT_MEMORY,
+    DEFAULT_POLL_US, DiskSpec, M, MAX_CPUS, MachineSection, MachineSpec, Overrides, POLL_US_MAX,
+    QUEUE_DEPTH_MAX, Result, SLOTS_MAX, SPL_ALL, VndSpec, WORKERS_MAX, join,
 };
 
 impl Cx<'_> {
@@ -115,7 +115,7 @@ impl Cx<'_> {
             data_dir: normalize(&base.join(data_dir)),
             idle_poll_us: match m.idle_poll_us {
                 Some(v) => self.int::<u32>("machine.idle_poll_us", v, 0, i64::from(POLL_US_MAX))?,
-                None => DEFAULT_POLL_US,
+                None => DEFAULT_IDLE_POLL_US,
             },
         };
         let dir = &machine.data_dir;
@@ -206,6 +206,14 @@ impl Cx<'_> {
                     &machine::dev::DiskEngine::ALL,
                     machine::dev::DiskEngine::name,
                 )?,
+                // Run to completion: the vCPU submits and reaps itself;
+                // the thread engine where the uring one cannot go (a
+                // write cache, or no io_uring on this host).
+                None if d.write_cache != Some(true)
+                    && machine::dev::DiskEngine::uring_available() =>
+                {
+                    machine::dev::DiskEngine::Uring
+                }
                 None => machine::dev::DiskEngine::Threads,
             },
             coalesce_count: int("coalesce_count", d.coalesce_count, 1, 1, queue_depth)? as u16,

@@ -156,6 +156,12 @@ impl DiskEngine {
     /// Every engine.
     pub const ALL: [DiskEngine; 2] = [DiskEngine::Threads, DiskEngine::Uring];
 
+    /// Can this host run the uring engine (io_uring set up and not
+    /// disabled)? Makes and drops a small ring. Host context.
+    pub fn uring_available() -> bool {
+        super::uring::available()
+    }
+
     /// The configuration name (`"threads"`, `"uring"`).
     pub fn name(self) -> &'static str {
         match self {

@@ -202,6 +202,11 @@ unsafe impl Sync for UringCore {}
 // SAFETY: as above; the raw fds are plain integers owned by the core.
 unsafe impl Send for UringCore {}
 
+/// Whether an io_uring can be set up here.
+pub(crate) fn available() -> bool {
+    IoUring::new(8).is_ok()
+}
+
 fn unavailable(e: io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) => io::Error::new(
