@@ -576,6 +576,9 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGUSR1 {
             eprint!("{}", stats_text(&sys, &sh.stats, srv));
+            if let Some(n) = nicchan {
+                eprint!("{}", n.dump());
+            }
             write_stats(&mut seq);
             continue;
         }

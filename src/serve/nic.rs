@@ -70,6 +70,9 @@ const RX_BUF: usize = 64 << 10;
 /// Most replies gathered into one `writev`.
 const TX_BATCH: usize = 64;
 
+/// Reads at least this large are dealt out over the CPUs.
+const SPREAD_BYTES: u64 = 256 << 10;
+
 /// Events taken from a receive queue at a time.
 const EVENTS: usize = 32;
 
@@ -183,6 +186,8 @@ pub(super) struct NicChannel {
     cpus: Vec<PerCpu>,
     conns: RwLock<HashMap<u64, Arc<NConn>>>,
     next: AtomicUsize,
+    /// Where the next large request goes.
+    spread: AtomicUsize,
     open: AtomicU64,
     sh: OnceLock<Arc<Shared>>,
     epoch: Instant,
@@ -205,6 +210,7 @@ impl NicChannel {
                 .collect(),
             conns: RwLock::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            spread: AtomicUsize::new(0),
             open: AtomicU64::new(0),
             sh: OnceLock::new(),
             epoch: Instant::now(),
@@ -235,6 +241,57 @@ impl NicChannel {
         for pc in &self.cpus {
             pc.nic.stop();
         }
+    }
+
+    /// The channel's state, one line per CPU and per connection (for
+    /// SIGUSR1: what a stuck connection waits for).
+    pub(super) fn dump(&self) -> String {
+        let mut s = String::new();
+        for (i, pc) in self.cpus.iter().enumerate() {
+            s += &format!(
+                "nic{i}: {} parsed, {} stalled, retry {}\n",
+                pc.nreqs.load(SeqCst),
+                lock(&pc.stalled).len(),
+                pc.retry.load(SeqCst)
+            );
+        }
+        let conns: Vec<Arc<NConn>> = self
+            .conns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for c in conns {
+            let stage = match c.rx.try_lock() {
+                Ok(rx) => format!(
+                    "{} ({} bytes buffered, drained {}, eof {})",
+                    match rx.stage {
+                        Stage::Header => "header",
+                        Stage::Stalled(_) => "stalled",
+                        Stage::Payload { .. } => "payload",
+                        Stage::Discard { .. } => "discard",
+                    },
+                    rx.end - rx.start,
+                    rx.drained,
+                    rx.eof
+                ),
+                Err(_) => "(busy)".to_string(),
+            };
+            let tx = lock(&c.tx);
+            s += &format!(
+                "  conn{} on nic{}: rx {stage}, {} in flight, {} credits held, {} replies queued ({} sent of the first), listed stalled {}, done {}\n",
+                c.id,
+                c.nic,
+                c.inflight.load(SeqCst),
+                c.held.load(SeqCst),
+                tx.q.len(),
+                tx.sent,
+                c.stalled.load(SeqCst),
+                c.rx_done.load(SeqCst),
+            );
+        }
+        s
     }
 
     /// Connections on this path still open.
@@ -605,20 +662,41 @@ impl NicChannel {
 
     /// Admission: credits (and a write's DMA memory), or a stall.
     fn admit(&self, c: &Arc<NConn>, s: Stalled) -> Stage {
+        let s = match self.try_admit(c, s) {
+            Ok(stage) => return stage,
+            Err(s) => s,
+        };
+        // Listed first, then one more try: credits given back between the
+        // try above and the listing would wake nobody. (Not a kick to
+        // ourselves: with no credits coming back that would spin, and a
+        // kernel thread that never sleeps starves the CPU's others, the
+        // very ones whose replies would give credits back.)
+        if !c.stalled.swap(true, SeqCst) {
+            self.sh().budget.stalled.fetch_add(1, SeqCst);
+            lock(&self.cpus[c.nic].stalled).push(Arc::clone(c));
+        }
+        match self.try_admit(c, s) {
+            Ok(stage) => stage,
+            Err(s) => Stage::Stalled(s),
+        }
+    }
+
+    /// Admission, or the request back if credits (or DMA memory) are short.
+    fn try_admit(&self, c: &Arc<NConn>, s: Stalled) -> Result<Stage, Stalled> {
         let sh = self.sh();
         match s {
             Stalled::Local(bytes, e) => match sh.budget.try_acquire(&c.held, REPLY_COST) {
                 Some(held) => {
                     self.queue(c, Out::Local(bytes, held));
-                    Stage::Header
+                    Ok(Stage::Header)
                 }
-                None => self.stall(c, Stalled::Local(bytes, e)),
+                None => Err(Stalled::Local(bytes, e)),
             },
             Stalled::Req(req, op) => {
                 let len = u64::from(req.length);
                 let want = sh.budget.charge(op, len, c.p.max_transfer);
                 let Some(held) = sh.budget.try_acquire(&c.held, want) else {
-                    return self.stall(c, Stalled::Req(req, op));
+                    return Err(Stalled::Req(req, op));
                 };
                 let mut chunks = Vec::new();
                 if op == ReqOp::Write {
@@ -631,7 +709,7 @@ impl NicChannel {
                             // look again when credits come back.
                             drop(chunks);
                             sh.budget.release(&c.held, held);
-                            return self.stall(c, Stalled::Req(req, op));
+                            return Err(Stalled::Req(req, op));
                         };
                         b.set_len(n);
                         chunks.push(b);
@@ -652,31 +730,36 @@ impl NicChannel {
                 if op == ReqOp::Write && len > 0 {
                     // From admission: the client was not kept waiting before.
                     c.rx_since.store(self.now_ms(), Relaxed);
-                    Stage::Payload {
+                    Ok(Stage::Payload {
                         req: breq,
                         chunk: 0,
                         off: 0,
-                    }
+                    })
                 } else {
                     self.submit(c, breq);
-                    Stage::Header
+                    Ok(Stage::Header)
                 }
             }
         }
     }
 
-    fn stall(&self, c: &Arc<NConn>, s: Stalled) -> Stage {
-        if !c.stalled.swap(true, SeqCst) {
-            self.sh().budget.stalled.fetch_add(1, SeqCst);
-            lock(&self.cpus[c.nic].stalled).push(Arc::clone(c));
-            // Credits may have come back before we were listed.
-            self.kick(c.nic);
-        }
-        Stage::Stalled(s)
-    }
-
     fn submit(&self, c: &NConn, req: Box<BlockReq>) {
         c.inflight.fetch_add(1, SeqCst);
+        if req.op == ReqOp::Read && req.len >= SPREAD_BYTES && self.cpus.len() > 1 {
+            // A large read keeps a CPU busy for hundreds of microseconds
+            // (two copies of its data, into DMA memory and into the
+            // socket): deal them out over the CPUs, so that one
+            // connection's stream of them uses them all. One cross-CPU
+            // wake-up is small beside that. (Not writes: their payload
+            // arrived on this CPU, and copying it out elsewhere measured
+            // slower.)
+            let cpu = self.spread.fetch_add(1, Relaxed) % self.cpus.len();
+            self.push(cpu, req);
+            if cpu != c.nic {
+                self.kick(cpu);
+            }
+            return;
+        }
         self.push(c.nic, req);
     }
 
@@ -913,7 +996,10 @@ impl RequestChannel for NicChannel {
 
     fn pending(&self) -> bool {
         let me = kern::cpu::curcpu_opt().map_or(0, |c| c.index()) % self.cpus.len();
-        self.cpus[me].nreqs.load(Acquire) != 0
+        let pc = &self.cpus[me];
+        // Requests parsed, or stalled connections to look at again (`kick`
+        // sets `retry` before it posts).
+        pc.nreqs.load(Acquire) != 0 || pc.retry.load(SeqCst)
     }
 
     /// A connection's requests are served by its NIC's CPU (parsed there,

@@ -85,7 +85,10 @@ pub trait RequestChannel: Sync {
     ///
     /// [`pending`]: RequestChannel::pending
     fn take(&self) -> Option<Box<BlockReq>>;
-    /// Are requests queued? Any context.
+    /// Are requests queued, or is there anything else a `take` would act
+    /// on? Any context; called under a spin mutex, so it must be cheap and
+    /// take no lock. Whoever makes it true and then posts the channel's
+    /// interrupt is never missed.
     fn pending(&self) -> bool;
     /// Give a served request back. Thread context.
     fn complete(&self, req: Box<BlockReq>);
@@ -179,12 +182,12 @@ impl Srv {
                 let g = self.lock.lock();
                 let seen = self.work.load(Acquire);
                 // Re-check under the lock: an interrupt after the take above
-                // has bumped `work` and will find us asleep.
-                if let Some(r) = self.chan.take() {
+                // has bumped `work` and will find us asleep. Only `pending`:
+                // `take` may do real work (a NIC channel reads sockets and
+                // takes host locks), which must not happen under a spin
+                // mutex that this CPU's interrupt handler takes.
+                if self.chan.pending() || self.work.load(Acquire) != seen {
                     drop(g);
-                    break r;
-                }
-                if self.work.load(Acquire) != seen {
                     continue;
                 }
                 if sleep_interlocked(ctx, wchan(&self.work), g).is_err() {

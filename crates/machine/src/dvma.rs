@@ -69,6 +69,19 @@ impl Ram {
             unsafe { libc::close(fd) };
             return Err(std::io::Error::from_raw_os_error(-dmap as i32));
         }
+        // Real RAM exists before it is used: allocate every page now, so
+        // that a device's first DMA into a page does not find it missing
+        // (io_uring would then hand the read to a worker thread) and the
+        // first I/Os of a boot cost what the others do. Best effort: an
+        // old kernel without MADV_POPULATE_WRITE just faults them later.
+        // SAFETY: our fresh mapping of `size` bytes.
+        unsafe {
+            libc::madvise(
+                dmap as *mut libc::c_void,
+                size as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
         Ok(Self {
             fd,
             size,
