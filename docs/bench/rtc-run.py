@@ -24,27 +24,36 @@ SIZE_MB = 256
 CLK = os.sysconf("SC_CLK_TCK")
 
 
-def dvma_cfg(d, img, cpus, engine):
-    p = os.path.join(d, f"dvma-{cpus}-{engine}.toml")
+def dvma_cfg(d, name, machine, disk):
+    p = os.path.join(d, f"{name}.toml")
     with open(p, "w") as f:
-        f.write(f'[machine]\ncpus = {cpus}\nmemory = "512M"\n\n[[disk]]\nname = "sd0"\nfile = "{img}"\nengine = "{engine}"\n')
+        if machine:
+            f.write("[machine]\n" + machine + "\n")
+        f.write(disk + "\n")
     return p
 
 
 def servers(d, img, binary):
-    s = {}
-    for cpus in (1, 2):
-        for engine in ("uring", "threads"):
-            for net in ("poll", "threads"):
-                s[f"dvma-{net}-{cpus}cpu-{engine}"] = (
-                    [binary, "serve", "--config", dvma_cfg(d, img, cpus, engine), "--net", net, "--listen", "127.0.0.1:{port}"],
-                    "sd0",
-                )
+    disk = f'[[disk]]\nname = "sd0"\nfile = "{img}"\n'
+    dv = lambda name, machine, extra_disk="", args=(): (
+        [binary, "serve", "--config", dvma_cfg(d, name, machine, disk + extra_disk), *args, "--listen", "127.0.0.1:{port}"],
+        "sd0",
+    )
+    s = {
+        # `dvma serve` with no flags: as many vCPUs as host cores, --net poll,
+        # engine uring, idle_poll_us 50.
+        "dvma-default": dv("default", ""),
+        "dvma-1cpu": dv("1cpu", "cpus = 1"),
+        # The previous default: threaded transmission, worker-thread engine,
+        # 5 us idle poll.
+        "dvma-before": dv("before", "idle_poll_us = 5", 'engine = "threads"\n', ("--net", "threads")),
+    }
     for t in (4, 16):
         s[f"nbdkit-t{t}"] = (["nbdkit", "-f", "-p", "{port}", "-t", str(t), "file", img], "")
-    for aio in ("threads", "io_uring"):
-        s[f"qemu-nbd-{aio}"] = (
-            ["qemu-nbd", "-f", "raw", "-p", "{port}", "-b", "127.0.0.1", "-x", "sd0", "--shared=64", f"--aio={aio}", "--cache=writeback", img],
+    for aio, cache in (("threads", "writeback"), ("io_uring", "writeback"), ("io_uring", "none")):
+        s[f"qemu-nbd-{aio}-{cache}"] = (
+            ["qemu-nbd", "-f", "raw", "-p", "{port}", "-b", "127.0.0.1", "-x", "sd0", "--shared=64", "-t",
+             f"--aio={aio}", f"--cache={cache}", img],
             "sd0",
         )
     return s
