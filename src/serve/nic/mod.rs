@@ -64,11 +64,17 @@ use nbd::{Command, CommandFlags, ErrorCode, ExportInfo, Request, Validation};
 
 use super::{REPLY_COST, Shared, closed, errcode};
 
+mod diag;
+
 /// Bytes of requests taken from a socket per `recv`.
 const RX_BUF: usize = 64 << 10;
 
 /// Most replies gathered into one `writev`.
 const TX_BATCH: usize = 64;
+
+/// How long a closed connection's input is read and dropped before its
+/// socket goes (a lingering close).
+const LINGER_MS: u64 = 1000;
 
 /// Reads at least this large are dealt out over the CPUs.
 const SPREAD_BYTES: u64 = 256 << 10;
@@ -162,6 +168,8 @@ struct NConn {
     /// Queued on the NIC's stalled list.
     stalled: AtomicBool,
     finished: AtomicBool,
+    /// Closed, lingering since (ms; 0: not lingering).
+    linger: AtomicU64,
     /// Watchdog clocks (ms since the channel's epoch; 0: not running).
     rx_since: AtomicU64,
     tx_since: AtomicU64,
@@ -243,57 +251,6 @@ impl NicChannel {
         }
     }
 
-    /// The channel's state, one line per CPU and per connection (for
-    /// SIGUSR1: what a stuck connection waits for).
-    pub(super) fn dump(&self) -> String {
-        let mut s = String::new();
-        for (i, pc) in self.cpus.iter().enumerate() {
-            s += &format!(
-                "nic{i}: {} parsed, {} stalled, retry {}\n",
-                pc.nreqs.load(SeqCst),
-                lock(&pc.stalled).len(),
-                pc.retry.load(SeqCst)
-            );
-        }
-        let conns: Vec<Arc<NConn>> = self
-            .conns
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for c in conns {
-            let stage = match c.rx.try_lock() {
-                Ok(rx) => format!(
-                    "{} ({} bytes buffered, drained {}, eof {})",
-                    match rx.stage {
-                        Stage::Header => "header",
-                        Stage::Stalled(_) => "stalled",
-                        Stage::Payload { .. } => "payload",
-                        Stage::Discard { .. } => "discard",
-                    },
-                    rx.end - rx.start,
-                    rx.drained,
-                    rx.eof
-                ),
-                Err(_) => "(busy)".to_string(),
-            };
-            let tx = lock(&c.tx);
-            s += &format!(
-                "  conn{} on nic{}: rx {stage}, {} in flight, {} credits held, {} replies queued ({} sent of the first), listed stalled {}, done {}\n",
-                c.id,
-                c.nic,
-                c.inflight.load(SeqCst),
-                c.held.load(SeqCst),
-                tx.q.len(),
-                tx.sent,
-                c.stalled.load(SeqCst),
-                c.rx_done.load(SeqCst),
-            );
-        }
-        s
-    }
-
     /// Connections on this path still open.
     pub(super) fn open(&self) -> u64 {
         self.open.load(SeqCst)
@@ -336,6 +293,7 @@ impl NicChannel {
             }),
             stalled: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            linger: AtomicU64::new(0),
             rx_since: AtomicU64::new(0),
             tx_since: AtomicU64::new(0),
             active: AtomicU64::new(self.now_ms()),
@@ -408,6 +366,10 @@ impl NicChannel {
                 let Some(c) = self.conn(e.token) else {
                     continue;
                 };
+                if c.finished.load(SeqCst) {
+                    self.discard_input(&c);
+                    continue;
+                }
                 if e.peer_closed {
                     // Read to the end of stream: a short read no longer
                     // means "nothing more for now".
@@ -915,57 +877,56 @@ impl NicChannel {
             self.abandon(c, &req);
         }
         drop(rx);
+        // A lingering close: the FIN goes after the last reply, and what
+        // the client still sends is read and thrown away until it closes
+        // (or LINGER_MS pass). Closing with unread input would send a
+        // reset, and a reset destroys the replies the client has not read
+        // yet: executed writes whose replies it never sees.
+        let _ = c.sock.shutdown(Shutdown::Write);
+        c.linger.store(self.now_ms(), SeqCst);
+        closed(self.sh(), c.id, c.ip);
+        self.open.fetch_sub(1, SeqCst);
+        self.discard_input(c);
+    }
+
+    /// A closed connection's input: read and dropped; at its end (or an
+    /// error), the socket goes.
+    fn discard_input(&self, c: &NConn) {
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            match (&c.sock).read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => break,
+            }
+        }
+        self.drop_conn(c);
+    }
+
+    /// Forget a closed connection (its socket closes with the last
+    /// reference).
+    fn drop_conn(&self, c: &NConn) {
+        if c.linger.swap(0, SeqCst) == 0 {
+            return;
+        }
         self.cpus[c.nic].nic.detach(c.sock.as_raw_fd());
         let _ = c.sock.shutdown(Shutdown::Both);
         self.conns
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&c.id);
-        closed(self.sh(), c.id, c.ip);
-        self.open.fetch_sub(1, SeqCst);
     }
 
-    /// Once a second: deadlines (`--io-timeout` for a begun request and for
-    /// owed replies, `--idle-timeout`), and a nudge for every NIC so that
-    /// nothing waits on a lost event.
-    fn watchdog(&self) {
-        let sh = self.sh();
-        loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let now = self.now_ms();
-            let io = sh.io_timeout.as_millis() as u64;
-            let idle = sh.idle_timeout.map(|d| d.as_millis() as u64);
-            let conns: Vec<Arc<NConn>> = self
-                .conns
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .values()
-                .cloned()
-                .collect();
-            for c in conns {
-                let late = |t: &AtomicU64| {
-                    let t = t.load(Relaxed);
-                    t != 0 && now.saturating_sub(t) > io
-                };
-                if late(&c.rx_since) || late(&c.tx_since) {
-                    let _ = c.sock.shutdown(Shutdown::Both);
-                    continue;
-                }
-                if let Some(idle) = idle
-                    && !c.rx_done.load(SeqCst)
-                    && c.inflight.load(SeqCst) == 0
-                    && c.held.load(Relaxed) == 0
-                    && now.saturating_sub(c.active.load(Relaxed)) > idle
-                {
-                    eprintln!(
-                        "dvma: closing a connection idle for {:?} (--idle-timeout)",
-                        sh.idle_timeout.unwrap_or_default()
-                    );
-                    c.active.store(now, Relaxed);
-                    let _ = c.sock.shutdown(Shutdown::Both);
-                }
-            }
-        }
+    /// Closed connections still lingering.
+    pub(super) fn lingering(&self) -> usize {
+        self.conns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|c| c.linger.load(SeqCst) != 0)
+            .count()
     }
 }
 
