@@ -2,7 +2,7 @@
 """Interleaved comparison: dvma serve (run to completion and threaded) vs nbdkit and qemu-nbd.
 
 Every server serves the same fully allocated file (random bytes, written
-before the run). Each repetition runs every server once per workload, in
+before the run), whose page cache is filled before every run. Each repetition runs every server once per workload, in
 the same order (A, B, C, ... A, B, C ...), so slow drifts of the shared
 host hit all of them alike. Reported: the median of the repetitions and the
 min-max, IOPS and p50 latency from fio's nbd engine, host context switches
@@ -100,7 +100,17 @@ def cputime(pid):
     return (int(f[11]) + int(f[12])) / CLK
 
 
-def run_one(cmd, export, wl, runtime):
+def warm(img):
+    # The file's page cache as every server finds it: full. (qemu-nbd
+    # --cache=none writes with O_DIRECT, which drops the cached pages it
+    # writes; whichever server ran next read them from the disk.)
+    with open(img, "rb") as f:
+        while f.read(1 << 20):
+            pass
+
+
+def run_one(cmd, export, wl, runtime, img):
+    warm(img)
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in cmd]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +169,7 @@ def main():
             for n in names:
                 cmd, export = all_s[n]
                 try:
-                    m = run_one(cmd, export, w, a.runtime)
+                    m = run_one(cmd, export, w, a.runtime, img)
                 except Exception as e:  # noqa: BLE001 - a failed run is reported, not hidden
                     print(f"rep {r} {w} {n}: FAILED {e}", flush=True)
                     continue
