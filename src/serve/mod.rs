@@ -697,6 +697,44 @@ fn closed(sh: &Shared, id: u64, ip: Option<IpAddr>) {
     sh.stats.open.fetch_sub(1, Relaxed);
 }
 
+/// Append the reply header of a request the kernel served (the error
+/// reply, a read's header before its data, or a plain OK); both paths.
+fn encode_served_reply(out: &mut Vec<u8>, r: &BlockReq, structured: bool) {
+    match (r.error, r.op) {
+        (Some(e), _) => out.extend_from_slice(&nbd::error_reply(r.cookie, errcode(e), structured)),
+        (None, ReqOp::Read) => {
+            let req = Request {
+                flags: CommandFlags(0),
+                command: Command::Read,
+                cookie: r.cookie,
+                offset: r.offset,
+                length: r.len as u32,
+            };
+            nbd::encode_read_reply_header(out, &req, structured);
+        }
+        (None, _) => nbd::encode_simple_reply(out, r.cookie, Ok(&[])),
+    }
+}
+
+impl NbdStats {
+    /// Count a served request whose reply went out.
+    fn served(&self, r: &BlockReq) {
+        self.requests.fetch_add(1, Relaxed);
+        match (r.error, r.op) {
+            (Some(_), _) => {
+                self.errors.fetch_add(1, Relaxed);
+            }
+            (None, ReqOp::Read) => {
+                self.bytes_read.fetch_add(r.len, Relaxed);
+            }
+            (None, ReqOp::Write) => {
+                self.bytes_written.fetch_add(r.len, Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 fn errcode(e: BioError) -> ErrorCode {
     match e {
         BioError::Io => ErrorCode::Io,

@@ -508,26 +508,7 @@ pub(super) fn writer(
         let mut marks = Vec::with_capacity(batch.len());
         for r in &batch {
             let start = heads.len();
-            match (r.error, r.op) {
-                (Some(e), _) => {
-                    heads.extend_from_slice(&nbd::error_reply(
-                        r.cookie,
-                        errcode(e),
-                        conn.structured,
-                    ));
-                }
-                (None, ReqOp::Read) => {
-                    let req = Request {
-                        flags: CommandFlags(0),
-                        command: Command::Read,
-                        cookie: r.cookie,
-                        offset: r.offset,
-                        length: r.len as u32,
-                    };
-                    nbd::encode_read_reply_header(&mut heads, &req, conn.structured);
-                }
-                (None, _) => nbd::encode_simple_reply(&mut heads, r.cookie, Ok(&[])),
-            }
+            encode_served_reply(&mut heads, r, conn.structured);
             marks.push((start, heads.len()));
         }
         if !broken {
@@ -556,19 +537,7 @@ pub(super) fn writer(
         drop(local);
         let mut done = 0u64;
         for r in batch.drain(..) {
-            sh.stats.requests.fetch_add(1, Relaxed);
-            match (r.error, r.op) {
-                (Some(_), _) => {
-                    sh.stats.errors.fetch_add(1, Relaxed);
-                }
-                (None, ReqOp::Read) => {
-                    sh.stats.bytes_read.fetch_add(r.len, Relaxed);
-                }
-                (None, ReqOp::Write) => {
-                    sh.stats.bytes_written.fetch_add(r.len, Relaxed);
-                }
-                _ => {}
-            }
+            sh.stats.served(&r);
             freed += sh.budget.charge(r.op, r.len, conn.max_transfer);
             done += 1;
             drop(r);

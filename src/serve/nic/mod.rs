@@ -62,7 +62,7 @@ use kern::vm::IoBuf;
 use machine::dev::{Nic, NicEvent};
 use nbd::{Command, CommandFlags, ErrorCode, ExportInfo, Request, Validation};
 
-use super::{REPLY_COST, Shared, closed, errcode};
+use super::{REPLY_COST, Shared, closed, encode_served_reply};
 
 mod diag;
 
@@ -822,19 +822,7 @@ impl NicChannel {
             match o {
                 Out::Local(_, held) => freed += held,
                 Out::Done(r, _) => {
-                    sh.stats.requests.fetch_add(1, Relaxed);
-                    match (r.error, r.op) {
-                        (Some(_), _) => {
-                            sh.stats.errors.fetch_add(1, Relaxed);
-                        }
-                        (None, ReqOp::Read) => {
-                            sh.stats.bytes_read.fetch_add(r.len, Relaxed);
-                        }
-                        (None, ReqOp::Write) => {
-                            sh.stats.bytes_written.fetch_add(r.len, Relaxed);
-                        }
-                        _ => {}
-                    }
+                    sh.stats.served(&r);
                     freed += sh.budget.charge(r.op, r.len, c.p.max_transfer);
                     served += 1;
                 }
@@ -975,22 +963,7 @@ impl RequestChannel for NicChannel {
             return;
         };
         let mut head = Vec::with_capacity(32);
-        match (req.error, req.op) {
-            (Some(e), _) => {
-                head = nbd::error_reply(req.cookie, errcode(e), c.p.structured);
-            }
-            (None, ReqOp::Read) => {
-                let r = Request {
-                    flags: CommandFlags(0),
-                    command: Command::Read,
-                    cookie: req.cookie,
-                    offset: req.offset,
-                    length: req.len as u32,
-                };
-                nbd::encode_read_reply_header(&mut head, &r, c.p.structured);
-            }
-            (None, _) => nbd::encode_simple_reply(&mut head, req.cookie, Ok(&[])),
-        }
+        encode_served_reply(&mut head, &req, c.p.structured);
         self.queue(&c, Out::Done(req, head));
     }
 
