@@ -4,12 +4,20 @@
 //!
 //! # What runs
 //!
-//! Each *session* starts one server on a fresh sparse 256 MiB backing file
-//! (`dvma serve --listen 127.0.0.1:0 --data-dir <fresh dir> --dvma M
-//! --completion C --cpus N --spl S --intr-stack on|off`; `nbdkit -f file
-//! FILE`; `qemu-nbd -f raw -t FILE`, all with their default host page-cache
-//! behaviour), runs fio workloads against it one after another, and stops it
-//! (SIGTERM; a server that does not exit 0 is reported). The workloads
+//! Every server serves the same file: 256 MiB of random bytes, written and
+//! synced at the start of the run, so fully allocated (earlier runs gave
+//! each session a fresh sparse file, whose holes read as zeroes without
+//! touching any data). The whole file is read
+//! into the host's page cache before every session, so no server reads what
+//! an earlier one evicted (none of the peers' settings here bypasses the
+//! cache; `docs/bench/rtc-run.py`, which runs qemu-nbd `--cache=none`,
+//! reads it before every fio run). Each *session* starts one server on it
+//! (`dvma serve --listen 127.0.0.1:0 --config <[[disk]] sd0 = FILE>
+//! --data-dir <fresh dir> --dvma M --completion C --cpus N --spl S
+//! --intr-stack on|off`; `nbdkit -f file FILE`; `qemu-nbd -f raw -t FILE`,
+//! all with their default host page-cache behaviour), runs fio workloads
+//! against it one after another, and stops it (SIGTERM; a server that does
+//! not exit 0 is reported). The workloads
 //! ([`plan::WORKLOADS`]): 4 KiB random read at queue depth 1 and 32, 4 KiB
 //! random write at 32, 1 MiB sequential read and write at 8. The sessions
 //! are ordered by [`plan`]:
@@ -202,6 +210,8 @@ struct Bench<'a> {
     exe: PathBuf,
     raw: PathBuf,
     work: PathBuf,
+    /// The backing file every server serves ([`server::backing_file`]).
+    image: PathBuf,
     plan: &'a Plan,
     pb: ProgressBar,
     runs: Vec<Run>,
@@ -308,13 +318,12 @@ impl Bench<'_> {
             return;
         }
         self.pb.set_message(format!("{label}: starting"));
+        if let Err(e) = server::warm(&self.image) {
+            self.warn_once(e);
+        }
         let started = match &conf {
-            Some(c) => Server::start_dvma(&self.exe, c, &dir, &self.raw, &tag),
-            None => {
-                let file = dir.join("sd0.img");
-                server::fresh_backing_file(&file)
-                    .and_then(|()| Server::start_peer(&rc.server, &file, &self.raw, &tag))
-            }
+            Some(c) => Server::start_dvma(&self.exe, c, &self.image, &dir, &self.raw, &tag),
+            None => Server::start_peer(&rc.server, &self.image, &self.raw, &tag),
         };
         let mut srv = match started {
             Ok(srv) => srv,
@@ -619,6 +628,12 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let _cleanup = RemoveOnDrop(work.clone());
+    let image = work.join("disk.img");
+    eprintln!(
+        "dvma bench: writing the backing file ({} MiB, fully allocated)",
+        server::DISK_BYTES >> 20
+    );
+    server::backing_file(&image)?;
 
     let term = std::io::stderr().is_terminal();
     let steps = plan.fio_runs() as u64 + u64::from(plan.micro_reps.is_some());
@@ -641,6 +656,7 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         exe: exe.clone(),
         raw: raw.clone(),
         work: work.clone(),
+        image,
         plan: &plan,
         pb,
         runs: Vec::new(),

@@ -578,7 +578,7 @@ fn how_made(out: &mut String, results: &Results, n: &Notes<'_>) {
     let count = |ph: Phase| p.sessions.iter().filter(|s| s.phase == ph).count();
     let _ = writeln!(
         out,
-        "- Sessions (one server start on a fresh sparse {} MiB backing file each): {} matrix ({} pairs × {} repetition(s), peers interleaved), {} best pair vs peers, {} secondary axes.",
+        "- Sessions (one server start each, all on one fully allocated {} MiB backing file, read into the page cache before every session): {} matrix ({} pairs × {} repetition(s), peers interleaved), {} best pair vs peers, {} secondary axes.",
         super::server::DISK_BYTES >> 20,
         count(Phase::Matrix),
         p.pairs.len(),

@@ -271,6 +271,10 @@ pub mod cost {
     pub const MICRO_REP_S: f64 = 6.8;
     /// Writing the report (plots).
     pub const REPORT_S: f64 = 2.0;
+    /// Writing and syncing the backing file.
+    pub const BACKING_S: f64 = 2.0;
+    /// Reading the backing file into the page cache, per session.
+    pub const WARM_S: f64 = 0.3;
 }
 
 fn pick<'a>(all: &[&'a str], wanted: &[String], what: &str) -> Result<Vec<&'a str>, String> {
@@ -484,7 +488,7 @@ impl Plan {
         } else {
             cost::PEER_SESSION_S
         };
-        start_stop + s.workloads.len() as f64 * self.fio_run_s()
+        start_stop + cost::WARM_S + s.workloads.len() as f64 * self.fio_run_s()
     }
 
     /// Estimated seconds of the micro-benchmarks.
@@ -497,6 +501,7 @@ impl Plan {
     pub fn estimate(&self) -> Duration {
         let s: f64 = self.sessions.iter().map(|s| self.session_s(s)).sum::<f64>()
             + self.micro_s()
+            + cost::BACKING_S
             + cost::REPORT_S;
         Duration::from_secs_f64(s)
     }

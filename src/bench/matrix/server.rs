@@ -1,5 +1,6 @@
 //! The servers under test: `dvma serve` and the peers (nbdkit's file
-//! plugin, qemu-nbd), each started on a fresh sparse backing file, sampled
+//! plugin, qemu-nbd), all serving the run's one fully allocated backing
+//! file ([`backing_file`], read into the page cache before every session), sampled
 //! (CPU time from `/proc/PID/stat`; `dvma serve`'s kernel counters through
 //! SIGUSR1 and its `--stats-json` file), and stopped.
 //!
@@ -272,22 +273,26 @@ impl Server {
         self.child.id()
     }
 
-    /// Starts `exe serve` with `c`, its data in `dir` (a fresh directory:
-    /// the server creates `sd0.img` there, sparse), logs in `logs/TAG.*`,
-    /// and waits for its `dvma: ready` line.
+    /// Starts `exe serve` with `c` serving `image` (see [`backing_file`]),
+    /// its configuration and statistics in `dir` (a fresh directory), logs
+    /// in `logs/TAG.*`, and waits for its `dvma: ready` line.
     pub fn start_dvma(
         exe: &Path,
         c: &DvmaConf,
+        image: &Path,
         dir: &Path,
         logs: &Path,
         tag: &str,
     ) -> Result<Server, String> {
+        let config = dvma_config(dir, image)?;
         let stats_path = dir.join("stats.json");
         let stderr_log = logs.join(format!("{tag}.stderr"));
         let stdout_log = logs.join(format!("{tag}.stdout"));
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config)
             .arg("--data-dir")
             .arg(dir)
             .args(["--dvma", &c.mode, "--completion", &c.completion])
@@ -527,16 +532,130 @@ impl Drop for Server {
     }
 }
 
-/// Creates a fresh sparse backing file of [`DISK_BYTES`].
-pub fn fresh_backing_file(path: &Path) -> Result<(), String> {
-    let f = File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    f.set_len(DISK_BYTES)
-        .map_err(|e| format!("sizing {}: {e}", path.display()))
+/// Creates the run's backing file: [`DISK_BYTES`] of pseudo-random bytes,
+/// written and synced, so that every block is allocated on the host's file
+/// system before any server reads it (a sparse file reads holes as zeroes
+/// without touching the disk or the page cache's data, which flatters
+/// whoever reads most; compressible or zero data would flatter a peer that
+/// detects zeroes). Every server of the run serves this one file.
+pub fn backing_file(path: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", path.display());
+    let mut f = File::create(path).map_err(|e| err("creating", e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    // xorshift64*: fast, and incompressible enough for a block device.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..DISK_BYTES / buf.len() as u64 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            w.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        f.write_all(&buf).map_err(|e| err("writing", e))?;
+    }
+    f.sync_all().map_err(|e| err("syncing", e))
+}
+
+/// Reads the whole backing file, so every session starts with it in the
+/// host's page cache. A server that bypasses the cache (qemu-nbd
+/// `--cache=none` writes with `O_DIRECT`) drops the pages it writes; without
+/// this, whichever server runs next would read them back from the disk.
+pub fn warm(path: &Path) -> Result<(), String> {
+    use std::io::Read as _;
+    let mut f = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        }
+    }
+}
+
+/// The `dvma serve --config` file that serves `image` as [`EXPORT`].
+pub fn dvma_config(dir: &Path, image: &Path) -> Result<PathBuf, String> {
+    let p = dir.join("disk.toml");
+    let file = image
+        .to_str()
+        .ok_or_else(|| format!("{}: the backing file's path is not UTF-8", image.display()))?;
+    let text = format!(
+        "[[disk]]\nname = \"{EXPORT}\"\nfile = {}\n",
+        toml_string(file)
+    );
+    std::fs::write(&p, text).map_err(|e| format!("writing {}: {e}", p.display()))?;
+    Ok(p)
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => o.push_str(&format!("\\u{:04X}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let p = std::env::temp_dir().join(format!("dvma-bench-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("scratch dir");
+            Scratch(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn backing_file_is_allocated_random_and_full_size() {
+        use std::os::unix::fs::MetadataExt as _;
+        let d = Scratch::new("backing");
+        let img = d.0.join("disk.img");
+        backing_file(&img).expect("backing file");
+        let m = std::fs::metadata(&img).expect("stat");
+        assert_eq!(m.len(), DISK_BYTES);
+        // Every block allocated: a sparse file has fewer.
+        assert!(m.blocks() * 512 >= DISK_BYTES, "{} blocks", m.blocks());
+        // Not zeroes, nor a repeating 1 MiB pattern.
+        let data = std::fs::read(&img).expect("read");
+        let mib = 1 << 20;
+        assert!(data[..mib].iter().filter(|&&b| b == 0).count() < mib / 64);
+        assert_ne!(data[..mib], data[mib..2 * mib]);
+        warm(&img).expect("warm");
+    }
+
+    #[test]
+    fn dvma_config_serves_the_image_even_with_odd_paths() {
+        let d = Scratch::new("conf");
+        for name in ["disk.img", "a \"quoted\" \\ name.img"] {
+            let img = d.0.join(name);
+            std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+            let conf = dvma_config(&d.0, &img).expect("config");
+            let spec = crate::config::MachineSpec::load(Some(&conf), &Default::default())
+                .expect("dvma reads the config it is given");
+            assert_eq!(spec.disks.len(), 1);
+            assert_eq!(spec.disks[0].name, EXPORT);
+            assert_eq!(spec.disks[0].file, img);
+        }
+    }
 
     #[test]
     fn proc_stat_ticks() {
