@@ -227,6 +227,21 @@ fn tiny_matrix_end_to_end() {
     ] {
         assert!(md.contains(s), "report.md lacks {s:?}:\n{md}");
     }
+    // Each installed peer ran at each of its settings first; one of them
+    // was chosen for the rest of the run.
+    for peer in report::PEERS.iter().filter(|p| on_path(p)) {
+        let rows: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {peer} | `")))
+            .collect();
+        let want = dvma::bench::matrix::plan::peer_settings(peer).count();
+        assert_eq!(rows.len(), want, "{peer}'s settings in report.md:\n{md}");
+        assert_eq!(
+            rows.iter().filter(|l| l.ends_with("| ✓ |")).count(),
+            1,
+            "one chosen setting for {peer}: {rows:?}"
+        );
+    }
     for peer in missing {
         assert!(
             md.contains(&format!("{peer}: **not installed**")),

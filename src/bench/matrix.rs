@@ -221,6 +221,10 @@ struct Bench<'a> {
     commands: BTreeMap<String, String>,
     best: Option<(String, String)>,
     scores: Vec<((String, String), f64)>,
+    /// Phase-0 runs: each with its [`plan::PEER_SETTINGS`] index.
+    tuning: Vec<(usize, Run)>,
+    /// Each peer's chosen setting.
+    peer_best: BTreeMap<String, usize>,
     /// Host-level per-I/O figures of every run.
     host: Vec<notes::HostRow>,
     sessions_done: usize,
@@ -279,6 +283,7 @@ impl Bench<'_> {
             Target::Pair { mode, completion } => Some(dvma(mode, completion, Variant::Primary)),
             Target::Best(v) => self.best.as_ref().map(|(m, c)| dvma(m, c, *v)),
             Target::Peer(p) => Some((None, RunConfig::peer(p.clone()))),
+            Target::PeerAt(i) => Some((None, RunConfig::peer(plan::PEER_SETTINGS[*i].0))),
         }
     }
 
@@ -323,7 +328,10 @@ impl Bench<'_> {
         }
         let started = match &conf {
             Some(c) => Server::start_dvma(&self.exe, c, &self.image, &dir, &self.raw, &tag),
-            None => Server::start_peer(&rc.server, &self.image, &self.raw, &tag),
+            None => {
+                let args = plan::PEER_SETTINGS[self.peer_setting(&s.target)].2;
+                Server::start_peer(&rc.server, args, &self.image, &self.raw, &tag)
+            }
         };
         let mut srv = match started {
             Ok(srv) => srv,
@@ -333,9 +341,11 @@ impl Bench<'_> {
                 return;
             }
         };
-        self.commands
-            .entry(rc.server.clone())
-            .or_insert_with(|| srv.command.clone());
+        if s.phase != Phase::Tune {
+            self.commands
+                .entry(rc.server.clone())
+                .or_insert_with(|| srv.command.clone());
+        }
         for (i, w) in s.workloads.iter().enumerate() {
             self.pb
                 .set_message(format!("{label}: {} (rep {})", w.name, s.rep));
@@ -370,6 +380,11 @@ impl Bench<'_> {
                 self.warn_once(warning);
             }
             match Run::from_fio(&m.job, &rc, w.name, s.rep, &m.sample) {
+                Ok(run) if s.phase == Phase::Tune => {
+                    if let Target::PeerAt(i) = s.target {
+                        self.tuning.push((i, run));
+                    }
+                }
                 Ok(run) => {
                     let ios = m.job.total_ios() as f64;
                     self.host.push(notes::HostRow {
@@ -387,6 +402,36 @@ impl Bench<'_> {
         self.pb.set_message(format!("{label}: stopping"));
         if let Err(e) = srv.stop() {
             self.fail(format!("{label} (rep {}): {e}", s.rep));
+        }
+    }
+
+    /// The [`plan::PEER_SETTINGS`] index a peer session runs at.
+    fn peer_setting(&self, t: &Target) -> usize {
+        match t {
+            Target::PeerAt(i) => *i,
+            Target::Peer(p) => self.peer_best.get(p).copied().unwrap_or_else(|| {
+                plan::peer_settings(p)
+                    .next()
+                    .expect("every peer has a setting")
+            }),
+            _ => unreachable!("not a peer: {t}"),
+        }
+    }
+
+    /// Chooses each peer's setting from the phase-0 runs, as the best pair
+    /// is chosen: the highest geometric mean, over the workloads, of its
+    /// throughput relative to the peer's best setting on that workload.
+    fn choose_peer_settings(&mut self) {
+        for p in &self.plan.peers {
+            let mine: Vec<(usize, &Run)> = self
+                .tuning
+                .iter()
+                .filter(|(i, _)| plan::PEER_SETTINGS[*i].0 == p.as_str())
+                .map(|(i, r)| (*i, r))
+                .collect();
+            if let Some(i) = best_setting(&mine, &self.plan.select) {
+                self.peer_best.insert(p.clone(), i);
+            }
         }
     }
 
@@ -466,6 +511,43 @@ pub fn best_scores(runs: &[Run], workloads: &[plan::Workload]) -> Vec<((String, 
     scores
 }
 
+/// The best of a peer's settings (`(PEER_SETTINGS index, run)`): the
+/// highest geometric mean over `workloads` of its IOPS relative to the best
+/// setting on each workload (medians over its runs); settings missing a
+/// workload are not candidates.
+pub fn best_setting(runs: &[(usize, &Run)], workloads: &[plan::Workload]) -> Option<usize> {
+    let mut settings: Vec<usize> = runs.iter().map(|(i, _)| *i).collect();
+    settings.sort_unstable();
+    settings.dedup();
+    let iops = |i: usize, w: &str| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|(j, r)| *j == i && r.workload == w)
+            .map(|(_, r)| r.iops)
+            .collect();
+        report::Stat::of(&v).map(|s| s.median)
+    };
+    let mut best: Option<(usize, f64)> = None;
+    for &i in &settings {
+        let mut log_sum = 0.0;
+        let mut complete = true;
+        for w in workloads {
+            let top = settings
+                .iter()
+                .filter_map(|&j| iops(j, w.name))
+                .fold(0.0, f64::max);
+            match iops(i, w.name) {
+                Some(x) if x > 0.0 && top > 0.0 => log_sum += (x / top).ln(),
+                _ => complete = false,
+            }
+        }
+        if complete && best.is_none_or(|(_, b)| log_sum > b) {
+            best = Some((i, log_sum));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// Runs `exe bench micro --json --reps N`.
 fn run_micro(exe: &Path, reps: u32, raw: &Path) -> Result<serde_json::Value, String> {
     let log = raw.join("micro.stderr");
@@ -519,6 +601,10 @@ fn describe(plan: &Plan) -> String {
         plan.reps,
         if plan.reps == 1 { "" } else { "s" }
     )];
+    let tune = count(&|s| s.phase == Phase::Tune);
+    if tune > 0 {
+        parts.insert(0, format!("{tune} peer settings tried"));
+    }
     let best = count(&|s| s.phase == Phase::Best);
     if best > 0 {
         parts.push(format!(
@@ -665,6 +751,8 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         commands: BTreeMap::new(),
         best: None,
         scores: Vec::new(),
+        tuning: Vec::new(),
+        peer_best: BTreeMap::new(),
         sessions_done: 0,
         host: Vec::new(),
     };
@@ -692,8 +780,13 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
     };
 
     let mut chose = false;
+    let mut tuned = false;
     for s in &plan.sessions {
-        if s.phase != Phase::Matrix && !chose {
+        if s.phase != Phase::Tune && !tuned {
+            b.choose_peer_settings();
+            tuned = true;
+        }
+        if s.phase != Phase::Matrix && s.phase != Phase::Tune && !chose {
             b.choose_best();
             chose = true;
         }
@@ -734,6 +827,36 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         protections,
     };
     let files = report::write_report(&out, &results).map_err(|e| e.to_string())?;
+    let peer_trials: Vec<notes::PeerTrial> = plan
+        .sessions
+        .iter()
+        .filter_map(|s| match s.target {
+            Target::PeerAt(i) => Some(i),
+            _ => None,
+        })
+        .map(|i| {
+            let (peer, setting, _) = plan::PEER_SETTINGS[i];
+            let iops = plan
+                .select
+                .iter()
+                .filter_map(|w| {
+                    let v: Vec<f64> = b
+                        .tuning
+                        .iter()
+                        .filter(|(j, r)| *j == i && r.workload == w.name)
+                        .map(|(_, r)| r.iops)
+                        .collect();
+                    report::Stat::of(&v).map(|s| (w.name.to_string(), s.median))
+                })
+                .collect();
+            notes::PeerTrial {
+                peer: peer.to_string(),
+                setting: setting.to_string(),
+                iops,
+                chosen: b.peer_best.get(peer) == Some(&i),
+            }
+        })
+        .collect();
     let notes = notes::Notes {
         plan: &plan,
         command: std::iter::once("dvma".to_string())
@@ -754,6 +877,7 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         warnings: &b.warnings,
         estimate,
         clk_tck: server::clk_tck(),
+        peer_trials: &peer_trials,
     };
     notes::append(&files.report_md, &results, &notes)?;
     // The duration in the report covers everything but writing it.
@@ -828,6 +952,32 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert!(s.iter().all(|(p, _)| p.0 != "permanent"));
         assert!(best_scores(&[], &w).is_empty());
+    }
+
+    #[test]
+    fn best_peer_setting_is_the_best_geometric_mean() {
+        let w = [plan::WORKLOADS[1], plan::WORKLOADS[4]];
+        let peer = |workload: &str, iops: f64| Run {
+            server: "nbdkit".into(),
+            dvma_mode: None,
+            completion: None,
+            ..run("strict", "intr", workload, iops)
+        };
+        // 0: best on one workload, poor on the other; 1: good on both;
+        // 2: best of all on one workload but missing the other.
+        let runs = [
+            (0, peer(w[0].name, 100.0)),
+            (0, peer(w[1].name, 10.0)),
+            (1, peer(w[0].name, 90.0)),
+            (1, peer(w[1].name, 95.0)),
+            (1, peer(w[1].name, 1.0)), // a second run: the median counts
+            (1, peer(w[1].name, 100.0)),
+            (2, peer(w[0].name, 500.0)),
+        ];
+        let refs: Vec<(usize, &Run)> = runs.iter().map(|(i, r)| (*i, r)).collect();
+        assert_eq!(best_setting(&refs, &w), Some(1));
+        assert_eq!(best_setting(&refs[..2], &w), Some(0));
+        assert_eq!(best_setting(&[], &w), None);
     }
 
     #[test]

@@ -69,6 +69,19 @@ pub fn host_median(rows: &[HostRow], key: &ConfigKey, workload: &str) -> Option<
     })
 }
 
+/// One peer setting tried in [`Phase::Tune`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerTrial {
+    /// The peer.
+    pub peer: String,
+    /// Its setting (a label of [`plan::PEER_SETTINGS`]).
+    pub setting: String,
+    /// IOPS per workload of its run(s) (median).
+    pub iops: Vec<(String, f64)>,
+    /// Whether it serves the rest of the run.
+    pub chosen: bool,
+}
+
 /// What the run knows beyond [`Results`].
 pub struct Notes<'a> {
     /// The plan that ran.
@@ -97,6 +110,8 @@ pub struct Notes<'a> {
     pub estimate: Duration,
     /// Clock ticks per second of `/proc/PID/stat`.
     pub clk_tck: u64,
+    /// The peers' settings tried in phase 0.
+    pub peer_trials: &'a [PeerTrial],
 }
 
 fn one_line(s: &str) -> String {
@@ -558,6 +573,44 @@ fn next_steps(out: &mut String, workloads: &[WorkloadAnalysis], results: &Result
     let _ = writeln!(out);
 }
 
+/// The table of the peers' settings tried in phase 0.
+fn peer_trials(out: &mut String, n: &Notes<'_>) {
+    if n.peer_trials.is_empty() {
+        return;
+    }
+    let workloads: Vec<&str> = n.plan.select.iter().map(|w| w.name).collect();
+    let _ = writeln!(
+        out,
+        "\nEach peer at its best: before the matrix, each peer ran once at each of its settings on {}; the setting with the best geometric mean of IOPS relative to the peer's best setting on each workload (as the best pair is chosen) served every later session of that peer.\n",
+        workloads.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "| peer | setting | {} | chosen |",
+        workloads.join(" | ")
+    );
+    let _ = writeln!(out, "|---|---|{}---|", "---:|".repeat(workloads.len()));
+    for t in n.peer_trials {
+        let cells: Vec<String> = workloads
+            .iter()
+            .map(|w| {
+                t.iops
+                    .iter()
+                    .find(|(x, _)| x == w)
+                    .map_or("—".to_string(), |(_, v)| format!("{v:.0}"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {} |",
+            t.peer,
+            t.setting,
+            cells.join(" | "),
+            if t.chosen { "✓" } else { "" }
+        );
+    }
+}
+
 fn how_made(out: &mut String, results: &Results, n: &Notes<'_>) {
     let p = n.plan;
     let _ = writeln!(out, "## How this run was made\n");
@@ -611,6 +664,7 @@ fn how_made(out: &mut String, results: &Results, n: &Notes<'_>) {
     for (kind, c) in n.commands {
         let _ = writeln!(out, "- {kind}, e.g.: `{}`", c.replace('`', "'"));
     }
+    peer_trials(out, n);
     if !n.scores.is_empty() {
         let _ = writeln!(
             out,
@@ -741,6 +795,23 @@ mod tests {
             },
         ];
         let missing = vec!["qemu-nbd".to_string()];
+        let trials = vec![
+            PeerTrial {
+                peer: "nbdkit".into(),
+                setting: "-t 16 (default)".into(),
+                iops: vec![("randread-4k-qd32".into(), 39_000.0)],
+                chosen: false,
+            },
+            PeerTrial {
+                peer: "nbdkit".into(),
+                setting: "-t 4".into(),
+                iops: vec![
+                    ("randread-4k-qd32".into(), 41_000.0),
+                    ("seqwrite-1m-qd8".into(), 800.0),
+                ],
+                chosen: true,
+            },
+        ];
         let n = Notes {
             plan: &plan,
             command: "dvma bench --quick".into(),
@@ -755,6 +826,7 @@ mod tests {
             warnings: &[],
             estimate: Duration::from_secs(200),
             clk_tck: 100,
+            peer_trials: &trials,
         };
         let md = render(&results, &n);
         // randread: 0.75× nbdkit, goal not met, CPU-bound (40 vs 20 µs).
@@ -774,6 +846,8 @@ mod tests {
         assert!(!md.contains("0.12 µs per 4 KiB buffer"), "{md}");
         // seqwrite: met.
         has("| seqwrite-1m-qd8 | `permanent/softint` | 3.5 MiB/s | 1.11× | met");
+        has("| nbdkit | `-t 4` | 41000 | 800 | ✓ |");
+        has("| nbdkit | `-t 16 (default)` | 39000 | — |  |");
         // Options: strict is a third of permanent on randread.
         has("| strict | 0.33 (softint) | 16 | 30.0 · — µs |");
         has("| permanent | **1.00 (softint)** | 16 | 0.12 · — µs |");

@@ -2,9 +2,13 @@
 //! workloads, in which order, and how long that takes.
 //!
 //! A plan is a list of [`Session`]s. A session is one start of one server
-//! on a fresh backing file, running its workloads in order, then stopped.
-//! Three phases:
+//! on the run's backing file, running its workloads in order, then stopped.
+//! Four phases:
 //!
+//! 0. [`Phase::Tune`]: each peer at each of its [`PEER_SETTINGS`], once, on
+//!    phase 1's workloads; the best setting of each peer (as the best pair
+//!    is chosen) serves every later session of that peer, so dvma is
+//!    compared with each peer at its best on this machine.
 //! 1. [`Phase::Matrix`]: every (DVMA mode, completion mode) pair at the
 //!    primary secondary-axis values (spl lazy, interrupt stack on, every host
 //!    CPU), with a peer session before the first pair and after every few
@@ -82,6 +86,27 @@ pub const PRIMARY_SPL: &str = "lazy";
 /// See [`PRIMARY_SPL`].
 pub const PRIMARY_INTR_STACK: bool = true;
 
+/// The settings each peer is tried at in [`Phase::Tune`], its default
+/// first: `(peer, label, arguments)`. nbdkit's thread count (16 is its
+/// default; 4 is twice this machine's 2 cores) and qemu-nbd's I/O engine
+/// and cache mode.
+pub const PEER_SETTINGS: [(&str, &str, &[&str]); 5] = [
+    ("nbdkit", "-t 16 (default)", &["-t", "16"]),
+    ("nbdkit", "-t 4", &["-t", "4"]),
+    ("qemu-nbd", "--aio=threads (default)", &["--aio=threads"]),
+    ("qemu-nbd", "--aio=io_uring", &["--aio=io_uring"]),
+    (
+        "qemu-nbd",
+        "--aio=io_uring --cache=none",
+        &["--aio=io_uring", "--cache=none"],
+    ),
+];
+
+/// The indices in [`PEER_SETTINGS`] of `peer`'s settings.
+pub fn peer_settings(peer: &str) -> impl Iterator<Item = usize> + '_ {
+    (0..PEER_SETTINGS.len()).filter(move |&i| PEER_SETTINGS[i].0 == peer)
+}
+
 /// A configuration of the best pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -113,14 +138,17 @@ pub enum Target {
     },
     /// The best pair of phase 1, in a variant.
     Best(Variant),
-    /// A peer server (`nbdkit`, `qemu-nbd`).
+    /// A peer server (`nbdkit`, `qemu-nbd`) at its best setting of
+    /// [`Phase::Tune`] (its default if there was no tuning).
     Peer(String),
+    /// A peer at one of its settings: an index in [`PEER_SETTINGS`].
+    PeerAt(usize),
 }
 
 impl Target {
     /// Whether this is a `dvma serve` session.
     pub fn is_dvma(&self) -> bool {
-        !matches!(self, Target::Peer(_))
+        !matches!(self, Target::Peer(_) | Target::PeerAt(_))
     }
 }
 
@@ -133,6 +161,7 @@ impl fmt::Display for Target {
             Target::Best(Variant::IntrStackOff) => f.write_str("best intr-stack=off"),
             Target::Best(Variant::OneCpu) => f.write_str("best cpus=1"),
             Target::Peer(p) => f.write_str(p),
+            Target::PeerAt(i) => write!(f, "{} {}", PEER_SETTINGS[*i].0, PEER_SETTINGS[*i].1),
         }
     }
 }
@@ -140,6 +169,8 @@ impl fmt::Display for Target {
 /// The phases of a plan (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Each peer at each of its settings.
+    Tune,
     /// Every pair, with peers interleaved.
     Matrix,
     /// The best pair and the peers on every workload (quick runs).
@@ -151,6 +182,7 @@ pub enum Phase {
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Phase::Tune => "peer settings",
             Phase::Matrix => "matrix",
             Phase::Best => "best pair vs peers",
             Phase::Secondary => "secondary axes",
@@ -361,6 +393,17 @@ pub fn build(o: &PlanOptions) -> Result<Plan, String> {
     };
 
     let mut sessions = Vec::new();
+    // Phase 0: the peers' settings.
+    for p in &o.peers {
+        for i in peer_settings(p) {
+            sessions.push(Session {
+                phase: Phase::Tune,
+                target: Target::PeerAt(i),
+                rep: 0,
+                workloads: select.clone(),
+            });
+        }
+    }
     let mut peer_turn = 0usize;
     let mut next_peer = |sessions: &mut Vec<Session>, phase: Phase, rep: u32, w: &[Workload]| {
         if o.peers.is_empty() {
@@ -586,6 +629,32 @@ mod tests {
             .collect();
         assert_eq!(best.len(), 3 * QUICK_BEST_REPS as usize);
         assert!(best.iter().all(|s| s.workloads.len() == 5));
+        // Phase 0 first: every setting of every peer once, before any
+        // session that runs a peer at its chosen setting.
+        let tune: Vec<&Session> = p
+            .sessions
+            .iter()
+            .take_while(|s| s.phase == Phase::Tune)
+            .collect();
+        assert_eq!(tune.len(), PEER_SETTINGS.len());
+        for (i, s) in tune.iter().enumerate() {
+            assert_eq!(s.target, Target::PeerAt(i));
+            assert_eq!(s.workloads, p.select);
+        }
+        assert!(
+            p.sessions[tune.len()..]
+                .iter()
+                .all(|s| s.phase != Phase::Tune)
+        );
+        for peer in PEERS {
+            assert_eq!(
+                peer_settings(peer)
+                    .next()
+                    .map(|i| PEER_SETTINGS[i].1.contains("default")),
+                Some(true),
+                "{peer}'s default setting comes first"
+            );
+        }
     }
 
     #[test]

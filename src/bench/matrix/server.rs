@@ -367,10 +367,17 @@ impl Server {
         Ok(server)
     }
 
-    /// Starts a peer (`nbdkit` file plugin or `qemu-nbd`) serving `file`
-    /// as export [`EXPORT`] on a free loopback port, and waits until the
-    /// port accepts connections.
-    pub fn start_peer(peer: &str, file: &Path, logs: &Path, tag: &str) -> Result<Server, String> {
+    /// Starts a peer (`nbdkit` file plugin or `qemu-nbd`) with the extra
+    /// arguments `args` (its setting), serving `file` as export [`EXPORT`]
+    /// on a free loopback port, and waits until the port accepts
+    /// connections.
+    pub fn start_peer(
+        peer: &str,
+        args: &[&str],
+        file: &Path,
+        logs: &Path,
+        tag: &str,
+    ) -> Result<Server, String> {
         let log = logs.join(format!("{tag}.log"));
         let mut last_err = String::new();
         for _attempt in 0..3 {
@@ -379,7 +386,9 @@ impl Server {
                 "nbdkit" => {
                     let mut c = Command::new("nbdkit");
                     c.args(["-f", "--exit-with-parent", "-i", "127.0.0.1"])
-                        .args(["-p", &port.to_string(), "-e", EXPORT, "file"])
+                        .args(["-p", &port.to_string(), "-e", EXPORT])
+                        .args(args)
+                        .arg("file")
                         .arg(file);
                     c
                 }
@@ -387,6 +396,7 @@ impl Server {
                     let mut c = Command::new("qemu-nbd");
                     c.args(["-f", "raw", "-x", EXPORT, "-t", "-e", "4"])
                         .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+                        .args(args)
                         .arg(file);
                     c
                 }
