@@ -123,9 +123,20 @@ fn tiny_matrix_end_to_end() {
         .arg("bench")
         .arg("--out")
         .arg(out.path())
-        .args(["--modes", "permanent", "--completions", "softint"])
+        // Not the defaults (permanent/softint), so that phase 2 also runs
+        // `dvma serve` with no flags.
+        .args(["--modes", "permanent", "--completions", "intr"])
         .args(["--workloads", "randread-4k-qd1"])
-        .args(["--runtime", "0.5", "--ramp", "0.2", "--reps", "1"])
+        .args([
+            "--runtime",
+            "0.5",
+            "--ramp",
+            "0.2",
+            "--reps",
+            "1",
+            "--best-reps",
+            "1",
+        ])
         .args(["--peers", "nbdkit,qemu-nbd", "--no-secondary", "--no-micro"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -167,43 +178,49 @@ fn tiny_matrix_end_to_end() {
         "dvma bench failed ({status})\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
 
-    // results.json: one dvma run with every figure, one run per installed
-    // peer.
+    // results.json: the pair's runs (matrix, then phase 2) and the
+    // defaults' (phase 2) with every figure, two runs per installed peer.
     let results = report::Results::load(out.path().join("results.json")).expect("results.json");
     let dvma: Vec<&report::Run> = results.runs.iter().filter(|r| r.is_dvma()).collect();
-    assert_eq!(dvma.len(), 1, "{:?}", results.runs);
-    let d = dvma[0];
-    assert_eq!(d.dvma_mode.as_deref(), Some("permanent"));
-    assert_eq!(d.completion.as_deref(), Some("softint"));
-    assert_eq!(d.workload, "randread-4k-qd1");
-    assert_eq!(d.spl.as_deref(), Some("lazy"));
-    assert_eq!(d.intr_stack, Some(true));
-    for (what, v) in [
-        ("iops", d.iops),
-        ("mib_s", d.mib_s),
-        ("p50_us", d.p50_us),
-        ("p99_us", d.p99_us),
-        ("cpu_us_per_io", d.cpu_us_per_io),
-    ] {
-        assert!(v.is_finite() && v > 0.0, "{what} = {v}");
+    assert_eq!(dvma.len(), 3, "{:?}", results.runs);
+    let pair = |c: &str| {
+        dvma.iter()
+            .filter(|r| r.completion.as_deref() == Some(c))
+            .count()
+    };
+    assert_eq!((pair("intr"), pair("softint")), (2, 1), "{dvma:?}");
+    for d in &dvma {
+        assert_eq!(d.dvma_mode.as_deref(), Some("permanent"));
+        assert_eq!(d.workload, "randread-4k-qd1");
+        assert_eq!(d.spl.as_deref(), Some("lazy"));
+        assert_eq!(d.intr_stack, Some(true));
+        for (what, v) in [
+            ("iops", d.iops),
+            ("mib_s", d.mib_s),
+            ("p50_us", d.p50_us),
+            ("p99_us", d.p99_us),
+            ("cpu_us_per_io", d.cpu_us_per_io),
+        ] {
+            assert!(v.is_finite() && v > 0.0, "{what} = {v}");
+        }
+        assert!(d.p99_us >= d.p50_us);
+        assert!(!d.latency_cdf.is_empty());
+        let per_io = d
+            .per_io
+            .expect("per-I/O counters from dvma serve's statistics");
+        assert!(
+            per_io.interrupts > 0.0,
+            "a disk I/O without an interrupt: {per_io:?}"
+        );
+        assert!(d.dvma_pages_held.is_some());
+        assert!(d.protection.as_deref().is_some_and(|p| p.contains("pool")));
     }
-    assert!(d.p99_us >= d.p50_us);
-    assert!(!d.latency_cdf.is_empty());
-    let per_io = d
-        .per_io
-        .expect("per-I/O counters from dvma serve's statistics");
-    assert!(
-        per_io.interrupts > 0.0,
-        "a disk I/O without an interrupt: {per_io:?}"
-    );
-    assert!(d.dvma_pages_held.is_some());
-    assert!(d.protection.as_deref().is_some_and(|p| p.contains("pool")));
     assert_eq!(results.protections.len(), 1);
     let mut missing = Vec::new();
     for peer in report::PEERS {
         let n = results.runs.iter().filter(|r| r.server == peer).count();
         if on_path(peer) {
-            assert_eq!(n, 1, "{peer} runs");
+            assert_eq!(n, 2, "{peer} runs");
             let p = results.runs.iter().find(|r| r.server == peer).unwrap();
             assert!(p.iops > 0.0 && p.cpu_us_per_io > 0.0, "{p:?}");
             assert!(p.per_io.is_none());
@@ -218,8 +235,9 @@ fn tiny_matrix_end_to_end() {
     for s in [
         "# dvma bench report",
         "## Headline",
+        "## Against the peers, interleaved",
         "## Workload randread-4k-qd1",
-        "`permanent/softint`",
+        "`permanent/intr`",
         "## Protection by DVMA mode",
         "## Where the time goes",
         "## Next steps",
@@ -261,6 +279,21 @@ fn tiny_matrix_end_to_end() {
             .any(|f| f.ends_with("randread-4k-qd1.server.json")),
         "{raw:?}"
     );
+    // The interleaved comparison: the pair, the defaults, each peer.
+    let section = &md[md.find("## Against the peers, interleaved").unwrap()..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |n| n + 3)];
+    for row in ["best pair `permanent/intr`", "no flags `permanent/softint`"] {
+        assert!(
+            section.contains(&format!("| randread-4k-qd1 | {row} |")),
+            "no {row} row:\n{section}"
+        );
+    }
+    for peer in report::PEERS.iter().filter(|p| on_path(p)) {
+        assert!(
+            section.contains(&format!("| randread-4k-qd1 | {peer} |")),
+            "no {peer} row:\n{section}"
+        );
+    }
     // The backing files are gone.
     assert!(!out.path().join("work").exists());
     eprintln!("dvma bench smoke: {:.1} s", start.elapsed().as_secs_f64());

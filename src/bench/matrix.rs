@@ -71,6 +71,7 @@
 //! depth 32: compare "CPU µs/I/O" first, then the events per I/O that explain
 //! it. A quick run's figures are indicative (one or two 1 s runs each).
 
+pub mod compare;
 pub mod fio;
 pub mod measure;
 pub mod notes;
@@ -137,6 +138,11 @@ pub struct MatrixArgs {
     /// Measured seconds per fio run [default: 1 with --quick, else 5].
     #[arg(long, value_name = "SECONDS")]
     pub runtime: Option<f64>,
+    /// Repetitions of phase 2, the best pair and `dvma serve` with no flags
+    /// against the peers, alternating [default: 3 with --quick, else 5; 0
+    /// skips it].
+    #[arg(long, value_name = "N")]
+    pub best_reps: Option<u32>,
     /// fio ramp seconds before measuring [default: 0.25 with --quick, else 1].
     #[arg(long, value_name = "SECONDS")]
     pub ramp: Option<f64>,
@@ -221,6 +227,8 @@ struct Bench<'a> {
     commands: BTreeMap<String, String>,
     best: Option<(String, String)>,
     scores: Vec<((String, String), f64)>,
+    /// Phase-2 runs.
+    compare: Vec<compare::Entry>,
     /// Phase-0 runs: each with its [`plan::PEER_SETTINGS`] index.
     tuning: Vec<(usize, Run)>,
     /// Each peer's chosen setting.
@@ -269,6 +277,7 @@ impl Bench<'_> {
                 } else {
                     self.plan.cpus
                 },
+                defaults: false,
             };
             let mut rc = RunConfig::dvma(mode, completion)
                 .with_spl(conf.spl.clone())
@@ -280,6 +289,39 @@ impl Bench<'_> {
             (Some(conf), rc)
         };
         match t {
+            Target::Default => {
+                // Described by the built-in machine's values, which are
+                // what a `dvma serve` without flags runs.
+                let d = crate::config::MachineSpec::default_spec();
+                let disk = d.disks.first()?;
+                let (mode, completion) = (disk.dvma.name(), disk.completion.name());
+                if self
+                    .best
+                    .as_ref()
+                    .is_some_and(|(m, c)| m == mode && c == completion)
+                    && d.machine.spl.name() == plan::PRIMARY_SPL
+                    && d.machine.intr_stack == plan::PRIMARY_INTR_STACK
+                    && d.machine.cpus as u32 == self.plan.cpus
+                {
+                    // The best pair is the default configuration: its own
+                    // sessions measure it.
+                    return None;
+                }
+                let (conf, _) = dvma(mode, completion, Variant::Primary);
+                let mut conf = conf?;
+                conf.defaults = true;
+                conf.spl = d.machine.spl.name().to_string();
+                conf.intr_stack = d.machine.intr_stack;
+                conf.cpus = d.machine.cpus as u32;
+                let mut rc = RunConfig::dvma(mode, completion)
+                    .with_spl(conf.spl.clone())
+                    .with_intr_stack(conf.intr_stack)
+                    .with_cpus(conf.cpus);
+                if let Some(p) = protection(mode) {
+                    rc = rc.with_protection(p);
+                }
+                Some((Some(conf), rc))
+            }
             Target::Pair { mode, completion } => Some(dvma(mode, completion, Variant::Primary)),
             Target::Best(v) => self.best.as_ref().map(|(m, c)| dvma(m, c, *v)),
             Target::Peer(p) => Some((None, RunConfig::peer(p.clone()))),
@@ -295,6 +337,7 @@ impl Bench<'_> {
         };
         self.sessions_done += 1;
         let label = match &conf {
+            Some(c) if c.defaults => format!("defaults ({}/{})", c.mode, c.completion),
             Some(c) => {
                 let mut l = format!("{}/{}", c.mode, c.completion);
                 if c.spl != plan::PRIMARY_SPL {
@@ -387,6 +430,23 @@ impl Bench<'_> {
                 }
                 Ok(run) => {
                     let ios = m.job.total_ios() as f64;
+                    if s.phase == Phase::Best {
+                        let conf_label = || {
+                            run.dvma_mode.clone().unwrap_or_default()
+                                + "/"
+                                + run.completion.as_deref().unwrap_or_default()
+                        };
+                        let who = match &s.target {
+                            Target::Default => compare::Who::Default(conf_label()),
+                            Target::Peer(p) => compare::Who::Peer(p.clone()),
+                            _ => compare::Who::Best(conf_label()),
+                        };
+                        self.compare.push(compare::Entry {
+                            who,
+                            run: run.clone(),
+                            switches: m.host.switches.map(|n| n / ios),
+                        });
+                    }
                     self.host.push(notes::HostRow {
                         key: report::ConfigKey::of(&run),
                         workload: run.workload.clone(),
@@ -662,6 +722,7 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         reps: a.reps,
         runtime_s: a.runtime,
         ramp_s: a.ramp,
+        best_reps: a.best_reps,
         modes: a.modes.clone(),
         completions: a.completions.clone(),
         workloads: a.workloads.clone(),
@@ -753,6 +814,7 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         scores: Vec::new(),
         tuning: Vec::new(),
         peer_best: BTreeMap::new(),
+        compare: Vec::new(),
         sessions_done: 0,
         host: Vec::new(),
     };
@@ -880,6 +942,10 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         peer_trials: &peer_trials,
     };
     notes::append(&files.report_md, &results, &notes)?;
+    let section = compare::render(&b.compare, &plan.workloads);
+    if !section.is_empty() {
+        notes::insert_after_headline(&files.report_md, &section)?;
+    }
     // The duration in the report covers everything but writing it.
     let total = t0.elapsed();
 
@@ -892,8 +958,16 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         files.results_json.display(),
         files.plots.len()
     );
-    for line in notes::headline_lines(&results) {
-        println!("  {line}");
+    let against = compare::lines(&b.compare, &plan.workloads);
+    if against.is_empty() {
+        for line in notes::headline_lines(&results) {
+            println!("  {line}");
+        }
+    } else {
+        println!("  against the peers, interleaved (median, min-max over repetitions):");
+        for line in against {
+            println!("  {line}");
+        }
     }
     if b.failures.is_empty() {
         Ok(ExitCode::SUCCESS)

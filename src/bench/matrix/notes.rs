@@ -131,6 +131,22 @@ pub fn append(report_md: &Path, results: &Results, n: &Notes<'_>) -> Result<(), 
     std::fs::write(report_md, md).map_err(|e| format!("writing {}: {e}", report_md.display()))
 }
 
+/// Inserts `section` into `report_md` right after its headline section
+/// (before the next `## ` heading), or at the end.
+pub fn insert_after_headline(report_md: &Path, section: &str) -> Result<(), String> {
+    let md = std::fs::read_to_string(report_md)
+        .map_err(|e| format!("reading {}: {e}", report_md.display()))?;
+    let at = md
+        .find("## Headline")
+        .and_then(|h| md[h + 1..].find("\n## ").map(|n| h + 1 + n + 1))
+        .unwrap_or(md.len());
+    let mut out = String::with_capacity(md.len() + section.len());
+    out.push_str(&md[..at]);
+    out.push_str(section);
+    out.push_str(&md[at..]);
+    std::fs::write(report_md, out).map_err(|e| format!("writing {}: {e}", report_md.display()))
+}
+
 /// The sections, as markdown.
 pub fn render(results: &Results, n: &Notes<'_>) -> String {
     let analysis = analyze(results);
@@ -743,6 +759,7 @@ mod tests {
             reps: None,
             runtime_s: None,
             ramp_s: None,
+            best_reps: None,
             modes: vec![],
             completions: vec![],
             workloads: vec![],

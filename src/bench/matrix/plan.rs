@@ -14,9 +14,12 @@
 //!    CPU), with a peer session before the first pair and after every few
 //!    pairs, the peers taking turns (A, B, A, B: drift hits dvma and peers
 //!    alike). Odd repetitions run the pairs in reverse order.
-//! 2. [`Phase::Best`] (quick runs only, where the matrix ran a subset of the
-//!    workloads): the best pair of phase 1 and every peer, alternating, on
-//!    every workload, for a few repetitions.
+//! 2. [`Phase::Best`]: the best pair of phase 1, `dvma serve` with no flags
+//!    ([`Target::Default`]) and every peer, alternating, on every workload,
+//!    for [`FULL_BEST_REPS`] repetitions ([`QUICK_BEST_REPS`] in a quick
+//!    run). The comparison with the peers is made on these runs only, paired
+//!    by repetition, so the best pair's ratio is measured afresh rather than
+//!    being the best of phase 1's noisy medians.
 //! 3. [`Phase::Secondary`]: the best pair with one secondary axis changed at
 //!    a time (spl mask, interrupt stack off, one CPU); in a full run each
 //!    repetition starts with the best pair itself, so every comparison has a
@@ -138,6 +141,8 @@ pub enum Target {
     },
     /// The best pair of phase 1, in a variant.
     Best(Variant),
+    /// `dvma serve` with no flags but the backing file: its defaults.
+    Default,
     /// A peer server (`nbdkit`, `qemu-nbd`) at its best setting of
     /// [`Phase::Tune`] (its default if there was no tuning).
     Peer(String),
@@ -160,6 +165,7 @@ impl fmt::Display for Target {
             Target::Best(Variant::SplMask) => f.write_str("best spl=mask"),
             Target::Best(Variant::IntrStackOff) => f.write_str("best intr-stack=off"),
             Target::Best(Variant::OneCpu) => f.write_str("best cpus=1"),
+            Target::Default => f.write_str("default"),
             Target::Peer(p) => f.write_str(p),
             Target::PeerAt(i) => write!(f, "{} {}", PEER_SETTINGS[*i].0, PEER_SETTINGS[*i].1),
         }
@@ -173,7 +179,7 @@ pub enum Phase {
     Tune,
     /// Every pair, with peers interleaved.
     Matrix,
-    /// The best pair and the peers on every workload (quick runs).
+    /// The best pair, the defaults and the peers on every workload.
     Best,
     /// The best pair along the secondary axes.
     Secondary,
@@ -223,6 +229,8 @@ pub struct PlanOptions {
     pub runtime_s: Option<f64>,
     /// `--ramp`, if given.
     pub ramp_s: Option<f64>,
+    /// `--best-reps`, if given.
+    pub best_reps: Option<u32>,
     /// DVMA modes (empty: all).
     pub modes: Vec<String>,
     /// Completion modes (empty: all).
@@ -273,6 +281,8 @@ pub const QUICK_RUNTIME_S: f64 = 1.0;
 pub const QUICK_RAMP_S: f64 = 0.25;
 /// Quick runs: repetitions of phase 2 (best pair vs peers, alternating).
 pub const QUICK_BEST_REPS: u32 = 3;
+/// Full runs: repetitions of phase 2.
+pub const FULL_BEST_REPS: u32 = 5;
 /// Quick runs: `dvma bench micro --reps`.
 pub const QUICK_MICRO_REPS: u32 = 3;
 /// Full runs: seconds measured per fio run.
@@ -447,24 +457,36 @@ pub fn build(o: &PlanOptions) -> Result<Plan, String> {
         }
     }
 
-    // Phase 2: the best pair against the peers on the workloads phase 1 did
-    // not cover (quick runs choose on a subset).
-    if select.len() < workloads.len() {
-        for rep in 0..QUICK_BEST_REPS.max(reps) {
+    // Phase 2: the best pair, `dvma serve` with no flags, and the peers,
+    // alternating, on every workload: the comparison the headline gives
+    // (phase 1 chose the pair; these runs measure it afresh, so its ratio is
+    // not the best of many noisy medians). Odd repetitions run in reverse.
+    let best_reps = o.best_reps.unwrap_or(if o.quick {
+        QUICK_BEST_REPS
+    } else {
+        FULL_BEST_REPS
+    });
+    for rep in 0..best_reps {
+        let mut order = vec![Target::Best(Variant::Primary)];
+        for (i, p) in o.peers.iter().enumerate() {
+            order.push(Target::Peer(p.clone()));
+            if i == 0 {
+                order.push(Target::Default);
+            }
+        }
+        if o.peers.is_empty() {
+            order.push(Target::Default);
+        }
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for target in order {
             sessions.push(Session {
                 phase: Phase::Best,
-                target: Target::Best(Variant::Primary),
+                target,
                 rep,
                 workloads: workloads.clone(),
             });
-            for p in &o.peers {
-                sessions.push(Session {
-                    phase: Phase::Best,
-                    target: Target::Peer(p.clone()),
-                    rep,
-                    workloads: workloads.clone(),
-                });
-            }
         }
     }
 
@@ -572,6 +594,7 @@ mod tests {
             reps: None,
             runtime_s: None,
             ramp_s: None,
+            best_reps: None,
             modes: vec![],
             completions: vec![],
             workloads: vec![],
@@ -627,8 +650,22 @@ mod tests {
             .iter()
             .filter(|s| s.phase == Phase::Best)
             .collect();
-        assert_eq!(best.len(), 3 * QUICK_BEST_REPS as usize);
+        assert_eq!(best.len(), 4 * QUICK_BEST_REPS as usize);
         assert!(best.iter().all(|s| s.workloads.len() == 5));
+        // Each repetition: best pair, defaults and both peers, no two dvma
+        // sessions or two peer sessions next to each other.
+        for rep in 0..QUICK_BEST_REPS {
+            let t: Vec<&Target> = best
+                .iter()
+                .filter(|s| s.rep == rep)
+                .map(|s| &s.target)
+                .collect();
+            assert_eq!(t.len(), 4, "{t:?}");
+            assert!(t.contains(&&Target::Default) && t.contains(&&Target::Best(Variant::Primary)));
+            for w in t.windows(2) {
+                assert_ne!(w[0].is_dvma(), w[1].is_dvma(), "{t:?}");
+            }
+        }
         // Phase 0 first: every setting of every peer once, before any
         // session that runs a peer at its chosen setting.
         let tune: Vec<&Session> = p
@@ -662,7 +699,8 @@ mod tests {
         let p = build(&opts(false)).unwrap();
         assert_eq!(p.reps, FULL_REPS);
         assert_eq!(p.select.len(), 5);
-        assert!(p.sessions.iter().all(|s| s.phase != Phase::Best));
+        let best = p.sessions.iter().filter(|s| s.phase == Phase::Best).count();
+        assert_eq!(best, 4 * FULL_BEST_REPS as usize);
         for rep in 0..FULL_REPS {
             let n = p
                 .sessions
@@ -700,6 +738,7 @@ mod tests {
         o.peers = vec![];
         o.secondary = false;
         o.reps = Some(1);
+        o.best_reps = Some(0);
         let p = build(&o).unwrap();
         assert_eq!(p.sessions.len(), 1);
         assert_eq!(p.fio_runs(), 1);

@@ -44,6 +44,9 @@ pub struct DvmaConf {
     pub intr_stack: bool,
     /// `--cpus`.
     pub cpus: u32,
+    /// Start it with none of the flags above: `dvma serve`'s defaults (the
+    /// fields then say what those are).
+    pub defaults: bool,
 }
 
 /// `dvma serve --stats-json`: cumulative counters, written on SIGUSR1.
@@ -294,11 +297,13 @@ impl Server {
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir)
-            .args(["--dvma", &c.mode, "--completion", &c.completion])
-            .args(["--cpus", &c.cpus.to_string(), "--spl", &c.spl])
-            .args(["--intr-stack", if c.intr_stack { "on" } else { "off" }])
-            .arg("--stats-json")
+            .arg(dir);
+        if !c.defaults {
+            cmd.args(["--dvma", &c.mode, "--completion", &c.completion])
+                .args(["--cpus", &c.cpus.to_string(), "--spl", &c.spl])
+                .args(["--intr-stack", if c.intr_stack { "on" } else { "off" }]);
+        }
+        cmd.arg("--stats-json")
             .arg(&stats_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -318,7 +323,11 @@ impl Server {
             }
         });
         let mut server = Server {
-            label: format!("dvma {}/{}", c.mode, c.completion),
+            label: if c.defaults {
+                "dvma (defaults)".to_string()
+            } else {
+                format!("dvma {}/{}", c.mode, c.completion)
+            },
             child,
             uri: String::new(),
             stats_path: Some(stats_path),
