@@ -22,19 +22,26 @@
 //! random write at 32, 1 MiB sequential read and write at 8. The sessions
 //! are ordered by [`plan`]:
 //!
+//! 0. **peer settings**: each peer once at each of its settings
+//!    ([`plan::PEER_SETTINGS`]: nbdkit's thread count, qemu-nbd's I/O engine
+//!    and cache); the best (chosen as the best pair is) serves the rest of
+//!    the run, so every peer is compared at its best;
 //! 1. **matrix**: the 20 (DVMA mode, completion) pairs at spl lazy, interrupt
 //!    stack on, every host CPU; a peer session before the first pair and
 //!    after every few pairs, the peers taking turns (A, B, A, B: drift hits
 //!    everyone alike); odd repetitions run the pairs in reverse order;
-//! 2. **best pair vs peers** (quick runs): the pair with the best geometric
-//!    mean of throughput relative to the best on each phase-1 workload, and
-//!    each peer, alternating, on all five workloads;
+//! 2. **best pair vs peers**: the pair with the best geometric mean of
+//!    throughput relative to the best on each phase-1 workload, `dvma serve`
+//!    with no flags, and each peer, alternating, on all five workloads, 5
+//!    repetitions (3 in a quick run). The report's "Against the peers,
+//!    interleaved" section ([`compare`]) is made of these runs only, with
+//!    per-repetition ratios;
 //! 3. **secondary axes**: that pair with spl mask, with the interrupt stack
 //!    off, and on one CPU.
 //!
 //! `--quick` runs phase 1 on two workloads (4 KiB random read qd32, 1 MiB
-//! sequential write) with 1 s fio runs, phase 2 three times, phase 3 once, and a
-//! short `dvma bench micro`: under 5 minutes on a 2-core machine. The full
+//! sequential write) with 1 s fio runs, phase 2 three times, phase 3 once on
+//! those two workloads, and a short `dvma bench micro`: under 5 minutes on a 2-core machine. The full
 //! run does every pair on every workload, 3 repetitions of 5 s; it prints its
 //! estimated duration before it starts (so does `--quick`; `--dry-run` only
 //! prints the plan).

@@ -493,6 +493,8 @@ pub fn build(o: &PlanOptions) -> Result<Plan, String> {
     // Phase 3: the secondary axes on the best pair.
     if o.secondary {
         let sec_reps = if o.quick { 1 } else { reps };
+        // A quick run measures the axes on phase 1's workloads only.
+        let sec_workloads = if o.quick { &select } else { &workloads };
         for rep in 0..sec_reps {
             if !o.quick {
                 sessions.push(Session {
@@ -510,7 +512,7 @@ pub fn build(o: &PlanOptions) -> Result<Plan, String> {
                     phase: Phase::Secondary,
                     target: Target::Best(v),
                     rep,
-                    workloads: workloads.clone(),
+                    workloads: sec_workloads.clone(),
                 });
             }
         }
