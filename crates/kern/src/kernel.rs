@@ -190,12 +190,14 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
         drop(unsafe { Box::from_raw(k) });
         return Err(BootError::AlreadyBooted);
     }
-    let kr = kernel();
     let clock = crate::callout::clock_attach().expect("clock vector");
     // SAFETY: no CPU runs yet and no other reference to the kernel is used
     // while we set its clock vector (boot is single-threaded until the
-    // machine starts the CPUs).
+    // machine starts the CPUs); the references `clock_attach` took are
+    // dead, and `kr` is taken only after the write (a shared reference
+    // taken before it and used after would be undefined behaviour: Miri).
     unsafe { (*k).clock = clock };
+    let kr = kernel();
     for c in 0..kr.ncpu() {
         let name: &'static str = SOFTINTD_NAMES.get(c).copied().unwrap_or("softintd");
         if let Err(e) = crate::sched::kthread_create(Some(c), name, crate::softint::softintd) {

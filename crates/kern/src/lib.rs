@@ -44,6 +44,8 @@ pub mod completion;
 pub mod cpu;
 pub mod ctx;
 pub mod dev;
+#[cfg(all(test, not(loom)))]
+mod fake;
 pub mod intr;
 pub mod iommu;
 pub mod ipl;
@@ -61,6 +63,8 @@ pub mod sched;
 pub mod softint;
 pub mod spl;
 pub mod stats;
+#[cfg(all(test, not(loom)))]
+mod tests;
 pub mod vm;
 
 pub use completion::Completion;

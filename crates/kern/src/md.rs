@@ -133,12 +133,16 @@ pub unsafe fn cpu_switchto(from: *mut usize, to: usize) {
     unsafe { dvma_md_switch(from, to) }
 }
 
-/// Kernel unit tests run on host threads that are not CPUs.
+/// Kernel unit tests run on host threads that are not CPUs, except the
+/// thread of a booted fake machine (`crate::fake`), which is its CPU 0.
 #[cfg(test)]
 mod test_md {
     use super::Cpu;
     #[unsafe(no_mangle)]
     fn dvma_md_curcpu() -> *const Cpu {
+        #[cfg(not(loom))]
+        return crate::fake::curcpu();
+        #[cfg(loom)]
         core::ptr::null()
     }
     #[unsafe(no_mangle)]
