@@ -620,7 +620,11 @@ pub struct BufQueue {
     head: *mut Buf,
     tail: *mut Buf,
     len: usize,
-    /// Elevator position: the block after the last one taken.
+    /// Elevator position: the first block of the last buf taken. (Not the
+    /// block after it: bufs queued in this sweep that start inside the
+    /// taken one's range would then be behind the head while still queued
+    /// ahead of it, and a later insert would sort in front of them, so
+    /// the elevator went backwards.)
     pos: u64,
 }
 
@@ -693,7 +697,7 @@ impl BufQueue {
         self.len -= 1;
         // SAFETY: the queue owned it since `put`.
         let bp = unsafe { BufBox::from_raw(p) };
-        self.pos = bp.blkno + (bp.bcount / DEV_BSIZE) as u64;
+        self.pos = bp.blkno;
         Some(bp)
     }
 

@@ -3,3 +3,4 @@
 //! end on a fake disk controller.
 
 mod machine;
+mod bufq;
