@@ -61,7 +61,20 @@ pub fn dmamap_load_deferred(
             Ok(()) => return Ok(Some(map)),
             Err(e) if matches!(e.error, DmaError::NoSpace { .. }) => {
                 g = tag.fifo.lock();
-                return tag.enqueue(&mut g, map, e.buf, dir, done, arg);
+                let first = g.is_empty();
+                let r = tag.enqueue(&mut g, map, e.buf, dir, done, arg);
+                drop(g);
+                if first && matches!(r, Ok(None)) {
+                    // An unload between the failed load and the enqueue saw
+                    // the FIFO empty and scheduled nothing (an interrupt on
+                    // this CPU, or another CPU): without a retry this load
+                    // would wait for the next unload, which may never come.
+                    // The softint retries it now that it is queued (an
+                    // unload after the enqueue sees the FIFO and schedules
+                    // the softint itself).
+                    softint_schedule(busdma_softint());
+                }
+                return r;
             }
             Err(e) => return Err((map, e)),
         }

@@ -4,3 +4,5 @@
 
 mod machine;
 mod bufq;
+mod ccd_map;
+mod busdma_fifo;
