@@ -6,3 +6,4 @@ mod machine;
 mod bufq;
 mod ccd_map;
 mod busdma_fifo;
+mod sd;
