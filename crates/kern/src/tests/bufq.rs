@@ -136,7 +136,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[test]
 fn disksort_matches_the_elevator_model() {
     let _m = boot();
-    proptest!(ProptestConfig::with_cases(64), |(ops in proptest::collection::vec(op(), 1..40))| {
+    proptest!(super::cases(64), |(ops in proptest::collection::vec(op(), 1..40))| {
         let mut q = BufQueue::new(BufqStrategy::Disksort);
         // (blkno, nsect, arrival)
         let mut model: Vec<(u64, usize, usize)> = Vec::new();

@@ -149,7 +149,7 @@ fn interleave_examples() {
 
 #[test]
 fn map_matches_the_model() {
-    proptest!(ProptestConfig::with_cases(24), |(
+    proptest!(super::cases(64), |(
         sizes in proptest::collection::vec(1u64..40, 1..5),
         ileave in prop_oneof![Just(0u64), 1u64..9],
         req in (any::<u64>(), any::<u64>()),

@@ -7,3 +7,16 @@ mod bufq;
 mod ccd_map;
 mod busdma_fifo;
 mod sd;
+mod queues;
+
+use proptest::test_runner::Config;
+
+/// `n` proptest cases, or fewer when `PROPTEST_CASES` asks for fewer (the
+/// Miri run asks for 4).
+pub(crate) fn cases(n: u32) -> Config {
+    let d = Config::default();
+    Config {
+        cases: n.min(d.cases),
+        ..d
+    }
+}
