@@ -60,9 +60,7 @@ std::thread_local! {
 /// The current CPU of the test build's `dvma_md_curcpu`: CPU 0 on the
 /// thread of a booted [`Machine`], null on every other host thread.
 pub(crate) fn curcpu() -> *const Cpu {
-    CURCPU
-        .try_with(|c| c.get())
-        .unwrap_or(core::ptr::null())
+    CURCPU.try_with(|c| c.get()).unwrap_or(core::ptr::null())
 }
 
 /// Bytes of fake RAM.
@@ -128,7 +126,12 @@ impl Md for FakeMd {
             base,
         })
     }
-    fn thread_init(&self, _stack: StackMem, _entry: extern "C" fn(usize) -> !, _arg: usize) -> usize {
+    fn thread_init(
+        &self,
+        _stack: StackMem,
+        _entry: extern "C" fn(usize) -> !,
+        _arg: usize,
+    ) -> usize {
         0
     }
     fn run_thread(&self, body: &mut dyn FnMut()) {
@@ -319,7 +322,10 @@ pub(crate) fn keep<T>(v: T) -> &'static T {
 
 /// The bytes of RAM at physical address `pa` (the device side of DMA).
 fn ram_ptr(pa: u64, len: usize) -> *mut u8 {
-    assert!(pa + len as u64 <= RAM_BYTES as u64, "fake RAM: {pa:#x}+{len:#x}");
+    assert!(
+        pa + len as u64 <= RAM_BYTES as u64,
+        "fake RAM: {pa:#x}+{len:#x}"
+    );
     core::ptr::with_exposed_provenance_mut::<u8>(MD.ram.load(Acquire) + pa as usize)
 }
 
@@ -390,7 +396,12 @@ impl FakeIommu {
     /// Translate a device access of `len` bytes at `iova` into physical
     /// pieces, or `None` if a page is unmapped or lacks the right (`write`:
     /// the device writes memory).
-    pub(crate) fn translate(&self, iova: Iova, len: usize, write: bool) -> Option<Vec<(u64, usize)>> {
+    pub(crate) fn translate(
+        &self,
+        iova: Iova,
+        len: usize,
+        write: bool,
+    ) -> Option<Vec<(u64, usize)>> {
         let s = self.lock();
         let mut out = Vec::new();
         let (mut a, end) = (iova.get(), iova.get() + len as u64);
@@ -419,8 +430,14 @@ impl Iommu for FakeIommu {
         IOVA_BYTES
     }
 
-    fn enter(&self, iova: Iova, pa: Paddr, len: usize, access: DmaAccess) -> Result<(), IommuError> {
-        assert!(iova.get() % IOPAGE as u64 == 0 && pa.get() % IOPAGE as u64 == 0);
+    fn enter(
+        &self,
+        iova: Iova,
+        pa: Paddr,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<(), IommuError> {
+        assert!(iova.get().is_multiple_of(IOPAGE as u64) && pa.get().is_multiple_of(IOPAGE as u64));
         if iova.get() + len as u64 > IOVA_BYTES || pa.get() + len as u64 > RAM_BYTES as u64 {
             return Err(IommuError::OutOfRange { iova, len });
         }
@@ -531,7 +548,10 @@ impl FakeDisk {
     /// completion and post the interrupt. Does not deliver it.
     pub(crate) fn complete(&self, i: usize) -> DiskDone {
         let mut st = self.lock();
-        let cmd = st.active.remove(i).expect("fake disk: no such active command");
+        let cmd = st
+            .active
+            .remove(i)
+            .expect("fake disk: no such active command");
         let skew = core::mem::take(&mut st.skew);
         let status = Self::run(&mut st.media, cmd, skew);
         let done = DiskDone { id: cmd.id, status };

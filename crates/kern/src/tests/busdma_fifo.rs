@@ -57,14 +57,26 @@ fn slots_tag(name: &'static str, slots: usize, fifo_depth: usize) -> &'static Dm
 
 fn loaded(tag: &'static DmaTag) -> DmaMap {
     let mut m = dmamap_create(tag, 4096).expect("map");
-    dmamap_load(&mut m, IoBuf::alloc(4096).expect("buf"), DmaDir::ToDevice, Wait::NoWait)
-        .expect("load");
+    dmamap_load(
+        &mut m,
+        IoBuf::alloc(4096).expect("buf"),
+        DmaDir::ToDevice,
+        Wait::NoWait,
+    )
+    .expect("load");
     m
 }
 
+#[allow(clippy::result_large_err)] // as `dmamap_load_deferred`
 fn defer(tag: &'static DmaTag, arg: usize) -> Result<Option<DmaMap>, (DmaMap, LoadError)> {
     let m = dmamap_create(tag, 4096).expect("map");
-    dmamap_load_deferred(m, IoBuf::alloc(4096).expect("buf"), DmaDir::FromDevice, done, arg)
+    dmamap_load_deferred(
+        m,
+        IoBuf::alloc(4096).expect("buf"),
+        DmaDir::FromDevice,
+        done,
+        arg,
+    )
 }
 
 #[test]
@@ -79,7 +91,12 @@ fn deferred_loads_are_served_in_order_as_space_frees() {
         assert!(matches!(defer(tag, arg), Ok(None)), "queued");
     }
     assert_eq!(tag.fifo_len(), 3);
-    assert_eq!(tag.stats.deferred.load(core::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(
+        tag.stats
+            .deferred
+            .load(core::sync::atomic::Ordering::Relaxed),
+        3
+    );
     // The FIFO holds fifo_depth loads.
     match defer(tag, 99) {
         Err((_, e)) => assert_eq!(e.error, DmaError::FifoFull),
@@ -93,8 +110,13 @@ fn deferred_loads_are_served_in_order_as_space_frees() {
         let _s = crate::spl::splsoftbio();
         assert!(dmamap_unload(&mut a).is_some());
         let mut f = dmamap_create(tag, 4096).expect("map");
-        let e = dmamap_load(&mut f, IoBuf::alloc(4096).expect("buf"), DmaDir::ToDevice, Wait::NoWait)
-            .expect_err("overtook the FIFO");
+        let e = dmamap_load(
+            &mut f,
+            IoBuf::alloc(4096).expect("buf"),
+            DmaDir::ToDevice,
+            Wait::NoWait,
+        )
+        .expect_err("overtook the FIFO");
         assert!(matches!(e.error, DmaError::NoSpace { .. }));
         assert!(done_args().is_empty(), "the softint waits for splx");
     }
@@ -154,8 +176,13 @@ fn strict_removes_what_it_entered() {
     let tag = tag_create("strict0", TagConfig::new(DvmaMode::Strict)).expect("tag");
     m.iommu().clear_log();
     let mut a = dmamap_create(tag, 3 * 4096).expect("map");
-    dmamap_load(&mut a, IoBuf::alloc(3 * 4096).expect("buf"), DmaDir::FromDevice, Wait::NoWait)
-        .expect("load");
+    dmamap_load(
+        &mut a,
+        IoBuf::alloc(3 * 4096).expect("buf"),
+        DmaDir::FromDevice,
+        Wait::NoWait,
+    )
+    .expect("load");
     let iova = a.segs()[0].iova;
     assert_eq!(m.iommu().mapped_pages(), 3);
     assert_eq!(

@@ -86,10 +86,20 @@ fn check(c: &Ccd, sizes: &[u64], ileave: u64, blkno: u64, nsect: u64) {
     let mut at = 0u64;
     for ch in chunks(c, blkno, nsect) {
         assert!(ch.nsect > 0, "empty chunk {ch:?}");
-        assert_eq!(ch.offset, at as usize * DEV_BSIZE, "chunks in order, no gap or overlap");
-        assert!(ch.blkno + ch.nsect <= sizes[ch.comp], "{ch:?} past its component");
+        assert_eq!(
+            ch.offset,
+            at as usize * DEV_BSIZE,
+            "chunks in order, no gap or overlap"
+        );
+        assert!(
+            ch.blkno + ch.nsect <= sizes[ch.comp],
+            "{ch:?} past its component"
+        );
         if ileave != 0 {
-            assert!(ch.blkno % ileave + ch.nsect <= ileave, "{ch:?} crosses a stripe unit");
+            assert!(
+                ch.blkno % ileave + ch.nsect <= ileave,
+                "{ch:?} crosses a stripe unit"
+            );
         }
         for j in 0..ch.nsect {
             assert_eq!(
@@ -110,7 +120,10 @@ fn check_bijective(c: &Ccd, sizes: &[u64]) {
     let mut n = 0;
     c.map(0, c.sectors(), |ch| {
         for j in 0..ch.nsect {
-            assert!(seen.insert((ch.comp, ch.blkno + j)), "{ch:?} maps a sector twice");
+            assert!(
+                seen.insert((ch.comp, ch.blkno + j)),
+                "{ch:?} maps a sector twice"
+            );
         }
         n += ch.nsect;
         assert!(ch.blkno + ch.nsect <= sizes[ch.comp]);
@@ -125,8 +138,10 @@ fn concatenation_examples() {
     let c = ccd(&sizes, 0);
     assert_eq!(c.sectors(), 20);
     let v = chunks(c, 8, 6);
-    let got: Vec<(usize, u64, u64, usize)> =
-        v.iter().map(|c| (c.comp, c.blkno, c.nsect, c.offset)).collect();
+    let got: Vec<(usize, u64, u64, usize)> = v
+        .iter()
+        .map(|c| (c.comp, c.blkno, c.nsect, c.offset))
+        .collect();
     assert_eq!(got, [(0, 8, 2, 0), (1, 0, 3, 1024), (2, 0, 1, 2560)]);
     check_bijective(c, &sizes);
 }
@@ -158,10 +173,10 @@ fn map_matches_the_model() {
         prop_assume!(ileave == 0 || sizes.iter().min().copied().unwrap_or(0) >= ileave);
         let _m = Machine::boot();
         let c = ccd(&sizes, ileave);
-        let total: u64 = if ileave == 0 {
-            sizes.iter().sum()
-        } else {
-            sizes.iter().min().copied().unwrap_or(0) / ileave * ileave * sizes.len() as u64
+        let min = sizes.iter().min().copied().unwrap_or(0);
+        let total: u64 = match min.checked_div(ileave) {
+            None => sizes.iter().sum(),
+            Some(stripes) => stripes * ileave * sizes.len() as u64,
         };
         prop_assert_eq!(c.sectors(), total);
         let blkno = req.0 % total;

@@ -39,7 +39,9 @@ fn interrupts_are_delivered_and_deferred_by_the_ipl() {
     .expect("vector");
     RUNS.store(0, Relaxed);
 
+    let kicks = m.kicks();
     intr_post(0, v);
+    assert_eq!(m.kicks(), kicks + 1, "the CPU was interrupted");
     assert_eq!(RUNS.load(Relaxed), 0, "not before delivery");
     assert!(m.signals_pending());
     assert_eq!(m.deliver(), 1);

@@ -2,12 +2,12 @@
 //! layer's queues, ccd's mapping, the bus_dma FIFO and the sd driver end to
 //! end on a fake disk controller.
 
-mod machine;
 mod bufq;
-mod ccd_map;
 mod busdma_fifo;
-mod sd;
+mod ccd_map;
+mod machine;
 mod queues;
+mod sd;
 
 use proptest::test_runner::Config;
 

@@ -65,6 +65,9 @@ fn inbox_concurrent_pushes_arrive_once() {
     assert_eq!(sorted.len() as u32, THREADS * EACH, "lost or duplicated");
     for t in 0..THREADS {
         let mine: Vec<u32> = got.iter().copied().filter(|id| id / EACH == t).collect();
-        assert!(mine.windows(2).all(|w| w[0] < w[1]), "thread {t} out of order");
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "thread {t} out of order"
+        );
     }
 }
