@@ -23,9 +23,13 @@
 //!   [`DiskController`] interface, which DMAs through the fake IOMMU and
 //!   completes commands only when the test says so, in the order it
 //!   chooses, so tests can interleave submissions and completions.
-//! * **no kernel threads**: there is no `cpu_switchto` (the test build's
-//!   `dvma_md_switch` panics), so threads are created (the softint daemon
-//!   at boot) but never run; the test thread runs as host context of CPU 0.
+//! * **kernel threads, natively** ([`threads`]): each context is a host
+//!   thread and `cpu_switchto` passes a baton, so exactly one runs at a
+//!   time. [`Machine::run`] runs a test body in a kernel thread with the
+//!   test's thread as the idle loop, where the fake disks complete their
+//!   commands and the clock ticks. Not under Miri (module docs there);
+//!   the other tests run the test thread as host context of CPU 0, and
+//!   the threads they create (the softint daemon at boot) never run.
 //!
 //! One kernel exists at a time per process, so a [`Machine`] holds a
 //! process-wide lock: tests that boot one run one after the other. Dropping
@@ -108,7 +112,7 @@ impl Md for FakeMd {
         panic!("fake machine: only the lazy spl")
     }
     fn idle_wait(&self, _cpu: usize, _word: &core::sync::atomic::AtomicU32, _expect: u32) {
-        panic!("fake machine: the CPU never idles")
+        // A spurious wake-up: the idle loop polls again (`threads`).
     }
     fn physmem(&self) -> (usize, u64) {
         (self.ram.load(Acquire), RAM_BYTES as u64)
@@ -126,16 +130,19 @@ impl Md for FakeMd {
             base,
         })
     }
-    fn thread_init(
-        &self,
-        _stack: StackMem,
-        _entry: extern "C" fn(usize) -> !,
-        _arg: usize,
-    ) -> usize {
-        0
+    fn thread_init(&self, _stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize {
+        threads::init(entry, arg)
     }
     fn run_thread(&self, body: &mut dyn FnMut()) {
-        body()
+        // A failed assertion in a kernel thread must not unwind into
+        // `thread_start` (an `extern "C"` frame): keep it for `run`.
+        let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(body));
+        if let Err(p) = r {
+            threads::failed(p);
+        }
+    }
+    fn idle_poll(&self, _cpu: usize) {
+        threads::idle_poll();
     }
     unsafe fn stack_free(&self, _mem: StackMem) {}
 }
@@ -200,6 +207,7 @@ impl Machine {
         MD.kicks.store(0, Release);
         MD.ram.store(ram.expose_provenance(), Release);
         IOMMU.reset();
+        threads::reset();
         let k = crate::kernel::boot(&MD, cfg).expect("fake machine: boot");
         CURCPU.with(|c| c.set(k.cpu(0)));
         Machine {
@@ -629,5 +637,185 @@ impl DiskController for FakeDisk {
     }
     fn set_interrupt(&self, cpu: usize, vector: IntrHandle) {
         self.lock().intr = Some((cpu, vector));
+    }
+}
+
+// ---- kernel threads ------------------------------------------------------
+
+/// Kernel threads on the fake machine: each context (a kernel thread, or
+/// the idle context, which is the test's own thread) is a host thread, and
+/// exactly one of them runs at a time: `cpu_switchto` passes a baton.
+/// [`Machine::run`] runs a test body in a kernel thread, with the test's
+/// thread as the CPU's idle loop; while the CPU idles, the fake disks given
+/// to [`Machine::devices_act_when_idle`] complete their commands and the
+/// fake clock ticks. Every thread asleep with nothing left to complete or
+/// tick for ten fake seconds is a deadlock (a lost wake-up): the kernel is
+/// shut down and `run` reports it.
+///
+/// Not under Miri: a thread that exits switches away for good and leaves
+/// its host thread parked until the process ends, which Miri reports.
+pub(crate) mod threads {
+    use super::*;
+    use core::sync::atomic::AtomicBool;
+    use std::sync::Condvar;
+
+    type Entry = extern "C" fn(usize) -> !;
+
+    struct Baton {
+        running: usize,
+        /// Contexts made by `thread_init` and not started yet.
+        fresh: BTreeMap<usize, (Entry, usize)>,
+    }
+
+    static BATON: Mutex<Baton> = Mutex::new(Baton {
+        running: 0,
+        fresh: BTreeMap::new(),
+    });
+    static CV: Condvar = Condvar::new();
+    /// Context ids, never reused (a parked host thread keeps its id).
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+
+    std::thread_local! {
+        static ME: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn baton() -> MutexGuard<'static, Baton> {
+        BATON.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_for(mut g: MutexGuard<'static, Baton>, me: usize) {
+        while g.running != me {
+            g = CV.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub(super) fn init(entry: Entry, arg: usize) -> usize {
+        let id = NEXT.fetch_add(1, Relaxed);
+        baton().fresh.insert(id, (entry, arg));
+        id
+    }
+
+    /// The test build's `dvma_md_switch`.
+    pub(crate) fn switch(from: *mut usize, to: usize) {
+        let me = match ME.with(|m| m.get()) {
+            0 => {
+                let id = NEXT.fetch_add(1, Relaxed);
+                ME.with(|m| m.set(id));
+                id
+            }
+            id => id,
+        };
+        // SAFETY: `from` is the saved-context word of the running context
+        // (md.rs, `dvma_md_switch`), which only the running context touches.
+        unsafe { *from = me };
+        let cpu = super::curcpu() as usize;
+        let mut g = baton();
+        g.running = to;
+        if let Some((entry, arg)) = g.fresh.remove(&to) {
+            std::thread::Builder::new()
+                .name(alloc::format!("kthread{to}"))
+                .spawn(move || {
+                    CURCPU.with(|c| c.set(cpu as *const Cpu));
+                    ME.with(|m| m.set(to));
+                    wait_for(baton(), to);
+                    entry(arg)
+                })
+                .expect("fake machine: a host thread for a kernel thread");
+        }
+        CV.notify_all();
+        wait_for(g, me);
+    }
+
+    /// The disks that complete commands while the CPU idles.
+    pub(super) static DEVICES: Mutex<Vec<&'static FakeDisk>> = Mutex::new(Vec::new());
+    pub(super) static PANIC: Mutex<Option<Box<dyn core::any::Any + Send>>> = Mutex::new(None);
+    pub(super) static DEADLOCK: AtomicBool = AtomicBool::new(false);
+    /// Idle polls since the last switch, and the switch count then.
+    static IDLE: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+    pub(super) fn reset() {
+        DEVICES.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *PANIC.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        DEADLOCK.store(false, Release);
+        *IDLE.lock().unwrap_or_else(|e| e.into_inner()) = (0, 0);
+    }
+
+    pub(super) fn failed(p: Box<dyn core::any::Any + Send>) {
+        PANIC
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(p);
+        crate::kernel::shutdown();
+    }
+
+    /// The idle loop's poll: devices act, else time passes, else (after
+    /// ten fake seconds without a switch) a deadlock.
+    pub(super) fn idle_poll() {
+        let Some(k) = crate::kernel::try_kernel() else {
+            return;
+        };
+        // Posted while threads ran (the signal a real CPU would have
+        // taken): the idle loop dispatches what is pending itself.
+        MD.signals.store(0, Release);
+        let devs = DEVICES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut acted = false;
+        for d in devs {
+            acted |= !d.complete_all().is_empty();
+        }
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        let switches = k.cpu(0).stats.switches.get();
+        if acted || idle.1 != switches {
+            *idle = (0, switches);
+            return;
+        }
+        if k.is_shutting_down() {
+            return;
+        }
+        idle.0 += 1;
+        drop(idle);
+        MD.now.fetch_add(1_000_000, AcqRel);
+        crate::intr::intr_post(0, k.clock_vector());
+        if IDLE.lock().unwrap_or_else(|e| e.into_inner()).0 > 10_000 {
+            DEADLOCK.store(true, Release);
+            crate::kernel::shutdown();
+        }
+    }
+}
+
+impl Machine {
+    /// While the CPU idles in [`Machine::run`], `disk` completes every
+    /// command it has (and interrupts).
+    pub(crate) fn devices_act_when_idle(&self, disk: &'static FakeDisk) {
+        threads::DEVICES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(disk);
+    }
+
+    /// Run `body` in a kernel thread on CPU 0, the test's thread being the
+    /// CPU's idle loop, until every kernel thread has exited; then the
+    /// kernel is shut down (one `run` per boot). A panic in any kernel
+    /// thread is raised here; `Err` if every thread fell asleep for good.
+    pub(crate) fn run(
+        &self,
+        body: impl FnOnce(&crate::ctx::ThreadCtx) + Send + 'static,
+    ) -> Result<(), &'static str> {
+        crate::sched::kthread_create(Some(0), "test", move |ctx| {
+            body(ctx);
+            crate::kernel::shutdown();
+        })
+        .expect("the test thread");
+        crate::sched::cpu_run();
+        if let Some(p) = threads::PANIC
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            std::panic::resume_unwind(p);
+        }
+        if threads::DEADLOCK.load(Acquire) {
+            return Err("every kernel thread asleep for ten fake seconds");
+        }
+        Ok(())
     }
 }

@@ -20,3 +20,4 @@ pub(crate) fn cases(n: u32) -> Config {
         ..d
     }
 }
+mod threads;
