@@ -653,7 +653,14 @@ impl DiskController for FakeDisk {
 /// shut down and `run` reports it.
 ///
 /// Not under Miri: a thread that exits switches away for good and leaves
-/// its host thread parked until the process ends, which Miri reports.
+/// its host thread parked until the process ends, which Miri reports; and
+/// its frames that never return (`sched::thread_exit` and `switch`) hold
+/// reference arguments to the `Kernel`, its `Cpu` and its `Thread`, which
+/// Miri's borrow models protect for as long as the call lasts, so
+/// `kernel::teardown` freeing the kernel after a thread has exited is
+/// reported as undefined behaviour (the abandoned-stack pattern of every
+/// kernel that reaps exited threads' stacks; raw pointers on that path
+/// would avoid it).
 pub(crate) mod threads {
     use super::*;
     use core::sync::atomic::AtomicBool;
