@@ -272,6 +272,9 @@ pub struct NbdStats {
     pub bytes_read: AtomicU64,
     /// Bytes written by clients.
     pub bytes_written: AtomicU64,
+    /// Socket sends that carried replies on the run-to-completion path
+    /// (fewer than the replies when transmit coalescing gathers them).
+    pub tx_sends: AtomicU64,
 }
 
 /// I/O memory credits (module docs: admission control, fairness).
@@ -457,6 +460,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
                 .map_err(|e| format!("nic: {e}"))?;
             let nc: &'static nic::NicChannel = Box::leak(Box::new(nic::NicChannel::new(nics)));
             blksrv_attach(nc, 0, ncpu, a.threads as usize)?;
+            nc.attach_tx()?;
             Some(nc)
         }
     };
@@ -821,6 +825,7 @@ fn stats_json(
         "nbd_errors": n.errors.load(Relaxed),
         "nbd_bytes_read": n.bytes_read.load(Relaxed),
         "nbd_bytes_written": n.bytes_written.load(Relaxed),
+        "nbd_tx_sends": n.tx_sends.load(Relaxed),
         "blksrv_bufs": srv.bufs.load(Relaxed),
         "vectors": s.vectors.iter().map(|v| serde_json::json!({
             "name": v.name, "per_cpu": v.per_cpu,

@@ -13,7 +13,8 @@
 //!              payload into device DMA memory ─► Buf ─► strategy ─► device
 //!           ◄─ completion mode ─► biodone ─► biowait returns
 //!           ◄─ NicChannel::complete: reply header + data from the DMA
-//!              buffers, writev (non-blocking) from the same kernel thread
+//!              buffers, writev (non-blocking) from the same kernel thread,
+//!              the replies of a burst gathered into one send ([`tx`])
 //! ```
 //!
 //! The NIC's interrupt only says "look" (NAPI): a blksrv thread that looks
@@ -48,7 +49,7 @@
 //! wait for each other over one connection's socket.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -58,19 +59,27 @@ use std::time::{Duration, Instant};
 use kern::bio::BlockDev;
 use kern::blksrv::{BlockReq, ReqOp, RequestChannel};
 use kern::intr::IntrHandle;
-use kern::vm::IoBuf;
 use machine::dev::{Nic, NicEvent};
 use nbd::{Command, CommandFlags, ErrorCode, ExportInfo, Request, Validation};
 
 use super::{REPLY_COST, Shared, closed, encode_served_reply};
 
 mod diag;
+mod tx;
 
 /// Bytes of requests taken from a socket per `recv`.
 const RX_BUF: usize = 64 << 10;
 
 /// Most replies gathered into one `writev`.
 const TX_BATCH: usize = 64;
+
+/// Most replies a CPU holds back while it has more requests to serve
+/// (see "Transmit coalescing" in the module docs).
+const TX_DEFER: usize = 32;
+
+/// Replies of at least this many bytes leave at once (a large read's data
+/// holds DMA memory and credits).
+const TX_DEFER_BYTES: u64 = 64 << 10;
 
 /// How long a closed connection's input is read and dropped before its
 /// socket goes (a lingering close).
@@ -167,6 +176,8 @@ struct NConn {
     tx: Mutex<Tx>,
     /// Queued on the NIC's stalled list.
     stalled: AtomicBool,
+    /// On its CPU's list of connections with replies held back.
+    tx_deferred: AtomicBool,
     finished: AtomicBool,
     /// Closed, lingering since (ms; 0: not lingering).
     linger: AtomicU64,
@@ -179,6 +190,12 @@ struct NConn {
 /// One vCPU's share of the channel.
 struct PerCpu {
     nic: Nic,
+    /// Connections with replies held back (transmit coalescing), and how
+    /// many replies.
+    deferred: Mutex<Vec<Arc<NConn>>>,
+    ndeferred: AtomicUsize,
+    /// The CPU's `nictx` thread sleeps on this; bumped to wake it.
+    tx_work: kern::lock::SpinMutex<u32>,
     /// Requests parsed and not yet taken by a blksrv thread.
     reqs: Mutex<VecDeque<Box<BlockReq>>>,
     nreqs: AtomicUsize,
@@ -209,6 +226,9 @@ impl NicChannel {
                 .into_iter()
                 .map(|nic| PerCpu {
                     nic,
+                    deferred: Mutex::new(Vec::new()),
+                    ndeferred: AtomicUsize::new(0),
+                    tx_work: kern::lock::SpinMutex::new(kern::ipl::Ipl::Net, 0),
                     reqs: Mutex::new(VecDeque::new()),
                     nreqs: AtomicUsize::new(0),
                     stalled: Mutex::new(Vec::new()),
@@ -292,6 +312,7 @@ impl NicChannel {
                 broken: false,
             }),
             stalled: AtomicBool::new(false),
+            tx_deferred: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             linger: AtomicU64::new(0),
             rx_since: AtomicU64::new(0),
@@ -738,104 +759,6 @@ impl NicChannel {
         let _ = c.sock.shutdown(Shutdown::Read);
     }
 
-    /// Queue a reply and send what the socket takes.
-    fn queue(&self, c: &NConn, out: Out) {
-        lock(&c.tx).q.push_back(out);
-        self.transmit(c);
-    }
-
-    /// Send queued replies until the socket would block; free what was
-    /// sent (or, on a broken socket, everything).
-    fn transmit(&self, c: &NConn) {
-        let sh = self.sh();
-        let mut done: Vec<Out> = Vec::new();
-        {
-            let mut tx = lock(&c.tx);
-            while !tx.q.is_empty() && !tx.broken {
-                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(TX_BATCH * 2);
-                for o in tx.q.iter().take(TX_BATCH) {
-                    match o {
-                        Out::Local(b, _) => iov.push(IoSlice::new(b)),
-                        Out::Done(r, head) => {
-                            iov.push(IoSlice::new(head));
-                            if r.error.is_none() && r.op == ReqOp::Read {
-                                for ch in &r.chunks {
-                                    iov.push(IoSlice::new(ch.as_slice()));
-                                }
-                            }
-                        }
-                    }
-                }
-                let mut skip = tx.sent;
-                let mut first = 0;
-                while first < iov.len() && skip >= iov[first].len() {
-                    skip -= iov[first].len();
-                    first += 1;
-                }
-                let r = {
-                    let mut iov = &mut iov[first..];
-                    if skip > 0 {
-                        IoSlice::advance_slices(&mut iov, skip);
-                    }
-                    (&c.sock).write_vectored(iov)
-                };
-                drop(iov);
-                match r {
-                    Ok(0) => tx.broken = true,
-                    Ok(n) => {
-                        c.active.store(self.now_ms(), Relaxed);
-                        let mut n = tx.sent + n;
-                        while let Some(o) = tx.q.front() {
-                            let len = out_len(o);
-                            if n < len {
-                                break;
-                            }
-                            n -= len;
-                            done.push(tx.q.pop_front().expect("front"));
-                        }
-                        tx.sent = n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if c.tx_since.load(Relaxed) == 0 {
-                            c.tx_since.store(self.now_ms(), Relaxed);
-                        }
-                        break;
-                    }
-                    Err(_) => tx.broken = true,
-                }
-            }
-            if tx.broken {
-                done.extend(tx.q.drain(..));
-                tx.sent = 0;
-                c.rx_done.store(true, SeqCst);
-            }
-            if tx.q.is_empty() {
-                c.tx_since.store(0, Relaxed);
-            }
-        }
-        if done.is_empty() {
-            return;
-        }
-        let (mut freed, mut served) = (0u64, 0u64);
-        for o in done {
-            match o {
-                Out::Local(_, held) => freed += held,
-                Out::Done(r, _) => {
-                    sh.stats.served(&r);
-                    freed += sh.budget.charge(r.op, r.len, c.p.max_transfer);
-                    served += 1;
-                }
-            }
-        }
-        // Credits back before the in-flight count drops (as the writer).
-        sh.budget.release(&c.held, freed);
-        c.inflight.fetch_sub(served, SeqCst);
-        if c.rx_done.load(SeqCst) {
-            self.maybe_finish(c);
-        }
-    }
-
     /// Close the connection once nothing is owed either way: no more
     /// requests (`rx_done`), none in the kernel, no reply queued (or the
     /// socket broken). Decided under the receive lock, which every
@@ -918,29 +841,26 @@ impl NicChannel {
     }
 }
 
-fn out_len(o: &Out) -> usize {
-    match o {
-        Out::Local(b, _) => b.len(),
-        Out::Done(r, head) => {
-            head.len()
-                + if r.error.is_none() && r.op == ReqOp::Read {
-                    r.chunks.iter().map(IoBuf::len).sum()
-                } else {
-                    0
-                }
-        }
-    }
-}
-
 impl RequestChannel for NicChannel {
     fn take(&self) -> Option<Box<BlockReq>> {
         let _na = kern::ast::no_ast();
         let me = kern::cpu::curcpu().index() % self.cpus.len();
-        if let Some(r) = self.pop(me) {
-            return Some(r);
+        let r = match self.pop(me) {
+            Some(r) => Some(r),
+            None => {
+                self.service(me);
+                self.pop(me)
+            }
+        };
+        match &r {
+            // A short read or write runs to completion at once: keep
+            // gathering replies.
+            Some(r) if matches!(r.op, ReqOp::Read | ReqOp::Write) && r.len < TX_DEFER_BYTES => {}
+            // The burst is over, or the next request may sleep (a flush,
+            // a long transfer): what was held back leaves now.
+            _ => self.flush_deferred(me),
         }
-        self.service(me);
-        self.pop(me)
+        r
     }
 
     fn pending(&self) -> bool {
@@ -964,7 +884,13 @@ impl RequestChannel for NicChannel {
         };
         let mut head = Vec::with_capacity(32);
         encode_served_reply(&mut head, &req, c.p.structured);
-        self.queue(&c, Out::Done(req, head));
+        let me = kern::cpu::curcpu().index() % self.cpus.len();
+        let bytes = if req.op == ReqOp::Read { req.len } else { 0 };
+        lock(&c.tx).q.push_back(Out::Done(req, head));
+        if !self.defer(me, &c, bytes) {
+            self.flush_deferred(me);
+            self.transmit(&c);
+        }
     }
 
     fn set_interrupt(&self, _cpu: usize, vector: IntrHandle) {
