@@ -641,8 +641,23 @@ fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), In
     }
     t.wchan.store(chan, Relaxed);
     t.state.store(SLEEPING, Release);
-    t.link.store(*q, Relaxed);
-    *q = t.tid;
+    // At the tail: a wakeup takes the oldest sleeper first, so sleepers of
+    // one channel are served in the order they came (no starvation of the
+    // first under a stream of new ones). The walk is over one hash bucket.
+    t.link.store(NIL, Relaxed);
+    if *q == NIL {
+        *q = t.tid;
+    } else {
+        let mut cur = k.threads.get(*q);
+        loop {
+            let next = cur.link.load(Relaxed);
+            if next == NIL {
+                break;
+            }
+            cur = k.threads.get(next);
+        }
+        cur.link.store(t.tid, Relaxed);
+    }
     release();
     drop(q);
     mi_switch(k, cpu, t);

@@ -87,14 +87,13 @@ fn sleeping_loads_get_the_space_as_it_frees() {
     assert_eq!(got, [0, 1, 2], "every waiter served once");
 }
 
-/// Sleeping loads served in the order they went to sleep. Not so today:
-/// every free wakes every sleeper (`wakeup` of the tag), the bucket's
-/// sleep queue is LIFO, so the newest sleeper runs first and takes the
-/// space; the older ones go back to sleep. Three waiters were served 2, 0,
-/// 1; under a steady stream of new waiters the oldest can starve.
+/// Sleeping loads served in the order they went to sleep. Every free wakes
+/// every sleeper (`wakeup` of the tag), so the order is the sleep queue's:
+/// when it was LIFO the newest sleeper ran first and took the space, and
+/// three waiters were served 2, 0, 1 (under a steady stream of new waiters
+/// the oldest could starve). Sleep queues are FIFO now.
 #[test]
 #[cfg_attr(miri, ignore = "kernel threads are host threads (fake::threads)")]
-#[ignore = "known: Wait::Ok sleepers are served newest first (sleep queues are LIFO)"]
 fn sleeping_loads_are_served_in_arrival_order() {
     let m = Machine::boot();
     let order = Arc::new(Mutex::new(Vec::new()));
