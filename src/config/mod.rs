@@ -49,7 +49,7 @@
 //! | `spl` | string | `"lazy"` | `lazy`, `mask` |
 //! | `intr_stack` | switch | `true` | |
 //! | `data_dir` | string | `"./dvma-data"` | a relative path is relative to the current directory (not to the file) |
-//! | `idle_poll_us` | integer | 50 | 0 to 1000000: how long an idle CPU polls for work before it sleeps (host CPUs are shared: long polls steal them from devices and clients; short ones sleep between a client's requests) |
+//! | `idle_poll_us` | integer | 50 | 0 to 1000000: the longest an idle CPU polls for work before it sleeps; within it the window adapts to the CPU's idle periods (`kern::haltpoll`: it grows while work comes soon after the CPU idles, and shrinks to nothing while it does not). Host CPUs are shared: long polls steal them from devices and clients; short ones sleep between a client's requests |
 //!
 //! ## `[[disk]]`: a DMA disk controller and its `sd` driver
 //!

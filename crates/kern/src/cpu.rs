@@ -159,6 +159,8 @@ pub struct CpuStats {
     pub intr_mallocs: CpuLocal,
     /// Idle sleeps.
     pub idle_sleeps: CpuLocal,
+    /// Idle periods (each ends when there is work).
+    pub idle_periods: CpuLocal,
 }
 
 impl Default for CpuStats {
@@ -185,6 +187,7 @@ impl Default for CpuStats {
             ast_in_malloc: CpuLocal::new(),
             intr_mallocs: CpuLocal::new(),
             idle_sleeps: CpuLocal::new(),
+            idle_periods: CpuLocal::new(),
         }
     }
 }
@@ -237,6 +240,8 @@ pub struct Cpu {
     /// Threads made runnable by other CPUs (or above IPL_SCHED): a
     /// lock-free stack that the scheduler moves into `runq`.
     pub(crate) inbox: Inbox,
+    /// The idle loop's current polling window, ns ([`crate::haltpoll`]).
+    pub(crate) halt_poll_ns: CpuLocal,
     /// Threads placed on this CPU and not yet exited.
     pub(crate) nthreads: AtomicU32,
     /// The softint daemon's wait channel word.
@@ -249,6 +254,7 @@ impl Cpu {
     pub(crate) fn new(index: usize, mask_mode: bool, malloc_no_ast: bool) -> Self {
         Self {
             index,
+            halt_poll_ns: CpuLocal::new(),
             line: PendingLine::new(),
             mask_mode,
             hw_blocked: AtomicU8::new(0),

@@ -46,6 +46,7 @@ pub mod ctx;
 pub mod dev;
 #[cfg(all(test, not(loom)))]
 mod fake;
+pub mod haltpoll;
 pub mod intr;
 pub mod iommu;
 pub mod ipl;

@@ -44,7 +44,8 @@
 //! # The idle loop
 //! With nothing to run, a CPU polls its pending word (dispatching
 //! interrupts itself, without any signal), its run queue and its inbox for
-//! [`crate::KernelConfig::idle_poll_ns`], then sleeps on its state word
+//! a window that adapts to its idle periods, at most
+//! [`crate::KernelConfig::idle_poll_ns`] ([`crate::haltpoll`]), then sleeps on its state word
 //! until a device or a wakeup moves it back to polling. While it polls, and
 //! after every sleep, it asks the machine to look at the host devices that
 //! report to this CPU's wait ([`crate::md::Md::idle_poll`]: on Linux an
@@ -827,10 +828,18 @@ pub fn cpu_run() {
 
 fn idle(k: &Kernel, cpu: &Cpu) {
     let md = k.md();
-    let poll = k.config().idle_poll_ns;
+    let max = k.config().idle_poll_ns;
+    // The window adapts to the idle periods seen (`haltpoll`); the first
+    // idle period is polled for the whole of `idle_poll_ns`.
+    let poll = if cpu.stats.idle_periods.get() == 0 {
+        max
+    } else {
+        cpu.halt_poll_ns.get()
+    };
     let work = unmasked(0) & !AST_BIT;
     cpu.line.idle_poll();
-    let mut until = md.nanotime() + poll;
+    let start = md.nanotime();
+    let mut until = start + poll;
     let mut handed_asts = false;
     loop {
         // Devices whose events come to this CPU's wait (`Md::idle_poll`).
@@ -867,6 +876,10 @@ fn idle(k: &Kernel, cpu: &Cpu) {
         core::hint::spin_loop();
     }
     cpu.line.idle_end();
+    let idle_ns = md.nanotime().saturating_sub(start);
+    cpu.halt_poll_ns
+        .set(crate::haltpoll::next_window(poll, max, idle_ns));
+    cpu.stats.idle_periods.inc();
     if cpu.line.pending() & work != 0 {
         crate::intr::dispatch(cpu, 0, crate::intr::Origin::Idle);
     }

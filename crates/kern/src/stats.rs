@@ -61,6 +61,8 @@ pub struct CpuSnapshot {
     pub intr_mallocs: u64,
     /// Idle sleeps.
     pub idle_sleeps: u64,
+    /// Idle periods.
+    pub idle_periods: u64,
 }
 
 impl CpuSnapshot {
@@ -88,6 +90,7 @@ impl CpuSnapshot {
             ast_in_malloc: s.ast_in_malloc.get(),
             intr_mallocs: s.intr_mallocs.get(),
             idle_sleeps: s.idle_sleeps.get(),
+            idle_periods: s.idle_periods.get(),
         }
     }
 }
@@ -247,7 +250,7 @@ impl fmt::Display for Snapshot {
             writeln!(f, "{:<24} {:<6} {r:>12}  (ast)", n, "none")?;
         }
         type Row = (&'static str, fn(&CpuSnapshot) -> u64);
-        let rows: [Row; 20] = [
+        let rows: [Row; 21] = [
             ("traps (signals)", |c| c.traps),
             ("traps with nothing to run", |c| c.traps_idle),
             ("traps inside an allocator", |c| c.traps_in_alloc),
@@ -267,6 +270,7 @@ impl fmt::Display for Snapshot {
             ("AST handler runs", |c| c.ast_handlers),
             ("ASTs inside malloc (must be 0)", |c| c.ast_in_malloc),
             ("mallocs in interrupts (0)", |c| c.intr_mallocs),
+            ("idle periods", |c| c.idle_periods),
             ("idle sleeps", |c| c.idle_sleeps),
         ];
         writeln!(f)?;
