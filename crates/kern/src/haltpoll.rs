@@ -43,6 +43,7 @@ pub fn next_window(cur: u64, max: u64, idle_ns: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     const MAX: u64 = 50_000;
 
