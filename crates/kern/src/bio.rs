@@ -21,7 +21,7 @@
 
 use alloc::vec::Vec;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering::*};
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering::*};
 
 use crate::ctx::ThreadCtx;
 use crate::ipl::Ipl;
@@ -29,7 +29,7 @@ use crate::lock::SpinMutex;
 use crate::once::Once;
 use crate::pool::Pool;
 use crate::sched::{Interrupted, sleep_interlocked, wakeup};
-use crate::vm::IoBuf;
+use crate::vm::{IoBuf, LentIoBuf};
 
 /// The block layer's sector size (DEV_BSIZE).
 pub const DEV_BSIZE: usize = 512;
@@ -180,12 +180,20 @@ impl Drop for Parked {
 }
 
 impl ParentRef {
-    /// This child is done, with `error`: record the first error; the last
-    /// child gets the parent back, with its error set from the children's.
-    pub fn release(self, error: Option<BioError>) -> Option<BufBox> {
+    /// This child is done, with `error` and its `data`: give the data back
+    /// to the parent if it is a view of the parent's lent data (anything
+    /// else is dropped), and record the first error. The last child gets
+    /// the parent back, with its error set from the children's and its data
+    /// returned (if a view never came back, the data is leaked, not freed
+    /// under it, and the parent fails with EIO).
+    pub fn release(self, error: Option<BioError>, data: Option<IoBuf>) -> Option<BufBox> {
         // SAFETY: the parent is live while any share is outstanding (ours
-        // is), and shares touch only its atomics.
+        // is), and shares touch only its atomics and `lent`, which nothing
+        // changes while the parent is parked.
         let p = unsafe { self.0.as_ref() };
+        if let (Some(l), Some(v)) = (&p.lent, data) {
+            let _ = l.give_back(v);
+        }
         if let Some(e) = error {
             let _ = p
                 .child_error
@@ -199,6 +207,15 @@ impl ParentRef {
         let mut bp = unsafe { BufBox::from_raw(self.0) };
         let e = bp.child_error.load(Acquire);
         bp.error = (e != 0).then(|| BioError::ALL[(e - 1) as usize]);
+        if let Some(l) = bp.lent.take() {
+            match l.into_inner() {
+                Ok(d) => bp.data = Some(d),
+                Err(l) => {
+                    drop(l); // leaks the memory: a view is still out
+                    bp.error.get_or_insert(BioError::Io);
+                }
+            }
+        }
         Some(bp)
     }
 }
@@ -221,20 +238,19 @@ pub struct Buf {
     pub resid: usize,
     /// Called by `biodone` instead of waking `biowait` (B_CALL).
     pub iodone: Option<IoDone>,
+    /// Stacking drivers: the data, while lent out as views to the
+    /// children ([`BufBox::lend_data`]).
+    lent: Option<LentIoBuf>,
     /// Stacking drivers (ccd), while parked: children still in flight.
     children: AtomicU32,
     /// Stacking drivers, while parked: the first error of the children
     /// (`BioError as u8 + 1`; 0 for none).
     child_error: AtomicU8,
     state: AtomicU8,
-    /// Buffer-queue link.
-    qnext: *mut Buf,
+    /// Buffer-queue link: the queue owns the next buf through this one.
+    qnext: Option<BufBox>,
     alloc: &'static dyn BufAlloc,
 }
-
-// SAFETY: a Buf's only non-Send field is its queue link, which is used only
-// by the BufQueue that owns the buf; the data is an IoBuf (Send).
-unsafe impl Send for Buf {}
 
 const BUSY: u8 = 1;
 const DONE: u8 = 2;
@@ -250,10 +266,11 @@ impl Buf {
             error: None,
             resid: 0,
             iodone: None,
+            lent: None,
             children: AtomicU32::new(0),
             child_error: AtomicU8::new(0),
             state: AtomicU8::new(0),
-            qnext: core::ptr::null_mut(),
+            qnext: None,
             alloc,
         }
     }
@@ -296,9 +313,8 @@ pub struct BufBox {
     ptr: NonNull<Buf>,
 }
 
-// SAFETY: a BufBox is the unique owner of its Buf; moving it to another
-// thread moves that ownership (the Buf's raw queue link is only used by
-// the queue that owns it).
+// SAFETY: a BufBox is the unique owner of its Buf, and a Buf is Send (its
+// fields are); moving the box to another thread moves that ownership.
 unsafe impl Send for BufBox {}
 
 impl BufBox {
@@ -321,6 +337,19 @@ impl BufBox {
     /// 1. `p` came from [`BufBox::into_raw`] and is rebuilt once.
     pub unsafe fn from_raw(p: NonNull<Buf>) -> BufBox {
         BufBox { ptr: p }
+    }
+
+    /// Lend this buf's data out as views for component bufs (stacking
+    /// drivers): the returned [`LentIoBuf`] makes them
+    /// ([`LentIoBuf::view`]); the data is the buf's again when every child
+    /// has given its view back through [`ParentRef::release`]. `None` if the
+    /// buf has no data (or lent it already).
+    pub fn lend_data(&mut self) -> Option<&mut LentIoBuf> {
+        if self.lent.is_some() {
+            return None;
+        }
+        let lent = self.data.take()?.lend();
+        Some(self.lent.insert(lent))
     }
 
     /// Park this buf as the parent of `children` component bufs: each gets
@@ -374,17 +403,13 @@ impl core::fmt::Debug for BufBox {
 /// The IPL_BIO buffer pool.
 pub struct BufPool {
     slots: Pool<core::mem::MaybeUninit<Buf>>,
-    base: AtomicPtr<core::mem::MaybeUninit<Buf>>,
 }
 
 impl BufPool {
     /// A pool of `n` bufs. Thread or host context.
     pub fn new(name: &'static str, n: usize) -> Self {
         let slots = Pool::new(name, Ipl::Bio, n, |_| core::mem::MaybeUninit::uninit());
-        Self {
-            slots,
-            base: AtomicPtr::new(core::ptr::null_mut()),
-        }
+        Self { slots }
     }
 
     /// Free bufs now.
@@ -402,21 +427,19 @@ impl BufAlloc for BufPool {
     fn alloc(&'static self) -> Option<NonNull<Buf>> {
         let mut it = self.slots.get_nowait()?;
         let p = it.write(Buf::new(self)) as *mut Buf;
-        let idx = it.into_raw();
-        // Remember where slot 0 is, to find a slot's index from its address.
-        let base = (p as usize - idx as usize * core::mem::size_of::<core::mem::MaybeUninit<Buf>>())
-            as *mut core::mem::MaybeUninit<Buf>;
-        self.base.store(base, Relaxed);
+        it.into_raw();
         NonNull::new(p)
     }
 
     unsafe fn free(&self, b: NonNull<Buf>) {
-        let base = self.base.load(Relaxed) as usize;
-        let idx =
-            (b.as_ptr() as usize - base) / core::mem::size_of::<core::mem::MaybeUninit<Buf>>();
-        // SAFETY: `b` came from `alloc` (contract), which took slot `idx`
-        // with `into_raw`; it is returned once.
-        drop(unsafe { self.slots.from_raw(idx as u32) });
+        // `b` came from `alloc` (contract), which gave its item up with
+        // `into_raw`: find the item from the address and take it back.
+        let item = self
+            .slots
+            .index_of(b.as_ptr().cast())
+            .and_then(|i| self.slots.from_raw(i));
+        debug_assert!(item.is_some(), "bio: a buf freed to the wrong pool");
+        drop(item);
     }
 }
 
@@ -615,10 +638,20 @@ pub enum BufqStrategy {
 
 /// A buffer queue (bufq(9)), linked through the bufs (no allocation).
 /// Not synchronised: the driver keeps it under its own spin mutex.
+///
+/// The links are owning (`Buf::qnext` holds the next [`BufBox`]), so the
+/// queue is two singly linked lists of owned bufs and needs no `unsafe`:
+/// `out`, taken from the front, and, for first-come-first-served, `inq`,
+/// where `put` pushes (newest first) and which `get` reverses onto `out`
+/// when `out` runs dry (each buf is moved once: O(1) amortised, the same
+/// link writes as a tail pointer). disksort keeps everything on `out`, in
+/// elevator order.
 pub struct BufQueue {
     strategy: BufqStrategy,
-    head: *mut Buf,
-    tail: *mut Buf,
+    /// Taken from the front; disksort: every buf, in elevator order.
+    out: Option<BufBox>,
+    /// Fcfs: put since `out` was last refilled, newest first.
+    inq: Option<BufBox>,
     len: usize,
     /// Elevator position: the first block of the last buf taken. (Not the
     /// block after it: bufs queued in this sweep that start inside the
@@ -628,17 +661,13 @@ pub struct BufQueue {
     pos: u64,
 }
 
-// SAFETY: the queue uniquely owns the bufs linked into it (they entered as
-// BufBoxes); it is only touched under its driver's lock.
-unsafe impl Send for BufQueue {}
-
 impl BufQueue {
     /// An empty queue.
     pub const fn new(strategy: BufqStrategy) -> Self {
         Self {
             strategy,
-            head: core::ptr::null_mut(),
-            tail: core::ptr::null_mut(),
+            out: None,
+            inq: None,
             len: 0,
             pos: 0,
         }
@@ -655,48 +684,37 @@ impl BufQueue {
     }
 
     /// Queue `bp`.
-    pub fn put(&mut self, bp: BufBox) {
-        let p = bp.into_raw().as_ptr();
-        // SAFETY: `p` is a buf we now own; links only touch bufs in this
-        // queue, which it owns.
-        unsafe {
-            (*p).qnext = core::ptr::null_mut();
-            match self.strategy {
-                BufqStrategy::Fcfs => self.append(p),
-                BufqStrategy::Disksort => self.sorted_insert(p),
+    pub fn put(&mut self, mut bp: BufBox) {
+        match self.strategy {
+            BufqStrategy::Fcfs => {
+                bp.qnext = self.inq.take();
+                self.inq = Some(bp);
             }
+            BufqStrategy::Disksort => self.sorted_insert(bp),
         }
         self.len += 1;
     }
 
     /// Put `bp` back at the head (it could not be started).
-    pub fn put_front(&mut self, bp: BufBox) {
-        let p = bp.into_raw().as_ptr();
-        // SAFETY: as in `put`.
-        unsafe {
-            (*p).qnext = self.head;
-        }
-        if self.head.is_null() {
-            self.tail = p;
-        }
-        self.head = p;
+    pub fn put_front(&mut self, mut bp: BufBox) {
+        bp.qnext = self.out.take();
+        self.out = Some(bp);
         self.len += 1;
     }
 
     /// Take the next buf.
     pub fn get(&mut self) -> Option<BufBox> {
-        let p = NonNull::new(self.head)?;
-        // SAFETY: `p` is the head, owned by the queue.
-        unsafe {
-            self.head = (*p.as_ptr()).qnext;
-            (*p.as_ptr()).qnext = core::ptr::null_mut();
+        if self.out.is_none() {
+            // Refill from `inq`, reversing it into arrival order.
+            while let Some(mut b) = self.inq.take() {
+                self.inq = b.qnext.take();
+                b.qnext = self.out.take();
+                self.out = Some(b);
+            }
         }
-        if self.head.is_null() {
-            self.tail = core::ptr::null_mut();
-        }
+        let mut bp = self.out.take()?;
+        self.out = bp.qnext.take();
         self.len -= 1;
-        // SAFETY: the queue owned it since `put`.
-        let bp = unsafe { BufBox::from_raw(p) };
         self.pos = bp.blkno;
         Some(bp)
     }
@@ -710,54 +728,25 @@ impl BufQueue {
         v
     }
 
-    /// # Safety
-    /// `p` is owned by the queue and not linked yet.
-    unsafe fn append(&mut self, p: *mut Buf) {
-        if self.tail.is_null() {
-            self.head = p;
-        } else {
-            // SAFETY: tail is a buf of this queue.
-            unsafe { (*self.tail).qnext = p };
-        }
-        self.tail = p;
-    }
-
     /// disksort: bufs at or after the elevator position, ascending, then
     /// the ones before it, ascending (the next sweep).
-    ///
-    /// # Safety
-    /// As for `append`.
-    unsafe fn sorted_insert(&mut self, p: *mut Buf) {
+    fn sorted_insert(&mut self, mut bp: BufBox) {
         let pos = self.pos;
-        // SAFETY: every pointer walked is a buf of this queue.
-        unsafe {
-            let key = |b: *mut Buf| {
-                let blk = (*b).blkno;
-                // (sweep, block): this sweep first.
-                (blk < pos, blk)
-            };
-            let k = key(p);
-            let mut prev: *mut Buf = core::ptr::null_mut();
-            let mut cur = self.head;
-            while !cur.is_null() && key(cur) <= k {
-                prev = cur;
-                cur = (*cur).qnext;
-            }
-            (*p).qnext = cur;
-            if prev.is_null() {
-                self.head = p;
-            } else {
-                (*prev).qnext = p;
-            }
-            if cur.is_null() {
-                self.tail = p;
-            }
+        // (sweep, block): this sweep first.
+        let key = |b: &Buf| (b.blkno < pos, b.blkno);
+        let k = key(&bp);
+        let mut cur = &mut self.out;
+        while cur.as_ref().is_some_and(|b| key(b) <= k) {
+            cur = &mut cur.as_mut().expect("tested above").qnext;
         }
+        bp.qnext = cur.take();
+        *cur = Some(bp);
     }
 }
 
 impl Drop for BufQueue {
     fn drop(&mut self) {
+        // One at a time: dropping a chain would recurse through the links.
         while let Some(b) = self.get() {
             drop(b);
         }
@@ -869,14 +858,14 @@ mod tests {
         );
         assert!(parked.child().is_none(), "no more shares than children");
         drop(parked);
-        assert!(a.release(None).is_none());
-        assert!(b.release(Some(BioError::NoSpc)).is_none());
-        let back = c.release(Some(BioError::Io)).expect("the last child");
+        assert!(a.release(None, None).is_none());
+        assert!(b.release(Some(BioError::NoSpc), None).is_none());
+        let back = c.release(Some(BioError::Io), None).expect("the last child");
         assert_eq!(back.error, Some(BioError::NoSpc), "the first error wins");
         assert_eq!(back.bcount, 4096);
 
         let mut parked = BufBox::new_in(&HEAP).unwrap().park(1);
-        let back = parked.child().unwrap().release(None).unwrap();
+        let back = parked.child().unwrap().release(None, None).unwrap();
         assert_eq!(back.error, None);
     }
 }

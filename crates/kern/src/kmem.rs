@@ -163,7 +163,7 @@ pub struct Kmem {
     cpus: Box<[KmemCpu]>,
     protect: AtomicU8,
     protect_ipl: AtomicU8,
-    inject: AtomicUsize,
+    inject: crate::once::FnHook,
     last: AtomicU64,
     /// Counters.
     pub stats: KmemStats,
@@ -228,7 +228,7 @@ impl Kmem {
                 .collect(),
             protect: AtomicU8::new(0),
             protect_ipl: AtomicU8::new(0),
-            inject: AtomicUsize::new(0),
+            inject: crate::once::FnHook::new(),
             last: AtomicU64::new(0),
             stats: KmemStats::default(),
             last_kind: crate::lock::SpinMutex::new(Ipl::High, None),
@@ -263,8 +263,7 @@ impl Kmem {
     /// where an interrupt does the damage. `dvma race` raises a real
     /// interrupt from it.
     pub fn set_inject(&self, hook: Option<fn()>) {
-        self.inject
-            .store(hook.map(|f| f as usize).unwrap_or(0), Release);
+        self.inject.set(hook);
     }
 
     /// Is the calling CPU inside the allocator right now?
@@ -381,10 +380,7 @@ impl Kmem {
             return self.alloc(size);
         }
         // ---- the window of the 1995 race -------------------------------
-        let hook = self.inject.load(Acquire);
-        if hook != 0 {
-            // SAFETY: `hook` was stored from a `fn()` by `set_inject`.
-            let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+        if let Some(f) = self.inject.get() {
             f();
         }
         let nx = next(head).load(Relaxed);

@@ -61,6 +61,7 @@ pub mod percpu;
 pub mod pool;
 pub mod race;
 pub mod sched;
+pub mod slot;
 pub mod softint;
 pub mod spl;
 pub mod stats;

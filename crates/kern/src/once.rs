@@ -18,15 +18,20 @@
 //! read lock-free ever after. Writing them through a `*mut` made from a
 //! shared reference instead is undefined behaviour (Miri rejects it).
 //!
+//! [`FnHook`] is the one cell here that may change: an optional `fn()`
+//! (the fault-injection hooks of `kmem` and the pools), replaced by whoever
+//! sets it and called from inside an allocator, with no lock.
+//!
 //! # Contexts
 //! [`Once::set`]: any context; it never blocks (a second, concurrent or
 //! later, `set` fails and hands the value back). [`Once::get`]: any
-//! context, including interrupt context; one acquire load.
+//! context, including interrupt context; one acquire load. [`FnHook`]: any
+//! context, one atomic access.
 
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{
-    AtomicU8, AtomicUsize,
+    AtomicPtr, AtomicU8, AtomicUsize,
     Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 
@@ -107,6 +112,47 @@ impl<T: core::fmt::Debug> core::fmt::Debug for Once<T> {
             Some(v) => f.debug_tuple("Once").field(v).finish(),
             None => f.write_str("Once(<unset>)"),
         }
+    }
+}
+
+/// An optional `fn()` that may be replaced at any time and is read
+/// lock-free: a fault-injection hook (see the module docs).
+pub struct FnHook(AtomicPtr<()>);
+
+impl Default for FnHook {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FnHook {
+    /// No hook.
+    pub const fn new() -> Self {
+        Self(AtomicPtr::new(core::ptr::null_mut()))
+    }
+
+    /// Install `f`, or remove the hook with `None`.
+    pub fn set(&self, f: Option<fn()>) {
+        self.0
+            .store(f.map_or(core::ptr::null_mut(), |f| f as *mut ()), Release);
+    }
+
+    /// The hook, if one is installed.
+    #[inline]
+    pub fn get(&self) -> Option<fn()> {
+        let p = self.0.load(Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the only non-null values stored are `fn()` pointers cast
+        // to `*mut ()` by `set`; casting one back gives the same function.
+        Some(unsafe { core::mem::transmute::<*mut (), fn()>(p) })
+    }
+}
+
+impl core::fmt::Debug for FnHook {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("FnHook").field(&self.0.load(Relaxed)).finish()
     }
 }
 
@@ -229,6 +275,22 @@ mod tests {
         assert_eq!(reader(), Some(7));
         // SAFETY: from `Box::into_raw`; nothing uses `o` any more.
         drop(unsafe { Box::from_raw(raw) });
+    }
+
+    #[test]
+    fn fn_hook_replaced_and_called() {
+        use super::FnHook;
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        fn bump() {
+            CALLS.fetch_add(1, SeqCst);
+        }
+        let h = FnHook::new();
+        assert!(h.get().is_none());
+        h.set(Some(bump));
+        h.get().expect("installed")();
+        h.set(None);
+        assert!(h.get().is_none());
+        assert_eq!(CALLS.load(SeqCst), 1);
     }
 
     #[test]

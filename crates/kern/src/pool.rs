@@ -15,22 +15,25 @@
 //! Items can be passed through lock-free queues as raw indices
 //! ([`PoolItem::into_raw`], [`Pool::from_raw`]).
 //!
+//! The items live in a [`SlotTable`]: a `PoolItem` owns its slot, so even
+//! a corrupt free list (an index on it twice) or an index rebuilt twice
+//! cannot give two owners one item; `get_nowait` skips (and counts) a
+//! listed index whose item is not free, and `from_raw` refuses an index
+//! that is not out.
+//!
 //! [`Pool::audit`] checks the free list (no duplicates, indices in range,
 //! count consistent) and reports corruption instead of crashing.
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{
-    AtomicU64, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release},
-};
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::cpu::curcpu_opt;
 use crate::ctx::ThreadCtx;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
+use crate::once::FnHook;
+use crate::slot::{SlotRef, SlotTable};
 use crate::sched::{Interrupted, sleep_interlocked, wakeup_one, wchan};
 
 /// Pool counters.
@@ -57,18 +60,11 @@ struct Inner {
 pub struct Pool<T> {
     name: &'static str,
     inner: SpinMutex<Inner>,
-    items: Box<[UnsafeCell<T>]>,
-    inject: AtomicUsize,
+    items: SlotTable<T>,
+    inject: FnHook,
     /// Counters.
     pub stats: PoolStats,
 }
-
-// SAFETY: an item's cell is reachable only through the one `PoolItem` that
-// holds its index (an index is either on the free list or held by exactly
-// one PoolItem), so `&Pool` hands out no aliasing `&mut T`.
-unsafe impl<T: Send> Sync for Pool<T> {}
-// SAFETY: moving the pool moves the items.
-unsafe impl<T: Send> Send for Pool<T> {}
 
 /// A pool audit failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,8 +95,8 @@ impl<T> Pool<T> {
                     waiters: 0,
                 },
             ),
-            items: (0..n).map(|i| UnsafeCell::new(init(i))).collect(),
-            inject: AtomicUsize::new(0),
+            items: SlotTable::new(n, &mut init),
+            inject: FnHook::new(),
             stats: PoolStats::default(),
         }
     }
@@ -128,8 +124,7 @@ impl<T> Pool<T> {
     /// The fault-injection hook, called inside `get` with the pool's IPL
     /// raised (see `kmem::Kmem::set_inject`).
     pub fn set_inject(&self, hook: Option<fn()>) {
-        self.inject
-            .store(hook.map(|f| f as usize).unwrap_or(0), Release);
+        self.inject.set(hook);
     }
 
     /// Take an item if there is one. Any context.
@@ -139,21 +134,29 @@ impl<T> Pool<T> {
         if let Some(c) = cpu {
             c.in_alloc.inc();
         }
-        let hook = self.inject.load(Acquire);
-        if hook != 0 {
-            // SAFETY: stored from a `fn()` by `set_inject`.
-            let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+        if let Some(f) = self.inject.get() {
             f();
         }
-        let idx = g.free.pop();
+        let mut slot = None;
+        while let Some(idx) = g.free.pop() {
+            slot = self.items.claim(idx);
+            if slot.is_some() {
+                break;
+            }
+            // Listed but not free: a corrupt free list. Drop the entry.
+            self.stats.corruptions.fetch_add(1, Relaxed);
+        }
         if let Some(c) = cpu {
             c.in_alloc.dec();
         }
         drop(g);
-        match idx {
-            Some(idx) => {
+        match slot {
+            Some(slot) => {
                 self.stats.gets.fetch_add(1, Relaxed);
-                Some(PoolItem { pool: self, idx })
+                Some(PoolItem {
+                    pool: self,
+                    slot: Some(slot),
+                })
             }
             None => {
                 self.stats.empty.fetch_add(1, Relaxed);
@@ -192,13 +195,20 @@ impl<T> Pool<T> {
         }
     }
 
-    /// Rebuild an item from [`PoolItem::into_raw`].
-    ///
-    /// # Safety
-    /// 1. `idx` came from `into_raw` on an item of this pool.
-    /// 2. It is rebuilt once.
-    pub unsafe fn from_raw(&self, idx: u32) -> PoolItem<'_, T> {
-        PoolItem { pool: self, idx }
+    /// Rebuild an item from [`PoolItem::into_raw`]; `None` if `idx` is not
+    /// an item of this pool given up with `into_raw` (and not rebuilt
+    /// since).
+    pub fn from_raw(&self, idx: u32) -> Option<PoolItem<'_, T>> {
+        self.items.reclaim(idx).map(|slot| PoolItem {
+            pool: self,
+            slot: Some(slot),
+        })
+    }
+
+    /// The index of the item `p` points to, if it is one of this pool's.
+    /// An address computation; nothing is dereferenced.
+    pub fn index_of(&self, p: *const T) -> Option<u32> {
+        self.items.index_of(p)
     }
 
     /// Check the free list; repair and report.
@@ -232,41 +242,53 @@ impl<T> Pool<T> {
 /// An item taken from a [`Pool`]; returned when dropped.
 pub struct PoolItem<'p, T> {
     pool: &'p Pool<T>,
-    idx: u32,
+    /// Always `Some` but in `drop` and `into_raw`.
+    slot: Option<SlotRef<'p, T>>,
 }
 
 impl<T> PoolItem<'_, T> {
+    fn slot(&self) -> &SlotRef<'_, T> {
+        self.slot.as_ref().expect("pool: an item without its slot")
+    }
+
     /// Give up the handle, keeping the item out of the pool: rebuild it
     /// with [`Pool::from_raw`].
-    pub fn into_raw(self) -> u32 {
-        let i = self.idx;
-        core::mem::forget(self);
-        i
+    pub fn into_raw(mut self) -> u32 {
+        match self.slot.take() {
+            Some(s) => s.lend(),
+            None => unreachable!("pool: an item without its slot"),
+        }
     }
 
     /// Its index in the pool.
     pub fn index(&self) -> u32 {
-        self.idx
+        self.slot().id()
     }
 }
 
 impl<T> Deref for PoolItem<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        // SAFETY: this item owns `idx` (see `unsafe impl Sync for Pool`).
-        unsafe { &*self.pool.items[self.idx as usize].get() }
+        self.slot()
     }
 }
 
 impl<T> DerefMut for PoolItem<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as above, and `&mut self` is unique.
-        unsafe { &mut *self.pool.items[self.idx as usize].get() }
+        self.slot
+            .as_mut()
+            .expect("pool: an item without its slot")
     }
 }
 
 impl<T> Drop for PoolItem<'_, T> {
     fn drop(&mut self) {
-        self.pool.put(self.idx);
+        if let Some(s) = self.slot.take() {
+            // Free the slot before listing it, so a `get` that finds the
+            // index on the list can claim it.
+            let idx = s.id();
+            drop(s);
+            self.pool.put(idx);
+        }
     }
 }

@@ -195,10 +195,10 @@ impl RaceState {
 
     fn free_token(&self, tok: usize) {
         if tok & 1 == 1 {
-            // SAFETY: odd tokens are `into_raw` indices of this pool,
-            // shifted; each token is taken out of its slot by exactly one
-            // `swap`, so it is rebuilt once.
-            drop(unsafe { self.pool.from_raw((tok >> 1) as u32) });
+            // Odd tokens are `into_raw` indices of this pool, shifted; each
+            // is taken out of its slot by exactly one `swap`, so it is
+            // rebuilt once (the pool refuses a second rebuild).
+            drop(self.pool.from_raw((tok >> 1) as u32));
         } else if let Some(p) = NonNull::new(tok as *mut u8) {
             self.kmem().free(p, BUFSZ);
         }

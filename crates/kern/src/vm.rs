@@ -11,8 +11,26 @@
 //! through the direct map; devices only through the DVMA window, and only
 //! while a DMA map holds the buffer (`bus_dma` takes it by value while it is
 //! loaded, so the kernel holds no reference into it during a transfer).
+//!
+//! A stacking driver (ccd) gives pieces of one buffer to several devices
+//! at once: [`IoBuf::lend`] turns the buffer into a [`LentIoBuf`], which
+//! hands out disjoint *views* of it ([`LentIoBuf::view`], checked: in range,
+//! not overlapping), each an `IoBuf` of its own that frees nothing. The buffer comes back with
+//! [`LentIoBuf::into_inner`] only once every view has been given back
+//! ([`LentIoBuf::give_back`], which accepts only this lending's views); a
+//! `LentIoBuf` dropped with views out leaks the memory rather than free it
+//! under them. So no safe code reaches freed memory, or one byte through
+//! two buffers.
+//!
+//! # Contexts
+//! `IoBuf::alloc`, `lend`, `give_back`, `into_inner`, dropping: any
+//! context (the allocator is at IPL_VM; the rest are plain or atomic
+//! operations). `alloc_wait`: thread context.
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 use vmem::{AllocPolicy, Vmem};
 
@@ -171,24 +189,25 @@ impl BufSource for PhysMem {
 }
 
 /// An owned I/O buffer in physical memory (contiguous).
+///
+/// It owns its range exclusively: the allocator handed it out once, or it
+/// is a view whose range no other live buffer covers (see the module docs).
 pub struct IoBuf {
     range: PhysRange,
-    /// The length, and [`VIEW`] for a view (dropping it frees nothing).
-    /// The flag is a bit of this word, not a `bool` field: a `bool` lends
-    /// its spare values to the enums that carry an `IoBuf` (bus_dma's load
-    /// state), whose tags then go to odd bytes written and read back in
-    /// mismatched pieces on every load and unload (`dvma bench dvma
-    /// --modes permanent` shows the difference).
     len: usize,
+    /// 0 for a buffer that frees its range when dropped; for a view, the
+    /// number of the [`IoBuf::lend`] that made it (dropping it frees
+    /// nothing). A whole word, not a `bool`: a `bool` lends its spare
+    /// values to the enums that carry an `IoBuf` (bus_dma's load state),
+    /// whose tags then go to odd bytes written and read back in mismatched
+    /// pieces on every load and unload (`dvma bench dvma --modes
+    /// permanent` shows the difference).
+    lending: u64,
     src: &'static dyn BufSource,
 }
 
-/// The bit of `IoBuf::len` that marks a view.
-const VIEW: usize = 1 << (usize::BITS - 1);
-
-// SAFETY: an IoBuf owns its range exclusively (the allocator handed it out
-// once), so moving it between threads moves that ownership.
-unsafe impl Send for IoBuf {}
+/// Numbers of lendings: a view is given back only to its own lending.
+static LENDINGS: AtomicU64 = AtomicU64::new(1);
 
 impl IoBuf {
     /// A buffer of `len` bytes from general physical memory. Any context;
@@ -199,6 +218,7 @@ impl IoBuf {
         Some(IoBuf {
             range,
             len,
+            lending: 0,
             src: pm,
         })
     }
@@ -210,6 +230,7 @@ impl IoBuf {
         Ok(IoBuf {
             range,
             len,
+            lending: 0,
             src: pm,
         })
     }
@@ -217,30 +238,24 @@ impl IoBuf {
     /// Wrap a range owned by `src` (a DMA pool).
     pub fn from_range(range: PhysRange, len: usize, src: &'static dyn BufSource) -> IoBuf {
         assert!(len <= range.len);
-        IoBuf { range, len, src }
+        IoBuf {
+            range,
+            len,
+            lending: 0,
+            src,
+        }
     }
 
-    /// A view of `len` bytes at `off` in this buffer: the same memory, with
-    /// the same source (so `bus_dma` treats it as this buffer's), freeing
-    /// nothing when dropped. Stacking drivers (ccd) give views of a parent's
-    /// buffer to their component I/Os.
-    ///
-    /// # Safety
-    /// 1. The views of one buffer that are alive at the same time do not
-    ///    overlap.
-    /// 2. The buffer is neither used nor dropped while a view of it lives.
-    pub unsafe fn view(&self, off: usize, len: usize) -> IoBuf {
-        assert!(
-            off.checked_add(len).is_some_and(|e| e <= self.len()),
-            "IoBuf::view out of range"
-        );
-        IoBuf {
-            range: PhysRange {
-                pa: self.range.pa + off,
-                len,
-            },
-            len: len | VIEW,
-            src: self.src,
+    /// Lend this buffer out as views ([`LentIoBuf::view`]): a stacking
+    /// driver (ccd) gives the views to its component I/Os and takes the
+    /// buffer back with [`LentIoBuf::into_inner`] once every view is given
+    /// back. Any context; never allocates.
+    pub fn lend(self) -> LentIoBuf {
+        LentIoBuf {
+            lending: LENDINGS.fetch_add(1, Relaxed),
+            out: AtomicUsize::new(0),
+            end: 0,
+            buf: Some(self),
         }
     }
 
@@ -251,7 +266,7 @@ impl IoBuf {
 
     /// Its length.
     pub fn len(&self) -> usize {
-        self.len & !VIEW
+        self.len
     }
 
     /// Is it empty?
@@ -272,7 +287,7 @@ impl IoBuf {
     /// Change the length (at most the capacity).
     pub fn set_len(&mut self, len: usize) {
         assert!(len <= self.range.len, "IoBuf::set_len beyond capacity");
-        self.len = len | (self.len & VIEW);
+        self.len = len;
     }
 
     /// Does it come from `src`?
@@ -312,8 +327,83 @@ impl core::fmt::Debug for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if self.len & VIEW == 0 {
+        if self.lending == 0 {
             self.src.release(self.range);
+        }
+    }
+}
+
+/// A buffer lent out as views by [`IoBuf::lend`]: it owns the memory while
+/// the views use it, and gives the buffer back once they all came back.
+#[derive(Debug)]
+pub struct LentIoBuf {
+    /// `Some` until `into_inner` takes it.
+    buf: Option<IoBuf>,
+    /// Which lending (the views carry it).
+    lending: u64,
+    /// Views not given back yet.
+    out: AtomicUsize,
+    /// The end of the last view (the next starts at or after it).
+    end: usize,
+}
+
+impl LentIoBuf {
+    /// A view of `len` bytes at `off`: the same memory with the same source
+    /// (so `bus_dma` treats it as the buffer's), freeing nothing when
+    /// dropped. Views are taken in increasing order and do not overlap:
+    /// `None` if this one starts before the end of the previous one or
+    /// ends past the buffer's length.
+    pub fn view(&mut self, off: usize, len: usize) -> Option<IoBuf> {
+        let buf = self.buf.as_ref()?;
+        let end = off.checked_add(len)?;
+        if off < self.end || end > buf.len() {
+            return None;
+        }
+        self.end = end;
+        *self.out.get_mut() += 1;
+        Some(IoBuf {
+            range: PhysRange {
+                pa: buf.range.pa + off,
+                len,
+            },
+            len,
+            lending: self.lending,
+            src: buf.src,
+        })
+    }
+
+    /// Give back a view of this lending (it is dropped); any other buffer
+    /// is refused and handed back. Any context; one atomic operation.
+    pub fn give_back(&self, view: IoBuf) -> Result<(), IoBuf> {
+        if view.lending != self.lending {
+            return Err(view);
+        }
+        drop(view); // frees nothing
+        self.out.fetch_sub(1, Release);
+        Ok(())
+    }
+
+    /// Views still out.
+    pub fn outstanding(&self) -> usize {
+        self.out.load(Acquire)
+    }
+
+    /// The buffer back, once every view has been given back; otherwise
+    /// `Err(self)`.
+    pub fn into_inner(mut self) -> Result<IoBuf, LentIoBuf> {
+        if self.out.load(Acquire) != 0 {
+            return Err(self);
+        }
+        Ok(self.buf.take().expect("vm: a lent buffer taken twice"))
+    }
+}
+
+impl Drop for LentIoBuf {
+    fn drop(&mut self) {
+        if self.out.load(Acquire) != 0 {
+            // Views are still out (a device kept one): the memory may be in
+            // use under them. Leak it rather than free it.
+            core::mem::forget(self.buf.take());
         }
     }
 }

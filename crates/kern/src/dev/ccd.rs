@@ -9,7 +9,9 @@
 //! first allocates **every** component buf (with NOWAIT); if one is missing
 //! it gives back those it got and keeps the buf for later (backoff), so an
 //! I/O is either entirely in flight or not at all. Component bufs carry
-//! views of the parent's data and typed links ([`ChildLink`]: the parent,
+//! views of the parent's data (lent with [`BufBox::lend_data`]: checked
+//! disjoint, and the data is the parent's again only when every view has
+//! come back) and typed links ([`ChildLink`]: the parent,
 //! parked with [`BufBox::park`], this unit and the component; NetBSD's
 //! `struct ccdbuf`); `biodone` hands them to [`StackedDev::child_done`],
 //! which runs in the component's completion context: it frees the
@@ -251,51 +253,68 @@ impl Ccd {
 
     /// Split `bp` into component I/Os and start them, or give it back if a
     /// component buf is missing.
-    fn start_one(&self, bp: BufBox) -> Result<(), BufBox> {
+    fn start_one(&self, mut bp: BufBox) -> Result<(), BufBox> {
         let Some(&me) = self.me.get() else {
             return Err(bp); // not attached yet: cannot happen
         };
-        let mut kids = BufQueue::new(BufqStrategy::Fcfs);
-        let mut short = false;
-        let mut add = |op: BufOp, blkno: u64, bytes: usize, data: Option<IoBuf>, fua: bool| {
-            match BufBox::new_in(self.cbufs) {
-                Some(mut k) => {
-                    k.op = op;
-                    k.fua = fua;
-                    k.blkno = blkno;
-                    k.bcount = bytes;
-                    k.data = data;
-                    kids.put(k);
-                }
-                None => short = true,
+        let (op, blkno, nsect, fua) = (
+            bp.op,
+            bp.blkno,
+            (bp.bcount / DEV_BSIZE) as u64,
+            bp.fua,
+        );
+        let n = match op {
+            BufOp::Flush => self.comps.len(),
+            _ => {
+                let mut n = 0;
+                self.map(blkno, nsect, |_| n += 1);
+                n
             }
         };
-        match bp.op {
-            BufOp::Flush => {
-                for _ in 0..self.comps.len() {
-                    add(BufOp::Flush, 0, 0, None, false);
-                }
-            }
-            op => {
-                let data = bp.data.as_ref().expect("bounds_check saw the data");
-                let fua = bp.fua;
-                self.map(bp.blkno, (bp.bcount / DEV_BSIZE) as u64, |ch| {
-                    let bytes = ch.nsect as usize * DEV_BSIZE;
-                    // SAFETY: the chunks do not overlap; the parent's data is
-                    // not touched until every child is done (the parent is
-                    // parked as a raw pointer meanwhile, see ccd_iodone).
-                    let view = unsafe { data.view(ch.offset, bytes) };
-                    add(op, ch.blkno, bytes, Some(view), fua);
-                });
+        // Every component buf first, or none.
+        let mut bufs = BufQueue::new(BufqStrategy::Fcfs);
+        let mut short = false;
+        for _ in 0..n {
+            match BufBox::new_in(self.cbufs) {
+                Some(k) => bufs.put(k),
+                None => short = true,
             }
         }
         if short {
-            drop(kids); // frees what we got (views free nothing)
+            drop(bufs); // frees what we got
             return Err(bp);
+        }
+        // Fill them, in the order of the walk: a flush to every component,
+        // or a piece of the parent's data each, as a view of it (the data
+        // is lent until every child has given its view back).
+        let mut kids = BufQueue::new(BufqStrategy::Fcfs);
+        match op {
+            BufOp::Flush => {
+                while let Some(mut k) = bufs.get() {
+                    k.op = BufOp::Flush;
+                    kids.put(k);
+                }
+            }
+            _ => {
+                let lent = bp.lend_data();
+                debug_assert!(lent.is_some(), "bounds_check saw the data");
+                let mut lent = lent;
+                self.map(blkno, nsect, |ch| {
+                    let Some(mut k) = bufs.get() else { return };
+                    let bytes = ch.nsect as usize * DEV_BSIZE;
+                    k.op = op;
+                    k.fua = fua;
+                    k.blkno = ch.blkno;
+                    k.bcount = bytes;
+                    // The chunks ascend without overlapping, so the view
+                    // is always there.
+                    k.data = lent.as_mut().and_then(|l| l.view(ch.offset, bytes));
+                    kids.put(k);
+                });
+            }
         }
         // Issue the component bufs: the same walk as above, so the same
         // order as `kids`, which tells each its component.
-        let (op, blkno, nsect) = (bp.op, bp.blkno, (bp.bcount / DEV_BSIZE) as u64);
         let mut parent = bp.park(kids.len() as u32);
         self.stats.xfers.fetch_add(1, Relaxed);
         let mut issue = |comp: usize| {
@@ -377,11 +396,13 @@ impl Ccd {
 
 impl StackedDev for Ccd {
     /// A component I/O is done (component completion context).
-    fn child_done(&self, child: BufBox, link: ChildLink) {
+    fn child_done(&self, mut child: BufBox, link: ChildLink) {
         let error = child.error;
+        let view = child.data.take();
         // Free the component buf (the pool, or kmem).
         drop(child);
-        if let Some(parent) = link.parent.release(error) {
+        // Give the view back with this child's share of the parent.
+        if let Some(parent) = link.parent.release(error, view) {
             // The last child: the parent is ours again.
             self.finish_parent(parent);
         } else if !self.state.lock().waiting.is_empty() {

@@ -12,6 +12,11 @@
 //! * [`FileDevice`]: a non-DMA asynchronous file device (for `vnd`): it
 //!   copies to and from a kernel buffer given by its kernel address, as a
 //!   programmed-I/O device would.
+//!
+//! The drivers here contain no `unsafe`: what they share between contexts
+//! is in the audited primitives ([`crate::slot`], [`crate::once`],
+//! [`crate::lock`], [`crate::vm`], [`crate::bio`]).
+#![forbid(unsafe_code)]
 
 pub mod ccd;
 pub mod completer;

@@ -13,7 +13,11 @@
 //! A command slot owns its DMA map (created at attach) and, while in
 //! flight, the buf. Slots move between the free list (under the driver's
 //! IPL_BIO spin mutex), the context that starts them, the device, and the
-//! context that reaps them; exactly one of these owns a slot at a time.
+//! context that reaps them; exactly one of these owns a slot at a time,
+//! which the slot table ([`crate::slot`]) enforces: the starting context
+//! claims the id it took off the free list, lends it to the device with the
+//! command, and the reaping context reclaims it by the id the device
+//! echoes (a completion for a slot that is not out is ignored).
 //!
 //! Out of DVMA space, a buf goes back to the head of the queue and the
 //! driver retries when one of its own commands completes, or, with none in
@@ -28,7 +32,6 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 use super::completer::{Completer, WorkCtx};
@@ -46,6 +49,7 @@ use crate::intr::intr_establish;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
+use crate::slot::{SlotRef, SlotTable};
 use crate::vm::IoBuf;
 
 /// Attach-time configuration of an sd unit.
@@ -114,7 +118,7 @@ pub struct Sd {
     completer: &'static Completer,
     read_only: bool,
     state: SpinMutex<State>,
-    slots: Box<[UnsafeCell<Slot>]>,
+    slots: SlotTable<Slot>,
     inflight: AtomicUsize,
     /// Retries the unit when it is starved of DVMA space with nothing in
     /// flight (set once at attach).
@@ -122,11 +126,6 @@ pub struct Sd {
     /// Counters.
     pub stats: SdStats,
 }
-
-// SAFETY: a slot's cell is accessed only by the one context that owns the
-// slot (taken off the free list under `state`, given back the same way);
-// see the module docs.
-unsafe impl Sync for Sd {}
 
 impl Sd {
     /// Attach an sd unit to controller `ctrl`. Thread or host context.
@@ -144,12 +143,15 @@ impl Sd {
         let tag =
             tag_create(cfg.name, dma.clone()).map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
         let depth = geom.queue_depth.max(1) as usize;
-        let slots: Box<[UnsafeCell<Slot>]> = (0..depth)
-            .map(|_| {
-                dmamap_create(tag, dma.maxsize).map(|map| UnsafeCell::new(Slot { map, bp: None }))
-            })
+        let maps: Vec<DmaMap> = (0..depth)
+            .map(|_| dmamap_create(tag, dma.maxsize))
             .collect::<Result<_, DmaError>>()
             .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        let mut maps = maps.into_iter();
+        let slots = SlotTable::new(depth, |_| Slot {
+            map: maps.next().expect("a map per slot"),
+            bp: None,
+        });
         // The completer needs the unit and the unit needs the completer:
         // the unit is built first with a placeholder-free two-step leak.
         let cell: &'static Once<&'static Sd> = Box::leak(Box::new(Once::new()));
@@ -215,25 +217,28 @@ impl Sd {
     fn start(&self, ctx: Option<&crate::ctx::ThreadCtx>) {
         let mut rang = false;
         loop {
-            let (id, bp) = {
+            let (mut slot, bp) = {
                 let mut st = self.state.lock();
                 if st.free.is_empty() || st.bufq.is_empty() {
                     break;
                 }
                 let id = st.free.pop().unwrap_or(0);
+                // The slot is ours now: it was on the free list.
+                let Some(slot) = self.slots.claim(id.into()) else {
+                    debug_assert!(false, "{}: slot {id} listed free but taken", self.name);
+                    break;
+                };
                 let bp = st.bufq.get();
                 st.starved = false;
                 match bp {
-                    Some(bp) => (id, bp),
+                    Some(bp) => (slot, bp),
                     None => {
+                        drop(slot);
                         st.free.push(id);
                         break;
                     }
                 }
             };
-            // The slot is ours now.
-            // SAFETY: `id` came off the free list under the lock (module docs).
-            let slot = unsafe { &mut *self.slots[id as usize].get() };
             // Sleep for DVMA space only in the driver's own thread, and only
             // when none of our commands is in flight: their completions are
             // reaped by this very thread, so sleeping with any outstanding
@@ -255,8 +260,10 @@ impl Sd {
                 rang = false;
             }
             self.inflight.fetch_add(1, Relaxed);
-            match self.load(slot, bp, may_sleep) {
+            match self.load(&mut slot, bp, may_sleep) {
                 Loaded::Cmd(cmd) => {
+                    // The device owns the slot until it completes `id`.
+                    let id = slot.lend() as u16;
                     let cmd = DiskCmd { id, ..cmd };
                     self.stats.xfers.fetch_add(1, Relaxed);
                     if !self.ctrl.submit(cmd) {
@@ -266,11 +273,13 @@ impl Sd {
                     }
                     rang = true;
                 }
-                Loaded::Failed => self.finish(id, DiskStatus::Invalid),
+                Loaded::Failed => self.complete(slot, DiskStatus::Invalid),
                 Loaded::NoSpace(bp) => {
                     self.inflight.fetch_sub(1, Relaxed);
                     // No DVMA space: back to the head of the queue.
                     self.stats.dvma_requeues.fetch_add(1, Relaxed);
+                    let id = slot.id() as u16;
+                    drop(slot);
                     let mut st = self.state.lock();
                     st.bufq.put_front(bp);
                     st.free.push(id);
@@ -348,11 +357,16 @@ impl Sd {
         Loaded::Cmd(cmd)
     }
 
-    /// Finish the command in slot `id` with `status` (the slot is ours:
-    /// the device gave it back).
+    /// Finish the command in slot `id` with `status`: the device gave the
+    /// slot back (a completion for a slot that is not out is ignored).
     fn finish(&self, id: u16, status: DiskStatus) {
-        // SAFETY: the device returned `id`, so the slot is ours (module docs).
-        let slot = unsafe { &mut *self.slots[id as usize].get() };
+        if let Some(slot) = self.slots.reclaim(id.into()) {
+            self.complete(slot, status);
+        }
+    }
+
+    /// Finish the command in `slot` with `status`, and free the slot.
+    fn complete(&self, mut slot: SlotRef<'_, Slot>, status: DiskStatus) {
         let Some(mut bp) = slot.bp.take() else { return };
         if slot.map.is_loaded() {
             let dir_read = bp.op == BufOp::Read;
@@ -399,6 +413,8 @@ impl Sd {
             self.stats.errors.fetch_add(1, Relaxed);
         }
         self.inflight.fetch_sub(1, Relaxed);
+        let id = slot.id() as u16;
+        drop(slot); // free before listed, so the next claim finds it free
         self.state.lock().free.push(id);
         biodone(bp);
     }
@@ -406,9 +422,7 @@ impl Sd {
     /// The completion work: reap everything, finish it, start more.
     fn done(&self, ctx: WorkCtx<'_>) {
         while let Some(d) = self.ctrl.reap() {
-            if (d.id as usize) < self.slots.len() {
-                self.finish(d.id, d.status);
-            }
+            self.finish(d.id, d.status);
         }
         self.start(ctx.thread());
     }

@@ -10,14 +10,16 @@
 //!
 //! A command slot holds the buf while the device works on it: the device
 //! writes into, or reads from, the buf's data, which nothing else touches
-//! until the slot is reaped.
+//! until the slot is reaped. The slots are a [`crate::slot::SlotTable`]:
+//! vndthread claims the id it took off the free list and lends it to the
+//! device with the command; the completion reclaims it by the id the
+//! device echoes (a completion for a slot that is not out is ignored).
 //!
 //! # Contexts
 //! `strategy`: any (it never sleeps).
 
 use alloc::boxed::Box;
 use alloc::string::String;
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 use super::completer::{Completer, WorkCtx};
@@ -31,6 +33,7 @@ use crate::intr::intr_establish;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
+use crate::slot::SlotTable;
 use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
 
 /// Attach-time configuration.
@@ -73,17 +76,13 @@ pub struct Vnd {
     max_transfer: usize,
     completer: &'static Completer,
     state: SpinMutex<State>,
-    slots: Box<[UnsafeCell<Option<BufBox>>]>,
+    slots: SlotTable<Option<BufBox>>,
     chan: AtomicU32,
     stop: AtomicBool,
     thread: SpinMutex<Option<KThread>>,
     /// Counters.
     pub stats: VndStats,
 }
-
-// SAFETY: a slot is owned by one context at a time (free list under
-// `state` -> vndthread -> device -> the reaper -> free list).
-unsafe impl Sync for Vnd {}
 
 impl Vnd {
     /// Attach a vnd on file device `dev`. Thread or host context.
@@ -109,7 +108,7 @@ impl Vnd {
                     free: (0..n as u16).rev().collect(),
                 },
             ),
-            slots: (0..n).map(|_| UnsafeCell::new(None)).collect(),
+            slots: SlotTable::new(n, |_| None),
             chan: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             thread: SpinMutex::new(Ipl::None, None),
@@ -178,8 +177,14 @@ impl Vnd {
             len,
             fua: bp.fua,
         };
-        // SAFETY: `id` came off the free list: the slot is ours.
-        unsafe { *self.slots[id as usize].get() = Some(bp) };
+        // `id` came off the free list: the slot is ours until the device
+        // has it.
+        let Some(mut slot) = self.slots.claim(id.into()) else {
+            debug_assert!(false, "{}: slot {id} listed free but taken", self.name);
+            return;
+        };
+        *slot = Some(bp);
+        slot.lend();
         self.stats.xfers.fetch_add(1, Relaxed);
         if !self.dev.submit(cmd) {
             // The ring has a place per slot: it cannot be full.
@@ -188,10 +193,15 @@ impl Vnd {
     }
 
     fn finish(&self, id: u16, status: DiskStatus) {
-        // SAFETY: the device returned `id`: the slot is ours.
-        let Some(mut bp) = (unsafe { (*self.slots[id as usize].get()).take() }) else {
+        // The device returned `id`: the slot is ours again (unless it is
+        // not out: then the completion is ignored).
+        let Some(mut slot) = self.slots.reclaim(id.into()) else {
             return;
         };
+        let Some(mut bp) = slot.take() else {
+            return;
+        };
+        drop(slot); // free before listed, so the next claim finds it free
         match status {
             DiskStatus::Ok => bp.resid = 0,
             DiskStatus::Invalid => {
