@@ -41,7 +41,7 @@
 
 use alloc::boxed::Box;
 use core::sync::atomic::{
-    AtomicPtr, AtomicU64,
+    AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
 
@@ -49,6 +49,7 @@ use crate::cpu::{AST_BIT, Cpu, curcpu, curcpu_opt};
 use crate::ctx::{InterruptContext, ThreadCtx};
 use crate::intr::TrapFrame;
 use crate::kernel::kernel;
+use crate::once::Once;
 
 /// The most ASTs a kernel may establish.
 pub const MAX_ASTS: usize = 64;
@@ -81,35 +82,22 @@ pub(crate) struct AstHandler {
     pub(crate) runs: AtomicU64,
 }
 
+/// The AST handlers: each slot set once (by `ast_establish`), read
+/// lock-free by the upcall, dropped with the kernel.
 pub(crate) struct Asts {
-    slots: [AtomicPtr<AstHandler>; MAX_ASTS],
+    slots: [Once<AstHandler>; MAX_ASTS],
 }
 
 impl Asts {
     pub(crate) fn new() -> Self {
         Self {
-            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ASTS],
+            slots: [const { Once::new() }; MAX_ASTS],
         }
     }
 
     pub(crate) fn for_each(&self, mut f: impl FnMut(&'static str, u64)) {
-        for s in &self.slots {
-            // SAFETY: leaked handlers, freed only at teardown.
-            if let Some(h) = unsafe { s.load(Acquire).as_ref() } {
-                f(h.name, h.runs.load(Relaxed));
-            }
-        }
-    }
-}
-
-impl Drop for Asts {
-    fn drop(&mut self) {
-        for s in &self.slots {
-            let p = s.swap(core::ptr::null_mut(), Acquire);
-            if !p.is_null() {
-                // SAFETY: from `Box::into_raw`; the kernel is torn down.
-                drop(unsafe { Box::from_raw(p) });
-            }
+        for h in self.slots.iter().filter_map(Once::get) {
+            f(h.name, h.runs.load(Relaxed));
         }
     }
 }
@@ -120,21 +108,17 @@ pub fn ast_establish(
     handler: impl Fn(&ThreadCtx) + Send + Sync + 'static,
 ) -> Result<AstHandle, AstError> {
     let k = kernel();
-    let h = Box::into_raw(Box::new(AstHandler {
+    let mut h = AstHandler {
         f: Box::new(handler),
         name,
         runs: AtomicU64::new(0),
-    }));
+    };
     for (id, slot) in k.asts.slots.iter().enumerate() {
-        if slot
-            .compare_exchange(core::ptr::null_mut(), h, Release, Relaxed)
-            .is_ok()
-        {
-            return Ok(AstHandle { id: id as u8 });
+        match slot.set(h) {
+            Ok(()) => return Ok(AstHandle { id: id as u8 }),
+            Err(back) => h = back,
         }
     }
-    // SAFETY: never published.
-    drop(unsafe { Box::from_raw(h) });
     Err(AstError::Full)
 }
 
@@ -247,8 +231,7 @@ fn run_pending(cpu: &Cpu) {
         while b != 0 {
             let id = b.trailing_zeros() as usize;
             b &= b - 1;
-            // SAFETY: see `Asts::for_each`.
-            if let Some(h) = unsafe { k.asts.slots[id].load(Acquire).as_ref() } {
+            if let Some(h) = k.asts.slots[id].get() {
                 (h.f)(&ctx);
                 h.runs.fetch_add(1, Relaxed);
                 cpu.stats.ast_handlers.inc();

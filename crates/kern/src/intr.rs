@@ -28,12 +28,13 @@
 //! `Pool::get_nowait`.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicPtr, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use core::sync::atomic::Ordering::Relaxed;
 
 use crate::cpu::{AST_BIT, Cpu, bit_level, curcpu_opt, hard_bits, unmasked};
 use crate::ctx::IntrCtx;
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
+use crate::once::Once;
 use crate::pending::Post;
 
 /// Errors of [`intr_establish`].
@@ -94,36 +95,22 @@ pub(crate) struct Handler {
     pub(crate) name: &'static str,
 }
 
-/// The vector table: a handler per pending-word bit.
+/// The vector table: a handler per pending-word bit, each set once (by
+/// `intr_establish`), read lock-free by `dispatch`, dropped with the kernel
+/// (when no CPU can run one any more).
 pub(crate) struct Vectors {
-    slots: [AtomicPtr<Handler>; 64],
+    slots: [Once<Handler>; 64],
 }
 
 impl Vectors {
     pub(crate) fn new() -> Self {
         Self {
-            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; 64],
+            slots: [const { Once::new() }; 64],
         }
     }
 
     pub(crate) fn name(&self, bit: u32) -> Option<&'static str> {
-        let p = self.slots[bit as usize].load(Acquire);
-        // SAFETY: non-null slots point to leaked `Handler`s freed only when
-        // the kernel is torn down (`Drop for Vectors`).
-        unsafe { p.as_ref() }.map(|h| h.name)
-    }
-}
-
-impl Drop for Vectors {
-    fn drop(&mut self) {
-        for s in &self.slots {
-            let p = s.swap(core::ptr::null_mut(), Acquire);
-            if !p.is_null() {
-                // SAFETY: created by `Box::into_raw` in `intr_establish`; the
-                // kernel is being torn down, so no CPU can run it any more.
-                drop(unsafe { Box::from_raw(p) });
-            }
-        }
+        self.slots[bit as usize].get().map(|h| h.name)
     }
 }
 
@@ -140,21 +127,17 @@ pub fn intr_establish(
         return Err(IntrError::NotHardLevel { level });
     }
     let (first, n) = hard_bits(level);
-    let h = Box::into_raw(Box::new(Handler {
+    let mut h = Handler {
         f: Box::new(handler),
         name,
-    }));
+    };
     let k = kernel();
     for bit in first..first + n {
-        if k.vectors.slots[bit as usize]
-            .compare_exchange(core::ptr::null_mut(), h, Release, Relaxed)
-            .is_ok()
-        {
-            return Ok(IntrHandle { bit: bit as u8 });
+        match k.vectors.slots[bit as usize].set(h) {
+            Ok(()) => return Ok(IntrHandle { bit: bit as u8 }),
+            Err(back) => h = back,
         }
     }
-    // SAFETY: `h` came from `Box::into_raw` above and was never published.
-    drop(unsafe { Box::from_raw(h) });
     Err(IntrError::NoVector { level })
 }
 
@@ -297,9 +280,7 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
             let level = bit_level(b);
             set_level(cpu, level as u8);
             if level.is_hard() {
-                let h = k.vectors.slots[b as usize].load(Acquire);
-                // SAFETY: see `Vectors::name`.
-                if let Some(h) = unsafe { h.as_ref() } {
+                if let Some(h) = k.vectors.slots[b as usize].get() {
                     (h.f)(&IntrCtx::new(level));
                 }
                 cpu.stats.intr[b as usize].inc();

@@ -23,7 +23,7 @@
 
 use alloc::boxed::Box;
 use core::sync::atomic::{
-    AtomicPtr, AtomicU64,
+    AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
 
@@ -31,6 +31,7 @@ use crate::cpu::{Cpu, curcpu, soft_bit};
 use crate::ctx::{SoftCtx, ThreadCtx};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
+use crate::once::Once;
 
 /// The most soft interrupts a kernel may establish.
 pub const MAX_SOFTINTS: usize = 64;
@@ -78,8 +79,10 @@ pub(crate) struct SoftHandler {
     pub(crate) runs: AtomicU64,
 }
 
+/// The softint handlers: each slot set once (by `softint_establish`), read
+/// lock-free by whoever runs the softints, dropped with the kernel.
 pub(crate) struct Softints {
-    slots: [AtomicPtr<SoftHandler>; MAX_SOFTINTS],
+    slots: [Once<SoftHandler>; MAX_SOFTINTS],
     /// Handle ids of each soft level.
     level_ids: [AtomicU64; 4],
 }
@@ -87,31 +90,15 @@ pub(crate) struct Softints {
 impl Softints {
     pub(crate) fn new() -> Self {
         Self {
-            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_SOFTINTS],
+            slots: [const { Once::new() }; MAX_SOFTINTS],
             level_ids: [const { AtomicU64::new(0) }; 4],
         }
     }
 
     /// (name, runs) of every established softint.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&'static str, u64)) {
-        for s in &self.slots {
-            // SAFETY: non-null slots point to leaked handlers freed only at
-            // teardown (`Drop for Softints`).
-            if let Some(h) = unsafe { s.load(Acquire).as_ref() } {
-                f(h.name, h.runs.load(Relaxed));
-            }
-        }
-    }
-}
-
-impl Drop for Softints {
-    fn drop(&mut self) {
-        for s in &self.slots {
-            let p = s.swap(core::ptr::null_mut(), Acquire);
-            if !p.is_null() {
-                // SAFETY: from `Box::into_raw`; the kernel is torn down.
-                drop(unsafe { Box::from_raw(p) });
-            }
+        for h in self.slots.iter().filter_map(Once::get) {
+            f(h.name, h.runs.load(Relaxed));
         }
     }
 }
@@ -126,25 +113,23 @@ pub fn softint_establish(
         return Err(SoftintError::NotSoftLevel { level });
     };
     let k = kernel();
-    let h = Box::into_raw(Box::new(SoftHandler {
+    let mut h = SoftHandler {
         f: Box::new(handler),
         name,
         runs: AtomicU64::new(0),
-    }));
+    };
     for (id, slot) in k.softints.slots.iter().enumerate() {
-        if slot
-            .compare_exchange(core::ptr::null_mut(), h, Release, Relaxed)
-            .is_ok()
-        {
-            k.softints.level_ids[li].fetch_or(1 << id, Release);
-            return Ok(SoftintHandle {
-                id: id as u8,
-                level,
-            });
+        match slot.set(h) {
+            Ok(()) => {
+                k.softints.level_ids[li].fetch_or(1 << id, Release);
+                return Ok(SoftintHandle {
+                    id: id as u8,
+                    level,
+                });
+            }
+            Err(back) => h = back,
         }
     }
-    // SAFETY: never published.
-    drop(unsafe { Box::from_raw(h) });
     Err(SoftintError::Full)
 }
 
@@ -168,8 +153,7 @@ fn run_bits(cpu: &Cpu, bits: u64, level: Ipl, daemon: bool) {
     while b != 0 {
         let id = b.trailing_zeros() as usize;
         b &= b - 1;
-        // SAFETY: see `Softints::for_each`.
-        if let Some(h) = unsafe { k.softints.slots[id].load(Acquire).as_ref() } {
+        if let Some(h) = k.softints.slots[id].get() {
             (h.f)(&SoftCtx::new(level));
             h.runs.fetch_add(1, Relaxed);
             if daemon {

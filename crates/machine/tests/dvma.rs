@@ -536,7 +536,8 @@ fn accounting_and_the_lazy_timeout() {
 
 /// Views: the same memory as their buffer, loadable like it (a view of a
 /// pool buffer loads through the pool), lengths of their own, and dropping
-/// one frees nothing; dropping the buffer frees its pages once.
+/// one frees nothing; the buffer comes back only when every view has, and
+/// dropping it then frees its pages once.
 #[test]
 fn views_share_memory_and_free_nothing() {
     let _m = boot(1);
@@ -546,34 +547,50 @@ fn views_share_memory_and_free_nothing() {
     let mut b = IoBuf::alloc(16384).unwrap();
     assert_eq!(used(), before + 4);
     b.as_mut_slice().copy_from_slice(&pattern(7, 16384));
-    {
-        // SAFETY: the two views do not overlap, and `b` is not used or
-        // dropped while they live.
-        let (mut v1, v2) = unsafe { (b.view(4096, 4096), b.view(8192, 8192)) };
-        assert_eq!((v1.len(), v2.len(), v1.capacity()), (4096, 8192, 4096));
-        assert_eq!(v1.pa(), b.pa() + 4096u64);
-        assert_eq!(v1.as_slice(), &pattern(7, 16384)[4096..8192]);
-        v1.set_len(100);
-        assert_eq!(v1.len(), 100);
-        v1.as_mut_slice().fill(0xee);
-        drop((v1, v2));
-    }
+    let pa = b.pa();
+    let mut lent = b.lend();
+    let mut v1 = lent.view(4096, 4096).unwrap();
+    assert!(lent.view(4096, 512).is_none(), "overlapping view");
+    assert!(lent.view(8192, 16384).is_none(), "view past the end");
+    let v2 = lent.view(8192, 8192).unwrap();
+    assert_eq!((v1.len(), v2.len(), v1.capacity()), (4096, 8192, 4096));
+    assert_eq!(v1.pa(), pa + 4096u64);
+    assert_eq!(v1.as_slice(), &pattern(7, 16384)[4096..8192]);
+    v1.set_len(100);
+    assert_eq!(v1.len(), 100);
+    v1.as_mut_slice().fill(0xee);
+    let other = IoBuf::alloc(4096).unwrap();
+    let other = lent.give_back(other).expect_err("not a view of this lending");
+    drop(other);
+    lent.give_back(v1).unwrap();
+    assert_eq!(lent.outstanding(), 1);
+    let lent = lent.into_inner().expect_err("a view is still out");
+    lent.give_back(v2).unwrap();
+    let b = lent.into_inner().expect("every view is back");
     assert_eq!(used(), before + 4, "dropping views freed memory");
     assert!(b.as_slice()[4096..4196].iter().all(|&x| x == 0xee));
     assert_eq!(b.as_slice()[4196], pattern(7, 16384)[4196]);
     drop(b);
     assert_eq!(used(), before);
 
+    // A lent buffer dropped with a view out leaks rather than free the
+    // memory under the view.
+    let mut lent = IoBuf::alloc(4096).unwrap().lend();
+    let v = lent.view(0, 4096).unwrap();
+    drop(lent);
+    assert_eq!(used(), before + 1, "freed under a live view");
+    drop(v);
+    assert_eq!(used(), before + 1);
+
     // A view of a permanent-pool buffer loads through the pool.
     let tag = tag_create("views", small(DvmaMode::Permanent)).unwrap();
-    let pool_buf = dmamem_alloc(tag, 8192).unwrap();
-    // SAFETY: one view, `pool_buf` untouched while it lives.
-    let v = unsafe { pool_buf.view(4096, 4096) };
+    let mut lent = dmamem_alloc(tag, 8192).unwrap().lend();
+    let v = lent.view(4096, 4096).unwrap();
     let mut map = dmamap_create(tag, 64 << 10).unwrap();
     dmamap_load(&mut map, v, DmaDir::ToDevice, Wait::NoWait).unwrap();
     assert_eq!(map.segs()[0].len, 4096);
     let v = dmamap_unload(&mut map).unwrap();
     assert_eq!(v.len(), 4096);
-    drop(v);
-    drop(pool_buf);
+    lent.give_back(v).unwrap();
+    drop(lent.into_inner().unwrap());
 }
