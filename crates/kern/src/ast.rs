@@ -166,8 +166,7 @@ fn frame_push_ok(cpu: &Cpu, s: u8, frame: &dyn TrapFrame) -> bool {
     {
         return false;
     }
-    // SAFETY: non-null `curthread` points into the thread table.
-    let Some(t) = (unsafe { cpu.curthread.load(Relaxed).as_ref() }) else {
+    let Some(t) = crate::sched::curthread_opt(kernel(), cpu) else {
         return false;
     };
     if t.in_upcall.load(Relaxed) {

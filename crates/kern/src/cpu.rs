@@ -24,12 +24,12 @@
 //! So "what may run at IPL *l*" is the constant mask [`unmasked`]`(l)`, and
 //! "what runs first" is the highest set bit.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
 
 use crate::ipl::Ipl;
 use crate::pending::{Inbox, PendingLine, SoftQueue};
 use crate::percpu::CpuLocal;
-use crate::sched::{RunQueue, Thread};
+use crate::sched::RunQueue;
 
 /// The most CPUs a kernel may have.
 pub const MAXCPU: usize = 64;
@@ -224,11 +224,13 @@ pub struct Cpu {
     pub(crate) in_kthread: AtomicBool,
     /// Set while the CPU runs soft-interrupt handlers from the daemon.
     pub(crate) in_softint_thread: AtomicBool,
-    pub(crate) curthread: AtomicPtr<Thread>,
+    /// The tid of the kernel thread running here (`sched::NIL`: none).
+    pub(crate) curthread: AtomicU32,
     /// The idle context's saved stack pointer (the CPU's host stack).
     pub(crate) idle_sp: AtomicUsize,
     /// A thread that exited and waits to be reaped off its own stack.
-    pub(crate) dead: AtomicPtr<Thread>,
+    /// (Its tid, `sched::NIL` for none.)
+    pub(crate) dead: AtomicU32,
     /// Scheduled soft interrupts, bit = handle id.
     pub(crate) soft_pending: SoftQueue,
     /// Soft interrupts left over by a pass that ran out of budget.
@@ -268,9 +270,9 @@ impl Cpu {
             malloc_no_ast,
             in_kthread: AtomicBool::new(false),
             in_softint_thread: AtomicBool::new(false),
-            curthread: AtomicPtr::new(core::ptr::null_mut()),
+            curthread: AtomicU32::new(crate::sched::NIL),
             idle_sp: AtomicUsize::new(0),
-            dead: AtomicPtr::new(core::ptr::null_mut()),
+            dead: AtomicU32::new(crate::sched::NIL),
             soft_pending: SoftQueue::new(),
             soft_deferred: SoftQueue::new(),
             ast_pending: AtomicU64::new(0),

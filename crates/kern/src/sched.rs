@@ -60,7 +60,6 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::cell::UnsafeCell;
 use core::sync::atomic::{
     AtomicBool, AtomicU8, AtomicU32, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release, SeqCst},
@@ -130,7 +129,7 @@ impl core::fmt::Display for SchedError {
     }
 }
 
-const NIL: u32 = u32::MAX;
+pub(crate) const NIL: u32 = u32::MAX;
 
 const FREE: u8 = 0;
 const EMBRYO: u8 = 1;
@@ -145,7 +144,9 @@ type ThreadBody = Box<dyn FnOnce(&ThreadCtx) + Send>;
 /// A kernel thread's slot in the thread table.
 pub struct Thread {
     tid: u32,
-    name: UnsafeCell<&'static str>,
+    /// Set by `kthread_create`; read by anyone (diagnostics), so under a
+    /// spin mutex (at IPL_HIGH: any context may read it).
+    name: SpinMutex<&'static str>,
     cpu: AtomicUsize,
     state: AtomicU8,
     wchan: AtomicUsize,
@@ -159,19 +160,15 @@ pub struct Thread {
     exit_gen: AtomicU32,
     stack_lo: AtomicUsize,
     stack_hi: AtomicUsize,
-    body: UnsafeCell<Option<ThreadBody>>,
+    /// Put by `kthread_create`, taken by the thread when it starts.
+    body: SpinMutex<Option<ThreadBody>>,
 }
-
-// SAFETY: `name` and `body` are written only while the slot is EMBRYO
-// (owned by its creator, before `setrunqueue` publishes it with a release
-// operation) and afterwards read (`body` taken) only by the thread itself.
-unsafe impl Sync for Thread {}
 
 impl Thread {
     fn new(tid: u32) -> Self {
         Self {
             tid,
-            name: UnsafeCell::new(""),
+            name: SpinMutex::new(Ipl::High, ""),
             cpu: AtomicUsize::new(0),
             state: AtomicU8::new(FREE),
             wchan: AtomicUsize::new(0),
@@ -183,7 +180,7 @@ impl Thread {
             exit_gen: AtomicU32::new(0),
             stack_lo: AtomicUsize::new(0),
             stack_hi: AtomicUsize::new(0),
-            body: UnsafeCell::new(None),
+            body: SpinMutex::new(Ipl::High, None),
         }
     }
 
@@ -194,8 +191,7 @@ impl Thread {
 
     /// Its name.
     pub fn name(&self) -> &'static str {
-        // SAFETY: see `unsafe impl Sync for Thread`.
-        unsafe { *self.name.get() }
+        *self.name.lock()
     }
 
     /// Its stack's bounds (lowest, highest address).
@@ -286,13 +282,13 @@ impl Threads {
         }
     }
 
+    /// Thread `tid`. Thread ids are slot indices handed out by this table
+    /// (`kthread_create`) and stored only in its own links and queues and
+    /// in the CPUs' `curthread`/`dead` words, so the bounds check never
+    /// fails.
     #[inline(always)]
     fn get(&self, tid: u32) -> &Thread {
-        debug_assert!((tid as usize) < self.slots.len());
-        // SAFETY: thread ids are slot indices handed out by this table
-        // (`kthread_create`) and stored only in its own links and queues;
-        // none is ever out of range.
-        unsafe { self.slots.get_unchecked(tid as usize) }
+        &self.slots[tid as usize]
     }
 
     /// Free every pooled stack (teardown, host context).
@@ -392,11 +388,8 @@ pub fn kthread_create(
         t.state.store(FREE, Release);
         return Err(SchedError::NoStack);
     };
-    // SAFETY: the slot is EMBRYO: we own it until it is published.
-    unsafe {
-        *t.name.get() = name;
-        *t.body.get() = Some(Box::new(f));
-    }
+    *t.name.lock() = name;
+    *t.body.lock() = Some(Box::new(f));
     t.cpu.store(cpu, Relaxed);
     t.saved_no_ast.store(0, Relaxed);
     t.in_upcall.store(false, Relaxed);
@@ -423,9 +416,7 @@ extern "C" fn thread_start(tid: usize) -> ! {
     let t = k.threads.get(tid as u32);
     after_switch(k, cpu);
     crate::spl::splx_cpu(cpu, 0);
-    // SAFETY: the body was stored before the thread was published, and
-    // only the thread itself takes it.
-    let mut body = unsafe { (*t.body.get()).take() };
+    let mut body = t.body.lock().take();
     k.md().run_thread(&mut || {
         if let Some(f) = body.take() {
             f(&ThreadCtx::new());
@@ -442,18 +433,24 @@ fn thread_exit(k: &'static Kernel, cpu: &Cpu, t: &'static Thread) -> ! {
     }
     crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
     t.state.store(ZOMBIE, Release);
-    cpu.dead.store(t as *const Thread as *mut Thread, Relaxed);
+    cpu.dead.store(t.tid, Relaxed);
     let next = runq_take(k, cpu);
     switch(k, cpu, Some(t), next);
     unreachable!("exited thread {} resumed", t.name())
 }
 
+/// The kernel thread running on `cpu`, if one is (`cpu.curthread` holds
+/// its tid). Any context.
+pub(crate) fn curthread_opt(k: &'static Kernel, cpu: &Cpu) -> Option<&'static Thread> {
+    match cpu.curthread.load(Relaxed) {
+        NIL => None,
+        tid => Some(k.threads.get(tid)),
+    }
+}
+
 /// The current thread of `cpu` (thread context).
 pub(crate) fn curthread(cpu: &Cpu) -> &'static Thread {
-    let p = cpu.curthread.load(Relaxed);
-    // SAFETY: non-null `curthread` points into the thread table of the
-    // booted kernel.
-    match unsafe { p.as_ref() } {
+    match curthread_opt(kernel(), cpu) {
         Some(t) => t,
         None => panic!("no current kernel thread on cpu{}", cpu.index()),
     }
@@ -465,8 +462,7 @@ pub fn current_name() -> Option<&'static str> {
     if !cpu.in_kthread.load(Relaxed) {
         return None;
     }
-    // SAFETY: as in `curthread`.
-    unsafe { cpu.curthread.load(Relaxed).as_ref() }.map(|t| t.name())
+    curthread_opt(crate::kernel::try_kernel()?, cpu).map(|t| t.name())
 }
 
 /// Switch from the running context (`me`, or the idle context) to `next`
@@ -483,15 +479,14 @@ fn switch(k: &'static Kernel, cpu: &Cpu, me: Option<&Thread>, next: Option<&'sta
     };
     let to = match next {
         Some(t) => {
-            cpu.curthread
-                .store(t as *const Thread as *mut Thread, Relaxed);
+            cpu.curthread.store(t.tid, Relaxed);
             cpu.no_ast.set(t.saved_no_ast.load(Relaxed) as u64);
             cpu.in_kthread.store(true, Relaxed);
             t.state.store(ONPROC, Relaxed);
             t.sp.load(Relaxed)
         }
         None => {
-            cpu.curthread.store(core::ptr::null_mut(), Relaxed);
+            cpu.curthread.store(NIL, Relaxed);
             cpu.no_ast.set(0);
             cpu.in_kthread.store(false, Relaxed);
             cpu.idle_sp.load(Relaxed)
@@ -512,11 +507,10 @@ fn switch(k: &'static Kernel, cpu: &Cpu, me: Option<&Thread>, next: Option<&'sta
 fn after_switch(k: &Kernel, cpu: &Cpu) {
     // Owner CPU only, at IPL_SCHED: a plain load and store, no `xchg`.
     let d = cpu.dead.load(Relaxed);
-    if !d.is_null() {
-        cpu.dead.store(core::ptr::null_mut(), Relaxed);
-        // SAFETY: `dead` holds a pointer into the thread table, set by
-        // `thread_exit` just before it switched away for good.
-        reap(k, cpu, unsafe { &*d });
+    if d != NIL {
+        cpu.dead.store(NIL, Relaxed);
+        // Set by `thread_exit` just before it switched away for good.
+        reap(k, cpu, k.threads.get(d));
     }
 }
 
