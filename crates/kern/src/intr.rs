@@ -75,11 +75,6 @@ pub struct IntrHandle {
 }
 
 impl IntrHandle {
-    /// A handle of no vector (bit 0, which no hardware vector uses).
-    pub(crate) const fn placeholder() -> Self {
-        IntrHandle { bit: 0 }
-    }
-
     /// The vector's IPL.
     pub fn level(&self) -> Ipl {
         bit_level(self.bit as u32)

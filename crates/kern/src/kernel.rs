@@ -26,6 +26,7 @@ use crate::callout::Callouts;
 use crate::cpu::{Cpu, MAXCPU};
 use crate::intr::Vectors;
 use crate::kmem::Kmem;
+use crate::once::Once;
 use crate::md::Md;
 use crate::sched::Threads;
 use crate::softint::Softints;
@@ -131,7 +132,10 @@ pub struct Kernel {
     dma: Domain,
     pub(crate) callouts: Callouts,
     pub(crate) bio: BioState,
-    clock: crate::intr::IntrHandle,
+    /// The race pseudo-driver, once attached (`dvma race`).
+    pub(crate) race: Once<&'static crate::race::RaceState>,
+    /// Set once by `boot`, once the kernel is reachable.
+    clock: Once<crate::intr::IntrHandle>,
     shutdown: AtomicBool,
 }
 
@@ -177,8 +181,9 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
         dma: Domain::new(md.iommu(), cfg.ncpu),
         callouts: Callouts::new(),
         bio: BioState::new(),
-        // Replaced below, once the kernel is reachable.
-        clock: crate::intr::IntrHandle::placeholder(),
+        race: Once::new(),
+        // Set below, once the kernel is reachable.
+        clock: Once::new(),
         shutdown: AtomicBool::new(false),
         cfg,
     }));
@@ -191,13 +196,10 @@ pub fn boot(md: &'static dyn Md, cfg: KernelConfig) -> Result<&'static Kernel, B
         return Err(BootError::AlreadyBooted);
     }
     let clock = crate::callout::clock_attach().expect("clock vector");
-    // SAFETY: no CPU runs yet and no other reference to the kernel is used
-    // while we set its clock vector (boot is single-threaded until the
-    // machine starts the CPUs); the references `clock_attach` took are
-    // dead, and `kr` is taken only after the write (a shared reference
-    // taken before it and used after would be undefined behaviour: Miri).
-    unsafe { (*k).clock = clock };
     let kr = kernel();
+    // The clock vector is a `Once` (set here, read by the machine): no
+    // write through the raw pointer after the kernel is published.
+    let _ = kr.clock.set(clock); // the only set
     for c in 0..kr.ncpu() {
         let name: &'static str = SOFTINTD_NAMES.get(c).copied().unwrap_or("softintd");
         if let Err(e) = crate::sched::kthread_create(Some(c), name, crate::softint::softintd) {
@@ -294,7 +296,10 @@ impl Kernel {
 
     /// The clock vector, which the machine posts to CPU 0 every tick.
     pub fn clock_vector(&self) -> crate::intr::IntrHandle {
-        self.clock
+        match self.clock.get() {
+            Some(&h) => h,
+            None => panic!("kern: the clock vector is set at boot"),
+        }
     }
 
     /// Has shutdown begun?

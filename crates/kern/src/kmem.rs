@@ -31,11 +31,18 @@
 //! its count repaired, the event is counted and recorded, and the caller is
 //! told; nothing is dereferenced outside the arena.
 //!
+//! The arena is an array of 16-byte words of atomics, and a chunk header is
+//! the word at the chunk's start, reached by index: a corrupt link cannot
+//! make the allocator touch anything but the arena (an out-of-arena index
+//! would panic, and is never tried: links are validated first), and an
+//! interrupt handler touching a header on the same CPU is not a data race.
+//! Callers write their data through the pointer `alloc` returns, which is
+//! derived from the arena (whose bytes are all interior-mutable).
+//!
 //! # Contexts
 //! Any context on a CPU; never sleeps. `alloc` returns `None` when the
 //! arena is exhausted (there is no waiting allocation).
 
-use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 use alloc::boxed::Box;
 use core::ptr::NonNull;
 use core::sync::atomic::{
@@ -155,8 +162,34 @@ struct KmemCpu {
     buckets: [Bucket; NBUCKETS],
 }
 
+/// A chunk header (`magic`, `next`), or 16 bytes of a chunk's data.
+#[repr(C, align(16))]
+struct Word {
+    magic: AtomicU64,
+    next: AtomicUsize,
+}
+
+/// A page of the arena.
+#[repr(C, align(4096))]
+struct Page([Word; PAGE / HDR]);
+
+impl Page {
+    fn new() -> Self {
+        Page(
+            [const {
+                Word {
+                    magic: AtomicU64::new(0),
+                    next: AtomicUsize::new(0),
+                }
+            }; PAGE / HDR],
+        )
+    }
+}
+
 /// The kernel malloc.
 pub struct Kmem {
+    arena: Box<[Page]>,
+    /// The arena's address (chunks are named by address, as in 1995).
     base: usize,
     len: usize,
     next_page: AtomicUsize,
@@ -183,19 +216,6 @@ fn bucket_of(size: usize) -> Option<usize> {
     (b < NBUCKETS).then_some(b)
 }
 
-// Chunk header access. The header words are atomics so that an interrupt
-// handler touching them on the same CPU is not a data race; the *sequence*
-// of accesses is what is unprotected, on purpose.
-fn magic(chunk: usize) -> &'static AtomicU64 {
-    // SAFETY: callers pass only addresses validated by `Kmem::is_chunk`
-    // (inside the arena, 16-byte aligned); the arena lives as long as the
-    // kernel and is never freed while a CPU runs.
-    unsafe { &*(chunk as *const AtomicU64) }
-}
-fn next(chunk: usize) -> &'static AtomicUsize {
-    // SAFETY: as in `magic`.
-    unsafe { &*((chunk + 8) as *const AtomicUsize) }
-}
 
 struct Protected<'a> {
     cpu: &'a Cpu,
@@ -208,12 +228,10 @@ impl Kmem {
     /// free lists for `ncpu` CPUs. Thread or host context.
     pub fn new(bytes: usize, ncpu: usize) -> Self {
         let len = bytes.div_ceil(PAGE).max(1) * PAGE;
-        let layout = Layout::from_size_align(len, PAGE).expect("kmem arena layout");
-        // SAFETY: non-zero size.
-        let base = unsafe { alloc_zeroed(layout) } as usize;
-        assert!(base != 0, "kmem: cannot allocate a {len}-byte arena");
+        let arena: Box<[Page]> = (0..len / PAGE).map(|_| Page::new()).collect();
         Self {
-            base,
+            base: arena.as_ptr() as usize,
+            arena,
             len,
             next_page: AtomicUsize::new(0),
             cpus: (0..ncpu)
@@ -311,6 +329,53 @@ impl Kmem {
         }
     }
 
+    // Chunk header access. The header words are atomics so that an
+    // interrupt handler touching them on the same CPU is not a data race;
+    // the *sequence* of accesses is what is unprotected, on purpose.
+    // Callers pass addresses validated by `is_chunk`.
+    fn header(&self, chunk: usize) -> &Word {
+        let off = chunk - self.base;
+        &self.arena[off / PAGE].0[off % PAGE / HDR]
+    }
+
+    fn magic(&self, chunk: usize) -> &AtomicU64 {
+        &self.header(chunk).magic
+    }
+
+    fn next(&self, chunk: usize) -> &AtomicUsize {
+        &self.header(chunk).next
+    }
+
+    /// Start over on an empty arena, as a new allocator would (same size,
+    /// same CPUs, protection kept): every chunk is free again, the counters
+    /// are zero. Chunks handed out before must not be used afterwards (a
+    /// later free of one is reported as wild or double, never followed).
+    /// Call it while no CPU is inside the allocator. Thread context.
+    pub fn reset(&self) {
+        for w in self.arena.iter().flat_map(|p| p.0.iter()) {
+            w.magic.store(0, Relaxed);
+            w.next.store(0, Relaxed);
+        }
+        for bk in self.cpus.iter().flat_map(|c| c.buckets.iter()) {
+            bk.head.store(0, Relaxed);
+            bk.nfree.store(0, Relaxed);
+        }
+        self.next_page.store(0, Relaxed);
+        for s in [
+            &self.stats.allocs,
+            &self.stats.frees,
+            &self.stats.failures,
+            &self.stats.corruptions,
+            &self.stats.pages,
+            &self.last,
+        ] {
+            s.store(0, Relaxed);
+        }
+        *self.last_kind.lock() = None;
+        // Publish the reset before the next operation on any CPU.
+        core::sync::atomic::fence(Release);
+    }
+
     fn is_chunk(&self, addr: usize, size: usize) -> bool {
         addr >= self.base
             && addr + size <= self.base + self.len
@@ -337,8 +402,8 @@ impl Kmem {
         let mut n = 0;
         let mut c = page;
         while c + sz <= page + PAGE {
-            magic(c).store(MAGIC_FREE, Relaxed);
-            next(c).store(bk.head.load(Relaxed), Relaxed);
+            self.magic(c).store(MAGIC_FREE, Relaxed);
+            self.next(c).store(bk.head.load(Relaxed), Relaxed);
             bk.head.store(c, Relaxed);
             n += 1;
             c += sz;
@@ -367,7 +432,7 @@ impl Kmem {
             self.stats.failures.fetch_add(1, Relaxed);
             return None;
         }
-        if !self.is_chunk(head, sz) || magic(head).load(Relaxed) != MAGIC_FREE {
+        if !self.is_chunk(head, sz) || self.magic(head).load(Relaxed) != MAGIC_FREE {
             // Drop the list rather than follow it.
             bk.head.store(0, Relaxed);
             bk.nfree.store(0, Relaxed);
@@ -383,15 +448,23 @@ impl Kmem {
         if let Some(f) = self.inject.get() {
             f();
         }
-        let nx = next(head).load(Relaxed);
+        let nx = self.next(head).load(Relaxed);
         bk.head.store(nx, Relaxed);
         bk.nfree
             .store(bk.nfree.load(Relaxed).wrapping_sub(1), Relaxed);
         // -----------------------------------------------------------------
-        magic(head).store(MAGIC_ALLOC, Relaxed);
+        self.magic(head).store(MAGIC_ALLOC, Relaxed);
         self.exit(p);
         self.stats.allocs.fetch_add(1, Relaxed);
-        NonNull::new((head + HDR) as *mut u8)
+        // A pointer derived from the arena, so its users may write through
+        // it (the arena's bytes are all atomics: interior-mutable).
+        NonNull::new(
+            self.arena
+                .as_ptr()
+                .cast::<u8>()
+                .cast_mut()
+                .wrapping_add(head + HDR - self.base),
+        )
     }
 
     /// Free `ptr`, allocated with `size`. Any context on a CPU. A double or
@@ -410,11 +483,11 @@ impl Kmem {
         }
         let cpu = curcpu();
         let p = self.enter(cpu);
-        match magic(chunk).load(Relaxed) {
+        match self.magic(chunk).load(Relaxed) {
             MAGIC_ALLOC => {
                 let bk = &self.cpus[cpu.index()].buckets[b];
-                magic(chunk).store(MAGIC_FREE, Relaxed);
-                next(chunk).store(bk.head.load(Relaxed), Relaxed);
+                self.magic(chunk).store(MAGIC_FREE, Relaxed);
+                self.next(chunk).store(bk.head.load(Relaxed), Relaxed);
                 bk.head.store(chunk, Relaxed);
                 bk.nfree.store(bk.nfree.load(Relaxed) + 1, Relaxed);
                 self.exit(p);
@@ -448,20 +521,20 @@ impl Kmem {
             while cur != 0 {
                 if listed > bound
                     || !self.is_chunk(cur, sz)
-                    || magic(cur).load(Relaxed) != MAGIC_FREE
+                    || self.magic(cur).load(Relaxed) != MAGIC_FREE
                 {
                     bad = Some(cur);
                     break;
                 }
                 listed += 1;
                 last_good = cur;
-                cur = next(cur).load(Relaxed);
+                cur = self.next(cur).load(Relaxed);
             }
             let found = if let Some(addr) = bad {
                 if last_good == 0 {
                     bk.head.store(0, Relaxed);
                 } else {
-                    next(last_good).store(0, Relaxed);
+                    self.next(last_good).store(0, Relaxed);
                 }
                 Some(KmemCorruption::BadLink {
                     cpu: cpu.index(),
@@ -488,15 +561,6 @@ impl Kmem {
             Some(c) => Err(c),
             None => Ok(()),
         }
-    }
-}
-
-impl Drop for Kmem {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, PAGE).expect("kmem arena layout");
-        // SAFETY: allocated in `new` with this layout; the kernel is torn
-        // down, nothing points into the arena any more.
-        unsafe { dealloc(self.base as *mut u8, layout) };
     }
 }
 

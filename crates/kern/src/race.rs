@@ -34,7 +34,7 @@ use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use core::ptr::NonNull;
 use core::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
     Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
 };
 
@@ -136,7 +136,9 @@ const RESERVED: usize = usize::MAX;
 const ARENA: usize = 1 << 20;
 const SLOTS: usize = 64;
 
-struct RaceState {
+/// The pseudo-driver's state: one per boot, owned by the kernel
+/// (`Kernel::race`), attached by [`RaceKit::attach`].
+pub(crate) struct RaceState {
     cpu: usize,
     intr: IntrHandle,
     softint: SoftintHandle,
@@ -156,25 +158,20 @@ struct RaceState {
     storming: AtomicBool,
     /// Storm ticks in progress (the row waits for none before draining).
     ticking: AtomicU32,
-    /// This row's allocator: every row starts on a fresh arena, since the
-    /// corrupting rows leak what the lost frees held.
-    kmem: AtomicPtr<Kmem>,
+    /// The rows' allocator: every row starts on an empty arena
+    /// ([`Kmem::reset`]), since the corrupting rows leak what the lost frees
+    /// held.
+    kmem: Kmem,
 }
 
-static RACE: AtomicPtr<RaceState> = AtomicPtr::new(core::ptr::null_mut());
-
+/// This boot's race state, if attached. Any context.
 fn state() -> Option<&'static RaceState> {
-    // SAFETY: a non-null pointer is a `RaceState` leaked by `RaceKit::attach`
-    // for the rest of the process (it is tiny and attached once per boot).
-    unsafe { RACE.load(Acquire).as_ref() }
+    crate::kernel::try_kernel()?.race.get().copied()
 }
 
 impl RaceState {
     fn kmem(&self) -> &Kmem {
-        // SAFETY: `kmem` always points to a live `Box<Kmem>`: `run_row`
-        // replaces it only while no request is outstanding and no storm
-        // runs, and frees the old one afterwards.
-        unsafe { &*self.kmem.load(Acquire) }
+        &self.kmem
     }
 
     fn complete_all(&self) {
@@ -271,7 +268,8 @@ pub struct RaceKit {
 
 impl RaceKit {
     /// Attach the pseudo-driver on CPU `cpu`: its interrupt vector, softint,
-    /// AST, pool and completion thread. Thread or host context.
+    /// AST, pool and completion thread. Once per boot (its state belongs to
+    /// the kernel, and stays after `detach`, inert). Thread or host context.
     pub fn attach(cpu: usize) -> Result<Self, String> {
         if state().is_some() {
             return Err("race pseudo-driver already attached".to_string());
@@ -318,9 +316,11 @@ impl RaceKit {
             stop: AtomicBool::new(false),
             storming: AtomicBool::new(false),
             ticking: AtomicU32::new(0),
-            kmem: AtomicPtr::new(Box::into_raw(Box::new(Kmem::new(ARENA, kernel().ncpu())))),
+            kmem: Kmem::new(ARENA, kernel().ncpu()),
         }));
-        RACE.store(st as *const RaceState as *mut RaceState, Release);
+        if kernel().race.set(st).is_err() {
+            return Err("race pseudo-driver already attached".to_string());
+        }
         st.pool.set_inject(Some(inject));
         let daemon = kthread_create(Some(cpu), "race0 thread", move |ctx| {
             // The driver's own thread: sleeps for its interrupt, cleans up.
@@ -378,14 +378,11 @@ impl RaceKit {
         let k = kernel();
         let st = self.st;
         assert_eq!(ctx.cpu(), st.cpu, "run_row on the kit's CPU");
-        // A fresh allocator for the row.
-        let old = st
-            .kmem
-            .swap(Box::into_raw(Box::new(Kmem::new(ARENA, k.ncpu()))), AcqRel);
-        // SAFETY: nothing is outstanding between rows (the last row drained
-        // everything) and no storm runs, so nothing uses the old one.
-        drop(unsafe { Box::from_raw(old) });
+        // An empty arena for the row: nothing is outstanding between rows
+        // (the last row drained everything) and no storm runs, so no CPU is
+        // inside the allocator.
         let kmem = st.kmem();
+        kmem.reset();
         st.completion.store(
             Completion::ALL
                 .iter()
@@ -502,7 +499,6 @@ impl RaceKit {
         wakeup(wchan(&self.st.thread_chan));
         let _ = self.daemon.join(ctx);
         self.st.pool.set_inject(None);
-        RACE.store(core::ptr::null_mut(), Release);
     }
 }
 
