@@ -18,7 +18,7 @@
 //! global arena only (no magazines).
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use vmem::{AllocPolicy, Constraints, Vmem};
 
@@ -111,9 +111,12 @@ const NCLASSES: usize = 9;
 /// Ranges per magazine.
 const MAGSIZE: usize = 32;
 
+/// Its words are atomics used as plain per-CPU words (relaxed loads and
+/// stores, plain moves): only the owning CPU touches them, at IPL_VM, so
+/// they need no read-modify-write, and sharing them needs no `unsafe`.
 struct Magazine {
-    n: core::cell::Cell<usize>,
-    items: [core::cell::Cell<Iova>; MAGSIZE],
+    n: AtomicUsize,
+    items: [AtomicU64; MAGSIZE],
 }
 
 /// One CPU's magazines. Touched only by that CPU, at IPL_VM.
@@ -121,10 +124,6 @@ struct CpuMags {
     mags: [Magazine; NCLASSES],
 }
 
-// SAFETY: each `CpuMags` is used only by its own CPU with the IPL raised to
-// IPL_VM (see `IovaArena::alloc`/`free`), which excludes its own interrupt
-// handlers; no other thread touches it.
-unsafe impl Sync for CpuMags {}
 
 /// Counters of an IOVA arena.
 #[derive(Debug, Default)]
@@ -182,8 +181,8 @@ impl IovaArena {
                 .map(|_| CpuMags {
                     mags: [const {
                         Magazine {
-                            n: core::cell::Cell::new(0),
-                            items: [const { core::cell::Cell::new(Iova(0)) }; MAGSIZE],
+                            n: AtomicUsize::new(0),
+                            items: [const { AtomicU64::new(0) }; MAGSIZE],
                         }
                     }; NCLASSES],
                 })
@@ -210,10 +209,10 @@ impl IovaArena {
         if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
             let s = spl::splvm();
             let m = &self.cpus[cpu.index()].mags[c];
-            let n = m.n.get();
+            let n = m.n.load(Relaxed);
             if n > 0 {
-                m.n.set(n - 1);
-                let iova = m.items[n - 1].get();
+                m.n.store(n - 1, Relaxed);
+                let iova = Iova(m.items[n - 1].load(Relaxed));
                 drop(s);
                 self.stats.mag_hits.fetch_add(1, Relaxed);
                 return Ok(iova);
@@ -253,21 +252,21 @@ impl IovaArena {
         if let (Some(c), Some(cpu)) = (class_of(pages), curcpu_opt()) {
             let s = spl::splvm();
             let m = &self.cpus[cpu.index()].mags[c];
-            let n = m.n.get();
+            let n = m.n.load(Relaxed);
             if n < MAGSIZE {
-                m.items[n].set(iova);
-                m.n.set(n + 1);
+                m.items[n].store(iova.get(), Relaxed);
+                m.n.store(n + 1, Relaxed);
                 return drop(s);
             }
             // Full: give half of it back to the arena, then keep this one.
             let mut g = self.global.lock();
             let sz = Self::rounded(len) as u64;
             for i in MAGSIZE / 2..MAGSIZE {
-                let _ = g.free(m.items[i].get().get(), sz);
+                let _ = g.free(m.items[i].load(Relaxed), sz);
             }
             drop(g);
-            m.items[MAGSIZE / 2].set(iova);
-            m.n.set(MAGSIZE / 2 + 1);
+            m.items[MAGSIZE / 2].store(iova.get(), Relaxed);
+            m.n.store(MAGSIZE / 2 + 1, Relaxed);
             return drop(s);
         }
         let _ = self

@@ -42,10 +42,9 @@ pub struct SpinMutex<T> {
 }
 
 // SAFETY: the mutex serialises all access to `data` (see `lock`), so sharing
-// it across threads is sound whenever `T` may be sent between them.
+// it across threads is sound whenever `T` may be sent between them. (It is
+// `Send` without help: moving it moves a `T`.)
 unsafe impl<T: Send> Sync for SpinMutex<T> {}
-// SAFETY: moving the mutex moves `T`.
-unsafe impl<T: Send> Send for SpinMutex<T> {}
 
 /// A held [`SpinMutex`].
 pub struct SpinGuard<'a, T> {
