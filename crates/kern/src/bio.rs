@@ -147,7 +147,8 @@ pub struct ChildLink {
 /// flight: made by [`BufBox::park`], which fixes the number of children;
 /// hands out one [`ParentRef`] per child.
 pub struct Parked {
-    ptr: NonNull<Buf>,
+    /// The parent, shared with every `ParentRef` it hands out.
+    parent: ParentRef,
     unissued: u32,
 }
 
@@ -156,18 +157,17 @@ pub struct Parked {
 pub struct ParentRef(NonNull<Buf>);
 
 // SAFETY: a ParentRef only touches the parent's atomics (`children`,
-// `child_error`) until the last one takes the whole buf back, which is
-// then owned by that one thread; Buf itself is Send.
+// `child_error`, `lent`'s count) until the last one takes the whole buf
+// back, which is then owned by that one thread; Buf itself is Send. (A
+// Parked is Send through the ParentRef it holds: it only hands out more.)
 unsafe impl Send for ParentRef {}
-// SAFETY: as for ParentRef; a Parked only hands out ParentRefs.
-unsafe impl Send for Parked {}
 
 impl Parked {
     /// The next child's share of the parent; `None` once every child the
     /// parent was parked for has one.
     pub fn child(&mut self) -> Option<ParentRef> {
         self.unissued = self.unissued.checked_sub(1)?;
-        Some(ParentRef(self.ptr))
+        Some(ParentRef(self.parent.0))
     }
 }
 
@@ -361,7 +361,7 @@ impl BufBox {
         self.children.store(children, Release);
         self.child_error.store(0, Release);
         Parked {
-            ptr: self.into_raw(),
+            parent: ParentRef(self.into_raw()),
             unissued: children,
         }
     }
@@ -549,11 +549,12 @@ pub fn biodone(mut bp: BufBox) {
         Some(IoDone::Child(link)) => return link.driver.child_done(bp, link),
         None => {}
     }
+    // Publish DONE while we still own the buf, under the lock `biowait`
+    // tests it under: the waiter cannot take the buf back before we have
+    // given it up (below, still holding the lock).
+    let g = biolock(bp.ptr).lock();
+    bp.state.store(DONE, Release);
     let p = bp.into_raw();
-    let g = biolock(p).lock();
-    // SAFETY: `p` is a live buf whose owner is the thread in `biowait`
-    // (or about to be); we only publish DONE.
-    unsafe { p.as_ref() }.state.store(DONE, Release);
     drop(g);
     wakeup(p.as_ptr() as usize);
 }
