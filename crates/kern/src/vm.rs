@@ -407,3 +407,65 @@ impl Drop for LentIoBuf {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{BufSource, IoBuf, Paddr, PhysRange};
+    use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    /// A source that counts releases (no memory: nothing here touches the
+    /// bytes).
+    struct Counting(AtomicUsize);
+    impl BufSource for Counting {
+        fn release(&self, _r: PhysRange) {
+            self.0.fetch_add(1, SeqCst);
+        }
+        fn kva(&self, _pa: Paddr) -> *mut u8 {
+            core::ptr::null_mut()
+        }
+    }
+
+    fn buf(src: &'static Counting, len: usize) -> IoBuf {
+        let range = PhysRange {
+            pa: Paddr(0x10000),
+            len,
+        };
+        IoBuf::from_range(range, len, src)
+    }
+
+    #[test]
+    fn views_are_checked_and_the_buffer_comes_back_once() {
+        static SRC: Counting = Counting(AtomicUsize::new(0));
+        let mut lent = buf(&SRC, 16384).lend();
+        let v1 = lent.view(0, 4096).unwrap();
+        assert!(lent.view(2048, 4096).is_none(), "overlaps the last view");
+        assert!(lent.view(8192, 8193).is_none(), "past the end");
+        assert!(lent.view(usize::MAX, 2).is_none(), "overflows");
+        let v2 = lent.view(8192, 8192).unwrap();
+        assert_eq!((v2.pa(), v2.len()), (Paddr(0x10000 + 8192), 8192));
+        assert_eq!(lent.outstanding(), 2);
+
+        // Another lending's view, or an owning buffer, is refused.
+        let mut other = buf(&SRC, 4096).lend();
+        let ov = other.view(0, 4096).unwrap();
+        let ov = lent.give_back(ov).expect_err("another lending's view");
+        other.give_back(ov).unwrap();
+        drop(other.into_inner().unwrap());
+        assert_eq!(SRC.0.load(SeqCst), 1);
+
+        lent.give_back(v1).unwrap();
+        let lent = lent.into_inner().expect_err("a view is out");
+        drop(v2); // dropping a view frees nothing ...
+        assert_eq!(SRC.0.load(SeqCst), 1);
+        drop(lent); // ... and its lending, with it not given back, leaks
+        assert_eq!(SRC.0.load(SeqCst), 1, "freed under a live view");
+
+        let mut lent = buf(&SRC, 8192).lend();
+        let v = lent.view(4096, 4096).unwrap();
+        lent.give_back(v).unwrap();
+        let b = lent.into_inner().expect("every view is back");
+        assert_eq!(b.len(), 8192);
+        drop(b);
+        assert_eq!(SRC.0.load(SeqCst), 2, "freed once");
+    }
+}
