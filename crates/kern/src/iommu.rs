@@ -124,7 +124,6 @@ struct CpuMags {
     mags: [Magazine; NCLASSES],
 }
 
-
 /// Counters of an IOVA arena.
 #[derive(Debug, Default)]
 pub struct IovaStats {

@@ -216,7 +216,6 @@ fn bucket_of(size: usize) -> Option<usize> {
     (b < NBUCKETS).then_some(b)
 }
 
-
 struct Protected<'a> {
     cpu: &'a Cpu,
     spl: Option<u8>,

@@ -152,7 +152,9 @@ impl FnHook {
 
 impl core::fmt::Debug for FnHook {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_tuple("FnHook").field(&self.0.load(Relaxed)).finish()
+        f.debug_tuple("FnHook")
+            .field(&self.0.load(Relaxed))
+            .finish()
     }
 }
 

@@ -33,8 +33,8 @@ use crate::ctx::ThreadCtx;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::FnHook;
-use crate::slot::{SlotRef, SlotTable};
 use crate::sched::{Interrupted, sleep_interlocked, wakeup_one, wchan};
+use crate::slot::{SlotRef, SlotTable};
 
 /// Pool counters.
 #[derive(Debug, Default)]
@@ -275,9 +275,7 @@ impl<T> Deref for PoolItem<'_, T> {
 
 impl<T> DerefMut for PoolItem<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        self.slot
-            .as_mut()
-            .expect("pool: an item without its slot")
+        self.slot.as_mut().expect("pool: an item without its slot")
     }
 }
 

@@ -193,7 +193,10 @@ mod tests {
         assert!(t.reclaim(id).is_none(), "reclaimed once");
         drop(a);
         assert_eq!(*t.claim(0).unwrap(), 1, "free again");
-        assert!(t.claim(2).is_none() && t.reclaim(7).is_none(), "out of range");
+        assert!(
+            t.claim(2).is_none() && t.reclaim(7).is_none(),
+            "out of range"
+        );
     }
 
     #[test]

@@ -560,7 +560,9 @@ fn views_share_memory_and_free_nothing() {
     assert_eq!(v1.len(), 100);
     v1.as_mut_slice().fill(0xee);
     let other = IoBuf::alloc(4096).unwrap();
-    let other = lent.give_back(other).expect_err("not a view of this lending");
+    let other = lent
+        .give_back(other)
+        .expect_err("not a view of this lending");
     drop(other);
     lent.give_back(v1).unwrap();
     assert_eq!(lent.outstanding(), 1);

@@ -257,12 +257,7 @@ impl Ccd {
         let Some(&me) = self.me.get() else {
             return Err(bp); // not attached yet: cannot happen
         };
-        let (op, blkno, nsect, fua) = (
-            bp.op,
-            bp.blkno,
-            (bp.bcount / DEV_BSIZE) as u64,
-            bp.fua,
-        );
+        let (op, blkno, nsect, fua) = (bp.op, bp.blkno, (bp.bcount / DEV_BSIZE) as u64, bp.fua);
         let n = match op {
             BufOp::Flush => self.comps.len(),
             _ => {
@@ -296,9 +291,8 @@ impl Ccd {
                 }
             }
             _ => {
-                let lent = bp.lend_data();
+                let mut lent = bp.lend_data();
                 debug_assert!(lent.is_some(), "bounds_check saw the data");
-                let mut lent = lent;
                 self.map(blkno, nsect, |ch| {
                     let Some(mut k) = bufs.get() else { return };
                     let bytes = ch.nsect as usize * DEV_BSIZE;

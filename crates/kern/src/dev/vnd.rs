@@ -33,8 +33,8 @@ use crate::intr::intr_establish;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
-use crate::slot::SlotTable;
 use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
+use crate::slot::SlotTable;
 
 /// Attach-time configuration.
 #[derive(Clone, Debug)]
