@@ -183,7 +183,7 @@ fn frame_push_ok(cpu: &Cpu, s: u8, frame: &dyn TrapFrame) -> bool {
 pub fn upcall() {
     let Some(cpu) = curcpu_opt() else { return };
     cpu.ast_armed.store(false, Relaxed);
-    let t = crate::sched::curthread(cpu);
+    let t = crate::sched::curthread(kernel(), cpu);
     t.in_upcall.store(true, Relaxed);
     run_pending(cpu);
     debug_assert_eq!(cpu.line.ipl(), 0, "AST handler returned at a raised IPL");
@@ -203,7 +203,7 @@ pub(crate) fn safepoint(cpu: &Cpu) {
     {
         return;
     }
-    let t = crate::sched::curthread(cpu);
+    let t = crate::sched::curthread(kernel(), cpu);
     if t.in_upcall.load(Relaxed) {
         return;
     }

@@ -282,13 +282,15 @@ impl Threads {
         }
     }
 
-    /// Thread `tid`. Thread ids are slot indices handed out by this table
-    /// (`kthread_create`) and stored only in its own links and queues and
-    /// in the CPUs' `curthread`/`dead` words, so the bounds check never
-    /// fails.
+    /// Thread `tid`: on the switch path (run queue, inbox, `curthread`),
+    /// so without a bounds check.
     #[inline(always)]
     fn get(&self, tid: u32) -> &Thread {
-        &self.slots[tid as usize]
+        debug_assert!((tid as usize) < self.slots.len());
+        // SAFETY: thread ids are slot indices handed out by this table
+        // (`kthread_create`) and stored only in its own links and queues and
+        // in the CPUs' `curthread`/`dead` words; none is ever out of range.
+        unsafe { self.slots.get_unchecked(tid as usize) }
     }
 
     /// Free every pooled stack (teardown, host context).
@@ -449,8 +451,8 @@ pub(crate) fn curthread_opt(k: &'static Kernel, cpu: &Cpu) -> Option<&'static Th
 }
 
 /// The current thread of `cpu` (thread context).
-pub(crate) fn curthread(cpu: &Cpu) -> &'static Thread {
-    match curthread_opt(kernel(), cpu) {
+pub(crate) fn curthread(k: &'static Kernel, cpu: &Cpu) -> &'static Thread {
+    match curthread_opt(k, cpu) {
         Some(t) => t,
         None => panic!("no current kernel thread on cpu{}", cpu.index()),
     }
@@ -609,7 +611,7 @@ fn runq_take(k: &'static Kernel, cpu: &Cpu) -> Option<&'static Thread> {
 
 fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), Interrupted> {
     let k = kernel();
-    let t = curthread(cpu);
+    let t = curthread(k, cpu);
     assert!(cpu.intr_depth() == 0, "tsleep from interrupt context");
     assert!(
         cpu.in_kthread.load(Relaxed) && !cpu.in_softint_thread.load(Relaxed),
@@ -790,7 +792,7 @@ pub fn yield_now(_ctx: &ThreadCtx) {
         return;
     }
     let k = kernel();
-    let t = curthread(cpu);
+    let t = curthread(k, cpu);
     let s = crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
     t.state.store(RUNNABLE, Relaxed);
     cpu.runq.push(k, t);
