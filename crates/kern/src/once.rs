@@ -218,7 +218,6 @@ impl<T, const N: usize> Registry<T, N> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::Once;
-    use std::boxed::Box;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::vec::Vec;
@@ -265,18 +264,14 @@ mod tests {
         struct Obj {
             handle: Once<u32>,
         }
-        let raw = Box::into_raw(Box::new(Obj {
+        static OBJ: Obj = Obj {
             handle: Once::new(),
-        }));
-        // SAFETY: test-only: `raw` is live until reclaimed below, after the
-        // last use of `o`.
-        let o: &'static Obj = unsafe { &*raw };
+        };
+        let o: &'static Obj = &OBJ;
         let reader = move || o.handle.get().copied();
         assert_eq!(reader(), None);
         o.handle.set(7).unwrap();
         assert_eq!(reader(), Some(7));
-        // SAFETY: from `Box::into_raw`; nothing uses `o` any more.
-        drop(unsafe { Box::from_raw(raw) });
     }
 
     #[test]
