@@ -35,7 +35,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve(a) => serve::main(a),
+        Cmd::Serve(a) => serve::main(a).map_err(|e| e.to_string()),
         Cmd::Race(a) => race::main(a),
         Cmd::Bench(a) => bench::main(a),
         Cmd::Soak(a) => soak::main(a),

@@ -67,7 +67,7 @@ pub fn main(a: RaceArgs) -> Result<ExitCode, String> {
     }
     let spec = a.boot.load().map_err(|e| e.to_string())?;
     let m = Machine::boot(spec.machine.machine_config()).map_err(|e| e.to_string())?;
-    let kit = Arc::new(RaceKit::attach(0)?);
+    let kit = Arc::new(RaceKit::attach(0).map_err(|e| e.to_string())?);
     let storm_ns = (a.storm * 1e9) as u64;
     let mut rows: Vec<RaceRow> = Vec::new();
     for &p in &protections {

@@ -3,16 +3,90 @@
 //! was found, and take it all down again in order.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
-use kern::bio::{BlockDev, bdev_attach, bdev_lookup, bdevs, bio_init};
-use kern::dev::ccd::{CbufAlloc, Ccd, CcdConfig};
-use kern::dev::sd::{Sd, SdConfig};
-use kern::dev::vnd::{Vnd, VndConfig};
-use machine::Machine;
+use kern::bio::{BioError, BlockDev, bdev_attach, bdev_lookup, bdevs, bio_init};
+use kern::dev::ccd::{self, CbufAlloc, Ccd, CcdConfig};
+use kern::dev::sd::{self, Sd, SdConfig};
+use kern::dev::vnd::{self, Vnd, VndConfig};
 use machine::dev::disk::{DiskConfig, DmaDisk};
 use machine::dev::file::{FileConfig, FileDev};
+use machine::{Machine, MachineError};
 
-use crate::config::{CcdBufs, MachineSpec};
+use crate::config::{CcdBufs, ConfigError, MachineSpec};
+
+/// Why a system did not boot. Every variant names what failed; the
+/// drivers' own errors pass through unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// A disk asks for sectors other than the buf layer's.
+    #[error(
+        "disk {disk}: sector_size {got} is not supported: only {want}-byte sectors are implemented (the DMA disk, sd and the buf layer address 512-byte sectors); remove sector_size or set it to {want}"
+    )]
+    SectorSize {
+        /// The disk's name.
+        disk: String,
+        /// Its configured sector size.
+        got: u32,
+        /// The only one supported (`DEV_BSIZE`).
+        want: usize,
+    },
+    /// A backing file could not be prepared.
+    #[error(transparent)]
+    Backing(#[from] ConfigError),
+    /// The machine did not boot.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// A DMA disk controller could not be created.
+    #[error("dmadisk{index} ({}): {source}", file.display())]
+    Disk {
+        /// Its unit number.
+        index: usize,
+        /// Its backing file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file device could not be created.
+    #[error("filedev{index} ({}): {source}", file.display())]
+    FileDev {
+        /// Its unit number.
+        index: usize,
+        /// Its backing file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// sd did not attach.
+    #[error(transparent)]
+    Sd(#[from] sd::AttachError),
+    /// ccd did not attach.
+    #[error(transparent)]
+    Ccd(#[from] ccd::AttachError),
+    /// vnd did not attach.
+    #[error(transparent)]
+    Vnd(#[from] vnd::AttachError),
+    /// A ccd names a component that is not attached.
+    #[error("{ccd}: no component {component}")]
+    NoComponent {
+        /// The ccd.
+        ccd: String,
+        /// The missing component.
+        component: String,
+    },
+    /// A unit could not enter the block device switch (a duplicate name,
+    /// or the switch is full).
+    #[error("{unit}: bdev_attach: {source}")]
+    Bdev {
+        /// The unit.
+        unit: String,
+        /// Why.
+        #[source]
+        source: BioError,
+    },
+}
 
 /// System buffers (`struct buf`s) in the pool.
 pub const NBUF: usize = 4096;
@@ -45,23 +119,24 @@ fn leak(s: &str) -> &'static str {
 impl System {
     /// Boot `spec`: prepare the backing files, boot the machine, attach
     /// every device. Host context.
-    pub fn boot(spec: MachineSpec) -> Result<System, String> {
+    pub fn boot(spec: MachineSpec) -> Result<System, BootError> {
         for d in &spec.disks {
             let bs = kern::bio::DEV_BSIZE;
             if d.sector_size != bs as u32 {
                 // The DMA disk, sd and the whole buf layer address 512-byte
                 // sectors (DEV_BSIZE); a larger sector would need all three.
-                return Err(format!(
-                    "disk {}: sector_size {} is not supported: only {bs}-byte sectors are implemented (the DMA disk, sd and the buf layer address 512-byte sectors); remove sector_size or set it to {bs}",
-                    d.name, d.sector_size
-                ));
+                return Err(BootError::SectorSize {
+                    disk: d.name.clone(),
+                    got: d.sector_size,
+                    want: bs,
+                });
             }
         }
         for b in spec.backing_files() {
-            b.prepare().map_err(|e| e.to_string())?;
+            b.prepare()?;
         }
         let m = &spec.machine;
-        let machine = Machine::boot(m.machine_config()).map_err(|e| e.to_string())?;
+        let machine = Machine::boot(m.machine_config())?;
         let x = machine.xsave();
         let mut sys = System {
             machine,
@@ -91,7 +166,7 @@ impl System {
         Ok(sys)
     }
 
-    fn attach_all(&mut self) -> Result<(), String> {
+    fn attach_all(&mut self) -> Result<(), BootError> {
         bio_init(NBUF);
         let window = self.machine.window();
         let spec = self.spec.clone();
@@ -109,10 +184,12 @@ impl System {
             dc.coalesce_ns = d.coalesce_us as u64 * 1000;
             dc.read_only = d.read_only;
             dc.spin_ns = u64::from(d.poll_us) * 1000;
-            let disk = DmaDisk::leak(
-                DmaDisk::open(window, dc)
-                    .map_err(|e| format!("dmadisk{i} ({}): {e}", d.file.display()))?,
-            );
+            let disk =
+                DmaDisk::leak(DmaDisk::open(window, dc).map_err(|source| BootError::Disk {
+                    index: i,
+                    file: d.file.clone(),
+                    source,
+                })?);
             self.disks.push((d.name.clone(), disk));
             self.messages.push(format!(
                 "dmadisk{i} at mainbus: {}, {}, queue depth {}, coalescing {} / {} us{}{}",
@@ -134,6 +211,7 @@ impl System {
             let sd = Sd::attach(
                 SdConfig {
                     name: leak(&d.name),
+                    parent: leak(&format!("dmadisk{i}")),
                     dma: d.tag_config(),
                     completion: d.completion,
                     cpu: d.cpu,
@@ -142,18 +220,23 @@ impl System {
                 },
                 disk,
             )?;
-            bdev_attach(sd).map_err(|e| format!("{}: {e}", d.name))?;
-            self.messages.push(
-                sd.describe()
-                    .replacen("at dmadisk", &format!("at dmadisk{i}"), 1),
-            );
+            bdev_attach(sd).map_err(|source| BootError::Bdev {
+                unit: d.name.clone(),
+                source,
+            })?;
+            self.messages.push(sd.describe());
             self.sds.push(sd);
         }
         for c in &spec.ccds {
             let comps = c
                 .components
                 .iter()
-                .map(|n| bdev_lookup(n).ok_or_else(|| format!("{}: no component {n}", c.name)))
+                .map(|n| {
+                    bdev_lookup(n).ok_or_else(|| BootError::NoComponent {
+                        ccd: c.name.clone(),
+                        component: n.clone(),
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let ccd = Ccd::attach(CcdConfig {
                 name: leak(&c.name),
@@ -168,7 +251,10 @@ impl System {
                 pool_size: 1024,
                 read_only: c.read_only,
             })?;
-            bdev_attach(ccd).map_err(|e| format!("{}: {e}", c.name))?;
+            bdev_attach(ccd).map_err(|source| BootError::Bdev {
+                unit: c.name.clone(),
+                source,
+            })?;
             self.messages.push(ccd.describe());
             self.ccds.push(ccd);
         }
@@ -177,15 +263,18 @@ impl System {
             fc.create = false;
             fc.read_only = v.read_only;
             fc.spin_ns = u64::from(spec.machine.idle_poll_us) * 1000;
-            let dev = FileDev::leak(
-                FileDev::open(fc).map_err(|e| format!("filedev{i} ({}): {e}", v.file.display()))?,
-            );
+            let dev = FileDev::leak(FileDev::open(fc).map_err(|source| BootError::FileDev {
+                index: i,
+                file: v.file.clone(),
+                source,
+            })?);
             self.files.push((v.name.clone(), dev));
             self.messages
                 .push(format!("filedev{i} at mainbus: {}", v.file.display()));
             let vnd = Vnd::attach(
                 VndConfig {
                     name: leak(&v.name),
+                    parent: leak(&format!("filedev{i}")),
                     completion: v.completion,
                     cpu: 0,
                     slots: 64,
@@ -194,11 +283,11 @@ impl System {
                 },
                 dev,
             )?;
-            bdev_attach(vnd).map_err(|e| format!("{}: {e}", v.name))?;
-            self.messages.push(
-                vnd.describe()
-                    .replacen("at filedev", &format!("at filedev{i}"), 1),
-            );
+            bdev_attach(vnd).map_err(|source| BootError::Bdev {
+                unit: v.name.clone(),
+                source,
+            })?;
+            self.messages.push(vnd.describe());
             self.vnds.push(vnd);
         }
         Ok(())
@@ -250,11 +339,11 @@ impl System {
     }
 
     /// Stop the devices and the machine; returns the final statistics.
-    pub fn shutdown(mut self) -> Result<String, String> {
+    pub fn shutdown(mut self) -> Result<String, MachineError> {
         self.shutdown_inner()
     }
 
-    fn shutdown_inner(&mut self) -> Result<String, String> {
+    fn shutdown_inner(&mut self) -> Result<String, MachineError> {
         if self.down {
             return Ok(String::new());
         }
@@ -268,7 +357,7 @@ impl System {
         for (_, f) in &self.files {
             f.stop();
         }
-        self.machine.shutdown_ref().map_err(|e| e.to_string())?;
+        self.machine.shutdown_ref()?;
         Ok(stats)
     }
 }

@@ -125,11 +125,13 @@ use crate::config::BootArgs;
 use crate::system::System;
 
 mod accept;
+mod error;
 pub mod nic;
 mod stream;
 mod threads;
 
 use accept::*;
+pub use error::{FlushError, ServeError, TlsError};
 use stream::*;
 use threads::*;
 
@@ -425,12 +427,12 @@ struct Shared {
 }
 
 /// `dvma serve`.
-pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
-    let spec = a.boot.load().map_err(|e| e.to_string())?;
-    let addr: SocketAddr = a
-        .listen
-        .parse()
-        .map_err(|e| format!("--listen {}: {e} (expected IP:PORT)", a.listen))?;
+pub fn main(a: ServeArgs) -> Result<ExitCode, ServeError> {
+    let spec = a.boot.load()?;
+    let addr: SocketAddr = a.listen.parse().map_err(|source| ServeError::ListenAddr {
+        addr: a.listen.clone(),
+        source,
+    })?;
     let (tls_mode, tls) = tls_config(&a)?;
     exposure(addr, a.insecure_listen, tls.is_some())?;
     // Signals first, so that every thread created from here on (devices,
@@ -440,9 +442,9 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGUSR1,
     ])
-    .map_err(|e| format!("signals: {e}"))?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    .map_err(ServeError::Signals)?;
+    let listener = TcpListener::bind(addr).map_err(|source| ServeError::Listen { addr, source })?;
+    let local = listener.local_addr().map_err(ServeError::LocalAddr)?;
 
     let sys = System::boot(spec)?;
     for m in &sys.messages {
@@ -457,7 +459,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             let nics = (0..ncpu)
                 .map(|c| sys.machine.nic(c))
                 .collect::<io::Result<Vec<_>>>()
-                .map_err(|e| format!("nic: {e}"))?;
+                .map_err(ServeError::Nic)?;
             let nc: &'static nic::NicChannel = Box::leak(Box::new(nic::NicChannel::new(nics)));
             blksrv_attach(nc, 0, ncpu, a.threads as usize)?;
             nc.attach_tx()?;
@@ -473,8 +475,12 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         let mut e = ExportInfo::new(d.name(), d.sectors() * DEV_BSIZE as u64);
         e.description = d.describe();
         e.read_only = d.read_only();
-        e.block_sizes = BlockSizes::new(DEV_BSIZE as u32, 4096, max_payload)
-            .map_err(|err| format!("{}: {err}", d.name()))?;
+        e.block_sizes = BlockSizes::new(DEV_BSIZE as u32, 4096, max_payload).map_err(|source| {
+            ServeError::Export {
+                export: d.name().to_string(),
+                source,
+            }
+        })?;
         e.can_flush = true;
         // A read-only export offers no write command (as nbdkit): no FUA,
         // TRIM or WRITE_ZEROES; FLUSH stays (harmless, and clients use it).
@@ -484,7 +490,10 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         // FLUSH is fdatasync of the backing files, after every write the
         // kernel has acknowledged, from whichever connection.
         e.can_multi_conn = true;
-        e.check().map_err(|err| format!("{}: {err}", d.name()))?;
+        e.check().map_err(|source| ServeError::Export {
+            export: d.name().to_string(),
+            source,
+        })?;
         devs.insert(d.name().to_string(), d);
         infos.push(e);
     }
@@ -541,14 +550,14 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         tls,
     });
     if let Some(nc) = nicchan {
-        nc.start(&sh).map_err(|e| format!("nic watchdog: {e}"))?;
+        nc.start(&sh).map_err(ServeError::Watchdog)?;
     }
     let acceptor = {
         let sh = Arc::clone(&sh);
         std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || accept_loop(&sh, listener))
-            .map_err(|e| e.to_string())?
+            .map_err(ServeError::Accept)?
     };
 
     let mut seq = 0u64;
@@ -629,30 +638,22 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     let flushed = flush_all(&sys);
     let text = stats_text(&sys, &sh.stats, srv);
     write_stats(&mut seq);
-    sys.shutdown()?;
+    sys.shutdown().map_err(ServeError::Shutdown)?;
     print!("{text}");
     let _ = io::stdout().flush();
-    match flushed {
-        Ok(()) => {
-            eprintln!("dvma: every disk flushed; exiting");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => Err(format!("flush at shutdown: {e}")),
-    }
+    flushed?;
+    eprintln!("dvma: every disk flushed; exiting");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// No silent exposure: a listener off loopback without TLS is refused,
 /// unless `--insecure-listen` says so (then a warning).
-fn exposure(addr: SocketAddr, insecure: bool, tls: bool) -> Result<(), String> {
+fn exposure(addr: SocketAddr, insecure: bool, tls: bool) -> Result<(), ServeError> {
     if addr.ip().is_loopback() || tls {
         return Ok(());
     }
     if !insecure {
-        return Err(format!(
-            "--listen {addr} is not a loopback address, and without TLS anyone who can \
-             reach it can read and write every disk; serve TLS (--tls only --tls-cert FILE \
-             --tls-key FILE) or pass --insecure-listen to serve it anyway"
-        ));
+        return Err(ServeError::Exposed { addr });
     }
     eprintln!(
         "dvma: WARNING: serving {addr} without TLS (--insecure-listen): anyone who can \
@@ -750,8 +751,8 @@ fn errcode(e: BioError) -> ErrorCode {
 }
 
 /// Flush every disk (at shutdown), from a kernel thread.
-fn flush_all(sys: &System) -> Result<(), String> {
-    let r = sys
+fn flush_all(sys: &System) -> Result<(), ServeError> {
+    let failures = sys
         .machine
         .run(0, "flush", move |ctx| {
             let mut errs = Vec::new();
@@ -759,23 +760,24 @@ fn flush_all(sys: &System) -> Result<(), String> {
                 if d.read_only() {
                     continue;
                 }
+                let dev = d.name().to_string();
                 let Ok(mut bp) = getbuf_wait(ctx) else {
-                    errs.push(format!("{}: interrupted", d.name()));
+                    errs.push(FlushError::Interrupted { dev });
                     continue;
                 };
                 bp.op = BufOp::Flush;
                 let bp = submit_wait(ctx, d, bp);
-                if let Some(e) = bp.error {
-                    errs.push(format!("{}: {e}", d.name()));
+                if let Some(source) = bp.error {
+                    errs.push(FlushError::Bio { dev, source });
                 }
             }
             errs
         })
-        .map_err(|e| e.to_string())?;
-    if r.is_empty() {
+        .map_err(ServeError::FlushRun)?;
+    if failures.is_empty() {
         Ok(())
     } else {
-        Err(r.join("; "))
+        Err(ServeError::Flush { failures })
     }
 }
 

@@ -109,7 +109,7 @@ impl Write for Timed<'_> {
 /// and the TLS configuration (`None` without TLS).
 pub(super) fn tls_config(
     a: &ServeArgs,
-) -> Result<(nbd::TlsMode, Option<Arc<rustls::ServerConfig>>), String> {
+) -> Result<(nbd::TlsMode, Option<Arc<rustls::ServerConfig>>), TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mode = match a.tls {
@@ -121,52 +121,54 @@ pub(super) fn tls_config(
     };
     if mode == nbd::TlsMode::Off {
         if a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_ca.is_some() {
-            return Err("--tls off, but --tls-cert, --tls-key or --tls-ca given".into());
+            return Err(TlsError::OffWithFiles);
         }
         return Ok((mode, None));
     }
     let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
-        return Err("TLS needs --tls-cert FILE and --tls-key FILE (PEM)".into());
+        return Err(TlsError::NeedsCertAndKey);
     };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        .map_err(|source| TlsError::Cert {
+            path: cert.clone(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "--tls-cert {}: no certificate in it",
-            cert.display()
-        ));
+        return Err(TlsError::NoCert { path: cert.clone() });
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key {
+        path: key.clone(),
+        source,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(TlsError::Protocols)?;
     let builder = match &a.tls_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
+            let ca_err = |source: Box<dyn std::error::Error + Send + Sync>| TlsError::Ca {
+                path: ca.clone(),
+                source,
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| ca_err(e.into()))? {
+                let c = c.map_err(|e| ca_err(e.into()))?;
+                roots.add(c).map_err(|e| ca_err(e.into()))?;
             }
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .build()
-            .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            .map_err(|e| ca_err(e.into()))?;
             builder.with_client_cert_verifier(v)
         }
     };
     let config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+        .map_err(TlsError::CertKey)?;
     Ok((mode, Some(Arc::new(config))))
 }
 

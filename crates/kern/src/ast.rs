@@ -64,6 +64,8 @@ pub enum AstError {
     Full,
 }
 
+impl core::error::Error for AstError {}
+
 impl core::fmt::Display for AstError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "ast_establish: all {MAX_ASTS} handles taken")

@@ -94,6 +94,8 @@ impl BioError {
     }
 }
 
+impl core::error::Error for BioError {}
+
 impl core::fmt::Display for BioError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {

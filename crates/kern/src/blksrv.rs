@@ -30,10 +30,12 @@ use crate::bio::{
     BioError, BlockDev, BufOp, BufWait, DEV_BSIZE, bio_prepare, biowait, getbuf_wait,
 };
 use crate::ctx::ThreadCtx;
-use crate::intr::{IntrHandle, intr_establish};
+use crate::intr::{IntrError, IntrHandle, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
-use crate::sched::{kthread_create, sleep_interlocked, wakeup_one_local, wakeup_one_on, wchan};
+use crate::sched::{
+    SchedError, kthread_create, sleep_interlocked, wakeup_one_local, wakeup_one_on, wchan,
+};
 use crate::vm::IoBuf;
 
 /// A block request.
@@ -122,6 +124,27 @@ struct Srv {
     stats: SrvStats,
 }
 
+/// Errors of [`blksrv_attach`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The channel's interrupt could not be established.
+    #[error("blksrv: interrupt: {source}")]
+    Intr {
+        /// Why.
+        #[source]
+        source: IntrError,
+    },
+    /// A server thread could not be created.
+    #[error("blksrv: thread on cpu{cpu}: {source}")]
+    Thread {
+        /// Its CPU.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: SchedError,
+    },
+}
+
 /// Attach blksrv to `chan` with `per_cpu` threads on each of `ncpu` CPUs;
 /// the channel interrupts CPU `cpu`. Returns its counters. Thread or host
 /// context.
@@ -130,7 +153,7 @@ pub fn blksrv_attach(
     cpu: usize,
     ncpu: usize,
     per_cpu: usize,
-) -> Result<&'static SrvStats, alloc::string::String> {
+) -> Result<&'static SrvStats, AttachError> {
     let srv: &'static Srv = Box::leak(Box::new(Srv {
         chan,
         lock: SpinMutex::new(Ipl::Net, ()),
@@ -146,12 +169,12 @@ pub fn blksrv_attach(
         // to be kicked awake); it passes the baton if more are queued.
         srv.wake();
     })
-    .map_err(|e| alloc::format!("blksrv: {e}"))?;
+    .map_err(|source| AttachError::Intr { source })?;
     chan.set_interrupt(cpu, vector);
     for c in 0..ncpu {
         for _ in 0..per_cpu.max(1) {
             kthread_create(Some(c), "blksrv", move |ctx| srv.thread(ctx))
-                .map_err(|e| alloc::format!("blksrv: {e}"))?;
+                .map_err(|source| AttachError::Thread { cpu: c, source })?;
         }
     }
     Ok(&srv.stats)

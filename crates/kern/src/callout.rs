@@ -39,6 +39,8 @@ pub struct CalloutHandle(u16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CalloutsFull;
 
+impl core::error::Error for CalloutsFull {}
+
 impl core::fmt::Display for CalloutsFull {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "callout: more than {MAXCALLOUT} callouts")

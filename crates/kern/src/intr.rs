@@ -52,6 +52,8 @@ pub enum IntrError {
     },
 }
 
+impl core::error::Error for IntrError {}
+
 impl core::fmt::Display for IntrError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

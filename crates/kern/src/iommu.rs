@@ -72,6 +72,8 @@ pub enum IommuError {
     },
 }
 
+impl core::error::Error for IommuError {}
+
 impl core::fmt::Display for IommuError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

@@ -38,17 +38,17 @@ use core::sync::atomic::{
     Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
 };
 
-use crate::ast::{AstHandle, ast_establish, ast_push};
+use crate::ast::{AstError, AstHandle, ast_establish, ast_push};
 use crate::completion::Completion;
 use crate::cpu::curcpu;
 use crate::ctx::ThreadCtx;
-use crate::intr::{IntrHandle, intr_establish, intr_post};
+use crate::intr::{IntrError, IntrHandle, intr_establish, intr_post};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::kmem::{Kmem, KmemProtect};
 use crate::pool::Pool;
-use crate::sched::{KThread, kthread_create, tsleep, wakeup, wchan, yield_now};
-use crate::softint::{SoftintHandle, softint_establish, softint_schedule};
+use crate::sched::{KThread, SchedError, kthread_create, tsleep, wakeup, wchan, yield_now};
+use crate::softint::{SoftintError, SoftintHandle, softint_establish, softint_schedule};
 
 /// How the allocator is protected in a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -260,6 +260,44 @@ fn inject() {
     }
 }
 
+/// Errors of [`RaceKit::attach`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The pseudo-driver is attached already (once per boot).
+    #[error("race pseudo-driver already attached")]
+    AlreadyAttached,
+    /// Its interrupt could not be established.
+    #[error("race0: interrupt: {source}")]
+    Intr {
+        /// Why.
+        #[source]
+        source: IntrError,
+    },
+    /// Its softint could not be established.
+    #[error("race0: softint: {source}")]
+    Softint {
+        /// Why.
+        #[source]
+        source: SoftintError,
+    },
+    /// Its AST could not be established.
+    #[error("race0: AST: {source}")]
+    Ast {
+        /// Why.
+        #[source]
+        source: AstError,
+    },
+    /// Its thread could not be created.
+    #[error("race0: thread on cpu{cpu}: {source}")]
+    Thread {
+        /// The CPU.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: SchedError,
+    },
+}
+
 /// The race pseudo-driver, attached once per boot.
 pub struct RaceKit {
     st: &'static RaceState,
@@ -270,9 +308,9 @@ impl RaceKit {
     /// Attach the pseudo-driver on CPU `cpu`: its interrupt vector, softint,
     /// AST, pool and completion thread. Once per boot (its state belongs to
     /// the kernel, and stays after `detach`, inert). Thread or host context.
-    pub fn attach(cpu: usize) -> Result<Self, String> {
+    pub fn attach(cpu: usize) -> Result<Self, AttachError> {
         if state().is_some() {
-            return Err("race pseudo-driver already attached".to_string());
+            return Err(AttachError::AlreadyAttached);
         }
         let intr = intr_establish(Ipl::Bio, "race0", |ctx| {
             let Some(st) = state() else { return };
@@ -285,19 +323,19 @@ impl RaceKit {
                 }
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AttachError::Intr { source })?;
         let softint = softint_establish(Ipl::SoftBio, "race0 softbio", |_| {
             if let Some(st) = state() {
                 st.complete_all();
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AttachError::Softint { source })?;
         let ast = ast_establish("race0 ast", |_| {
             if let Some(st) = state() {
                 st.complete_all();
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AttachError::Ast { source })?;
         let st: &'static RaceState = Box::leak(Box::new(RaceState {
             cpu,
             intr,
@@ -319,7 +357,7 @@ impl RaceKit {
             kmem: Kmem::new(ARENA, kernel().ncpu()),
         }));
         if kernel().race.set(st).is_err() {
-            return Err("race pseudo-driver already attached".to_string());
+            return Err(AttachError::AlreadyAttached);
         }
         st.pool.set_inject(Some(inject));
         let daemon = kthread_create(Some(cpu), "race0 thread", move |ctx| {
@@ -338,7 +376,7 @@ impl RaceKit {
                 }
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AttachError::Thread { cpu, source })?;
         Ok(Self { st, daemon })
     }
 

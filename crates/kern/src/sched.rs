@@ -114,6 +114,8 @@ pub enum SchedError {
     ShuttingDown,
 }
 
+impl core::error::Error for SchedError {}
+
 impl core::fmt::Display for SchedError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

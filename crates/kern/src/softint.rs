@@ -48,6 +48,8 @@ pub enum SoftintError {
     Full,
 }
 
+impl core::error::Error for SoftintError {}
+
 impl core::fmt::Display for SoftintError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

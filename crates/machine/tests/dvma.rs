@@ -261,6 +261,7 @@ fn sd_counts_a_device_dma_fault_on_its_tag() {
             Sd::attach(
                 SdConfig {
                     name: "sd7",
+                    parent: "dmadisk0",
                     dma,
                     completion: Completion::Intr,
                     cpu: 0,

@@ -32,15 +32,16 @@ use kern::blksrv::ReqOp;
 use kern::vm::IoBuf;
 
 use super::{NConn, NicChannel, Out, TX_BATCH, TX_DEFER, TX_DEFER_BYTES, lock};
+use crate::serve::ServeError;
 
 impl NicChannel {
     /// Start one `nictx` kernel thread per CPU: it sends the replies its
     /// CPU held back once the CPU has nothing else to run. Thread or host
     /// context, after boot.
-    pub(in crate::serve) fn attach_tx(&'static self) -> Result<(), String> {
+    pub(in crate::serve) fn attach_tx(&'static self) -> Result<(), ServeError> {
         for cpu in 0..self.cpus.len() {
             kern::sched::kthread_create(Some(cpu), "nictx", move |ctx| self.tx_thread(ctx, cpu))
-                .map_err(|e| format!("nictx: {e}"))?;
+                .map_err(|source| ServeError::NicTx { cpu, source })?;
         }
         Ok(())
     }

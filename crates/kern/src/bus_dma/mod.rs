@@ -196,6 +196,8 @@ pub enum DmaError {
     Interrupted,
 }
 
+impl core::error::Error for DmaError {}
+
 impl core::fmt::Display for DmaError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

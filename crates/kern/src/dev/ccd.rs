@@ -29,12 +29,12 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 
-use super::completer::{Completer, WorkCtx};
+use super::completer::{self, Completer, WorkCtx};
 use crate::bio::{
     BlockDev, BufAlloc, BufBox, BufOp, BufPool, BufQueue, BufqStrategy, ChildLink, DEV_BSIZE,
     IoDone, StackedDev, biodone, bounds_check,
 };
-use crate::callout::{CalloutHandle, callout_establish, callout_schedule};
+use crate::callout::{CalloutHandle, CalloutsFull, callout_establish, callout_schedule};
 use crate::completion::Completion;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
@@ -49,6 +49,42 @@ pub enum CbufAlloc {
     /// `kmem`, as in 1995 (its protection decides whether completions at
     /// interrupt time corrupt it).
     Kmem,
+}
+
+/// Errors of [`Ccd::attach`], each naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// No components were given.
+    #[error("{unit}: no components")]
+    NoComponents {
+        /// The unit.
+        unit: &'static str,
+    },
+    /// The components leave the ccd no sector: empty ones, or (with an
+    /// interleave) a smallest one below one stripe.
+    #[error(
+        "{unit}: components too small for the interleave (smallest {smallest} sectors, interleave {interleave})"
+    )]
+    TooSmall {
+        /// The unit.
+        unit: &'static str,
+        /// The smallest component's sectors.
+        smallest: u64,
+        /// The interleave in sectors (0: concatenation).
+        interleave: u64,
+    },
+    /// The completion path could not be set up.
+    #[error(transparent)]
+    Completer(#[from] completer::AttachError),
+    /// The backoff retry callout could not be established.
+    #[error("{unit}: retry callout: {source}")]
+    Callout {
+        /// The unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: CalloutsFull,
+    },
 }
 
 /// Attach-time configuration.
@@ -129,10 +165,11 @@ pub struct Chunk {
 
 impl Ccd {
     /// Attach a ccd over `cfg.components`. Thread or host context.
-    pub fn attach(cfg: CcdConfig) -> Result<&'static Ccd, String> {
+    pub fn attach(cfg: CcdConfig) -> Result<&'static Ccd, AttachError> {
+        let unit = cfg.name;
         let n = cfg.components.len();
         if n == 0 {
-            return Err(alloc::format!("{}: no components", cfg.name));
+            return Err(AttachError::NoComponents { unit });
         }
         let (starts, sectors): (Box<[u64]>, u64) =
             if let Some(ileave) = core::num::NonZeroU64::new(cfg.interleave) {
@@ -159,10 +196,16 @@ impl Ccd {
                 (starts, acc)
             };
         if sectors == 0 {
-            return Err(alloc::format!(
-                "{}: components too small for the interleave",
-                cfg.name
-            ));
+            return Err(AttachError::TooSmall {
+                unit,
+                smallest: cfg
+                    .components
+                    .iter()
+                    .map(|c| c.sectors())
+                    .min()
+                    .unwrap_or(0),
+                interleave: cfg.interleave,
+            });
         }
         let cbufs: &'static dyn BufAlloc = match cfg.cbufs {
             CbufAlloc::Pool => Box::leak(Box::new(BufPool::new(cfg.name, cfg.pool_size.max(4)))),
@@ -209,7 +252,7 @@ impl Ccd {
         let _ = cell.set(ccd);
         let _ = ccd.me.set(ccd);
         let retry = callout_establish(move |_| ccd.retry())
-            .map_err(|e| alloc::format!("{}: {e}", ccd.name))?;
+            .map_err(|source| AttachError::Callout { unit, source })?;
         let _ = ccd.retry.set(retry);
         Ok(ccd)
     }

@@ -17,14 +17,49 @@
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering::*};
 
-use crate::ast::{AstHandle, ast_establish, ast_push};
+use crate::ast::{AstError, AstHandle, ast_establish, ast_push};
 use crate::completion::Completion;
 use crate::ctx::{IntrCtx, SoftCtx, ThreadCtx};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
-use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
-use crate::softint::{SoftintHandle, softint_establish, softint_schedule};
+use crate::sched::{KThread, SchedError, kthread_create, sleep_interlocked, wakeup, wchan};
+use crate::softint::{SoftintError, SoftintHandle, softint_establish, softint_schedule};
+
+/// Errors of [`Completer::attach`]: the mode's mechanism could not be set
+/// up for driver `unit`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// `softint`: no softint could be established.
+    #[error("{unit}: completion softint: {source}")]
+    Softint {
+        /// The driver unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: SoftintError,
+    },
+    /// `ast`: no AST could be established.
+    #[error("{unit}: completion AST: {source}")]
+    Ast {
+        /// The driver unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: AstError,
+    },
+    /// `thread`: the driver's completion thread could not be created.
+    #[error("{unit}: completion thread on cpu{cpu}: {source}")]
+    Thread {
+        /// The driver unit.
+        unit: &'static str,
+        /// The CPU it was to run on.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: SchedError,
+    },
+}
 
 /// The context the work runs in.
 pub enum WorkCtx<'a> {
@@ -74,7 +109,7 @@ impl Completer {
         mode: Completion,
         cpu: usize,
         work: impl Fn(WorkCtx<'_>) + Send + Sync + 'static,
-    ) -> Result<&'static Completer, alloc::string::String> {
+    ) -> Result<&'static Completer, AttachError> {
         let c: &'static Completer = Box::leak(Box::new(Completer {
             mode,
             softint: Once::new(),
@@ -91,17 +126,22 @@ impl Completer {
             Completion::Softint => {
                 let h =
                     softint_establish(Ipl::SoftBio, name, move |ctx| c.work_in(WorkCtx::Soft(ctx)))
-                        .map_err(|e| alloc::format!("{e}"))?;
+                        .map_err(|source| AttachError::Softint { unit: name, source })?;
                 let _ = c.softint.set(h); // the only set: cannot fail
             }
             Completion::Ast => {
                 let h = ast_establish(name, move |ctx| c.work_in(WorkCtx::Thread(ctx)))
-                    .map_err(|e| alloc::format!("{e}"))?;
+                    .map_err(|source| AttachError::Ast { unit: name, source })?;
                 let _ = c.ast.set(h); // the only set: cannot fail
             }
             Completion::Thread => {
-                let t = kthread_create(Some(cpu), name, move |ctx| c.thread_main(ctx))
-                    .map_err(|e| alloc::format!("{e}"))?;
+                let t = kthread_create(Some(cpu), name, move |ctx| c.thread_main(ctx)).map_err(
+                    |source| AttachError::Thread {
+                        unit: name,
+                        cpu,
+                        source,
+                    },
+                )?;
                 *c.thread.lock() = Some(t);
             }
         }

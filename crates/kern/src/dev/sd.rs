@@ -34,7 +34,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
-use super::completer::{Completer, WorkCtx};
+use super::completer::{self, Completer, WorkCtx};
 use super::{DiskCmd, DiskController, DiskGeometry, DiskOp, DiskStatus};
 use crate::bio::{
     BioError, BlockDev, BufBox, BufOp, BufQueue, BufqStrategy, DEV_BSIZE, biodone, bounds_check,
@@ -43,20 +43,78 @@ use crate::bus_dma::{
     DmaDir, DmaError, DmaMap, DmaTag, SyncOp, TagConfig, Wait, dmamap_create, dmamap_load,
     dmamap_sync, dmamap_unload, tag_create,
 };
-use crate::callout::{CalloutHandle, callout_establish, callout_schedule};
+use crate::callout::{CalloutHandle, CalloutsFull, callout_establish, callout_schedule};
 use crate::completion::Completion;
-use crate::intr::intr_establish;
+use crate::intr::{IntrError, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
 use crate::slot::{SlotRef, SlotTable};
 use crate::vm::IoBuf;
 
+/// Errors of [`Sd::attach`], each naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The controller's sectors are not the buf layer's.
+    #[error("{unit}: sector size {got} (only {want})")]
+    SectorSize {
+        /// The unit.
+        unit: &'static str,
+        /// The controller's sector size.
+        got: u32,
+        /// The only one supported ([`DEV_BSIZE`]).
+        want: usize,
+    },
+    /// The unit's DMA tag could not be created.
+    #[error("{unit}: DMA tag: {source}")]
+    Tag {
+        /// The unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: DmaError,
+    },
+    /// A command slot's DMA map could not be created.
+    #[error("{unit}: DMA map of command slot {slot}: {source}")]
+    Map {
+        /// The unit.
+        unit: &'static str,
+        /// The slot.
+        slot: usize,
+        /// Why.
+        #[source]
+        source: DmaError,
+    },
+    /// The completion path could not be set up.
+    #[error(transparent)]
+    Completer(#[from] completer::AttachError),
+    /// The DVMA retry callout could not be established.
+    #[error("{unit}: retry callout: {source}")]
+    Callout {
+        /// The unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: CalloutsFull,
+    },
+    /// The interrupt could not be established.
+    #[error("{unit}: interrupt: {source}")]
+    Intr {
+        /// The unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: IntrError,
+    },
+}
+
 /// Attach-time configuration of an sd unit.
 #[derive(Clone, Debug)]
 pub struct SdConfig {
     /// Unit name (`sd0`).
     pub name: &'static str,
+    /// The controller's name, as the attach message shows it (`dmadisk0`).
+    pub parent: &'static str,
     /// DVMA.
     pub dma: TagConfig,
     /// Completion mode.
@@ -112,6 +170,7 @@ struct State {
 /// An sd unit.
 pub struct Sd {
     name: &'static str,
+    parent: &'static str,
     ctrl: &'static dyn DiskController,
     geom: DiskGeometry,
     tag: &'static DmaTag,
@@ -129,24 +188,33 @@ pub struct Sd {
 
 impl Sd {
     /// Attach an sd unit to controller `ctrl`. Thread or host context.
-    pub fn attach(cfg: SdConfig, ctrl: &'static dyn DiskController) -> Result<&'static Sd, String> {
+    pub fn attach(
+        cfg: SdConfig,
+        ctrl: &'static dyn DiskController,
+    ) -> Result<&'static Sd, AttachError> {
+        let unit = cfg.name;
         let geom = ctrl.geometry();
         if geom.sector_size as usize != DEV_BSIZE {
-            return Err(alloc::format!(
-                "{}: sector size {} (only {DEV_BSIZE})",
-                cfg.name,
-                geom.sector_size
-            ));
+            return Err(AttachError::SectorSize {
+                unit,
+                got: geom.sector_size,
+                want: DEV_BSIZE,
+            });
         }
         let mut dma = cfg.dma.clone();
         dma.maxsize = dma.maxsize.min(geom.max_transfer);
         let tag =
-            tag_create(cfg.name, dma.clone()).map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+            tag_create(unit, dma.clone()).map_err(|source| AttachError::Tag { unit, source })?;
         let depth = geom.queue_depth.max(1) as usize;
         let maps: Vec<DmaMap> = (0..depth)
-            .map(|_| dmamap_create(tag, dma.maxsize))
-            .collect::<Result<_, DmaError>>()
-            .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+            .map(|slot| {
+                dmamap_create(tag, dma.maxsize).map_err(|source| AttachError::Map {
+                    unit,
+                    slot,
+                    source,
+                })
+            })
+            .collect::<Result<_, AttachError>>()?;
         let mut maps = maps.into_iter();
         let slots = SlotTable::new(depth, |_| Slot {
             map: maps.next().expect("a map per slot"),
@@ -162,6 +230,7 @@ impl Sd {
         })?;
         let sd: &'static Sd = Box::leak(Box::new(Sd {
             name: cfg.name,
+            parent: cfg.parent,
             ctrl,
             geom,
             tag,
@@ -186,13 +255,13 @@ impl Sd {
                 sd.start(None);
             }
         })
-        .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        .map_err(|source| AttachError::Callout { unit, source })?;
         let _ = sd.retry.set(retry); // the only set
         let vector = intr_establish(Ipl::Bio, cfg.name, move |ctx| {
             sd.stats.intrs.fetch_add(1, Relaxed);
             sd.completer.interrupt(ctx);
         })
-        .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        .map_err(|source| AttachError::Intr { unit, source })?;
         ctrl.set_interrupt(cfg.cpu, vector);
         Ok(sd)
     }
@@ -482,8 +551,9 @@ impl BlockDev for Sd {
             _ => String::new(),
         };
         alloc::format!(
-            "{} at dmadisk: {} MiB, {}-byte sectors, dvma {}{}, completion {}",
+            "{} at {}: {} MiB, {}-byte sectors, dvma {}{}, completion {}",
             self.name,
+            self.parent,
             (g.sectors * g.sector_size as u64) >> 20,
             g.sector_size,
             self.tag.mode(),

@@ -22,25 +22,55 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
-use super::completer::{Completer, WorkCtx};
+use super::completer::{self, Completer, WorkCtx};
 use super::{DiskOp, DiskStatus, FileCmd, FileDevice};
 use crate::bio::{
     BioError, BlockDev, BufBox, BufOp, BufQueue, BufqStrategy, DEV_BSIZE, biodone, bounds_check,
 };
 use crate::completion::Completion;
 use crate::ctx::ThreadCtx;
-use crate::intr::intr_establish;
+use crate::intr::{IntrError, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
-use crate::sched::{KThread, kthread_create, sleep_interlocked, wakeup, wchan};
+use crate::sched::{KThread, SchedError, kthread_create, sleep_interlocked, wakeup, wchan};
 use crate::slot::SlotTable;
+
+/// Errors of [`Vnd::attach`], each naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The completion path could not be set up.
+    #[error(transparent)]
+    Completer(#[from] completer::AttachError),
+    /// The interrupt could not be established.
+    #[error("{unit}: interrupt: {source}")]
+    Intr {
+        /// The unit.
+        unit: &'static str,
+        /// Why.
+        #[source]
+        source: IntrError,
+    },
+    /// `vndthread` could not be created.
+    #[error("{unit}: vndthread on cpu{cpu}: {source}")]
+    Thread {
+        /// The unit.
+        unit: &'static str,
+        /// The CPU it was to run on.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: SchedError,
+    },
+}
 
 /// Attach-time configuration.
 #[derive(Clone, Debug)]
 pub struct VndConfig {
     /// Unit name.
     pub name: &'static str,
+    /// The file device's name, as the attach message shows it (`filedev0`).
+    pub parent: &'static str,
     /// Completion mode.
     pub completion: Completion,
     /// CPU of its thread and interrupts.
@@ -70,6 +100,7 @@ struct State {
 /// A vnd unit.
 pub struct Vnd {
     name: &'static str,
+    parent: &'static str,
     dev: &'static dyn FileDevice,
     sectors: u64,
     read_only: bool,
@@ -86,7 +117,11 @@ pub struct Vnd {
 
 impl Vnd {
     /// Attach a vnd on file device `dev`. Thread or host context.
-    pub fn attach(cfg: VndConfig, dev: &'static dyn FileDevice) -> Result<&'static Vnd, String> {
+    pub fn attach(
+        cfg: VndConfig,
+        dev: &'static dyn FileDevice,
+    ) -> Result<&'static Vnd, AttachError> {
+        let unit = cfg.name;
         let cell: &'static Once<&'static Vnd> = Box::leak(Box::new(Once::new()));
         let completer = Completer::attach(cfg.name, cfg.completion, cfg.cpu, move |ctx| {
             if let Some(v) = cell.get() {
@@ -96,6 +131,7 @@ impl Vnd {
         let n = cfg.slots.clamp(1, 1024);
         let vnd: &'static Vnd = Box::leak(Box::new(Vnd {
             name: cfg.name,
+            parent: cfg.parent,
             dev,
             sectors: dev.size() / DEV_BSIZE as u64,
             read_only: cfg.read_only,
@@ -116,10 +152,15 @@ impl Vnd {
         }));
         let _ = cell.set(vnd); // the only set: before the device can interrupt
         let vector = intr_establish(Ipl::Bio, cfg.name, move |ctx| vnd.completer.interrupt(ctx))
-            .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+            .map_err(|source| AttachError::Intr { unit, source })?;
         dev.set_interrupt(cfg.cpu, vector);
-        let t = kthread_create(Some(cfg.cpu), "vndthread", move |ctx| vnd.vndthread(ctx))
-            .map_err(|e| alloc::format!("{}: {e}", cfg.name))?;
+        let t = kthread_create(Some(cfg.cpu), "vndthread", move |ctx| vnd.vndthread(ctx)).map_err(
+            |source| AttachError::Thread {
+                unit,
+                cpu: cfg.cpu,
+                source,
+            },
+        )?;
         *vnd.thread.lock() = Some(t);
         Ok(vnd)
     }
@@ -280,8 +321,9 @@ impl BlockDev for Vnd {
 
     fn describe(&self) -> String {
         alloc::format!(
-            "{} at filedev: {} MiB, {}-byte sectors, completion {}, served by vndthread",
+            "{} at {}: {} MiB, {}-byte sectors, completion {}, served by vndthread",
             self.name,
+            self.parent,
             (self.sectors * DEV_BSIZE as u64) >> 20,
             DEV_BSIZE,
             self.completer.mode()

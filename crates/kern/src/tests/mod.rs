@@ -1,7 +1,8 @@
 //! Unit tests of `kern` on the fake machine ([`crate::fake`]): the block
 //! layer's queues, ccd's mapping, the bus_dma FIFO and the sd driver end to
-//! end on a fake disk controller.
+//! end on a fake disk controller; the drivers' attach errors.
 
+mod attach;
 mod bufq;
 mod busdma_fifo;
 mod ccd_map;

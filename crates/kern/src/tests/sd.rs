@@ -39,6 +39,7 @@ fn rig(completion: Completion, depth: u16, mode: DvmaMode) -> Rig {
     let sd = Sd::attach(
         SdConfig {
             name: "sd0",
+            parent: "fakedisk0",
             dma: TagConfig {
                 maxsize: 64 * 1024,
                 slots: 4,

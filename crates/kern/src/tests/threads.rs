@@ -147,6 +147,7 @@ fn sd_thread_rig(m: &Machine, completion: Completion) -> &'static Sd {
     let sd = Sd::attach(
         SdConfig {
             name: "sd0",
+            parent: "fakedisk0",
             dma: TagConfig {
                 maxsize: 64 * 1024,
                 ..TagConfig::new(DvmaMode::Strict)
