@@ -15,13 +15,19 @@
 //!   hostile case: a bad connection never disturbs another one.
 //! * [`Rng`]: a small seeded generator (seeds are printed, and
 //!   `DVMA_TEST_SEED` replays one).
+//! * [`fixture`]: the two-export server of the hostile-client tests;
+//!   [`raw`]: raw request and option bytes; [`table`]: the runner of a
+//!   table of hostile-client cases (`serve_bad_input.rs`).
 //!
 //! `DVMA_SERVE_BIN`, when set, names the binary to test instead of the one
 //! Cargo built.
 #![allow(dead_code)]
 
 pub mod client;
+pub mod fixture;
+pub mod raw;
 pub mod skip;
+pub mod table;
 mod tempdir;
 
 use std::io::{BufRead, BufReader, Read};
