@@ -52,6 +52,7 @@ pub mod iommu;
 pub mod ipl;
 pub mod kernel;
 pub mod kmem;
+pub mod loadgen;
 pub mod lock;
 pub mod malloc;
 pub mod md;

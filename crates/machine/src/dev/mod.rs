@@ -9,6 +9,9 @@
 //!   so a command whose IOVA is not mapped (or mapped read-only for a disk
 //!   read) completes with [`DiskStatus::DmaFault`] instead of touching
 //!   anything.
+//! * [`ramdisk::RamDisk`] implements [`kern::dev::DiskController`] with a
+//!   zero-latency medium (a memfd): commands complete on the doorbell,
+//!   still through the DVMA window; for measuring the kernel's own cost.
 //! * [`file::FileDev`] implements [`kern::dev::FileDevice`]: commands name a
 //!   byte offset and a kernel direct-map address; the device copies between
 //!   its file and that address itself (no IOMMU), as a programmed-I/O
@@ -93,6 +96,7 @@ pub mod disk;
 mod engine;
 pub mod file;
 pub mod nic;
+pub mod ramdisk;
 mod uring;
 
 pub use chan::{HostChannel, ReplyQueue};
@@ -100,6 +104,7 @@ pub use disk::{DiskConfig, DiskEngine, DmaDisk};
 pub use engine::DeviceStats;
 pub use file::{FileConfig, FileDev};
 pub use nic::{Nic, NicEvent};
+pub use ramdisk::{RamDisk, RamDiskConfig};
 
 /// Bytes per sector of the machine's disks.
 pub const SECTOR: u32 = 512;

@@ -1,0 +1,467 @@
+//! `dvma bench kernel`: every DVMA mode × every completion mode, measured
+//! inside the kernel, with no network and no client.
+//!
+//! For each pair a machine is booted fresh: one `sd0` on a zero-latency
+//! DMA disk ([`machine::dev::RamDisk`]: commands complete from memory on
+//! the doorbell, still through the DVMA window) or, with `--medium file`,
+//! on the DMA disk over a backing file. An in-kernel load generator
+//! ([`kern::loadgen`]) then runs each workload (4 KiB random reads and
+//! writes at each queue depth) as a closed loop on CPU 0, after a short
+//! warm-up. Over each measured window the bench reads the vCPU threads'
+//! CPU time (their thread CPU clocks) and the kernel's counters; per I/O
+//! that gives the kernel's CPU ns, host signals taken, kernel context
+//! switches and ASTs pushed.
+//!
+//! Pairs are interleaved across repetitions (every pair once per
+//! repetition, in reverse order on odd ones), and each figure is reported
+//! with its median and range. Pairs whose ranges of CPU ns per I/O
+//! overlap are ties ([`rank`]). `report` writes `kernel.md` and
+//! `kernel.json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use kern::Completion;
+use kern::bio::{BlockDev, BufOp, bio_init};
+use kern::bus_dma::{DvmaMode, TagConfig};
+use kern::dev::sd::{Sd, SdConfig};
+use kern::loadgen::{LoadGen, Pattern, Workload};
+use machine::dev::{DiskConfig, DmaDisk, RamDisk, RamDiskConfig};
+use machine::{Machine, MachineConfig};
+use serde::Serialize;
+
+pub mod rank;
+mod report;
+
+/// Arguments of `dvma bench kernel`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// The quick run: 3 repetitions of 60 ms windows (under 2 minutes).
+    /// Without it: 5 repetitions of 300 ms windows.
+    #[arg(long)]
+    quick: bool,
+    /// Where `kernel.md` and `kernel.json` go.
+    #[arg(long, default_value = "dvma-bench")]
+    out: PathBuf,
+    /// Also print the JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Repetitions (overrides --quick's).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Measured milliseconds per workload (overrides --quick's).
+    #[arg(long)]
+    ms: Option<u64>,
+    /// The disk's medium: `ram` (zero latency, the kernel's own cost) or
+    /// `file` (the DMA disk on a backing file in --out, thread engine).
+    #[arg(long, default_value = "ram")]
+    medium: String,
+    /// Only these DVMA modes (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Only these completion modes (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    completions: Vec<String>,
+    /// Queue depths (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
+    depths: Vec<usize>,
+    /// Workloads (comma-separated: randread, randwrite, seqread, seqwrite).
+    #[arg(long, value_delimiter = ',', default_values_t = ["randread".to_string(), "randwrite".to_string()])]
+    workloads: Vec<String>,
+    /// I/O size, bytes.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// After the measured workloads, write a pattern, overwrite part of
+    /// it at random and read it all back, checking every byte (per pair,
+    /// per repetition; not timed).
+    #[arg(long)]
+    verify: bool,
+}
+
+/// The disk's size (the span of every workload).
+const DISK_BYTES: u64 = 64 << 20;
+/// The span of the verify pass.
+const VERIFY_BYTES: u64 = 4 << 20;
+
+/// One measured window of one workload.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    /// I/Os completed.
+    pub ios: u64,
+    /// I/Os that failed.
+    pub errors: u64,
+    /// ns of the window (first issue to last completion).
+    pub elapsed_ns: u64,
+    /// CPU ns of the vCPU threads over the window.
+    pub cpu_ns: u64,
+    /// Host signals the kernel took (traps).
+    pub signals: u64,
+    /// Kernel thread switches.
+    pub switches: u64,
+    /// AST frames pushed.
+    pub asts: u64,
+    /// Interrupt handler runs.
+    pub intrs: u64,
+}
+
+impl Sample {
+    fn per_io(&self, x: u64) -> f64 {
+        x as f64 / self.ios.max(1) as f64
+    }
+    /// I/Os per second per vCPU.
+    pub fn iops_per_cpu(&self, ncpu: usize) -> f64 {
+        self.ios as f64 * 1e9 / self.elapsed_ns.max(1) as f64 / ncpu.max(1) as f64
+    }
+}
+
+/// What one boot of one pair measured: a sample per workload, in order.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PairRun {
+    /// Per workload (the `Plan::workloads` order).
+    pub samples: Vec<Sample>,
+    /// DVMA pages the tag held at its peak.
+    pub pages_peak: u64,
+    /// IOVA pages it reserves whether used or not.
+    pub pages_reserved: u64,
+    /// The verify pass: (I/Os, errors, mismatches), if run.
+    pub verify: Option<(u64, u64, u64)>,
+}
+
+/// A workload of the plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadSpec {
+    /// `randread` etc.
+    pub name: String,
+    /// Queue depth.
+    pub depth: usize,
+    #[serde(skip)]
+    op: BufOp,
+    #[serde(skip)]
+    pattern: Pattern,
+}
+
+impl WorkloadSpec {
+    /// `randread qd32`.
+    pub fn label(&self) -> String {
+        format!("{} qd{}", self.name, self.depth)
+    }
+}
+
+/// What a run measures.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pairs: Vec<(DvmaMode, Completion)>,
+    workloads: Vec<WorkloadSpec>,
+    reps: usize,
+    ms: u64,
+    medium: Medium,
+    size: usize,
+    verify: bool,
+    quick: bool,
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Medium {
+    Ram,
+    File,
+}
+
+impl Medium {
+    fn name(self) -> &'static str {
+        match self {
+            Medium::Ram => "ram",
+            Medium::File => "file",
+        }
+    }
+}
+
+fn plan(a: &KernelArgs) -> Result<Plan, String> {
+    let modes = if a.modes.is_empty() {
+        DvmaMode::ALL.to_vec()
+    } else {
+        a.modes
+            .iter()
+            .map(|n| DvmaMode::from_name(n).ok_or_else(|| format!("unknown DVMA mode `{n}`")))
+            .collect::<Result<_, _>>()?
+    };
+    let comps = if a.completions.is_empty() {
+        Completion::ALL.to_vec()
+    } else {
+        a.completions
+            .iter()
+            .map(|n| Completion::from_name(n).ok_or_else(|| format!("unknown completion `{n}`")))
+            .collect::<Result<_, _>>()?
+    };
+    let mut workloads = Vec::new();
+    for w in &a.workloads {
+        let (op, pattern) = match w.as_str() {
+            "randread" => (BufOp::Read, Pattern::Random),
+            "randwrite" => (BufOp::Write, Pattern::Random),
+            "seqread" => (BufOp::Read, Pattern::Sequential),
+            "seqwrite" => (BufOp::Write, Pattern::Sequential),
+            _ => return Err(format!("unknown workload `{w}`")),
+        };
+        for &depth in &a.depths {
+            if depth == 0 || depth > 64 {
+                return Err(format!("queue depth {depth}: 1 to 64"));
+            }
+            workloads.push(WorkloadSpec {
+                name: w.clone(),
+                depth,
+                op,
+                pattern,
+            });
+        }
+    }
+    if workloads.is_empty() {
+        return Err("no workload".into());
+    }
+    let medium = match a.medium.as_str() {
+        "ram" => Medium::Ram,
+        "file" => Medium::File,
+        m => return Err(format!("unknown medium `{m}` (ram, file)")),
+    };
+    let (reps, ms) = if a.quick { (3, 60) } else { (5, 300) };
+    Ok(Plan {
+        pairs: modes
+            .iter()
+            .flat_map(|&m| comps.iter().map(move |&c| (m, c)))
+            .collect(),
+        workloads,
+        reps: a.reps.unwrap_or(reps).max(1),
+        ms: a.ms.unwrap_or(ms).max(1),
+        medium,
+        size: a.size,
+        verify: a.verify,
+        quick: a.quick,
+        out: a.out.clone(),
+    })
+}
+
+struct Mark {
+    cpu_ns: u64,
+    signals: u64,
+    switches: u64,
+    asts: u64,
+    intrs: u64,
+}
+
+fn mark(tids: &[i32]) -> Mark {
+    let s = kern::stats::snapshot();
+    Mark {
+        cpu_ns: tids.iter().map(|&t| machine::thread_cpu_ns(t)).sum(),
+        signals: s.total(|c| c.traps),
+        switches: s.total(|c| c.switches),
+        asts: s.total(|c| c.ast_pushed),
+        intrs: s.total(|c| c.intr),
+    }
+}
+
+/// The disk of one boot: stopped before the machine goes down.
+enum Disk {
+    Ram(&'static RamDisk),
+    File(&'static DmaDisk),
+}
+
+impl Disk {
+    fn stop(&self) {
+        match self {
+            Disk::Ram(d) => d.stop(),
+            Disk::File(d) => d.stop(),
+        }
+    }
+}
+
+/// Boot a machine with `sd0` in `mode` × `comp`, run every workload of
+/// the plan, take it down. Host context.
+fn run_pair(p: &Plan, mode: DvmaMode, comp: Completion) -> Result<PairRun, String> {
+    let mut cfg = MachineConfig::default();
+    cfg.kernel.ncpu = 1;
+    let m = Machine::boot(cfg).map_err(|e| e.to_string())?;
+    let r = (|| {
+        bio_init(crate::system::NBUF);
+        let window = m.window();
+        let disk = match p.medium {
+            Medium::Ram => {
+                let d = RamDisk::open(window, RamDiskConfig::new(DISK_BYTES))
+                    .map_err(|e| e.to_string())?;
+                Disk::Ram(RamDisk::leak(d))
+            }
+            Medium::File => {
+                let path = p.out.join("kernel-bench-sd0.img");
+                let d = DmaDisk::open(window, DiskConfig::new(&path, DISK_BYTES))
+                    .map_err(|e| e.to_string())?;
+                Disk::File(DmaDisk::leak(d))
+            }
+        };
+        let r = run_on(p, &m, &disk, mode, comp);
+        disk.stop();
+        r
+    })();
+    let down = m.shutdown().map_err(|e| e.to_string());
+    let r = r?;
+    down?;
+    Ok(r)
+}
+
+fn run_on(
+    p: &Plan,
+    m: &Machine,
+    disk: &Disk,
+    mode: DvmaMode,
+    comp: Completion,
+) -> Result<PairRun, String> {
+    let mut tag = TagConfig::new(mode);
+    tag.maxsize = 64 << 10;
+    tag.slots = 64;
+    tag.pool_bytes = 8 << 20;
+    let sdcfg = SdConfig {
+        name: "sd0",
+        dma: tag,
+        completion: comp,
+        cpu: 0,
+        bufq: kern::bio::BufqStrategy::Disksort,
+        read_only: false,
+    };
+    let sd: &'static Sd = match disk {
+        Disk::Ram(d) => Sd::attach(sdcfg, *d)?,
+        Disk::File(d) => Sd::attach(sdcfg, *d)?,
+    };
+    let tids = m.cpu_tids();
+    let p2 = p.clone();
+    let out = m
+        .run(0, "loadgen", move |ctx| -> Result<PairRun, String> {
+            let dev: &'static dyn BlockDev = sd;
+            let mut run = PairRun::default();
+            let mut seed = 1u64;
+            for w in &p2.workloads {
+                let mut lg = LoadGen::new(ctx, dev, p2.size, w.depth).map_err(|e| e.to_string())?;
+                let mut wl = Workload {
+                    op: w.op,
+                    pattern: w.pattern,
+                    span: DISK_BYTES,
+                    ios: 0,
+                    duration_ns: (p2.ms * 1_000_000 / 5).max(1_000_000),
+                    verify: false,
+                    seed,
+                };
+                seed += 1;
+                lg.run(ctx, &wl).map_err(|e| e.to_string())?; // warm-up
+                wl.duration_ns = p2.ms * 1_000_000;
+                let a = mark(&tids);
+                let r = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
+                let b = mark(&tids);
+                run.samples.push(Sample {
+                    ios: r.ios,
+                    errors: r.errors,
+                    elapsed_ns: r.elapsed_ns,
+                    cpu_ns: b.cpu_ns - a.cpu_ns,
+                    signals: b.signals - a.signals,
+                    switches: b.switches - a.switches,
+                    asts: b.asts - a.asts,
+                    intrs: b.intrs - a.intrs,
+                });
+            }
+            if p2.verify {
+                let mut lg = LoadGen::new(ctx, dev, p2.size, 8).map_err(|e| e.to_string())?;
+                let (mut ios, mut errors, mut bad) = (0, 0, 0);
+                let seed = 0xd5a1;
+                let pre = lg
+                    .prefill(ctx, VERIFY_BYTES, seed)
+                    .map_err(|e| e.to_string())?;
+                let n = VERIFY_BYTES / p2.size as u64;
+                let mut wl = Workload {
+                    op: BufOp::Write,
+                    pattern: Pattern::Random,
+                    span: VERIFY_BYTES,
+                    ios: n / 2,
+                    duration_ns: 0,
+                    verify: true,
+                    seed,
+                };
+                let w = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
+                wl.op = BufOp::Read;
+                wl.pattern = Pattern::Sequential;
+                wl.ios = n;
+                let r = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
+                for x in [pre, w, r] {
+                    ios += x.ios;
+                    errors += x.errors;
+                    bad += x.mismatches;
+                }
+                run.verify = Some((ios, errors, bad));
+            }
+            Ok(run)
+        })
+        .map_err(|e| e.to_string())??;
+    let mut out = out;
+    out.pages_peak = sd
+        .tag()
+        .stats
+        .pages_peak
+        .load(std::sync::atomic::Ordering::Relaxed);
+    out.pages_reserved = sd.tag().pages_reserved();
+    Ok(out)
+}
+
+/// Everything measured: `runs[pair][rep]`.
+pub struct Measured {
+    plan: Plan,
+    runs: Vec<Vec<PairRun>>,
+    seconds: f64,
+}
+
+fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
+    let t0 = Instant::now();
+    let mut runs: Vec<Vec<PairRun>> = vec![Vec::new(); p.pairs.len()];
+    for rep in 0..p.reps {
+        let mut order: Vec<usize> = (0..p.pairs.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (mode, comp) = p.pairs[i];
+            progress(&format!("rep {}/{}: {mode} {comp}", rep + 1, p.reps));
+            let r = run_pair(p, mode, comp).map_err(|e| format!("{mode} {comp}: {e}"))?;
+            runs[i].push(r);
+        }
+    }
+    Ok(Measured {
+        plan: p.clone(),
+        runs,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
+    let p = plan(&a)?;
+    std::fs::create_dir_all(&p.out).map_err(|e| format!("{}: {e}", p.out.display()))?;
+    let quiet = a.json;
+    let m = measure(&p, &|s| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    })?;
+    let rep = report::build(&m);
+    let (md, json) = report::write(&rep, &p.out)?;
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{md}");
+        eprintln!(
+            "wrote {} and {}",
+            p.out.join("kernel.md").display(),
+            p.out.join("kernel.json").display()
+        );
+    }
+    let failed = rep.results.iter().any(|r| r.errors > 0)
+        || rep.verify.iter().any(|v| v.errors > 0 || v.mismatches > 0);
+    Ok(if failed {
+        eprintln!("dvma bench kernel: I/O errors or verify mismatches (see the report)");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,348 @@
+//! `kernel.md` and `kernel.json`: the figures of `dvma bench kernel`, with
+//! their spreads, ranked with ties.
+//!
+//! # `kernel.json`
+//! * `schema`: `"dvma-bench-kernel/1"`.
+//! * `machine`: `cpu_model` (from `/proc/cpuinfo`), `host_cores`, `vcpus`
+//!   (the booted kernel's CPUs).
+//! * `config`: `quick`, `reps`, `window_ms` (measured window per workload),
+//!   `medium` (`ram`: zero latency; `file`), `io_size`, `workloads`
+//!   (labels, e.g. `randread qd32`), `pairs`, `seconds` (the whole run).
+//! * `noise`: over every pair and workload, the range of CPU ns per I/O
+//!   relative to its median ((max - min) / median): `cpu_ns_rel_range_median`,
+//!   `cpu_ns_rel_range_max`; the same for I/Os per second:
+//!   `iops_rel_range_median`.
+//! * `protections`: DVMA mode → what a device can still reach after unload.
+//! * `results[]`: one per pair and workload: `dvma`, `completion`,
+//!   `workload`, `depth`; `rank` (1 + the pairs of that workload whose whole
+//!   range of CPU ns per I/O is below this one's) and `tied_with` (pairs
+//!   whose ranges overlap this one's); spreads (`median`, `min`, `max`, `n`
+//!   over repetitions) of `cpu_ns_per_io` (vCPU thread CPU time over the
+//!   window / I/Os), `iops_per_cpu`, `signals_per_io` (host signals the
+//!   kernel took), `switches_per_io` (kernel thread switches),
+//!   `asts_per_io` (AST frames pushed), `intrs_per_io` (interrupt handler
+//!   runs); `dvma_pages_peak` (the most DVMA pages the driver's tag held,
+//!   max over repetitions), `dvma_pages_reserved` (IOVA pages reserved
+//!   whether used or not), `ios` (summed over repetitions), `errors`.
+//! * `verify[]` (with `--verify`): per pair, summed over repetitions: `ios`,
+//!   `errors`, `mismatches` (reads that did not find what was written).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::Measured;
+use super::rank::{Better, Spread, rank};
+
+/// The report.
+#[derive(Serialize, Debug)]
+pub struct Report {
+    schema: &'static str,
+    machine: MachineInfo,
+    config: ConfigInfo,
+    noise: Noise,
+    protections: BTreeMap<String, String>,
+    /// Per pair and workload, in rank order per workload.
+    pub results: Vec<PairResult>,
+    /// Per pair, with `--verify`.
+    pub verify: Vec<VerifyResult>,
+}
+
+#[derive(Serialize, Debug)]
+struct MachineInfo {
+    cpu_model: String,
+    host_cores: usize,
+    vcpus: usize,
+}
+
+#[derive(Serialize, Debug)]
+struct ConfigInfo {
+    quick: bool,
+    reps: usize,
+    window_ms: u64,
+    medium: &'static str,
+    io_size: usize,
+    workloads: Vec<String>,
+    pairs: usize,
+    seconds: f64,
+}
+
+#[derive(Serialize, Debug, Default)]
+struct Noise {
+    cpu_ns_rel_range_median: f64,
+    cpu_ns_rel_range_max: f64,
+    iops_rel_range_median: f64,
+}
+
+/// One pair on one workload.
+#[derive(Serialize, Debug, Clone)]
+pub struct PairResult {
+    dvma: &'static str,
+    completion: &'static str,
+    workload: String,
+    depth: usize,
+    rank: usize,
+    tied_with: Vec<String>,
+    cpu_ns_per_io: Spread,
+    iops_per_cpu: Spread,
+    signals_per_io: Spread,
+    switches_per_io: Spread,
+    asts_per_io: Spread,
+    intrs_per_io: Spread,
+    dvma_pages_peak: u64,
+    dvma_pages_reserved: u64,
+    ios: u64,
+    /// I/Os that failed (must be 0).
+    pub errors: u64,
+}
+
+impl PairResult {
+    fn pair(&self) -> String {
+        format!("{}/{}", self.dvma, self.completion)
+    }
+}
+
+/// The verify pass of one pair.
+#[derive(Serialize, Debug)]
+pub struct VerifyResult {
+    pair: String,
+    ios: u64,
+    /// I/Os that failed.
+    pub errors: u64,
+    /// Reads that did not find the pattern.
+    pub mismatches: u64,
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    Spread::of(&v).median
+}
+
+/// Aggregate the repetitions and rank.
+pub fn build(m: &Measured) -> Report {
+    let p = &m.plan;
+    let mut results = Vec::new();
+    for (wi, w) in p.workloads.iter().enumerate() {
+        let mut rows: Vec<PairResult> = p
+            .pairs
+            .iter()
+            .enumerate()
+            .map(|(pi, &(mode, comp))| {
+                let runs = &m.runs[pi];
+                let samples: Vec<&super::Sample> = runs.iter().map(|r| &r.samples[wi]).collect();
+                let f = |g: &dyn Fn(&super::Sample) -> f64| {
+                    Spread::of(&samples.iter().map(|s| g(s)).collect::<Vec<_>>())
+                };
+                PairResult {
+                    dvma: mode.name(),
+                    completion: comp.name(),
+                    workload: w.name.clone(),
+                    depth: w.depth,
+                    rank: 0,
+                    tied_with: Vec::new(),
+                    cpu_ns_per_io: f(&|s| s.per_io(s.cpu_ns)),
+                    iops_per_cpu: f(&|s| s.iops_per_cpu(1)),
+                    signals_per_io: f(&|s| s.per_io(s.signals)),
+                    switches_per_io: f(&|s| s.per_io(s.switches)),
+                    asts_per_io: f(&|s| s.per_io(s.asts)),
+                    intrs_per_io: f(&|s| s.per_io(s.intrs)),
+                    dvma_pages_peak: runs.iter().map(|r| r.pages_peak).max().unwrap_or(0),
+                    dvma_pages_reserved: runs.iter().map(|r| r.pages_reserved).max().unwrap_or(0),
+                    ios: samples.iter().map(|s| s.ios).sum(),
+                    errors: samples.iter().map(|s| s.errors).sum(),
+                }
+            })
+            .collect();
+        let spreads: Vec<Spread> = rows.iter().map(|r| r.cpu_ns_per_io).collect();
+        let places = rank(&spreads, Better::Lower);
+        let names: Vec<String> = rows.iter().map(|r| r.pair()).collect();
+        for pl in &places {
+            rows[pl.index].rank = pl.rank;
+            rows[pl.index].tied_with = pl.tied_with.iter().map(|&j| names[j].clone()).collect();
+        }
+        results.extend(places.iter().map(|pl| rows[pl.index].clone()));
+    }
+    let rel_cpu: Vec<f64> = results.iter().map(|r| r.cpu_ns_per_io.rel()).collect();
+    let noise = Noise {
+        cpu_ns_rel_range_median: median(rel_cpu.clone()),
+        cpu_ns_rel_range_max: rel_cpu.iter().copied().fold(0.0, f64::max),
+        iops_rel_range_median: median(results.iter().map(|r| r.iops_per_cpu.rel()).collect()),
+    };
+    let verify = p
+        .pairs
+        .iter()
+        .enumerate()
+        .filter_map(|(pi, &(mode, comp))| {
+            let v: Vec<(u64, u64, u64)> = m.runs[pi].iter().filter_map(|r| r.verify).collect();
+            (!v.is_empty()).then(|| VerifyResult {
+                pair: format!("{mode}/{comp}"),
+                ios: v.iter().map(|x| x.0).sum(),
+                errors: v.iter().map(|x| x.1).sum(),
+                mismatches: v.iter().map(|x| x.2).sum(),
+            })
+        })
+        .collect();
+    Report {
+        schema: "dvma-bench-kernel/1",
+        machine: MachineInfo {
+            cpu_model: cpu_model(),
+            host_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            vcpus: 1,
+        },
+        config: ConfigInfo {
+            quick: p.quick,
+            reps: p.reps,
+            window_ms: p.ms,
+            medium: p.medium.name(),
+            io_size: p.size,
+            workloads: p.workloads.iter().map(|w| w.label()).collect(),
+            pairs: p.pairs.len(),
+            seconds: m.seconds,
+        },
+        noise,
+        protections: kern::bus_dma::DvmaMode::ALL
+            .iter()
+            .map(|m| (m.name().to_string(), m.protection().to_string()))
+            .collect(),
+        results,
+        verify,
+    }
+}
+
+fn sp(s: &Spread, prec: usize) -> String {
+    format!("{:.p$} [{:.p$}–{:.p$}]", s.median, s.min, s.max, p = prec)
+}
+
+/// The Markdown.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let c = &r.config;
+    let _ = writeln!(s, "# dvma bench kernel\n");
+    let _ = writeln!(
+        s,
+        "Machine: {} ({} host cores); the kernel booted with {} vCPU. Medium: `{}`{}. \
+         {} B I/Os; {} repetitions of a {} ms window per workload, every pair booted fresh, \
+         pairs interleaved (reverse order on odd repetitions); {:.0} s in all.\n",
+        r.machine.cpu_model,
+        r.machine.host_cores,
+        r.machine.vcpus,
+        c.medium,
+        if c.medium == "ram" {
+            " (zero latency: commands complete from memory on the doorbell, through the DVMA window)"
+        } else {
+            " (the DMA disk on a backing file, worker threads)"
+        },
+        c.io_size,
+        c.reps,
+        c.window_ms,
+        c.seconds
+    );
+    let _ = writeln!(
+        s,
+        "Noise: the range (max − min) of CPU ns per I/O over repetitions is {:.1}% of the median \
+         for the median pair, {:.1}% at worst; for I/Os per second {:.1}% (median).\n",
+        r.noise.cpu_ns_rel_range_median * 100.0,
+        r.noise.cpu_ns_rel_range_max * 100.0,
+        r.noise.iops_rel_range_median * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "Figures are `median [min–max]` over repetitions. Rank: 1 + the pairs whose whole range \
+         of CPU ns per I/O lies below this pair's; pairs whose ranges overlap share a rank \
+         (ties, not ranked). CPU ns is the vCPU threads' CPU time over the window divided by the \
+         I/Os (with `ram`, the device's copy is done by the vCPU and included).\n"
+    );
+    for w in &c.workloads {
+        let _ = writeln!(s, "## {w}\n");
+        let _ = writeln!(
+            s,
+            "| rank | dvma/completion | CPU ns/IO | IOPS/CPU | signals/IO | switches/IO | ASTs/IO | DVMA pages peak / reserved | tied with |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for x in r
+            .results
+            .iter()
+            .filter(|x| format!("{} qd{}", x.workload, x.depth) == *w)
+        {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {} / {} | {} |",
+                x.rank,
+                x.pair(),
+                sp(&x.cpu_ns_per_io, 0),
+                sp(&x.iops_per_cpu, 0),
+                x.signals_per_io.median,
+                x.switches_per_io.median,
+                x.asts_per_io.median,
+                x.dvma_pages_peak,
+                x.dvma_pages_reserved,
+                if x.tied_with.is_empty() {
+                    "—".to_string()
+                } else {
+                    x.tied_with.join(", ")
+                }
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "## Protection: what a device can still reach after unload\n"
+    );
+    let _ = writeln!(s, "| dvma | reachable after unload |\n|---|---|");
+    for m in kern::bus_dma::DvmaMode::ALL {
+        let _ = writeln!(s, "| {} | {} |", m.name(), r.protections[m.name()]);
+    }
+    let _ = writeln!(s);
+    if !r.verify.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Verify\n\nA pattern written over {} MiB, half of it rewritten at random, all of it read back and checked.\n",
+            super::VERIFY_BYTES >> 20
+        );
+        let _ = writeln!(
+            s,
+            "| pair | I/Os | errors | mismatches |\n|---|---|---|---|"
+        );
+        for v in &r.verify {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                v.pair, v.ios, v.errors, v.mismatches
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "## Not measured yet\n\nThe split of CPU ns per I/O by part (spl, bus_dma load/unload, \
+         interrupt entry, dispatch, driver), the plots, the comparison with Amit et al. (ATC 2011) \
+         and the mail's questions (issue 14).\n\nThe fields of `kernel.json` are documented in \
+         `src/bench/kernel/report.rs`."
+    );
+    s
+}
+
+/// Write `kernel.md` and `kernel.json` into `dir`; returns both texts.
+pub fn write(r: &Report, dir: &Path) -> Result<(String, String), String> {
+    let md = markdown(r);
+    let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    for (name, text) in [("kernel.md", &md), ("kernel.json", &json)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok((md, json))
+}
