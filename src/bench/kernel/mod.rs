@@ -37,8 +37,8 @@ mod report;
 /// Arguments of `dvma bench kernel`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KernelArgs {
-    /// The quick run: 3 repetitions of 60 ms windows (under 2 minutes).
-    /// Without it: 5 repetitions of 300 ms windows.
+    /// The quick run: 3 repetitions of 60 ms windows (under a minute).
+    /// Without it: 7 repetitions of 400 ms windows (about 5 minutes).
     #[arg(long)]
     quick: bool,
     /// Where `kernel.md` and `kernel.json` go.
@@ -112,6 +112,11 @@ impl Sample {
     /// I/Os per second per vCPU.
     pub fn iops_per_cpu(&self, ncpu: usize) -> f64 {
         self.ios as f64 * 1e9 / self.elapsed_ns.max(1) as f64 / ncpu.max(1) as f64
+    }
+    /// The vCPUs' CPU time over the window's wall time, per vCPU: below 1
+    /// when a vCPU idled or the host ran something else on its core.
+    pub fn busy(&self, ncpu: usize) -> f64 {
+        self.cpu_ns as f64 / self.elapsed_ns.max(1) as f64 / ncpu.max(1) as f64
     }
 }
 
@@ -223,7 +228,7 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         "file" => Medium::File,
         m => return Err(format!("unknown medium `{m}` (ram, file)")),
     };
-    let (reps, ms) = if a.quick { (3, 60) } else { (5, 300) };
+    let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
             .iter()

@@ -1,0 +1,237 @@
+//! `dvma bench kernel` end to end on a tiny configuration: two pairs, two
+//! workloads, two repetitions of a short window, with the verify pass.
+//! Checks the structure of `kernel.json` and `kernel.md`, that every
+//! figure is present and positive where it must be, the ranking's
+//! consistency, and that the verify pass read back what it wrote. No
+//! speed is asserted.
+//!
+//! The bench runs in a child process that is killed if it has not
+//! finished within two minutes, pass or fail: no machine is left behind.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "common/tempdir.rs"]
+mod tempdir;
+
+/// Kills the child on drop (a failing assertion included).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let mut c = Child(
+        Command::new(env!("CARGO_BIN_EXE_dvma"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dvma"),
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = c.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "dvma bench kernel did not finish in 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut o) = c.0.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = c.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.success(), out, err)
+}
+
+#[test]
+fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
+    let dir = tempdir::TempDir::new("bench-kernel");
+    let out = dir.path().to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "kernel",
+        "--reps",
+        "2",
+        "--ms",
+        "15",
+        "--modes",
+        "permanent,strict",
+        "--completions",
+        "thread",
+        "--depths",
+        "1,4",
+        "--workloads",
+        "randread,randwrite",
+        "--verify",
+        "--json",
+        "--out",
+        out,
+    ]);
+    assert!(ok, "dvma bench kernel failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("kernel.json")).expect("kernel.json"),
+    )
+    .expect("kernel.json is JSON");
+    assert_eq!(v, file, "stdout and kernel.json differ");
+    assert_eq!(v["schema"], "dvma-bench-kernel/1");
+    assert!(!v["machine"]["cpu_model"].as_str().unwrap_or("").is_empty());
+    assert!(v["machine"]["host_cores"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(v["config"]["reps"], 2);
+    assert_eq!(v["config"]["medium"], "ram");
+    assert_eq!(v["config"]["pairs"], 2);
+    let workloads: Vec<&str> = v["config"]["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        workloads,
+        [
+            "randread qd1",
+            "randread qd4",
+            "randwrite qd1",
+            "randwrite qd4"
+        ]
+    );
+    for k in ["strict", "lazy", "slots", "permanent", "shadow"] {
+        assert!(
+            v["protections"][k].as_str().is_some_and(|s| !s.is_empty()),
+            "protection of {k}"
+        );
+    }
+    for k in [
+        "cpu_ns_rel_range_median",
+        "cpu_ns_rel_range_max",
+        "iops_rel_range_median",
+    ] {
+        let x = v["noise"][k].as_f64().expect(k);
+        assert!(x.is_finite() && x >= 0.0, "noise {k} = {x}");
+    }
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2 * 4, "one result per pair and workload");
+    for r in results {
+        let what = format!(
+            "{}/{} {} qd{}",
+            r["dvma"], r["completion"], r["workload"], r["depth"]
+        );
+        for f in ["cpu_ns_per_io", "iops_per_cpu", "vcpu_busy"] {
+            let s = &r[f];
+            assert_eq!(s["n"], 2, "{what}: {f} over both repetitions");
+            let (lo, med, hi) = (
+                s["min"].as_f64().unwrap(),
+                s["median"].as_f64().unwrap(),
+                s["max"].as_f64().unwrap(),
+            );
+            assert!(lo > 0.0 && lo <= med && med <= hi, "{what}: {f} = {s}");
+        }
+        for f in [
+            "signals_per_io",
+            "switches_per_io",
+            "asts_per_io",
+            "intrs_per_io",
+        ] {
+            let m = r[f]["median"].as_f64().expect(f);
+            assert!(m.is_finite() && m >= 0.0, "{what}: {f}");
+        }
+        assert!(r["ios"].as_u64().unwrap() > 0, "{what}: no I/O");
+        assert_eq!(r["errors"], 0, "{what}: I/O errors");
+        assert!(r["rank"].as_u64().unwrap() >= 1);
+        assert!(r["tied_with"].is_array());
+        assert!(
+            r["dvma_pages_peak"].as_u64().unwrap() > 0,
+            "{what}: no DVMA page held"
+        );
+        if r["dvma"] == "permanent" {
+            assert!(r["dvma_pages_reserved"].as_u64().unwrap() > 0);
+        }
+    }
+    // Per workload: ranks start at 1, come in order, and a tie is mutual.
+    for w in &workloads {
+        let rows: Vec<&serde_json::Value> = results
+            .iter()
+            .filter(|r| format!("{} qd{}", r["workload"].as_str().unwrap(), r["depth"]) == *w)
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["rank"], 1, "{w}");
+        assert!(rows[0]["rank"].as_u64() <= rows[1]["rank"].as_u64());
+        let pair = |r: &serde_json::Value| {
+            format!(
+                "{}/{}",
+                r["dvma"].as_str().unwrap(),
+                r["completion"].as_str().unwrap()
+            )
+        };
+        let tied = |a: &serde_json::Value, b: &serde_json::Value| {
+            a["tied_with"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x.as_str() == Some(&pair(b)))
+        };
+        assert_eq!(
+            tied(rows[0], rows[1]),
+            tied(rows[1], rows[0]),
+            "{w}: ties are mutual"
+        );
+        assert_eq!(
+            tied(rows[0], rows[1]),
+            rows[0]["rank"] == rows[1]["rank"],
+            "{w}"
+        );
+    }
+    // The verify pass: a pattern written, half rewritten at random, all
+    // read back, for each pair and repetition; nothing differs.
+    let verify = v["verify"].as_array().expect("verify");
+    assert_eq!(verify.len(), 2);
+    for x in verify {
+        assert!(x["ios"].as_u64().unwrap() > 0, "{x}");
+        assert_eq!(x["errors"], 0, "{x}");
+        assert_eq!(x["mismatches"], 0, "{x}");
+    }
+    let md = std::fs::read_to_string(dir.path().join("kernel.md")).expect("kernel.md");
+    for h in [
+        "# dvma bench kernel",
+        "## randread qd1",
+        "## randwrite qd4",
+        "## Protection",
+        "## Verify",
+        "Noise:",
+        "| rank | dvma/completion | CPU ns/IO |",
+    ] {
+        assert!(md.contains(h), "kernel.md lacks `{h}`:\n{md}");
+    }
+}
+
+/// A bad argument is refused with a message, before any machine boots.
+#[test]
+fn bad_arguments_are_refused() {
+    let dir = tempdir::TempDir::new("bench-kernel-bad");
+    let out = dir.path().to_str().unwrap();
+    for (args, msg) in [
+        (vec!["--modes", "nope"], "unknown DVMA mode"),
+        (vec!["--completions", "nope"], "unknown completion"),
+        (vec!["--medium", "tape"], "unknown medium"),
+        (vec!["--depths", "0"], "queue depth"),
+    ] {
+        let mut a = vec!["bench", "kernel", "--out", out];
+        a.extend(args);
+        let (ok, _, err) = run(&a);
+        assert!(!ok, "{a:?} accepted");
+        assert!(err.contains(msg), "{a:?}: {err}");
+    }
+}
