@@ -340,8 +340,7 @@ fn run_on(
         .run(0, "loadgen", move |ctx| -> Result<PairRun, String> {
             let dev: &'static dyn BlockDev = sd;
             let mut run = PairRun::default();
-            let mut seed = 1u64;
-            for w in &p2.workloads {
+            for (seed, w) in (1u64..).zip(&p2.workloads) {
                 let mut lg = LoadGen::new(ctx, dev, p2.size, w.depth).map_err(|e| e.to_string())?;
                 let mut wl = Workload {
                     op: w.op,
@@ -352,7 +351,6 @@ fn run_on(
                     verify: false,
                     seed,
                 };
-                seed += 1;
                 lg.run(ctx, &wl).map_err(|e| e.to_string())?; // warm-up
                 wl.duration_ns = p2.ms * 1_000_000;
                 let a = mark(&tids);

@@ -6,6 +6,7 @@ mod attach;
 mod bufq;
 mod busdma_fifo;
 mod ccd_map;
+mod loadgen;
 mod machine;
 mod queues;
 mod sd;
