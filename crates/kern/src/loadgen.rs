@@ -3,11 +3,18 @@
 //!
 //! A [`LoadGen`] owns `depth` bufs, each with a data buffer from the
 //! device (`BlockDev::alloc_buf_wait`, so `permanent` and `shadow` get
-//! pool memory). [`LoadGen::run`] starts all of them, and each completion
-//! issues the next I/O of the same buf from its `iodone` callback (B_CALL),
-//! until the workload's I/O count or deadline is reached: a closed loop at
-//! a constant queue depth. Reads or writes, random or sequential, of one
-//! size, over the first `span` bytes of the device.
+//! pool memory). [`LoadGen::run`] keeps all of them in flight until the
+//! workload's I/O count or deadline is reached: a closed loop at a
+//! constant queue depth. Reads or writes, random or sequential, of one
+//! size, over the first `span` bytes of the device. Who issues the next
+//! I/O ([`Issuer`]):
+//! * `Thread` (the default): the thread in `run` issues every buf it
+//!   holds in one batch at IPL_BIO, then sleeps; each completion's
+//!   `iodone` callback (B_CALL) hands its buf back and wakes it. Every I/O
+//!   pays for its completion mode's way back to a thread, as a kernel
+//!   thread serving requests (blksrv) does.
+//! * `Completion`: the callback issues the buf's next I/O itself, in the
+//!   completion's context.
 //!
 //! With `verify`, every write carries a pattern that is a function of the
 //! seed and the device offset only ([`fill`]), and every read checks it
@@ -20,8 +27,8 @@
 //! | call | context | |
 //! |---|---|---|
 //! | [`LoadGen::new`], `Drop` | thread | allocates (bufs, data buffers), may sleep for them |
-//! | [`LoadGen::run`], [`LoadGen::prefill`] | thread | starts the loop at IPL_BIO, then sleeps until every buf has come back |
-//! | the `iodone` callback (private) | the device's completion context: hard interrupt, soft interrupt, the driver's thread or an AST | allocates nothing; takes only `LOOP_LOCK` (a spin mutex at IPL_BIO), and only when a buf leaves the loop |
+//! | [`LoadGen::run`], [`LoadGen::prefill`] | thread | issues at IPL_BIO, sleeps until bufs come back; returns when every I/O it started is counted |
+//! | the `iodone` callbacks (private) | the device's completion context: hard interrupt, soft interrupt, the driver's thread or an AST | allocate nothing; take only the run's parking mutex and `LOOP_LOCK` (spin mutexes at IPL_BIO), to hand a buf back |
 //! | [`fill`], [`check`], [`Rng`] | any | pure functions |
 //!
 //! The callback reuses the buf and its data as they are (it never drops
@@ -30,10 +37,11 @@
 //! interrupt of the same CPU cannot take it while thread code holds it.
 //!
 //! The run's shared state lives in the `LoadGen` (a heap box) while `run`
-//! is in progress; `run` does not return before every buf has left the
-//! loop, and a buf leaving the loop touches that state for the last time
-//! under `LOOP_LOCK`, which `run` then takes to see it: so no callback can
-//! reach the state after `run` returns.
+//! is in progress. A callback that hands a buf back touches that state for
+//! the last time when it counts the buf in `left`, under `LOOP_LOCK`;
+//! `run` returns only after it has seen, under the same lock, every buf
+//! (`Completion`) or every I/O it issued (`Thread`) counted: so no
+//! callback can reach the state after `run` returns.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -73,6 +81,25 @@ pub struct Workload {
     pub verify: bool,
     /// The pattern's and the random offsets' seed.
     pub seed: u64,
+    /// Who issues each next I/O.
+    pub issuer: Issuer,
+}
+
+/// Who issues the next I/O when one completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Issuer {
+    /// The thread in [`LoadGen::run`]: a completion hands its buf back and
+    /// wakes it; it issues every buf it holds in one batch (at IPL_BIO, so
+    /// none completes before the batch is out), then sleeps until some
+    /// come back. A kernel thread serving requests (blksrv) works so: each
+    /// I/O pays for its completion mode's way back to a thread.
+    #[default]
+    Thread,
+    /// The buf's `iodone` callback, in the completion's own context: with
+    /// a device that completes at once, the whole loop runs inside one
+    /// completion context (one interrupt, softint, AST or driver-thread
+    /// run), so the completion mode's own cost is amortised to nothing.
+    Completion,
 }
 
 /// What a run did.
@@ -313,6 +340,16 @@ fn iodone(bp: BufBox, arg: usize) {
     run.issue(bp);
 }
 
+/// The `iodone` of a thread-issued run: count the buf and hand it back
+/// to the thread. Completion context.
+fn iodone_back(bp: BufBox, arg: usize) {
+    // SAFETY: as in `iodone`: `run` waits until every I/O it issued has
+    // been counted in `left` (the last touch of the run by its callback).
+    let run = unsafe { &*(arg as *const Run) };
+    run.shared.account(&bp);
+    run.shared.leave(bp, &run.parked);
+}
+
 impl Run {
     /// Start `bp`'s next I/O, or let it leave the loop.
     fn issue(&self, mut bp: BufBox) {
@@ -365,6 +402,7 @@ impl LoadGen {
             duration_ns: 0,
             verify: false,
             seed: 0,
+            issuer: Issuer::Thread,
         };
         Ok(LoadGen {
             dev,
@@ -401,11 +439,27 @@ impl LoadGen {
         if slots == 0 {
             return Err(LoadError::SpanTooSmall { span: wl.span });
         }
-        let mut bufs = core::mem::take(&mut *self.run.parked.lock());
+        let bufs = core::mem::take(&mut *self.run.parked.lock());
         // Keep the capacity for the bufs coming back (no allocation in
         // the callbacks).
         self.run.parked.lock().reserve_exact(self.depth);
         self.run.shared = Shared::new(self.dev, *wl, self.size, slots);
+        match wl.issuer {
+            Issuer::Completion => self.loop_in_completions(ctx, bufs),
+            Issuer::Thread => self.loop_in_thread(ctx, bufs),
+        }
+        let s = &self.run.shared;
+        Ok(LoadResult {
+            ios: s.ios.load(Relaxed),
+            bytes: s.bytes.load(Relaxed),
+            errors: s.errors.load(Relaxed),
+            mismatches: s.mismatches.load(Relaxed),
+            elapsed_ns: s.last_done_ns.load(Relaxed).saturating_sub(s.start_ns),
+        })
+    }
+
+    /// [`Issuer::Completion`]: start every buf; completions keep them going.
+    fn loop_in_completions(&mut self, ctx: &ThreadCtx, mut bufs: Vec<BufBox>) {
         let depth = bufs.len() as u64;
         {
             // Start every buf before any completion runs on this CPU (an
@@ -416,10 +470,20 @@ impl LoadGen {
                 self.run.issue(bp);
             }
         }
+        self.wait_left(ctx, depth);
+    }
+
+    /// Sleep until `left` reaches `n`. Returns `left`.
+    fn wait_left(&self, ctx: &ThreadCtx, n: u64) -> u64 {
+        self.wait_for(ctx, |left| left >= n)
+    }
+
+    fn wait_for(&self, ctx: &ThreadCtx, done: impl Fn(u64) -> bool) -> u64 {
         loop {
             let g = LOOP_LOCK.lock();
-            if self.run.shared.left.load(Acquire) >= depth {
-                break;
+            let left = self.run.shared.left.load(Acquire);
+            if done(left) {
+                return left;
             }
             if sleep_interlocked(ctx, crate::sched::wchan(&LOOP_LOCK), g).is_err() {
                 // Shutdown: the devices finish or fail what they hold, so
@@ -427,14 +491,39 @@ impl LoadGen {
                 crate::sched::yield_now(ctx);
             }
         }
-        let s = &self.run.shared;
-        Ok(LoadResult {
-            ios: s.ios.load(Relaxed),
-            bytes: s.bytes.load(Relaxed),
-            errors: s.errors.load(Relaxed),
-            mismatches: s.mismatches.load(Relaxed),
-            elapsed_ns: s.last_done_ns.load(Relaxed).saturating_sub(s.start_ns),
-        })
+    }
+
+    /// [`Issuer::Thread`]: issue what we hold, sleep until some come back,
+    /// again; at the end wait until every I/O issued has been counted.
+    fn loop_in_thread(&mut self, ctx: &ThreadCtx, mut mine: Vec<BufBox>) {
+        let depth = mine.len();
+        let mut back: Vec<BufBox> = Vec::with_capacity(depth);
+        let arg = &*self.run as *const Run as usize;
+        let mut issued = 0u64;
+        let mut seen = 0u64;
+        loop {
+            if !self.run.shared.stop.load(Relaxed) {
+                let _s = crate::spl::splbio();
+                while let Some(mut bp) = mine.pop() {
+                    if !self.run.shared.next(&mut bp) {
+                        mine.push(bp);
+                        break;
+                    }
+                    bp.iodone = Some(IoDone::Call(iodone_back, arg));
+                    issued += 1;
+                    self.dev.strategy(bp);
+                }
+            }
+            // Completions may run here (the IPL is back down).
+            seen = self.wait_for(ctx, |left| left == issued || left > seen);
+            core::mem::swap(&mut *self.run.parked.lock(), &mut back);
+            mine.append(&mut back);
+            if self.run.shared.stop.load(Relaxed) && seen == issued {
+                break;
+            }
+        }
+        debug_assert_eq!(mine.len(), depth);
+        *self.run.parked.lock() = mine;
     }
 
     /// Write the verify pattern of `seed` over the first `span` bytes,
@@ -457,6 +546,7 @@ impl LoadGen {
                 duration_ns: 0,
                 verify: true,
                 seed,
+                issuer: Issuer::Thread,
             },
         )
     }

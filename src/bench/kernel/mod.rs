@@ -7,7 +7,9 @@
 //! on the DMA disk over a backing file. An in-kernel load generator
 //! ([`kern::loadgen`]) then runs each workload (4 KiB random reads and
 //! writes at each queue depth) as a closed loop on CPU 0, after a short
-//! warm-up. Over each measured window the bench reads the vCPU threads'
+//! warm-up: by default its kernel thread issues every I/O and each
+//! completion hands the buf back to it (`--issue thread`), so every I/O
+//! pays for its completion mode's way back to a thread. Over each measured window the bench reads the vCPU threads'
 //! CPU time (their thread CPU clocks) and the kernel's counters; per I/O
 //! that gives the kernel's CPU ns, host signals taken, kernel context
 //! switches and ASTs pushed.
@@ -26,7 +28,7 @@ use kern::Completion;
 use kern::bio::{BlockDev, BufOp, bio_init};
 use kern::bus_dma::{DvmaMode, TagConfig};
 use kern::dev::sd::{Sd, SdConfig};
-use kern::loadgen::{LoadGen, Pattern, Workload};
+use kern::loadgen::{Issuer, LoadGen, Pattern, Workload};
 use machine::dev::{DiskConfig, DmaDisk, RamDisk, RamDiskConfig};
 use machine::{Machine, MachineConfig};
 use serde::Serialize;
@@ -72,6 +74,14 @@ pub struct KernelArgs {
     /// I/O size, bytes.
     #[arg(long, default_value_t = 4096)]
     size: usize,
+    /// Who issues the next I/O: `thread` (the load generator's kernel
+    /// thread, woken by each completion: every I/O pays for its
+    /// completion mode's way back to a thread) or `completion` (the
+    /// completion's `iodone` callback, in the completion's own context:
+    /// with the zero-latency disk the whole loop then runs inside one
+    /// completion context and the modes' own costs vanish).
+    #[arg(long, default_value = "thread")]
+    issue: String,
     /// After the measured workloads, write a pattern, overwrite part of
     /// it at random and read it all back, checking every byte (per pair,
     /// per repetition; not timed).
@@ -99,8 +109,11 @@ pub struct Sample {
     pub signals: u64,
     /// Kernel thread switches.
     pub switches: u64,
-    /// AST frames pushed.
+    /// AST frames pushed (at a trap's exit, onto the interrupted thread).
     pub asts: u64,
+    /// AST handler runs (pushed frames, and ASTs delivered by a plain call
+    /// at a safe point).
+    pub ast_runs: u64,
     /// Interrupt handler runs.
     pub intrs: u64,
 }
@@ -165,6 +178,7 @@ pub struct Plan {
     verify: bool,
     quick: bool,
     out: PathBuf,
+    issuer: Issuer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,6 +242,11 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         "file" => Medium::File,
         m => return Err(format!("unknown medium `{m}` (ram, file)")),
     };
+    let issuer = match a.issue.as_str() {
+        "thread" => Issuer::Thread,
+        "completion" => Issuer::Completion,
+        i => return Err(format!("unknown issuer `{i}` (thread, completion)")),
+    };
     let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
@@ -242,6 +261,7 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         verify: a.verify,
         quick: a.quick,
         out: a.out.clone(),
+        issuer,
     })
 }
 
@@ -250,6 +270,7 @@ struct Mark {
     signals: u64,
     switches: u64,
     asts: u64,
+    ast_runs: u64,
     intrs: u64,
 }
 
@@ -260,6 +281,7 @@ fn mark(tids: &[i32]) -> Mark {
         signals: s.total(|c| c.traps),
         switches: s.total(|c| c.switches),
         asts: s.total(|c| c.ast_pushed),
+        ast_runs: s.total(|c| c.ast_handlers),
         intrs: s.total(|c| c.intr),
     }
 }
@@ -350,6 +372,7 @@ fn run_on(
                     duration_ns: (p2.ms * 1_000_000 / 5).max(1_000_000),
                     verify: false,
                     seed,
+                    issuer: p2.issuer,
                 };
                 lg.run(ctx, &wl).map_err(|e| e.to_string())?; // warm-up
                 wl.duration_ns = p2.ms * 1_000_000;
@@ -364,6 +387,7 @@ fn run_on(
                     signals: b.signals - a.signals,
                     switches: b.switches - a.switches,
                     asts: b.asts - a.asts,
+                    ast_runs: b.ast_runs - a.ast_runs,
                     intrs: b.intrs - a.intrs,
                 });
             }
@@ -383,6 +407,7 @@ fn run_on(
                     duration_ns: 0,
                     verify: true,
                     seed,
+                    issuer: p2.issuer,
                 };
                 let w = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
                 wl.op = BufOp::Read;
@@ -447,6 +472,9 @@ pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
             eprintln!("{s}");
         }
     })?;
+    if p.medium == Medium::File {
+        let _ = std::fs::remove_file(p.out.join("kernel-bench-sd0.img"));
+    }
     let rep = report::build(&m);
     let (md, json) = report::write(&rep, &p.out)?;
     if a.json {

@@ -6,7 +6,9 @@
 //! * `machine`: `cpu_model` (from `/proc/cpuinfo`), `host_cores`, `vcpus`
 //!   (the booted kernel's CPUs).
 //! * `config`: `quick`, `reps`, `window_ms` (measured window per workload),
-//!   `medium` (`ram`: zero latency; `file`), `io_size`, `workloads`
+//!   `medium` (`ram`: zero latency; `file`), `issuer` (`thread`: the load
+//!   generator's thread issues every I/O; `completion`: the completion's
+//!   callback does), `io_size`, `workloads`
 //!   (labels, e.g. `randread qd32`), `pairs`, `seconds` (the whole run).
 //! * `noise`: over every pair and workload, the range of CPU ns per I/O
 //!   relative to its median ((max - min) / median): `cpu_ns_rel_range_median`,
@@ -20,7 +22,9 @@
 //!   over repetitions) of `cpu_ns_per_io` (vCPU thread CPU time over the
 //!   window / I/Os), `iops_per_cpu`, `signals_per_io` (host signals the
 //!   kernel took), `switches_per_io` (kernel thread switches),
-//!   `asts_per_io` (AST frames pushed), `intrs_per_io` (interrupt handler
+//!   `asts_per_io` (AST frames pushed onto an interrupted thread at a
+//!   trap's exit), `ast_runs_per_io` (AST handler runs: pushed frames and
+//!   ASTs delivered by a plain call at a safe point), `intrs_per_io` (interrupt handler
 //!   runs), `vcpu_busy` (vCPU CPU time / wall time: below 1 when the vCPU
 //!   idled or the host ran another thread on its core, which lowers
 //!   `iops_per_cpu` but not `cpu_ns_per_io`); `dvma_pages_peak` (the most DVMA pages the driver's tag held,
@@ -65,6 +69,7 @@ struct ConfigInfo {
     reps: usize,
     window_ms: u64,
     medium: &'static str,
+    issuer: &'static str,
     io_size: usize,
     workloads: Vec<String>,
     pairs: usize,
@@ -92,6 +97,7 @@ pub struct PairResult {
     signals_per_io: Spread,
     switches_per_io: Spread,
     asts_per_io: Spread,
+    ast_runs_per_io: Spread,
     intrs_per_io: Spread,
     vcpu_busy: Spread,
     dvma_pages_peak: u64,
@@ -161,6 +167,7 @@ pub fn build(m: &Measured) -> Report {
                     signals_per_io: f(&|s| s.per_io(s.signals)),
                     switches_per_io: f(&|s| s.per_io(s.switches)),
                     asts_per_io: f(&|s| s.per_io(s.asts)),
+                    ast_runs_per_io: f(&|s| s.per_io(s.ast_runs)),
                     intrs_per_io: f(&|s| s.per_io(s.intrs)),
                     vcpu_busy: f(&|s| s.busy(1)),
                     dvma_pages_peak: runs.iter().map(|r| r.pages_peak).max().unwrap_or(0),
@@ -211,6 +218,10 @@ pub fn build(m: &Measured) -> Report {
             reps: p.reps,
             window_ms: p.ms,
             medium: p.medium.name(),
+            issuer: match p.issuer {
+                kern::loadgen::Issuer::Thread => "thread",
+                kern::loadgen::Issuer::Completion => "completion",
+            },
             io_size: p.size,
             workloads: p.workloads.iter().map(|w| w.label()).collect(),
             pairs: p.pairs.len(),
@@ -238,6 +249,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "Machine: {} ({} host cores); the kernel booted with {} vCPU. Medium: `{}`{}. \
+         Issuer: `{}` ({}). \
          {} B I/Os; {} repetitions of a {} ms window per workload, every pair booted fresh, \
          pairs interleaved (reverse order on odd repetitions); {:.0} s in all.\n",
         r.machine.cpu_model,
@@ -247,7 +259,14 @@ pub fn markdown(r: &Report) -> String {
         if c.medium == "ram" {
             " (zero latency: commands complete from memory on the doorbell, through the DVMA window)"
         } else {
-            " (the DMA disk on a backing file, worker threads)"
+            " (the DMA disk on a backing file, worker threads; the vCPU idles while the device works, \
+             and its idle polling counts in its CPU time; the device threads' time does not)"
+        },
+        c.issuer,
+        if c.issuer == "thread" {
+            "the load generator's kernel thread issues every I/O; each completion hands its buf back and wakes it"
+        } else {
+            "each completion's callback issues the next I/O in the completion's own context"
         },
         c.io_size,
         c.reps,
@@ -275,7 +294,7 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "## {w}\n");
         let _ = writeln!(
             s,
-            "| rank | dvma/completion | CPU ns/IO | IOPS/CPU | busy | signals/IO | switches/IO | ASTs/IO | DVMA pages peak / reserved | tied with |"
+            "| rank | dvma/completion | CPU ns/IO | IOPS/CPU | busy | signals/IO | switches/IO | ASTs pushed/IO (run) | DVMA pages peak / reserved | tied with |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for x in r
@@ -285,7 +304,7 @@ pub fn markdown(r: &Report) -> String {
         {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} ({:.3}) | {} / {} | {} |",
                 x.rank,
                 x.pair(),
                 sp(&x.cpu_ns_per_io, 0),
@@ -294,6 +313,7 @@ pub fn markdown(r: &Report) -> String {
                 x.signals_per_io.median,
                 x.switches_per_io.median,
                 x.asts_per_io.median,
+                x.ast_runs_per_io.median,
                 x.dvma_pages_peak,
                 x.dvma_pages_reserved,
                 if x.tied_with.is_empty() {

@@ -1,6 +1,7 @@
 //! The load generator end to end on sd over the fake disk, with kernel
 //! threads (natively only: see `fake::threads`): a pattern written,
-//! rewritten at random, read back and checked, in three completion modes;
+//! rewritten at random, read back and checked, in every completion mode
+//! and with either issuer;
 //! the I/O count is exact and every buf comes back.
 
 use crate::bio::{BufOp, BufqStrategy, bio_init};
@@ -8,11 +9,11 @@ use crate::bus_dma::{DvmaMode, TagConfig};
 use crate::completion::Completion;
 use crate::dev::sd::{Sd, SdConfig};
 use crate::fake::{FakeDisk, Machine, keep};
-use crate::loadgen::{LoadGen, Pattern, Workload};
+use crate::loadgen::{Issuer, LoadGen, Pattern, Workload};
 
 const SPAN: u64 = 128 * 1024;
 
-fn verify_round(completion: Completion, mode: DvmaMode) {
+fn verify_round(completion: Completion, mode: DvmaMode, issuer: Issuer) {
     let m = Machine::boot();
     bio_init(16);
     let disk = keep(FakeDisk::new(SPAN / 512, 4, 64 * 1024));
@@ -47,6 +48,7 @@ fn verify_round(completion: Completion, mode: DvmaMode) {
             duration_ns: 0,
             verify: true,
             seed,
+            issuer,
         };
         let w = lg.run(ctx, &wl).expect("randwrite");
         assert_eq!((w.ios, w.errors, w.bytes), (40, 0, 40 * 4096));
@@ -70,17 +72,27 @@ fn verify_round(completion: Completion, mode: DvmaMode) {
 #[test]
 #[cfg_attr(miri, ignore = "kernel threads are host threads (fake::threads)")]
 fn verify_round_intr_strict() {
-    verify_round(Completion::Intr, DvmaMode::Strict);
+    verify_round(Completion::Intr, DvmaMode::Strict, Issuer::Thread);
+    verify_round(Completion::Intr, DvmaMode::Strict, Issuer::Completion);
 }
 
 #[test]
 #[cfg_attr(miri, ignore = "kernel threads are host threads (fake::threads)")]
 fn verify_round_thread_permanent() {
-    verify_round(Completion::Thread, DvmaMode::Permanent);
+    verify_round(Completion::Thread, DvmaMode::Permanent, Issuer::Thread);
+    verify_round(Completion::Thread, DvmaMode::Permanent, Issuer::Completion);
 }
 
 #[test]
 #[cfg_attr(miri, ignore = "kernel threads are host threads (fake::threads)")]
 fn verify_round_ast_slots() {
-    verify_round(Completion::Ast, DvmaMode::Slots);
+    verify_round(Completion::Ast, DvmaMode::Slots, Issuer::Thread);
+    verify_round(Completion::Ast, DvmaMode::Slots, Issuer::Completion);
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "kernel threads are host threads (fake::threads)")]
+fn verify_round_softint_shadow() {
+    verify_round(Completion::Softint, DvmaMode::Shadow, Issuer::Thread);
+    verify_round(Completion::Softint, DvmaMode::Shadow, Issuer::Completion);
 }
