@@ -92,6 +92,7 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
     assert!(v["machine"]["host_cores"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(v["config"]["reps"], 2);
     assert_eq!(v["config"]["medium"], "ram");
+    assert_eq!(v["config"]["issuer"], "thread");
     assert_eq!(v["config"]["pairs"], 2);
     let workloads: Vec<&str> = v["config"]["workloads"]
         .as_array()
@@ -227,6 +228,7 @@ fn bad_arguments_are_refused() {
         (vec!["--completions", "nope"], "unknown completion"),
         (vec!["--medium", "tape"], "unknown medium"),
         (vec!["--depths", "0"], "queue depth"),
+        (vec!["--issue", "nobody"], "unknown issuer"),
     ] {
         let mut a = vec!["bench", "kernel", "--out", out];
         a.extend(args);
