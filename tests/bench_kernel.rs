@@ -145,6 +145,7 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
             "switches_per_io",
             "asts_per_io",
             "intrs_per_io",
+            "maps_per_io",
         ] {
             let m = r[f]["median"].as_f64().expect(f);
             assert!(m.is_finite() && m >= 0.0, "{what}: {f}");

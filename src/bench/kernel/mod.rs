@@ -116,6 +116,8 @@ pub struct Sample {
     pub ast_runs: u64,
     /// Interrupt handler runs.
     pub intrs: u64,
+    /// IOMMU map calls (PTE writes into the DVMA window) by sd's tag.
+    pub maps: u64,
 }
 
 impl Sample {
@@ -376,9 +378,15 @@ fn run_on(
                 };
                 lg.run(ctx, &wl).map_err(|e| e.to_string())?; // warm-up
                 wl.duration_ns = p2.ms * 1_000_000;
-                let a = mark(&tids);
+                let enters = || {
+                    sd.tag()
+                        .stats
+                        .enters
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let (a, e0) = (mark(&tids), enters());
                 let r = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
-                let b = mark(&tids);
+                let (b, e1) = (mark(&tids), enters());
                 run.samples.push(Sample {
                     ios: r.ios,
                     errors: r.errors,
@@ -389,6 +397,7 @@ fn run_on(
                     asts: b.asts - a.asts,
                     ast_runs: b.ast_runs - a.ast_runs,
                     intrs: b.intrs - a.intrs,
+                    maps: e1 - e0,
                 });
             }
             if p2.verify {

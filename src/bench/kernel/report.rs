@@ -25,7 +25,8 @@
 //!   `asts_per_io` (AST frames pushed onto an interrupted thread at a
 //!   trap's exit), `ast_runs_per_io` (AST handler runs: pushed frames and
 //!   ASTs delivered by a plain call at a safe point), `intrs_per_io` (interrupt handler
-//!   runs), `vcpu_busy` (vCPU CPU time / wall time: below 1 when the vCPU
+//!   runs), `maps_per_io` (IOMMU map calls by the driver's tag: a PTE
+//!   write into the DVMA window, an `mmap`), `vcpu_busy` (vCPU CPU time / wall time: below 1 when the vCPU
 //!   idled or the host ran another thread on its core, which lowers
 //!   `iops_per_cpu` but not `cpu_ns_per_io`); `dvma_pages_peak` (the most DVMA pages the driver's tag held,
 //!   max over repetitions), `dvma_pages_reserved` (IOVA pages reserved
@@ -99,6 +100,7 @@ pub struct PairResult {
     asts_per_io: Spread,
     ast_runs_per_io: Spread,
     intrs_per_io: Spread,
+    maps_per_io: Spread,
     vcpu_busy: Spread,
     dvma_pages_peak: u64,
     dvma_pages_reserved: u64,
@@ -169,6 +171,7 @@ pub fn build(m: &Measured) -> Report {
                     asts_per_io: f(&|s| s.per_io(s.asts)),
                     ast_runs_per_io: f(&|s| s.per_io(s.ast_runs)),
                     intrs_per_io: f(&|s| s.per_io(s.intrs)),
+                    maps_per_io: f(&|s| s.per_io(s.maps)),
                     vcpu_busy: f(&|s| s.busy(1)),
                     dvma_pages_peak: runs.iter().map(|r| r.pages_peak).max().unwrap_or(0),
                     dvma_pages_reserved: runs.iter().map(|r| r.pages_reserved).max().unwrap_or(0),
@@ -294,9 +297,9 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "## {w}\n");
         let _ = writeln!(
             s,
-            "| rank | dvma/completion | CPU ns/IO | IOPS/CPU | busy | signals/IO | switches/IO | ASTs pushed/IO (run) | DVMA pages peak / reserved | tied with |"
+            "| rank | dvma/completion | CPU ns/IO | IOPS/CPU | busy | maps/IO | signals/IO | switches/IO | ASTs pushed/IO (run) | DVMA pages peak / reserved | tied with |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
         for x in r
             .results
             .iter()
@@ -304,12 +307,13 @@ pub fn markdown(r: &Report) -> String {
         {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} ({:.3}) | {} / {} | {} |",
+                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} ({:.3}) | {} / {} | {} |",
                 x.rank,
                 x.pair(),
                 sp(&x.cpu_ns_per_io, 0),
                 sp(&x.iops_per_cpu, 0),
                 x.vcpu_busy.median,
+                x.maps_per_io.median,
                 x.signals_per_io.median,
                 x.switches_per_io.median,
                 x.asts_per_io.median,
