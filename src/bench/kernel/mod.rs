@@ -348,6 +348,10 @@ fn run_on(
     tag.pool_bytes = 8 << 20;
     let sdcfg = SdConfig {
         name: "sd0",
+        parent: match disk {
+            Disk::Ram(_) => "ramdisk0",
+            Disk::File(_) => "dmadisk0",
+        },
         dma: tag,
         completion: comp,
         cpu: 0,
@@ -355,9 +359,10 @@ fn run_on(
         read_only: false,
     };
     let sd: &'static Sd = match disk {
-        Disk::Ram(d) => Sd::attach(sdcfg, *d)?,
-        Disk::File(d) => Sd::attach(sdcfg, *d)?,
-    };
+        Disk::Ram(d) => Sd::attach(sdcfg, *d),
+        Disk::File(d) => Sd::attach(sdcfg, *d),
+    }
+    .map_err(|e| e.to_string())?;
     let tids = m.cpu_tids();
     let p2 = p.clone();
     let out = m

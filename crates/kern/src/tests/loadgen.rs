@@ -20,6 +20,7 @@ fn verify_round(completion: Completion, mode: DvmaMode, issuer: Issuer) {
     let sd: &'static Sd = Sd::attach(
         SdConfig {
             name: "sd0",
+            parent: "fakedisk0",
             dma: TagConfig {
                 maxsize: 64 * 1024,
                 pool_bytes: 256 * 1024,
