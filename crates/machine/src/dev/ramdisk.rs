@@ -18,7 +18,7 @@
 //!
 //! | call | context | |
 //! |---|---|---|
-//! | `submit`, `doorbell`, `reap`, `set_interrupt` ([`DiskController`]) | **any**: kernel thread, soft or hard interrupt handler, host thread | atomics; `doorbell` also one `pread`/`pwrite` per command (system calls that allocate nothing in this process; `errno` is saved by the signal entry) |
+//! | `submit`, `doorbell`, `reap`, `set_interrupt` ([`DiskController`]) | **any**: kernel thread, soft or hard interrupt handler, host thread | atomics; `doorbell` also one `pread`/`pwrite` per command (system calls that allocate nothing in this process; `errno` is saved by the signal entry; the zero-filling path of [`Window::pread`] past the end of a file, which allocates, is never taken: commands are range-checked against the memfd's fixed size first) |
 //! | `stats` | any | atomics |
 //! | [`RamDisk::open`] | host or kernel thread (attach) | creates the memfd and the rings |
 //! | [`RamDisk::stop`] | host or kernel thread | refuses new commands; idempotent |
