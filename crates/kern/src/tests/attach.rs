@@ -2,7 +2,6 @@
 //! allocated from the kernel return the variant, with its fields, that
 //! names what is wrong (no kernel is booted here).
 
-use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec;
 
@@ -12,6 +11,7 @@ use crate::completion::Completion;
 use crate::dev::ccd::{self, CbufAlloc, Ccd, CcdConfig};
 use crate::dev::sd::{self, Sd, SdConfig};
 use crate::dev::{DiskCmd, DiskController, DiskDone, DiskGeometry};
+use crate::fake::keep;
 use crate::intr::IntrHandle;
 
 /// A controller that only has a geometry.
@@ -69,12 +69,12 @@ fn sd_config() -> SdConfig {
 
 #[test]
 fn sd_refuses_a_sector_size_it_does_not_address() {
-    let ctrl: &'static Geometry = Box::leak(Box::new(Geometry(DiskGeometry {
+    let ctrl: &'static Geometry = keep(Geometry(DiskGeometry {
         sectors: 1 << 20,
         sector_size: 4096,
         max_transfer: 64 << 10,
         queue_depth: 8,
-    })));
+    }));
     let Err(e) = Sd::attach(sd_config(), ctrl) else {
         panic!("a 4096-byte-sector controller attached");
     };
@@ -113,8 +113,8 @@ fn ccd_without_components_says_so() {
 
 #[test]
 fn ccd_below_one_stripe_names_the_smallest_component_and_the_interleave() {
-    let a: &'static dyn BlockDev = Box::leak(Box::new(Sectors("sd0", 100)));
-    let b: &'static dyn BlockDev = Box::leak(Box::new(Sectors("sd1", 7)));
+    let a: &'static dyn BlockDev = keep(Sectors("sd0", 100));
+    let b: &'static dyn BlockDev = keep(Sectors("sd1", 7));
     let Err(e) = Ccd::attach(ccd_config(vec![a, b], 16)) else {
         panic!("a ccd with a 7-sector component and a 16-sector interleave attached");
     };
