@@ -244,6 +244,8 @@ pub struct Cpu {
     pub(crate) inbox: Inbox,
     /// The idle loop's current polling window, ns ([`crate::haltpoll`]).
     pub(crate) halt_poll_ns: CpuLocal,
+    /// Its run of long idle periods ([`crate::haltpoll::HaltPoll`]).
+    pub(crate) halt_poll_streak: CpuLocal,
     /// Threads placed on this CPU and not yet exited.
     pub(crate) nthreads: AtomicU32,
     /// The softint daemon's wait channel word.
@@ -257,6 +259,7 @@ impl Cpu {
         Self {
             index,
             halt_poll_ns: CpuLocal::new(),
+            halt_poll_streak: CpuLocal::new(),
             line: PendingLine::new(),
             mask_mode,
             hw_blocked: AtomicU8::new(0),

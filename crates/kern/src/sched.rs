@@ -827,13 +827,17 @@ pub fn cpu_run() {
 fn idle(k: &Kernel, cpu: &Cpu) {
     let md = k.md();
     let max = k.config().idle_poll_ns;
-    // The window adapts to the idle periods seen (`haltpoll`); the first
-    // idle period is polled for the whole of `idle_poll_ns`.
-    let poll = if cpu.stats.idle_periods.get() == 0 {
-        max
+    // The window adapts to the idle periods seen (`haltpoll`); a CPU that
+    // has not idled yet polls for all of `idle_poll_ns`.
+    let hp = if cpu.stats.idle_periods.get() == 0 {
+        crate::haltpoll::HaltPoll::new(max)
     } else {
-        cpu.halt_poll_ns.get()
+        crate::haltpoll::HaltPoll {
+            window_ns: cpu.halt_poll_ns.get(),
+            long_streak: cpu.halt_poll_streak.get() as u32,
+        }
     };
+    let poll = hp.window_ns;
     let work = unmasked(0) & !AST_BIT;
     cpu.line.idle_poll();
     let start = md.nanotime();
@@ -875,8 +879,9 @@ fn idle(k: &Kernel, cpu: &Cpu) {
     }
     cpu.line.idle_end();
     let idle_ns = md.nanotime().saturating_sub(start);
-    cpu.halt_poll_ns
-        .set(crate::haltpoll::next_window(poll, max, idle_ns));
+    let hp = hp.after(max, idle_ns);
+    cpu.halt_poll_ns.set(hp.window_ns);
+    cpu.halt_poll_streak.set(u64::from(hp.long_streak));
     cpu.stats.idle_periods.inc();
     if cpu.line.pending() & work != 0 {
         crate::intr::dispatch(cpu, 0, crate::intr::Origin::Idle);
