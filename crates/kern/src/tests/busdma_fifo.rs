@@ -169,6 +169,43 @@ fn slots_leave_the_last_buffer_reachable() {
     assert_eq!(dmamap_unload(&mut a).map(|b| b.len()), Some(4096));
 }
 
+/// `slots`: a buffer finds the free slot that still maps it, whatever the
+/// order in which buffers and slots came back, and a buffer without one
+/// takes the slot freed longest ago. (With a stack of free slots, `a`
+/// below took `b`'s slot, `b` took `a`'s, and both loads wrote PTEs.)
+#[test]
+fn slots_give_a_buffer_the_slot_that_still_maps_it() {
+    let m = Machine::boot();
+    let tag = slots_tag("fifo3", 3, 1);
+    let (mut ma, mut mb) = (loaded(tag), loaded(tag));
+    let (ia, ib) = (ma.segs()[0].iova, mb.segs()[0].iova);
+    assert_ne!(ia, ib);
+    let a = dmamap_unload(&mut ma).expect("a");
+    let b = dmamap_unload(&mut mb).expect("b");
+    m.iommu().clear_log();
+    // Loaded again in the order they were freed: a first, although b's
+    // slot was freed last.
+    dmamap_load(&mut ma, a, DmaDir::ToDevice, Wait::NoWait).expect("load a");
+    dmamap_load(&mut mb, b, DmaDir::ToDevice, Wait::NoWait).expect("load b");
+    assert_eq!(ma.segs()[0].iova, ia, "a in the slot that maps it");
+    assert_eq!(mb.segs()[0].iova, ib, "b in the slot that maps it");
+    assert!(
+        m.iommu().log().is_empty(),
+        "no PTE written: {:?}",
+        m.iommu().log()
+    );
+    // A new buffer takes the third slot, never used (freed longest ago),
+    // and leaves a's and b's mappings alone.
+    let c = IoBuf::alloc(4096).expect("buf");
+    let mut mc = dmamap_create(tag, 4096).expect("map");
+    dmamap_load(&mut mc, c, DmaDir::ToDevice, Wait::NoWait).expect("load c");
+    let ic = mc.segs()[0].iova;
+    assert!(ic != ia && ic != ib, "c took a slot that maps a or b");
+    for mut map in [ma, mb, mc] {
+        dmamap_unload(&mut map).expect("unload");
+    }
+}
+
 /// `strict`: nothing stays reachable after an unload.
 #[test]
 fn strict_removes_what_it_entered() {
