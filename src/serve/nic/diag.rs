@@ -25,21 +25,10 @@ impl NicChannel {
             .cloned()
             .collect();
         for c in conns {
-            let stage = match c.rx.try_lock() {
-                Ok(rx) => format!(
-                    "{} ({} bytes buffered, drained {}, eof {})",
-                    match rx.stage {
-                        Stage::Header => "header",
-                        Stage::Stalled(_) => "stalled",
-                        Stage::Payload { .. } => "payload",
-                        Stage::Discard { .. } => "discard",
-                    },
-                    rx.end - rx.start,
-                    rx.drained,
-                    rx.eof
-                ),
-                Err(_) => "(busy)".to_string(),
-            };
+            // Never `c.rx` itself: its holder must look again for any
+            // receive that found it taken, and this dump would not (a
+            // SIGUSR1 during traffic lost a request's arrival that way).
+            let stage = c.rx_view.describe();
             let tx = lock(&c.tx);
             s += &format!(
                 "  conn{} on nic{}: rx {stage}, {} in flight, {} credits held, {} replies queued ({} sent of the first), listed stalled {}, done {}\n",

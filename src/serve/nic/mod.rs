@@ -137,6 +137,44 @@ struct Rx {
     eof: bool,
 }
 
+/// A copy of a connection's receive state, for the diagnostics dump.
+///
+/// The receive state is taken with `try_lock`, and whoever holds it looks
+/// again for the receives that found it taken. A host thread that took it
+/// just to print it would not look again, and the socket's edge-triggered
+/// arrival would be lost for good. So diagnostics read this copy instead.
+#[derive(Default)]
+struct RxView(AtomicU64);
+
+impl RxView {
+    /// Record `rx` (its holder, as it lets go).
+    fn set(&self, rx: &Rx) {
+        let stage = match rx.stage {
+            Stage::Header => 0u64,
+            Stage::Stalled(_) => 1,
+            Stage::Payload { .. } => 2,
+            Stage::Discard { .. } => 3,
+        };
+        let buffered = (rx.end - rx.start) as u64 & 0xffff_ffff;
+        self.0.store(
+            stage | u64::from(rx.drained) << 2 | u64::from(rx.eof) << 3 | buffered << 32,
+            Relaxed,
+        );
+    }
+
+    /// `header (0 bytes buffered, drained true, eof false)`.
+    fn describe(&self) -> String {
+        let v = self.0.load(Relaxed);
+        format!(
+            "{} ({} bytes buffered, drained {}, eof {})",
+            ["header", "stalled", "payload", "discard"][(v & 3) as usize],
+            v >> 32,
+            v & 4 != 0,
+            v & 8 != 0
+        )
+    }
+}
+
 /// One queued reply.
 enum Out {
     /// Made on the host (an error, a rejected request), with its credits.
@@ -172,6 +210,9 @@ struct NConn {
     rx_event: AtomicBool,
     /// The peer shut down its sending side.
     peer_closed: AtomicBool,
+    /// What `rx` was when its holder last let go, for diagnostics, which
+    /// must never take `rx` (see [`RxView`]).
+    rx_view: RxView,
     rx_done: AtomicBool,
     tx: Mutex<Tx>,
     /// Queued on the NIC's stalled list.
@@ -305,6 +346,7 @@ impl NicChannel {
             rx_again: AtomicBool::new(false),
             rx_event: AtomicBool::new(true),
             peer_closed: AtomicBool::new(false),
+            rx_view: RxView::default(),
             rx_done: AtomicBool::new(false),
             tx: Mutex::new(Tx {
                 q: VecDeque::new(),
@@ -447,6 +489,7 @@ impl NicChannel {
             }
             c.rx_again.store(false, SeqCst);
             self.parse(c, &mut rx);
+            c.rx_view.set(&rx);
             drop(rx);
             if !c.rx_again.load(SeqCst) {
                 break;
