@@ -315,19 +315,7 @@ impl<M: Medium> Core<M> {
     }
 
     fn reserve(&self) -> bool {
-        let mut cur = self.outstanding.load(Relaxed);
-        loop {
-            if cur >= self.depth {
-                return false;
-            }
-            match self
-                .outstanding
-                .compare_exchange_weak(cur, cur + 1, SeqCst, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
+        reserve(&self.outstanding, self.depth)
     }
 
     /// Ring the doorbell. Any context: an atomic, and a futex wake only if
@@ -709,4 +697,13 @@ impl<M: Medium> Drop for Engine<M> {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Take one of `depth` command slots counted by `outstanding`; false when
+/// all are taken (the controller refuses the command). Lock-free, any
+/// context (every engine's `submit`).
+pub(super) fn reserve(outstanding: &AtomicU32, depth: u32) -> bool {
+    outstanding
+        .fetch_update(SeqCst, Relaxed, |cur| (cur < depth).then_some(cur + 1))
+        .is_ok()
 }

@@ -46,17 +46,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{
-    AtomicBool, AtomicU32,
-    Ordering::{Relaxed, SeqCst},
-};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 
 use crossbeam_queue::ArrayQueue;
 use kern::dev::{DiskCmd, DiskController, DiskDone, DiskGeometry, DiskOp, DiskStatus};
 use kern::intr::IntrHandle;
 
 use super::SECTOR;
-use super::engine::{Counters, DeviceStats, IntrTarget};
+use super::engine::{Counters, DeviceStats, IntrTarget, reserve};
 use crate::dvma::{DmaFault, Window};
 
 /// How to build a [`RamDisk`].
@@ -186,19 +183,7 @@ impl RamDisk {
     }
 
     fn reserve(&self) -> bool {
-        let mut cur = self.outstanding.load(Relaxed);
-        loop {
-            if cur >= self.depth {
-                return false;
-            }
-            match self
-                .outstanding
-                .compare_exchange_weak(cur, cur + 1, SeqCst, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
+        reserve(&self.outstanding, self.depth)
     }
 
     fn push_done(&self, d: DiskDone) {

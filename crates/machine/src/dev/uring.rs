@@ -131,7 +131,7 @@ use kern::iommu::Iommu;
 
 use super::SECTOR;
 use super::disk::DiskMedium;
-use super::engine::{Counters, IntrTarget, Tuning};
+use super::engine::{Counters, IntrTarget, Tuning, reserve};
 use crate::sys;
 
 /// What a CQE completes (the high half of its `user_data`; the low half
@@ -302,19 +302,7 @@ impl UringCore {
     }
 
     fn reserve(&self) -> bool {
-        let mut cur = self.outstanding.load(Relaxed);
-        loop {
-            if cur >= self.depth {
-                return false;
-            }
-            match self
-                .outstanding
-                .compare_exchange_weak(cur, cur + 1, SeqCst, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
+        reserve(&self.outstanding, self.depth)
     }
 
     /// Ring the doorbell: submit what is queued and reap what is done, or
