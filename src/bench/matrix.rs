@@ -48,7 +48,7 @@
 //!
 //! # What is measured
 //!
-//! Per fio run: IOPS, MiB/s, completion latency percentiles (p50, p99 and the
+//! Per fio run: IOPS, MiB/s, total latency percentiles (p50, p99 and the
 //! CDF) from fio's JSON; the server's CPU time (user + system, every thread,
 //! from `/proc/PID/stat`) and, for `dvma serve`, its kernel counters
 //! (interrupts, softints, context switches, ASTs, IOMMU faults, DVMA pages

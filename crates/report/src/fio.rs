@@ -65,18 +65,28 @@ pub struct DirStats {
     pub bw_bytes: f64,
     /// Runtime of this direction in ms (`runtime`).
     pub runtime_ms: u64,
-    /// Smallest completion latency, ns (`clat_ns.min`).
-    pub clat_min_ns: f64,
-    /// Largest completion latency, ns (`clat_ns.max`).
-    pub clat_max_ns: f64,
+    /// Which latency `lat_min_ns`, `lat_max_ns`, `lat_samples` and
+    /// `lat_percentiles_ns` describe: the total latency (`lat_ns`, submission
+    /// and completion) when fio reported its percentiles
+    /// (`--lat_percentiles=1`), else the completion latency (`clat_ns`).
+    ///
+    /// The total is the one to compare servers by. fio's nbd engine sends
+    /// a request inside its submission, and libnbd may already read the
+    /// reply there: with a fast server the completion latency then misses
+    /// most of the round trip (a p50 of 2 µs for a TCP round trip).
+    pub total_latency: bool,
+    /// Smallest latency, ns (`lat_ns.min`, or `clat_ns.min`: see
+    /// `total_latency`).
+    pub lat_min_ns: f64,
+    /// Largest latency, ns.
+    pub lat_max_ns: f64,
     /// Mean completion latency, ns (`clat_ns.mean`).
     pub clat_mean_ns: f64,
-    /// Number of completion latency samples (`clat_ns.N`).
-    pub clat_samples: u64,
-    /// Completion latency percentiles as `(percent, ns)`, ascending
-    /// (`clat_ns.percentile`; `lat_ns.percentile` when fio ran with
-    /// `--lat_percentiles=1` and only reported those).
-    pub clat_percentiles_ns: Vec<(f64, f64)>,
+    /// Number of latency samples.
+    pub lat_samples: u64,
+    /// Latency percentiles as `(percent, ns)`, ascending (`lat_ns.percentile`
+    /// or `clat_ns.percentile`: see `total_latency`).
+    pub lat_percentiles_ns: Vec<(f64, f64)>,
     /// Mean total latency (submission + completion), ns (`lat_ns.mean`).
     pub lat_mean_ns: f64,
 }
@@ -260,17 +270,20 @@ impl FioJob {
         self.dirs().map(|d| f(d) * d.total_ios as f64).sum::<f64>() / n
     }
 
-    /// Completion latency percentile `pct` (0..=100) over all directions, µs.
+    /// Latency percentile `pct` (0..=100) over all directions, µs: total
+    /// latency when fio reported it, else completion latency (see
+    /// [`DirStats::total_latency`]).
     /// For a single direction at a percentile fio reported this is fio's
     /// value; between them it is interpolated; for a mixed job it is the
     /// percentile of the I/O-weighted mixture of the directions.
     /// `None` when fio reported no percentiles.
-    pub fn clat_percentile_us(&self, pct: f64) -> Option<f64> {
+    pub fn lat_percentile_us(&self, pct: f64) -> Option<f64> {
         let dirs: Vec<&DirStats> = self.dirs().collect();
         mixture_percentile(&dirs, pct).map(|ns| ns / 1000.0)
     }
 
-    /// The completion latency CDF over all directions as `(µs, fraction)`
+    /// The latency CDF (total or completion, see
+    /// [`DirStats::total_latency`]) over all directions as `(µs, fraction)`
     /// points, ascending, from `(min, 0.0)` to `(max, 1.0)`; empty when fio
     /// reported no percentiles.
     pub fn latency_cdf_us(&self) -> Vec<(f64, f64)> {
@@ -353,11 +366,11 @@ fn merge_dirs(ds: &[&DirStats]) -> Option<DirStats> {
     };
     let mut pcts: Vec<f64> = ds
         .iter()
-        .flat_map(|d| d.clat_percentiles_ns.iter().map(|&(p, _)| p))
+        .flat_map(|d| d.lat_percentiles_ns.iter().map(|&(p, _)| p))
         .collect();
     pcts.sort_by(f64::total_cmp);
     pcts.dedup();
-    let clat_percentiles_ns = pcts
+    let lat_percentiles_ns = pcts
         .into_iter()
         .filter_map(|p| mixture_percentile(ds, p).map(|ns| (p, ns)))
         .collect();
@@ -367,14 +380,15 @@ fn merge_dirs(ds: &[&DirStats]) -> Option<DirStats> {
         iops: ds.iter().map(|d| d.iops).sum(),
         bw_bytes: ds.iter().map(|d| d.bw_bytes).sum(),
         runtime_ms: ds.iter().map(|d| d.runtime_ms).max().unwrap_or(0),
-        clat_min_ns: ds
+        total_latency: ds.iter().all(|d| d.total_latency),
+        lat_min_ns: ds
             .iter()
-            .map(|d| d.clat_min_ns)
+            .map(|d| d.lat_min_ns)
             .fold(f64::INFINITY, f64::min),
-        clat_max_ns: ds.iter().map(|d| d.clat_max_ns).fold(0.0, f64::max),
+        lat_max_ns: ds.iter().map(|d| d.lat_max_ns).fold(0.0, f64::max),
         clat_mean_ns: mean(|d| d.clat_mean_ns),
-        clat_samples: ds.iter().map(|d| d.clat_samples).sum(),
-        clat_percentiles_ns,
+        lat_samples: ds.iter().map(|d| d.lat_samples).sum(),
+        lat_percentiles_ns,
         lat_mean_ns: mean(|d| d.lat_mean_ns),
     })
 }
@@ -382,19 +396,19 @@ fn merge_dirs(ds: &[&DirStats]) -> Option<DirStats> {
 /// The piecewise-linear CDF of one direction: `(ns, fraction)` points with
 /// non-decreasing ns, from `(min, 0)` to `(max, 1)`.
 fn dir_cdf(d: &DirStats) -> Option<Vec<(f64, f64)>> {
-    if d.clat_percentiles_ns.is_empty() || d.total_ios == 0 {
+    if d.lat_percentiles_ns.is_empty() || d.total_ios == 0 {
         return None;
     }
-    let mut pts = Vec::with_capacity(d.clat_percentiles_ns.len() + 2);
-    let first = d.clat_percentiles_ns[0].1;
-    pts.push((d.clat_min_ns.min(first), 0.0));
+    let mut pts = Vec::with_capacity(d.lat_percentiles_ns.len() + 2);
+    let first = d.lat_percentiles_ns[0].1;
+    pts.push((d.lat_min_ns.min(first), 0.0));
     let mut x = 0.0f64;
-    for &(p, ns) in &d.clat_percentiles_ns {
+    for &(p, ns) in &d.lat_percentiles_ns {
         // fio reports bucket values: keep them monotonic.
         x = x.max(ns);
         pts.push((x, p / 100.0));
     }
-    pts.push((d.clat_max_ns.max(x), 1.0));
+    pts.push((d.lat_max_ns.max(x), 1.0));
     Some(pts)
 }
 
@@ -447,7 +461,7 @@ fn mixture_cdf(dirs: &[&DirStats]) -> Vec<(f64, f64)> {
 fn mixture_percentile(dirs: &[&DirStats], pct: f64) -> Option<f64> {
     if let [d] = dirs
         && let Some(&(_, ns)) = d
-            .clat_percentiles_ns
+            .lat_percentiles_ns
             .iter()
             .find(|&&(p, _)| (p - pct).abs() < 1e-9)
     {
@@ -536,32 +550,37 @@ impl RawDir {
         if self.total_ios == 0 {
             return Ok(None);
         }
-        let map = self
-            .clat_ns
+        let total_latency = self
+            .lat_ns
             .percentile
             .as_ref()
-            .filter(|m| !m.is_empty())
-            .or(self.lat_ns.percentile.as_ref());
-        let mut clat_percentiles_ns = Vec::new();
-        for (k, &ns) in map.into_iter().flatten() {
+            .is_some_and(|m| !m.is_empty());
+        let lat = if total_latency {
+            &self.lat_ns
+        } else {
+            &self.clat_ns
+        };
+        let mut lat_percentiles_ns = Vec::new();
+        for (k, &ns) in lat.percentile.iter().flatten() {
             let p: f64 = k.trim().parse().map_err(|_| Error::FioFormat {
                 origin: origin.to_string(),
                 reason: format!("percentile key {k:?} is not a number"),
             })?;
-            clat_percentiles_ns.push((p, ns));
+            lat_percentiles_ns.push((p, ns));
         }
-        clat_percentiles_ns.sort_by(|a, b| a.0.total_cmp(&b.0));
+        lat_percentiles_ns.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(Some(DirStats {
             total_ios: self.total_ios,
             io_bytes: self.io_bytes,
             iops: self.iops,
             bw_bytes: self.bw_bytes,
             runtime_ms: self.runtime,
-            clat_min_ns: self.clat_ns.min,
-            clat_max_ns: self.clat_ns.max,
+            total_latency,
+            lat_min_ns: lat.min,
+            lat_max_ns: lat.max,
             clat_mean_ns: self.clat_ns.mean,
-            clat_samples: self.clat_ns.n,
-            clat_percentiles_ns,
+            lat_samples: lat.n,
+            lat_percentiles_ns,
             lat_mean_ns: self.lat_ns.mean,
         }))
     }
@@ -578,11 +597,12 @@ mod tests {
             iops: ios as f64,
             bw_bytes: ios as f64 * 4096.0,
             runtime_ms: 1000,
-            clat_min_ns: min,
-            clat_max_ns: max,
+            total_latency: false,
+            lat_min_ns: min,
+            lat_max_ns: max,
             clat_mean_ns: 0.0,
-            clat_samples: ios,
-            clat_percentiles_ns: pcts.to_vec(),
+            lat_samples: ios,
+            lat_percentiles_ns: pcts.to_vec(),
             lat_mean_ns: 0.0,
         }
     }
@@ -623,10 +643,10 @@ mod tests {
         let m = merge_dirs(&[&a, &b]).unwrap();
         assert_eq!(m.total_ios, 400);
         assert_eq!(m.iops, 400.0);
-        assert_eq!(m.clat_min_ns, 100.0);
-        assert_eq!(m.clat_max_ns, 200.0);
+        assert_eq!(m.lat_min_ns, 100.0);
+        assert_eq!(m.lat_max_ns, 200.0);
         // Both medians are 150: so is the mixture's.
-        assert!((m.clat_percentiles_ns[0].1 - 150.0).abs() < 1e-9);
+        assert!((m.lat_percentiles_ns[0].1 - 150.0).abs() < 1e-9);
         assert_eq!(merge_dirs(&[&a]).unwrap(), a);
     }
 
@@ -639,7 +659,7 @@ mod tests {
             "job_runtime":1000,"usr_cpu":1.0,"sys_cpu":2.0,"ctx":3}]}"#;
         let out = FioOutput::parse(&format!("nbd: connected\n{json}\ntrailer")).unwrap();
         assert_eq!(out.jobs.len(), 1);
-        assert_eq!(out.jobs[0].clat_percentile_us(50.0), Some(0.005));
+        assert_eq!(out.jobs[0].lat_percentile_us(50.0), Some(0.005));
         assert!(out.jobs[0].write.is_none());
         assert!(matches!(
             FioOutput::parse("no json here"),

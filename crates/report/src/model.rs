@@ -49,9 +49,9 @@ pub struct Run {
     pub iops: f64,
     /// Bandwidth in MiB/s (all directions).
     pub mib_s: f64,
-    /// Median completion latency, µs.
+    /// Median latency (total when fio reported it: `DirStats::total_latency`), µs.
     pub p50_us: f64,
-    /// 99th percentile completion latency, µs.
+    /// 99th percentile latency (as `p50_us`), µs.
     pub p99_us: f64,
     /// Server CPU time (user + system) per I/O, µs.
     pub cpu_us_per_io: f64,
@@ -329,10 +329,9 @@ impl Run {
         if ios == 0 {
             return Err(fail("no I/O completed".to_string()));
         }
-        let (Some(p50_us), Some(p99_us)) =
-            (job.clat_percentile_us(P50), job.clat_percentile_us(P99))
+        let (Some(p50_us), Some(p99_us)) = (job.lat_percentile_us(P50), job.lat_percentile_us(P99))
         else {
-            return Err(fail("no completion latency percentiles".to_string()));
+            return Err(fail("no latency percentiles".to_string()));
         };
         let run = Run {
             server: config.server.clone(),

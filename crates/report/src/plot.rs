@@ -132,7 +132,7 @@ pub fn plot_bars(w: &WorkloadAnalysis) -> Result<String, String> {
     Ok(svg)
 }
 
-/// The latency CDFs (completion latency, log-scale µs) of the best
+/// The latency CDFs (total latency where fio reported it, else completion latency; log-scale µs) of the best
 /// dvma configurations and of each peer's best configuration, from each
 /// configuration's median run. Returns the SVG text, or plotters' error
 /// message.
@@ -173,9 +173,9 @@ pub fn plot_cdf(w: &WorkloadAnalysis) -> Result<String, String> {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 520)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let caption = if lines.is_empty() {
-            format!("{}: completion latency CDF (no latency data)", w.workload)
+            format!("{}: latency CDF (no latency data)", w.workload)
         } else {
-            format!("{}: completion latency CDF", w.workload)
+            format!("{}: latency CDF", w.workload)
         };
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, ("sans-serif", 18))

@@ -60,8 +60,8 @@ fn randread_4k_qd1() {
     close(j.mib_s(), 27335324.0 / MIB);
     assert_eq!(j.total_ios(), 13354);
     assert_eq!(j.runtime_ms(), 2001);
-    close(j.clat_percentile_us(50.0).unwrap(), 107.008);
-    close(j.clat_percentile_us(99.0).unwrap(), 337.920);
+    close(j.lat_percentile_us(50.0).unwrap(), 107.008);
+    close(j.lat_percentile_us(99.0).unwrap(), 337.920);
     close(j.clat_mean_us(), 116.412356822);
     close(j.lat_mean_us(), 147.859298038);
     close(j.usr_cpu_pct, 7.65);
@@ -69,6 +69,25 @@ fn randread_4k_qd1() {
     assert_eq!(j.job_runtime_ms, 2000);
     close(j.cpu_s(), (7.65 + 29.9) / 100.0 * 2.0);
     check_cdf(&j);
+}
+
+/// With `--lat_percentiles=1` fio reports both latencies' percentiles; the
+/// total one (submission and completion) is the one the report uses.
+#[test]
+fn total_latency_percentiles_win_over_completion_ones() {
+    let j = single("randread-4k-qd1-lat.json");
+    let r = j.read.as_ref().unwrap();
+    assert!(r.total_latency);
+    assert_eq!(r.total_ios, 31279);
+    assert_eq!(r.lat_samples, 31279);
+    close(r.lat_min_ns, 8458.0);
+    close(r.lat_max_ns, 3401214.0);
+    // clat_ns p50 is 56.064 µs in the file; lat_ns p50 is 70.144.
+    close(j.lat_percentile_us(50.0).unwrap(), 70.144);
+    close(j.lat_percentile_us(99.0).unwrap(), 123.392);
+    check_cdf(&j);
+    // The recordings without it describe completion latency.
+    assert!(!single("randread-4k-qd1.json").read.unwrap().total_latency);
 }
 
 #[test]
@@ -79,8 +98,8 @@ fn randread_4k_qd32() {
     assert_eq!(j.total_ios(), 104067);
     close(j.iops(), 52007.496252);
     close(j.mib_s(), 213022704.0 / MIB);
-    close(j.clat_percentile_us(50.0).unwrap(), 544.768);
-    close(j.clat_percentile_us(99.0).unwrap(), 1712.128);
+    close(j.lat_percentile_us(50.0).unwrap(), 544.768);
+    close(j.lat_percentile_us(99.0).unwrap(), 1712.128);
     close(j.lat_mean_us(), 614.143631487);
     close(j.usr_cpu_pct, 20.0);
     close(j.sys_cpu_pct, 63.55);
@@ -97,8 +116,8 @@ fn randwrite_4k_qd32_has_only_writes() {
     assert_eq!(w.runtime_ms, 2002);
     close(j.iops(), 23026.473526);
     close(j.mib_s(), 94316435.0 / MIB);
-    close(j.clat_percentile_us(50.0).unwrap(), 1318.912);
-    close(j.clat_percentile_us(99.0).unwrap(), 2637.824);
+    close(j.lat_percentile_us(50.0).unwrap(), 1318.912);
+    close(j.lat_percentile_us(99.0).unwrap(), 2637.824);
     close(j.lat_mean_us(), 1388.226686327);
     close(j.usr_cpu_pct, 11.994003);
     close(j.sys_cpu_pct, 31.134433);
@@ -115,8 +134,8 @@ fn seqread_1m_qd8() {
     close(j.mib_s(), 928470183.0 / MIB);
     // 1 MiB blocks: MiB/s and IOPS agree.
     assert!((j.mib_s() - j.iops()).abs() < 0.01);
-    close(j.clat_percentile_us(50.0).unwrap(), 8355.840);
-    close(j.clat_percentile_us(99.0).unwrap(), 20316.160);
+    close(j.lat_percentile_us(50.0).unwrap(), 8355.840);
+    close(j.lat_percentile_us(99.0).unwrap(), 20316.160);
     close(j.lat_mean_us(), 9009.725338583);
     check_cdf(&j);
 }
@@ -128,8 +147,8 @@ fn seqwrite_1m_qd8() {
     assert_eq!(j.total_ios(), 1812);
     close(j.iops(), 903.740648);
     close(j.mib_s(), 947640754.0 / MIB);
-    close(j.clat_percentile_us(50.0).unwrap(), 8093.696);
-    close(j.clat_percentile_us(99.0).unwrap(), 19267.584);
+    close(j.lat_percentile_us(50.0).unwrap(), 8093.696);
+    close(j.lat_percentile_us(99.0).unwrap(), 19267.584);
     close(j.lat_mean_us(), 8835.721800773);
     close(j.usr_cpu_pct, 5.938124);
     close(j.sys_cpu_pct, 26.896208);
@@ -152,16 +171,16 @@ fn mixed_randrw_with_verify() {
     assert_eq!(j.total_ios(), 25094 + 16448);
     assert_eq!(j.runtime_ms(), 2001);
     // Per-direction percentiles are fio's.
-    assert!(r.clat_percentiles_ns.contains(&(99.0, 2072576.0)));
-    assert!(w.clat_percentiles_ns.contains(&(99.0, 1728512.0)));
+    assert!(r.lat_percentiles_ns.contains(&(99.0, 2072576.0)));
+    assert!(w.lat_percentiles_ns.contains(&(99.0, 1728512.0)));
     // Both directions have their median at 716800 ns (and the same 40th and
     // 60th percentiles): so does the mixture.
-    close(j.clat_percentile_us(50.0).unwrap(), 716.800);
+    close(j.lat_percentile_us(50.0).unwrap(), 716.800);
     // The p99 of the I/O-weighted mixture lies between the directions'
     // (1728512 and 2072576 ns); solving the two linear pieces by hand
     // (reads between their p95 1105920 and p99, writes between their p99
     // and p99.5 2211840) gives 2024134.2 ns.
-    let p99 = j.clat_percentile_us(99.0).unwrap();
+    let p99 = j.lat_percentile_us(99.0).unwrap();
     assert!((p99 - 2024.1342).abs() < 1e-3, "{p99}");
     close(
         j.lat_mean_us(),
@@ -187,8 +206,8 @@ fn group_reporting_is_one_entry_for_all_jobs() {
     assert_eq!(j.total_ios(), 44251);
     close(j.iops(), 22103.396603);
     close(j.mib_s(), 90535512.0 / MIB);
-    close(j.clat_percentile_us(50.0).unwrap(), 1400.832);
-    close(j.clat_percentile_us(99.0).unwrap(), 4046.848);
+    close(j.lat_percentile_us(50.0).unwrap(), 1400.832);
+    close(j.lat_percentile_us(99.0).unwrap(), 4046.848);
     // fio sums the runtime of the jobs and averages their CPU percentages.
     assert_eq!(j.job_runtime_ms, 4002);
     close(j.cpu_s(), (6.996502 + 23.088456) / 100.0 * 4.002);
@@ -221,12 +240,12 @@ fn numjobs_without_group_reporting_merges_entries() {
     );
     // Same median in both jobs; p99 of the mixture between 2605056 and
     // 2637824 ns, 2634551.7 ns solving the linear pieces by hand.
-    close(t.clat_percentile_us(50.0).unwrap(), 1269.760);
-    let p99 = t.clat_percentile_us(99.0).unwrap();
+    close(t.lat_percentile_us(50.0).unwrap(), 1269.760);
+    let p99 = t.lat_percentile_us(99.0).unwrap();
     assert!((p99 - 2634.5517).abs() < 1e-3, "{p99}");
     let r = t.read.as_ref().unwrap();
-    assert_eq!((r.clat_min_ns, r.clat_max_ns), (181138.0, 8204113.0));
-    assert_eq!(r.clat_samples, 23790 + 23847);
+    assert_eq!((r.lat_min_ns, r.lat_max_ns), (181138.0, 8204113.0));
+    assert_eq!(r.lat_samples, 23790 + 23847);
     check_cdf(&t);
     let groups = out.groups();
     assert_eq!(groups.len(), 1);
@@ -322,7 +341,7 @@ fn run_from_fio_rejects_failed_and_empty_jobs() {
         "{e}"
     );
     let mut j = single("randread-4k-qd1.json");
-    j.read.as_mut().unwrap().clat_percentiles_ns.clear();
+    j.read.as_mut().unwrap().lat_percentiles_ns.clear();
     let e = Run::from_fio(&j, &config, "w", 0, &sample).unwrap_err();
     assert!(
         matches!(e, Error::FioJob { ref reason, .. } if reason.contains("percentiles")),

@@ -18,7 +18,7 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// How the error of a hung fio starts.
 pub const HUNG: &str = "hung";
 
-/// The completion-latency percentiles fio reports: enough points for the
+/// The latency percentiles fio reports (of the total latency: `args`): enough points for the
 /// CDF plots, with p50 and p99 among them.
 pub const PERCENTILES: &str = "1:5:10:20:30:40:50:60:70:80:90:95:99:99.5:99.9:99.99";
 
@@ -59,6 +59,10 @@ pub fn args(uri: &str, w: &Workload, t: &Timing, out: &Path) -> Vec<String> {
         "--time_based".to_string(),
         format!("--runtime={}", ms(t.runtime_s)),
         format!("--percentile_list={PERCENTILES}"),
+        // Percentiles of the total latency, not only of the completion:
+        // the nbd engine sends inside the submission, and libnbd may read
+        // the reply there (see `report::fio::DirStats::total_latency`).
+        "--lat_percentiles=1".to_string(),
         "--output-format=json".to_string(),
         format!("--output={}", out.display()),
     ];

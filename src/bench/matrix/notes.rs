@@ -639,7 +639,7 @@ fn how_made(out: &mut String, results: &Results, n: &Notes<'_>) {
     );
     let _ = writeln!(
         out,
-        "- Each fio run: {} s measured after a {} s ramp (`--time_based --runtime --ramp_time`), one job, completion-latency percentiles {}.",
+        "- Each fio run: {} s measured after a {} s ramp (`--time_based --runtime --ramp_time`), one job, percentiles {} of the total latency (submission and completion, `--lat_percentiles=1`: with the nbd engine the reply can arrive during the submission, so completion latency alone can miss most of a round trip).",
         p.timing.runtime_s,
         p.timing.ramp_s,
         super::fio::PERCENTILES.replace(':', ", ")
