@@ -209,3 +209,113 @@ fn a_burst_of_small_reads_is_answered_in_few_sends() {
     );
     server.assert_healthy("after the burst");
 }
+
+/// Connections that end while the server still owes them: each pipelines
+/// reads (large ones dealt out over both CPUs, so their completions and
+/// sends race with the receive side on the other CPU), shuts down its
+/// sending side at once, and must then get every reply, right, and the
+/// server's close (its FIN) after them. Meanwhile SIGUSR1 arrives every
+/// 5 ms: the diagnostic dump reads every connection's state while the CPUs
+/// work on it. A connection whose end nobody acts on (the last completion
+/// finding another CPU in the receive pass, with nobody looking again)
+/// shows as a missing close; a lost arrival as a missing reply.
+#[test]
+fn connections_that_close_with_replies_owed_are_answered_then_closed() {
+    const ROUNDS: u64 = 150;
+    let mut t = machine_toml(2, "256M");
+    t += &disk_toml("sd0", "64M", "");
+    let server = Server::start_opts(ServerOpts::config(&t));
+    let mut c = server.client("sd0");
+    let data: Vec<u8> = (0..4 * M).map(|j| byte(3, 0, j)).collect();
+    for i in 0..4 {
+        let off = i * M;
+        c.send(
+            0,
+            NBD_CMD_WRITE,
+            off,
+            M as u32,
+            &data[off as usize..][..M as usize],
+        )
+        .expect("send write");
+        assert_eq!(c.recv().expect("write reply").error, 0);
+    }
+    drop(c);
+    let fds = server.fd_count();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                server.signal("USR1");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let clients: Vec<_> = (0..2u64)
+            .map(|k| {
+                let (server, data) = (&server, &data);
+                s.spawn(move || {
+                    for round in 0..ROUNDS {
+                        let mut c = server.client("sd0");
+                        let mut want = HashMap::new();
+                        for i in 0..6u64 {
+                            let (off, len) = if i % 3 == 0 {
+                                ((i + k + round) % 4 * M, M as u32)
+                            } else {
+                                ((round * 8 + i) * 4096 % (4 * M), 4096)
+                            };
+                            want.insert(
+                                c.send(0, NBD_CMD_READ, off, len, &[]).expect("send"),
+                                (off, len),
+                            );
+                        }
+                        c.sock
+                            .shutdown(std::net::Shutdown::Write)
+                            .expect("shutdown");
+                        c.sock
+                            .set_read_timeout(Some(Duration::from_secs(20)))
+                            .expect("timeout");
+                        for _ in 0..want.len() {
+                            let r = c.recv().unwrap_or_else(|e| {
+                                panic!(
+                                    "client {k} round {round}: a reply is missing ({e})\n{}",
+                                    server.diag()
+                                )
+                            });
+                            let (off, len) = want[&r.cookie];
+                            assert_eq!(r.error, 0);
+                            assert!(
+                                r.data == data[off as usize..][..len as usize],
+                                "client {k} round {round}: read at {off} differs"
+                            );
+                        }
+                        let rest = common::client::wait_closed(
+                            &mut c.sock,
+                            Duration::from_secs(20),
+                        )
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "client {k} round {round}: the server never closed: {e}\n{}",
+                                server.diag()
+                            )
+                        });
+                        assert!(rest.is_empty(), "bytes after the last reply");
+                    }
+                })
+            })
+            .collect();
+        for h in clients {
+            h.join().expect("client");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    // Every socket went (lingering closes end with the client's).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.fd_count() > fds && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        server.fd_count() <= fds,
+        "sockets left open\n{}",
+        server.diag()
+    );
+    server.assert_healthy("connections closed with replies owed");
+}

@@ -40,6 +40,7 @@ pub mod bio;
 pub mod blksrv;
 pub mod bus_dma;
 pub mod callout;
+pub mod combine;
 pub mod completion;
 pub mod cpu;
 pub mod ctx;

@@ -44,9 +44,11 @@
 //! `no_ast` region and never across a sleep: an AST upcall, which may
 //! sleep, cannot run while a kernel thread holds a host lock that another
 //! kernel thread of the same vCPU might wait for. No interrupt handler
-//! takes any of them. The receive state is taken with `try_lock` plus a
-//! flag (whoever holds it looks again before letting go), so two CPUs never
-//! wait for each other over one connection's socket.
+//! takes any of them. The receive state is a [`Combiner`]: a CPU that
+//! finds another in a receive pass leaves its pass to that one, which makes
+//! one more before it lets go, so two CPUs never wait for each other over
+//! one connection's socket and no arrival or end of a connection is left
+//! unattended (the loom models of `kern::combine` check the protocol).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
@@ -58,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use kern::bio::BlockDev;
 use kern::blksrv::{BlockReq, ReqOp, RequestChannel};
+use kern::combine::Combiner;
 use kern::intr::IntrHandle;
 use machine::dev::{Nic, NicEvent};
 use nbd::{Command, CommandFlags, ErrorCode, ExportInfo, Request, Validation};
@@ -202,10 +205,9 @@ struct NConn {
     held: AtomicU64,
     /// Requests in the kernel.
     inflight: AtomicU64,
-    rx: Mutex<Rx>,
-    /// Someone wants `rx` looked at again (its holder does, before it
-    /// lets go).
-    rx_again: AtomicBool,
+    /// The receive side, advanced by one CPU at a time; a CPU that finds
+    /// another at it leaves the pass to that one ([`Combiner`]).
+    rx: Combiner<Rx>,
     /// The socket reported new data since the receive side last looked.
     rx_event: AtomicBool,
     /// The peer shut down its sending side.
@@ -335,7 +337,7 @@ impl NicChannel {
             p,
             held: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
-            rx: Mutex::new(Rx {
+            rx: Combiner::new(Rx {
                 drained: false,
                 buf: vec![0u8; RX_BUF].into_boxed_slice(),
                 start: 0,
@@ -343,7 +345,6 @@ impl NicChannel {
                 stage: Stage::Header,
                 eof: false,
             }),
-            rx_again: AtomicBool::new(false),
             rx_event: AtomicBool::new(true),
             peer_closed: AtomicBool::new(false),
             rx_view: RxView::default(),
@@ -473,30 +474,32 @@ impl NicChannel {
         pc.nreqs.store(q.len(), Release);
     }
 
-    /// Read and parse what `c`'s socket has, unless another CPU is at it
-    /// (then it looks again before it lets go).
+    /// Read and parse what `c`'s socket has, and close the connection if
+    /// it is done; or leave that to the CPU already at it, which makes one
+    /// more pass before it lets go ([`Combiner`]).
     fn receive(&self, c: &Arc<NConn>, event: bool) {
         if event {
             c.rx_event.store(true, SeqCst);
         }
-        c.rx_again.store(true, SeqCst);
-        loop {
-            let Ok(mut rx) = c.rx.try_lock() else {
-                return;
-            };
+        self.rx_pass(c);
+    }
+
+    /// One pass over the receive side: parse what the socket has, then, if
+    /// nothing more will be received and nothing is owed, finish the
+    /// connection. Every caller passes this same work, so a pass made on
+    /// another's behalf does what that caller wanted.
+    fn rx_pass(&self, c: &Arc<NConn>) {
+        let mut finish = false;
+        c.rx.run(|rx| {
             if c.rx_event.swap(false, SeqCst) || c.peer_closed.load(SeqCst) {
                 rx.drained = false;
             }
-            c.rx_again.store(false, SeqCst);
-            self.parse(c, &mut rx);
-            c.rx_view.set(&rx);
-            drop(rx);
-            if !c.rx_again.load(SeqCst) {
-                break;
-            }
-        }
-        if c.rx_done.load(SeqCst) {
-            self.maybe_finish(c);
+            self.parse(c, rx);
+            c.rx_view.set(rx);
+            finish |= self.finish_now(c, rx);
+        });
+        if finish {
+            self.finish(c);
         }
     }
 
@@ -804,38 +807,46 @@ impl NicChannel {
 
     /// Close the connection once nothing is owed either way: no more
     /// requests (`rx_done`), none in the kernel, no reply queued (or the
-    /// socket broken). Decided under the receive lock, which every
-    /// admission holds; its holder looks again when it lets go.
-    fn maybe_finish(&self, c: &NConn) {
+    /// socket broken). Decided in a receive pass, which every admission
+    /// makes too: whoever completes the last request or sends the last
+    /// reply calls this, and if another CPU is in a pass, that one looks
+    /// again before it lets go.
+    fn maybe_finish(&self, c: &Arc<NConn>) {
         if !c.rx_done.load(SeqCst) || c.inflight.load(SeqCst) != 0 {
             return;
         }
-        let Ok(mut rx) = c.rx.try_lock() else {
-            c.rx_again.store(true, SeqCst);
-            return;
-        };
-        if c.inflight.load(SeqCst) != 0 {
-            return;
+        self.rx_pass(c);
+    }
+
+    /// In a receive pass: whether the connection is done now (once: it
+    /// also marks it finished, and gives back what a half-received write
+    /// held).
+    fn finish_now(&self, c: &NConn, rx: &mut Rx) -> bool {
+        if !c.rx_done.load(SeqCst) || c.inflight.load(SeqCst) != 0 {
+            return false;
         }
         {
             let tx = lock(&c.tx);
             if !tx.q.is_empty() && !tx.broken {
-                return;
+                return false;
             }
         }
         if c.finished.swap(true, SeqCst) {
-            return;
+            return false;
         }
-        // What a half-received write held.
         if let Stage::Payload { req, .. } = std::mem::replace(&mut rx.stage, Stage::Header) {
             self.abandon(c, &req);
         }
-        drop(rx);
-        // A lingering close: the FIN goes after the last reply, and what
-        // the client still sends is read and thrown away until it closes
-        // (or LINGER_MS pass). Closing with unread input would send a
-        // reset, and a reset destroys the replies the client has not read
-        // yet: executed writes whose replies it never sees.
+        true
+    }
+
+    /// Close a connection that [`Self::finish_now`] found done. A
+    /// lingering close: the FIN goes after the last reply, and what the
+    /// client still sends is read and thrown away until it closes (or
+    /// LINGER_MS pass). Closing with unread input would send a reset, and
+    /// a reset destroys the replies the client has not read yet: executed
+    /// writes whose replies it never sees.
+    fn finish(&self, c: &NConn) {
         let _ = c.sock.shutdown(Shutdown::Write);
         c.linger.store(self.now_ms(), SeqCst);
         closed(self.sh(), c.id, c.ip);

@@ -113,14 +113,14 @@ impl NicChannel {
     }
 
     /// Queue a reply and send what the socket takes.
-    pub(super) fn queue(&self, c: &NConn, out: Out) {
+    pub(super) fn queue(&self, c: &Arc<NConn>, out: Out) {
         lock(&c.tx).q.push_back(out);
         self.transmit(c);
     }
 
     /// Send queued replies until the socket would block; free what was
     /// sent (or, on a broken socket, everything).
-    pub(super) fn transmit(&self, c: &NConn) {
+    pub(super) fn transmit(&self, c: &Arc<NConn>) {
         let sh = self.sh();
         let mut done: Vec<Out> = Vec::new();
         {
