@@ -174,3 +174,51 @@ fn idle_timeout_closes_idle_connections() {
     }
     server.stop().assert_clean("SIGTERM");
 }
+
+/// A closed connection lingers (the server reads and drops what the client
+/// still sends, so that no reset destroys replies not yet read) for at most
+/// a second. Clients that disconnect, then never close and keep sending,
+/// must not hold the server's sockets beyond that bound: every one is gone
+/// within a few seconds while they still send, and others are served.
+#[test]
+fn lingering_closes_end_even_if_the_client_never_closes() {
+    const CLIENTS: usize = 16;
+    let server = Server::start_opts(config_args(&[]));
+    let base = server.fd_count();
+    let mut socks: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = server.client("sd0");
+            c.send(0, nbd::wire::NBD_CMD_DISC, 0, 0, &[]).expect("DISC");
+            // The server's FIN: every reply owed (none) was sent.
+            c.sock
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut b = [0u8; 16];
+            assert_eq!(c.sock.read(&mut b).expect("read"), 0, "EOF after DISC");
+            c.sock
+        })
+        .collect();
+    // They keep sending, and never close.
+    let t0 = Instant::now();
+    let mut gone_at = None;
+    while t0.elapsed() < Duration::from_secs(6) {
+        for s in &mut socks {
+            let _ = s.write(b"junk");
+        }
+        if gone_at.is_none() && server.fd_count() <= base {
+            gone_at = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(at) = gone_at else {
+        panic!(
+            "{} sockets still held after 6 s of junk from closed clients\n{}",
+            server.fd_count().saturating_sub(base),
+            server.diag()
+        );
+    };
+    eprintln!("every lingering socket gone after {at:?}");
+    io_within(&server, FAIR_WAIT).expect("I/O after");
+    drop(socks);
+    server.stop().assert_clean("SIGTERM");
+}
