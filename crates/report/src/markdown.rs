@@ -123,10 +123,15 @@ fn header(out: &mut String, results: &Results, analysis: &Analysis) {
     line!(out, "- Date: {}", esc(&m.date));
     line!(
         out,
-        "- Machine: {} ({} CPUs), kernel {}",
+        "- Machine: {} ({} CPUs), kernel {}, TCP congestion control {}",
         esc(&m.model),
         m.cpus,
-        esc(&m.kernel)
+        esc(&m.kernel),
+        if m.tcp_congestion.is_empty() {
+            "unknown".to_string()
+        } else {
+            format!("`{}`", esc(&m.tcp_congestion))
+        }
     );
     line!(
         out,

@@ -98,6 +98,13 @@ pub struct MachineInfo {
     pub model: String,
     /// Kernel release (`uname -r`).
     pub kernel: String,
+    /// TCP congestion control of new connections
+    /// (`net.ipv4.tcp_congestion_control`). Every server's loopback
+    /// connections use it, and it shapes large transfers: under `bbr` a
+    /// flow whose segments arrive out of order is paced (see
+    /// docs/bench/rtc.md, "seqread: the gap is TCP's").
+    #[serde(default)]
+    pub tcp_congestion: String,
     /// When the benchmark ran (free text, e.g. RFC 3339).
     pub date: String,
 }
@@ -149,7 +156,7 @@ impl Results {
 
 impl MachineInfo {
     /// Describes this machine from `/proc` (CPU count, model, kernel
-    /// release); fields that cannot be read are left empty. `date` is taken
+    /// release, TCP congestion control); fields that cannot be read are left empty. `date` is taken
     /// as given.
     pub fn detect(date: impl Into<String>) -> Self {
         let cpus = std::thread::available_parallelism()
@@ -167,10 +174,14 @@ impl MachineInfo {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let tcp_congestion = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         MachineInfo {
             cpus,
             model,
             kernel,
+            tcp_congestion,
             date: date.into(),
         }
     }

@@ -301,7 +301,11 @@ fn micro_protection_and_header_sections() {
         ),
     ];
     let (_dir, _files, md) = write(&r);
-    assert!(md.contains("- Machine: Test CPU (2 CPUs), kernel 6.1.0-test"));
+    assert!(
+        md.contains(
+            "- Machine: Test CPU (2 CPUs), kernel 6.1.0-test, TCP congestion control `bbr`"
+        )
+    );
     assert!(md.contains("**quick run**"));
     assert!(
         md.contains(

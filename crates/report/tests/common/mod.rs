@@ -64,6 +64,7 @@ pub fn results(runs: Vec<Run>) -> Results {
             cpus: 2,
             model: "Test CPU".to_string(),
             kernel: "6.1.0-test".to_string(),
+            tcp_congestion: "bbr".to_string(),
             date: "2026-01-02T03:04:05Z".to_string(),
         },
         duration_s: 123.0,
