@@ -32,6 +32,11 @@ pub struct RaceArgs {
     /// Only these protections (comma-separated).
     #[arg(long, value_delimiter = ',')]
     protection: Vec<String>,
+    /// Run the statclock's sampling signal on every vCPU every this many
+    /// microseconds of wall time while the rows run (a stress of the signal
+    /// path: no row's outcome may change). 0: off.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
+    statclock_us: u64,
 }
 
 fn pick<T: Copy>(
@@ -68,6 +73,14 @@ pub fn main(a: RaceArgs) -> Result<ExitCode, String> {
     let spec = a.boot.load().map_err(|e| e.to_string())?;
     let m = Machine::boot(spec.machine.machine_config()).map_err(|e| e.to_string())?;
     let kit = Arc::new(RaceKit::attach(0).map_err(|e| e.to_string())?);
+    if a.statclock_us > 0 {
+        m.statclock()
+            .start_on(
+                machine::statclock::Clock::Wall,
+                Duration::from_micros(a.statclock_us),
+            )
+            .map_err(|e| format!("statclock: {e}"))?;
+    }
     let storm_ns = (a.storm * 1e9) as u64;
     let mut rows: Vec<RaceRow> = Vec::new();
     for &p in &protections {
@@ -105,6 +118,13 @@ pub fn main(a: RaceArgs) -> Result<ExitCode, String> {
     })
     .map_err(|e| e.to_string())?;
     drop(kit);
+    if a.statclock_us > 0 {
+        m.statclock().stop();
+        let n: u64 = (0..m.ncpu())
+            .map(|c| machine::statclock::samples(c).iter().sum::<u64>())
+            .sum();
+        eprintln!("statclock: {n} samples");
+    }
     m.shutdown().map_err(|e| e.to_string())?;
     let all_ok = rows.iter().all(RaceRow::ok);
     if a.json {

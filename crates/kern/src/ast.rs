@@ -50,6 +50,7 @@ use crate::ctx::{InterruptContext, ThreadCtx};
 use crate::intr::TrapFrame;
 use crate::kernel::kernel;
 use crate::once::Once;
+use crate::statclock::{self, Part};
 
 /// The most ASTs a kernel may establish.
 pub const MAX_ASTS: usize = 64;
@@ -128,6 +129,7 @@ pub fn ast_establish(
 /// the next one to reach a safe point). Interrupt context; never blocks.
 pub fn ast_push<C: InterruptContext>(_ctx: &C, h: &AstHandle) {
     let cpu = curcpu();
+    let _part = statclock::mark(cpu, Part::Dispatch);
     cpu.ast_pending.fetch_or(1 << h.id, Release);
     cpu.line.set_local(AST_BIT);
 }
@@ -138,6 +140,7 @@ pub fn ast_push<C: InterruptContext>(_ctx: &C, h: &AstHandle) {
 /// runs at the next safe point, as any pending AST.
 pub(crate) fn ast_post(h: &AstHandle) {
     let cpu = curcpu();
+    let _part = statclock::mark(cpu, Part::Dispatch);
     cpu.ast_pending.fetch_or(1 << h.id, Release);
     cpu.line.set_local(AST_BIT);
     safepoint(cpu);
@@ -148,6 +151,7 @@ pub(crate) fn at_trap_exit(cpu: &Cpu, s: u8, frame: &mut dyn TrapFrame) {
     if cpu.ast_pending.load(Acquire) == 0 {
         return;
     }
+    let _part = statclock::mark(cpu, Part::Dispatch);
     if frame_push_ok(cpu, s, frame) {
         cpu.ast_armed.store(true, Relaxed);
         frame.push_upcall();
@@ -184,6 +188,7 @@ fn frame_push_ok(cpu: &Cpu, s: u8, frame: &dyn TrapFrame) -> bool {
 /// trampoline, which resumes the thread.
 pub fn upcall() {
     let Some(cpu) = curcpu_opt() else { return };
+    let _part = statclock::mark(cpu, Part::Dispatch);
     cpu.ast_armed.store(false, Relaxed);
     let t = crate::sched::curthread(kernel(), cpu);
     t.in_upcall.store(true, Relaxed);
@@ -216,6 +221,7 @@ pub(crate) fn safepoint(cpu: &Cpu) {
 }
 
 fn run_pending(cpu: &Cpu) {
+    let _part = statclock::mark(cpu, Part::Dispatch);
     let k = kernel();
     let ctx = ThreadCtx::new();
     if cpu.in_malloc.get() != 0 {

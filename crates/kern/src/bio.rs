@@ -29,6 +29,7 @@ use crate::lock::SpinMutex;
 use crate::once::Once;
 use crate::pool::Pool;
 use crate::sched::{Interrupted, sleep_interlocked, wakeup};
+use crate::statclock::{self, Part};
 use crate::vm::{IoBuf, LentIoBuf};
 
 /// The block layer's sector size (DEV_BSIZE).
@@ -547,6 +548,7 @@ pub fn bio_prepare(bp: &mut BufBox) -> BufWait {
 /// The I/O of `bp` is done: give it to its `iodone` callback, or wake the
 /// thread waiting in `biowait`. Any context.
 pub fn biodone(mut bp: BufBox) {
+    let _part = statclock::enter(Part::Driver);
     match bp.iodone.take() {
         Some(IoDone::Call(f, arg)) => return f(bp, arg),
         Some(IoDone::Child(link)) => return link.driver.child_done(bp, link),

@@ -161,6 +161,8 @@ pub struct CpuStats {
     pub idle_sleeps: CpuLocal,
     /// Idle periods (each ends when there is work).
     pub idle_periods: CpuLocal,
+    /// statclock samples, by [`crate::statclock::Part`] id.
+    pub parts: [CpuLocal; crate::statclock::Part::COUNT],
 }
 
 impl Default for CpuStats {
@@ -188,6 +190,7 @@ impl Default for CpuStats {
             intr_mallocs: CpuLocal::new(),
             idle_sleeps: CpuLocal::new(),
             idle_periods: CpuLocal::new(),
+            parts: [const { CpuLocal::new() }; crate::statclock::Part::COUNT],
         }
     }
 }
@@ -198,6 +201,10 @@ pub struct Cpu {
     pub(crate) index: usize,
     pub(crate) line: PendingLine,
     pub(crate) mask_mode: bool,
+    /// The part of the kernel this CPU is running now
+    /// ([`crate::statclock::Part`] id): stored by the markers, read by the
+    /// statclock sampler. Owner CPU only.
+    pub(crate) part: AtomicU8,
     /// `mask` spl: the hardware level the host signal mask blocks now.
     pub(crate) hw_blocked: AtomicU8,
     /// An AST upcall frame was pushed and has not been entered yet.
@@ -262,6 +269,7 @@ impl Cpu {
             halt_poll_streak: CpuLocal::new(),
             line: PendingLine::new(),
             mask_mode,
+            part: AtomicU8::new(0),
             hw_blocked: AtomicU8::new(0),
             ast_armed: AtomicBool::new(false),
             depth: CpuLocal::new(),

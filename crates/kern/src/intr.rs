@@ -10,6 +10,9 @@
 //!   highest first, then soft interrupts whose level is above the
 //!   interrupted IPL, then decides whether to push an AST frame.
 //!
+//! `trap` and the dispatch loop are the statclock part
+//! [`Part::IntrEntry`]; the handlers' bodies mark their own parts.
+//!
 //! Handlers nest by IPL: while a handler runs the CPU is at the handler's
 //! level, so only strictly higher sources preempt it; equal or lower ones
 //! stay pending and run when it returns. A handler may be called when its
@@ -36,6 +39,7 @@ use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::once::Once;
 use crate::pending::Post;
+use crate::statclock::{self, Part};
 
 /// Errors of [`intr_establish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +229,7 @@ pub enum Origin {
 /// interrupted context is a safe point.
 pub fn trap(frame: &mut dyn TrapFrame) {
     let Some(cpu) = curcpu_opt() else { return };
+    let part = statclock::enter_cpu(cpu, Part::IntrEntry);
     cpu.stats.traps.inc();
     if cpu.in_alloc.get() != 0 {
         cpu.stats.traps_in_alloc.inc();
@@ -253,6 +258,7 @@ pub fn trap(frame: &mut dyn TrapFrame) {
     if cpu.line.pending() & AST_BIT != 0 {
         crate::ast::at_trap_exit(cpu, s, frame);
     }
+    statclock::leave_cpu(cpu, part);
 }
 
 /// Run every source pending above `s`, highest first, until none is left.
@@ -260,6 +266,7 @@ pub fn trap(frame: &mut dyn TrapFrame) {
 pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
     let k = kernel();
     let runnable = unmasked(s) & !AST_BIT;
+    let part = statclock::enter_cpu(cpu, Part::IntrEntry);
     let prev = cpu.line.enter_intr();
     cpu.depth.inc();
     let mut ran = false;
@@ -302,6 +309,7 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
     if cpu.mask_mode && origin != Origin::Trap {
         crate::spl::mask_sync(cpu, s);
     }
+    statclock::leave_cpu(cpu, part);
     ran
 }
 

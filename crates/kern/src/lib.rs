@@ -66,6 +66,7 @@ pub mod sched;
 pub mod slot;
 pub mod softint;
 pub mod spl;
+pub mod statclock;
 pub mod stats;
 #[cfg(all(test, not(loom)))]
 mod tests;

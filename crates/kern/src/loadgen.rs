@@ -52,6 +52,7 @@ use crate::ctx::ThreadCtx;
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::sched::sleep_interlocked;
+use crate::statclock::{self, Part};
 
 /// What a workload does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,6 +337,9 @@ fn iodone(bp: BufBox, arg: usize) {
     // neither moved nor freed) until every buf has left the loop, and a
     // buf leaves it in `leave`, after which nothing here touches `run`.
     let run = unsafe { &*(arg as *const Run) };
+    // The load generator's own code (the next I/O's driver work marks
+    // its own part).
+    let _part = statclock::enter(Part::Thread);
     run.shared.account(&bp);
     run.issue(bp);
 }
@@ -346,6 +350,7 @@ fn iodone_back(bp: BufBox, arg: usize) {
     // SAFETY: as in `iodone`: `run` waits until every I/O it issued has
     // been counted in `left` (the last touch of the run by its callback).
     let run = unsafe { &*(arg as *const Run) };
+    let _part = statclock::enter(Part::Thread);
     run.shared.account(&bp);
     run.shared.leave(bp, &run.parked);
 }

@@ -74,6 +74,7 @@ use crate::md::{Kick, StackMem};
 #[cfg(not(loom))]
 use crate::pending::SLEEP;
 use crate::pending::{LinkWord, Post};
+use crate::statclock::{self, Part};
 
 /// A wait channel: any address.
 pub type WChan = usize;
@@ -419,6 +420,8 @@ extern "C" fn thread_start(tid: usize) -> ! {
     let cpu = curcpu();
     let t = k.threads.get(tid as u32);
     after_switch(k, cpu);
+    // A new context: nothing to restore; the thread's own code is `Thread`.
+    statclock::set_cpu(cpu, Part::Thread);
     crate::spl::splx_cpu(cpu, 0);
     let mut body = t.body.lock().take();
     k.md().run_thread(&mut || {
@@ -435,6 +438,7 @@ fn thread_exit(k: &'static Kernel, cpu: &Cpu, t: &'static Thread) -> ! {
         // machine has failed): let the CPU carry on to shutdown.
         cpu.mtx_count.set(0);
     }
+    statclock::set_cpu(cpu, Part::Dispatch);
     crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
     t.state.store(ZOMBIE, Release);
     cpu.dead.store(t.tid, Relaxed);
@@ -474,6 +478,10 @@ pub fn current_name() -> Option<&'static str> {
 /// `me` where it belongs. Returns when something switches back to `me`.
 #[inline(always)]
 fn switch(k: &'static Kernel, cpu: &Cpu, me: Option<&Thread>, next: Option<&'static Thread>) {
+    // statclock: every caller (sleep, yield, exit, the scheduler's loop)
+    // is in the `Dispatch` part, so every context switches inside it and
+    // finds its own part again, restored by its caller's guard, when it is
+    // switched back to; a new thread sets its own (`thread_start`).
     let from = match me {
         Some(t) => {
             t.saved_no_ast.store(cpu.no_ast.get() as u32, Relaxed);
@@ -612,6 +620,7 @@ fn runq_take(k: &'static Kernel, cpu: &Cpu) -> Option<&'static Thread> {
 }
 
 fn sleep_common(cpu: &Cpu, chan: WChan, release: impl FnOnce()) -> Result<(), Interrupted> {
+    let _part = statclock::mark(cpu, Part::Dispatch);
     let k = kernel();
     let t = curthread(k, cpu);
     assert!(cpu.intr_depth() == 0, "tsleep from interrupt context");
@@ -694,6 +703,7 @@ fn wake(chan: WChan, all: bool) -> usize {
 /// Wake the sleepers on `chan`: all, or one (the first bound to CPU
 /// `prefer` if there is one, else the first). One walk of the bucket.
 fn wake_on(chan: WChan, all: bool, prefer: Option<usize>, only: bool) -> usize {
+    let _part = statclock::enter(Part::Dispatch);
     let k = kernel();
     let b = bucket(k, chan);
     let mut q = b.lock();
@@ -787,6 +797,7 @@ pub(crate) fn interrupt_all(k: &Kernel) {
 /// Let the other runnable threads of this CPU run. Thread context.
 pub fn yield_now(_ctx: &ThreadCtx) {
     let cpu = curcpu();
+    let _part = statclock::mark(cpu, Part::Dispatch);
     if cpu.line.pending() & AST_BIT != 0 {
         crate::ast::safepoint(cpu);
     }
@@ -809,6 +820,8 @@ pub fn cpu_run() {
     let k = kernel();
     let cpu = curcpu();
     cpu.in_kthread.store(false, Relaxed);
+    // The scheduler's loop is dispatch; `idle` marks its own part.
+    statclock::set_cpu(cpu, Part::Dispatch);
     loop {
         let s = crate::spl::splraise_cpu(cpu, Ipl::Sched as u8);
         if let Some(t) = runq_take(k, cpu) {
@@ -825,6 +838,7 @@ pub fn cpu_run() {
 }
 
 fn idle(k: &Kernel, cpu: &Cpu) {
+    let _part = statclock::mark(cpu, Part::Idle);
     let md = k.md();
     let max = k.config().idle_poll_ns;
     // The window adapts to the idle periods seen (`haltpoll`); a CPU that

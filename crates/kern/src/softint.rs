@@ -32,6 +32,7 @@ use crate::ctx::{SoftCtx, ThreadCtx};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
 use crate::once::Once;
+use crate::statclock::{self, Part};
 
 /// The most soft interrupts a kernel may establish.
 pub const MAX_SOFTINTS: usize = 64;
@@ -139,6 +140,7 @@ pub fn softint_establish(
 /// never allocates.
 pub fn softint_schedule(h: &SoftintHandle) {
     let cpu = curcpu();
+    let _part = statclock::mark(cpu, Part::Dispatch);
     cpu.soft_pending.schedule(1 << h.id);
     cpu.line.set_local(soft_bit(h.level));
     // From thread context below its level nothing else would run it soon:
@@ -170,6 +172,7 @@ fn run_bits(cpu: &Cpu, bits: u64, level: Ipl, daemon: bool) {
 /// Run the softints of `level` pending on `cpu`, within the budget.
 /// Called by the dispatch loop with the CPU at `level`.
 pub(crate) fn run_level(cpu: &Cpu, level: Ipl) {
+    let _part = statclock::mark(cpu, Part::Dispatch);
     let k = kernel();
     let Some(li) = level.soft_index() else { return };
     let mask = k.softints.level_ids[li].load(Acquire);

@@ -24,6 +24,10 @@
 //!   of the level), as a kernel would program an interrupt controller. The
 //!   per-CPU word is kept as well, for soft levels and for assertions.
 //!
+//! Both are a statclock part ([`Part::Spl`]): the time inside `splraise`
+//! and `splx` themselves (not the time spent at the raised level; what
+//! `splx` replays marks its own parts).
+//!
 //! # Contexts
 //! Any context on a CPU. On a host thread that is not a CPU the guards do
 //! nothing: there are no interrupts to block there.
@@ -33,6 +37,7 @@ use core::sync::atomic::{Ordering::Relaxed, compiler_fence};
 
 use crate::cpu::{AST_BIT, Cpu, curcpu_opt, unmasked};
 use crate::ipl::Ipl;
+use crate::statclock::{self, Part};
 
 /// A saved IPL: dropping it restores the level (splx).
 #[must_use = "dropping the guard lowers the IPL again at once"]
@@ -126,6 +131,7 @@ fn hard_part(l: u8) -> u8 {
 /// Raise `cpu` to `level` if it is below; returns the previous level.
 #[inline(always)]
 pub(crate) fn splraise_cpu(cpu: &Cpu, level: u8) -> u8 {
+    let part = statclock::enter_cpu(cpu, Part::Spl);
     let old = cpu.line.ipl();
     if level > old {
         if cpu.mask_mode {
@@ -135,13 +141,14 @@ pub(crate) fn splraise_cpu(cpu: &Cpu, level: u8) -> u8 {
         }
         compiler_fence(core::sync::atomic::Ordering::SeqCst);
     }
+    statclock::leave_cpu(cpu, part);
     old
 }
 
 /// Set `cpu` to `level` (restore), and run what is pending above it.
 #[inline(always)]
 pub(crate) fn splx_cpu(cpu: &Cpu, level: u8) {
-    compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    let part = statclock::enter_cpu(cpu, Part::Spl);
     if cpu.mask_mode {
         mask_lower(cpu, level);
     } else {
@@ -151,6 +158,7 @@ pub(crate) fn splx_cpu(cpu: &Cpu, level: u8) {
     if cpu.line.pending_relaxed() & unmasked(level) != 0 {
         spl_dispatch(cpu, level);
     }
+    statclock::leave_cpu(cpu, part);
 }
 
 /// `mask` spl, raising: block at the host first, then record the level.

@@ -63,6 +63,8 @@ pub struct CpuSnapshot {
     pub idle_sleeps: u64,
     /// Idle periods.
     pub idle_periods: u64,
+    /// statclock samples by part id ([`crate::statclock::Part`]).
+    pub parts: [u64; crate::statclock::Part::COUNT],
 }
 
 impl CpuSnapshot {
@@ -91,6 +93,7 @@ impl CpuSnapshot {
             intr_mallocs: s.intr_mallocs.get(),
             idle_sleeps: s.idle_sleeps.get(),
             idle_periods: s.idle_periods.get(),
+            parts: core::array::from_fn(|i| s.parts[i].get()),
         }
     }
 }

@@ -273,6 +273,22 @@ pub fn in_stubs(pc: usize) -> bool {
     ranges.iter().any(|&(a, b)| pc >= a && pc < b)
 }
 
+/// Is `pc` inside the interrupt entry or exit stub (`dvma_sigentry`,
+/// `dvma_sigreturn`)? Async-signal-safe.
+pub fn in_entry_stubs(pc: usize) -> bool {
+    let ranges = [
+        (
+            dvma_sigentry as *const () as usize,
+            dvma_sigentry_end as *const () as usize,
+        ),
+        (
+            dvma_sigreturn as *const () as usize,
+            dvma_sigreturn_end as *const () as usize,
+        ),
+    ];
+    ranges.iter().any(|&(a, b)| pc >= a && pc < b)
+}
+
 /// The trampoline chosen at boot.
 pub fn trampoline() -> usize {
     TRAMPOLINE.load(Relaxed)

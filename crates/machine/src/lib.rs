@@ -13,6 +13,7 @@
 //! | `hlt` | `epoll_wait` on the CPU's set: a wake-up eventfd and the devices attached to the CPU (module `hlt`, [`dev::Nic`]) |
 //! | AST frame push | an edit of the signal's saved context (`arch`) |
 //! | `curcpu()` | a thread-local pointer ([`md`]) |
+//! | statclock | a CPU-time timer per vCPU thread and a signal no spl blocks ([`statclock`]) |
 //!
 //! [`Machine::boot`] starts one; [`Machine::shutdown`] stops it. One machine
 //! runs at a time in a process (signal handlers are process-wide), and
@@ -28,6 +29,7 @@ pub mod host;
 pub mod md;
 pub mod mem;
 pub(crate) mod signals;
+pub mod statclock;
 pub(crate) mod sys;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Acquire, Ordering::Relaxed};
@@ -168,6 +170,7 @@ pub struct Machine {
     xsave: XsaveInfo,
     clock: Option<JoinHandle<()>>,
     clock_stop: Arc<AtomicBool>,
+    statclock: Arc<statclock::Statclock>,
     down: bool,
 }
 
@@ -224,7 +227,7 @@ fn cpu_main(i: usize, md: &'static md::LinuxMd, altstack: Option<usize>, shared:
     let r = std::panic::catch_unwind(kern::sched::cpu_run);
     md.tids[i].store(0, Relaxed);
     // No interrupt may arrive on this thread any more.
-    sys::sigsetmask(md.masks[0] | signals::all_set());
+    sys::sigsetmask(md.masks[0] | signals::all_set() | sys::sigbit(signals::statclock_sig()));
     md::set_curcpu(core::ptr::null());
     if let Some((addr, len)) = alt {
         let ss = libc::stack_t {
@@ -318,6 +321,9 @@ impl Machine {
         while md.tids.iter().any(|t| t.load(Relaxed) == 0) {
             std::thread::yield_now();
         }
+        let statclock = Arc::new(statclock::Statclock::new(
+            md.tids.iter().map(|t| t.load(Relaxed)).collect(),
+        ));
         // The clock: a device that interrupts CPU 0 every tick.
         let clock_stop = Arc::new(AtomicBool::new(false));
         let cs = clock_stop.clone();
@@ -341,6 +347,7 @@ impl Machine {
             xsave,
             clock,
             clock_stop,
+            statclock,
             down: false,
         })
     }
@@ -381,6 +388,14 @@ impl Machine {
     /// ([`thread_cpu_ns`] of [`Machine::cpu_tids`]). Any thread.
     pub fn cpu_times_ns(&self) -> Vec<u64> {
         self.cpu_tids().into_iter().map(thread_cpu_ns).collect()
+    }
+
+    /// The statclock: a CPU-time profiling timer per vCPU, off until
+    /// started ([`statclock::Statclock::start`]). The handle may be used
+    /// from any thread, kernel threads included; the machine stops it at
+    /// shutdown.
+    pub fn statclock(&self) -> Arc<statclock::Statclock> {
+        self.statclock.clone()
     }
 
     /// Nanoseconds on the machine's clock.
@@ -475,6 +490,7 @@ impl Machine {
             return Ok(kern::stats::Snapshot::default());
         }
         self.down = true;
+        self.statclock.stop();
         self.clock_stop.store(true, Relaxed);
         if let Some(c) = self.clock.take() {
             let _ = c.join();

@@ -54,6 +54,13 @@ pub fn hard_set(level: Ipl) -> u64 {
         .fold(0, |a, b| a | b)
 }
 
+/// The statclock's signal (`SIGRTMIN+8`): the profiling timer of each vCPU
+/// ([`crate::statclock`]). Not an interrupt signal: no spl level blocks
+/// it, as an NMI.
+pub fn statclock_sig() -> i32 {
+    libc::SIGRTMIN() + SIG_OFFSET + 6
+}
+
 /// Kernel sigset of every interrupt signal.
 pub fn all_set() -> u64 {
     hard_set(Ipl::High)
@@ -82,6 +89,23 @@ pub fn install(mask_mode: bool, on_stack: bool) -> std::io::Result<()> {
         if r < 0 {
             return Err(std::io::Error::from_raw_os_error(-r as i32));
         }
+    }
+    // The statclock: on the interrupt stack if interrupts are, with every
+    // interrupt signal (and itself) blocked while it runs, so that nothing
+    // of the kernel's runs nested inside it and it never nests.
+    let mut flags = (libc::SA_SIGINFO | libc::SA_RESTART | SA_RESTORER) as u64;
+    if on_stack {
+        flags |= libc::SA_ONSTACK as u64;
+    }
+    let act = sys::KernelSigaction {
+        handler: dvma_statclock as *const () as usize,
+        flags,
+        restorer: arch::sigreturn_addr(),
+        mask: all_set(),
+    };
+    let r = sys::rt_sigaction(statclock_sig(), &act);
+    if r < 0 {
+        return Err(std::io::Error::from_raw_os_error(-r as i32));
     }
     Ok(())
 }
@@ -147,6 +171,35 @@ pub(crate) extern "C" fn dvma_ast_upcall() {
     // SAFETY: this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
     kern::ast::upcall();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The statclock's handler: one sample of the part the interrupted code
+/// was in (`kern::statclock::statclock`). Not a kernel interrupt: it runs
+/// no interrupt, soft interrupt or AST and pushes no frame; it allocates
+/// nothing and saves and restores errno. Code of the machine's own that no
+/// marker covers is named here: the interrupt entry and exit stubs are the
+/// interrupt entry, the AST trampolines are dispatch.
+extern "C" fn dvma_statclock(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    let errno = unsafe { *libc::__errno_location() };
+    let uc = uc as *const libc::ucontext_t;
+    // SAFETY: `uc` is the ucontext the kernel passed to this handler; it
+    // is valid until the handler returns.
+    let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as usize;
+    let at = if arch::in_entry_stubs(rip) {
+        Some(kern::statclock::Part::IntrEntry)
+    } else if arch::in_stubs(rip) {
+        Some(kern::statclock::Part::Dispatch)
+    } else {
+        None
+    };
+    kern::statclock::statclock(at);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
 }

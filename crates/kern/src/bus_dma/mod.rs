@@ -66,6 +66,7 @@ use crate::lock::SpinMutex;
 use crate::once::Once;
 use crate::percpu::PerCpuCounter;
 use crate::sched::{Interrupted, sleep_interlocked, wchan};
+use crate::statclock::{self, Part};
 use crate::vm::{IoBuf, Paddr, PhysRange};
 
 /// How a driver instance maps its I/O for devices.
@@ -544,6 +545,7 @@ pub fn dmamap_load(
     dir: DmaDir,
     wait: Wait<'_>,
 ) -> Result<(), LoadError> {
+    let _part = statclock::enter(Part::BusDma);
     let tag = map.tag;
     if map.loaded.is_some() {
         return Err(LoadError {
@@ -616,6 +618,7 @@ pub fn dmamap_load(
 
 /// `bus_dmamap_sync`.
 pub fn dmamap_sync(map: &mut DmaMap, op: SyncOp) {
+    let _part = statclock::enter(Part::BusDma);
     let Some(l) = map.loaded.as_mut() else { return };
     if let (How::Bounce(r), Kind::Shadow(p)) = (l.how, &map.tag.kind) {
         pool::sync_bounce(map.tag, p, l, r, op);
@@ -628,6 +631,7 @@ pub fn dmamap_sync(map: &mut DmaMap, op: SyncOp) {
 
 /// `bus_dmamap_unload`: the map gives its buffer back. Any context.
 pub fn dmamap_unload(map: &mut DmaMap) -> Option<IoBuf> {
+    let _part = statclock::enter(Part::BusDma);
     let l = map.loaded.take()?;
     let tag = map.tag;
     tag.stats.unloads.inc();

@@ -50,6 +50,7 @@ use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
 use crate::slot::{SlotRef, SlotTable};
+use crate::statclock::{self, Part};
 use crate::vm::IoBuf;
 
 /// Errors of [`Sd::attach`], each naming the unit.
@@ -325,7 +326,7 @@ impl Sd {
             if rang && may_sleep.is_some() {
                 // Commands submitted but not yet rung for may hold DVMA
                 // space; ring before sleeping for it.
-                self.ctrl.doorbell();
+                self.ring();
                 rang = false;
             }
             self.inflight.fetch_add(1, Relaxed);
@@ -364,8 +365,15 @@ impl Sd {
             }
         }
         if rang {
-            self.ctrl.doorbell();
+            self.ring();
         }
+    }
+
+    /// Ring the controller's doorbell: the device's part of the CPU's time
+    /// (the zero-latency RAM disk copies the data right there).
+    fn ring(&self) {
+        let _part = statclock::enter(Part::Device);
+        self.ctrl.doorbell();
     }
 
     /// Load `bp` into `slot` and build its command.
@@ -490,6 +498,7 @@ impl Sd {
 
     /// The completion work: reap everything, finish it, start more.
     fn done(&self, ctx: WorkCtx<'_>) {
+        let _part = statclock::enter(Part::Driver);
         while let Some(d) = self.ctrl.reap() {
             self.finish(d.id, d.status);
         }
@@ -515,6 +524,7 @@ impl BlockDev for Sd {
     }
 
     fn strategy(&self, bp: BufBox) {
+        let _part = statclock::enter(Part::Driver);
         let Some(bp) = bounds_check(self, bp) else {
             return;
         };

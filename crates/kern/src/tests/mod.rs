@@ -10,6 +10,7 @@ mod loadgen;
 mod machine;
 mod queues;
 mod sd;
+mod statclock;
 
 use proptest::test_runner::Config;
 
