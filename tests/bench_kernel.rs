@@ -2,8 +2,10 @@
 //! workloads, two repetitions of a short window, with the verify pass.
 //! Checks the structure of `kernel.json` and `kernel.md`, that every
 //! figure is present and positive where it must be, the ranking's
-//! consistency, and that the verify pass read back what it wrote. No
-//! speed is asserted.
+//! consistency, the statclock's split (every part, within the CPU ns per
+//! I/O, samples taken, its own cost measured), the IOPS-vs-depth curve
+//! and the plot files, and that the verify pass read back what it wrote.
+//! No speed is asserted.
 //!
 //! The bench runs in a child process that is killed if it has not
 //! finished within two minutes, pass or fail: no machine is left behind.
@@ -76,6 +78,10 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
         "--workloads",
         "randread,randwrite",
         "--verify",
+        "--curve-pairs",
+        "2",
+        "--curve-depths",
+        "1,4",
         "--json",
         "--out",
         out,
@@ -87,7 +93,7 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
     )
     .expect("kernel.json is JSON");
     assert_eq!(v, file, "stdout and kernel.json differ");
-    assert_eq!(v["schema"], "dvma-bench-kernel/1");
+    assert_eq!(v["schema"], "dvma-bench-kernel/2");
     assert!(!v["machine"]["cpu_model"].as_str().unwrap_or("").is_empty());
     assert!(v["machine"]["host_cores"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(v["config"]["reps"], 2);
@@ -123,6 +129,36 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
         let x = v["noise"][k].as_f64().expect(k);
         assert!(x.is_finite() && x >= 0.0, "noise {k} = {x}");
     }
+    // The statclock: its parts, its rate, its own cost.
+    let sc = &v["statclock"];
+    assert_eq!(sc["period_us"], 200);
+    let parts: Vec<String> = sc["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    for p in [
+        "thread",
+        "spl",
+        "bus_dma",
+        "intr_entry",
+        "dispatch",
+        "driver",
+        "device",
+        "idle",
+        "other",
+    ] {
+        assert!(parts.iter().any(|x| x == p), "part {p} missing: {parts:?}");
+    }
+    assert!(sc["samples_per_cpu_second"].as_f64().unwrap() >= 0.0);
+    assert!(sc["samples_per_window"]["n"].as_u64().unwrap() > 0);
+    assert_eq!(sc["overhead_workload"], "randread qd1");
+    assert_eq!(
+        sc["overhead_rel"]["n"], 4,
+        "the statclock's cost: one on/off pair per pair and repetition"
+    );
+    let mut total_samples = 0;
     let results = v["results"].as_array().expect("results");
     assert_eq!(results.len(), 2 * 4, "one result per pair and workload");
     for r in results {
@@ -158,6 +194,28 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
             r["dvma_pages_peak"].as_u64().unwrap() > 0,
             "{what}: no DVMA page held"
         );
+        // The split: every part, each within [0, CPU ns per I/O], their
+        // medians adding up to about the CPU ns per I/O when there were
+        // samples (a median of sums is not the sum of medians: loosely).
+        let split = r["split_ns_per_io"].as_object().expect("split_ns_per_io");
+        assert_eq!(split.len(), parts.len(), "{what}: one entry per part");
+        let cpu_max = r["cpu_ns_per_io"]["max"].as_f64().unwrap();
+        let mut sum = 0.0;
+        for p in &parts {
+            let s = &split[p.as_str()];
+            assert_eq!(s["n"], 2, "{what}: split {p} over both repetitions");
+            let m = s["median"].as_f64().unwrap();
+            assert!(
+                m >= 0.0 && s["max"].as_f64().unwrap() <= cpu_max + 1e-6,
+                "{what}: {p} = {s}"
+            );
+            sum += m;
+        }
+        let samples = r["statclock_samples"].as_u64().expect("statclock_samples");
+        if samples > 0 {
+            assert!(sum > 0.0, "{what}: samples but an empty split");
+        }
+        total_samples += samples;
         if r["dvma"] == "permanent" {
             assert!(r["dvma_pages_reserved"].as_u64().unwrap() > 0);
         }
@@ -196,6 +254,46 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
             "{w}"
         );
     }
+    // 2 pairs x 4 workloads x 2 windows of 15 ms of CPU time: a host tick
+    // of 4 ms (250 Hz) or less gives dozens of samples.
+    assert!(total_samples > 0, "no statclock sample at all");
+    // The curve: the 2 best pairs at depths 1 and 4, both repetitions.
+    assert_eq!(v["config"]["curve_depths"], serde_json::json!([1, 4]));
+    let curve = v["curve"].as_array().expect("curve");
+    assert_eq!(curve.len(), 2);
+    for c in curve {
+        assert_eq!(c["workload"], "randread");
+        let pts = c["points"].as_array().expect("points");
+        let depths: Vec<u64> = pts.iter().map(|p| p["depth"].as_u64().unwrap()).collect();
+        assert_eq!(depths, [1, 4], "{c}");
+        for p in pts {
+            for f in ["iops_per_cpu", "cpu_ns_per_io"] {
+                assert_eq!(p[f]["n"], 2, "{c}: {f}");
+                assert!(p[f]["min"].as_f64().unwrap() > 0.0, "{c}: {f}");
+            }
+        }
+    }
+    // The plots: a split per workload and the curve, each a file in --out.
+    let plots: Vec<&str> = v["plots"]
+        .as_array()
+        .expect("plots")
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        plots,
+        [
+            "kernel-split-randread-qd1.svg",
+            "kernel-split-randread-qd4.svg",
+            "kernel-split-randwrite-qd1.svg",
+            "kernel-split-randwrite-qd4.svg",
+            "kernel-iops-depth.svg"
+        ]
+    );
+    for p in &plots {
+        let svg = std::fs::read_to_string(dir.path().join(p)).expect(p);
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{p}");
+    }
     // The verify pass: a pattern written, half rewritten at random, all
     // read back, for each pair and repetition; nothing differs.
     let verify = v["verify"].as_array().expect("verify");
@@ -214,6 +312,13 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
         "## Verify",
         "Noise:",
         "| rank | dvma/completion | CPU ns/IO |",
+        "## Where the CPU time goes (statclock)",
+        "### randwrite qd4: CPU ns per I/O by part",
+        "| dvma/completion | CPU ns/IO | other | thread | spl | bus_dma | intr_entry | dispatch | driver | device | idle | samples |",
+        "](kernel-split-randread-qd1.svg)",
+        "## I/Os per second against the queue depth",
+        "](kernel-iops-depth.svg)",
+        "| dvma/completion | qd1 | qd4 |",
     ] {
         assert!(md.contains(h), "kernel.md lacks `{h}`:\n{md}");
     }
@@ -230,6 +335,7 @@ fn bad_arguments_are_refused() {
         (vec!["--medium", "tape"], "unknown medium"),
         (vec!["--depths", "0"], "queue depth"),
         (vec!["--issue", "nobody"], "unknown issuer"),
+        (vec!["--curve-depths", "65"], "curve queue depth"),
     ] {
         let mut a = vec!["bench", "kernel", "--out", out];
         a.extend(args);

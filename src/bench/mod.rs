@@ -30,15 +30,16 @@ enum What {
     Dvma(dvma::DvmaArgs),
     /// Every DVMA mode x completion mode, measured inside the kernel: a
     /// closed-loop load generator on sd over a zero-latency disk; CPU ns
-    /// per I/O ranked with ties; writes kernel.md and kernel.json.
-    Kernel(kernel::KernelArgs),
+    /// per I/O ranked with ties, split by part (statclock); writes
+    /// kernel.md, kernel.json and plots.
+    Kernel(Box<kernel::KernelArgs>),
 }
 
 pub fn main(a: BenchArgs) -> Result<ExitCode, String> {
     match a.what {
         Some(What::Micro(m)) => micro::main(m),
         Some(What::Dvma(d)) => dvma::main(d),
-        Some(What::Kernel(k)) => kernel::main(k),
+        Some(What::Kernel(k)) => kernel::main(*k),
         None => matrix::main(a.matrix),
     }
 }

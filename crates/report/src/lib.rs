@@ -67,7 +67,7 @@ pub use model::{
     COMPLETION_MODES, Counters, DVMA_MODES, DVMA_SERVER, MachineInfo, PEERS, PerIo, Results, Run,
     RunConfig, ServerSample,
 };
-pub use plot::{plot_bars, plot_cdf};
+pub use plot::{Curve, StackedBar, plot_bars, plot_cdf, plot_curves, plot_stacked};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

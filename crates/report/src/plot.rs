@@ -229,3 +229,244 @@ fn points(a: &Aggregate) -> Vec<(f64, f64)> {
         .filter(|&(x, f)| x > 0.0 && x.is_finite() && f.is_finite())
         .collect()
 }
+
+/// One bar of [`plot_stacked`]: its label and a value per part (the parts'
+/// order is the plot's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackedBar {
+    /// The bar's label (a configuration).
+    pub label: String,
+    /// One value per part, each ≥ 0 (negative or NaN values draw nothing).
+    pub values: Vec<f64>,
+}
+
+/// One line of [`plot_curves`]: its label and `(x, median, min, max)`
+/// points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Curve {
+    /// Legend label.
+    pub label: String,
+    /// `(x, median, min, max)`, in x order.
+    pub points: Vec<(f64, f64, f64, f64)>,
+}
+
+/// A color per series, distinguishable in print.
+fn series_color(i: usize) -> RGBColor {
+    const C: [RGBColor; 10] = [
+        RGBColor(70, 120, 190),
+        RGBColor(200, 80, 20),
+        RGBColor(60, 160, 90),
+        RGBColor(150, 90, 180),
+        RGBColor(210, 170, 40),
+        RGBColor(120, 120, 120),
+        RGBColor(40, 170, 190),
+        RGBColor(190, 60, 120),
+        RGBColor(140, 100, 60),
+        RGBColor(200, 200, 200),
+    ];
+    C[i % C.len()]
+}
+
+/// Horizontal stacked bars: one bar per item, its segments the parts (in
+/// `parts` order, colors by part, a legend of the parts), in `unit`.
+/// Returns the SVG text, or plotters' error message.
+pub fn plot_stacked(
+    title: &str,
+    unit: &str,
+    parts: &[&str],
+    bars: &[StackedBar],
+) -> Result<String, String> {
+    let n = bars.len().max(1);
+    let clean = |v: f64| if v.is_finite() && v > 0.0 { v } else { 0.0 };
+    let xmax = bars
+        .iter()
+        .map(|b| b.values.iter().copied().map(clean).sum::<f64>())
+        .fold(0.0f64, f64::max)
+        .max(f64::MIN_POSITIVE)
+        * 1.25;
+    let label_w = bars.iter().map(|b| b.label.len()).max().unwrap_or(8) as u32 * 7 + 16;
+    let height = 130 + 22 * n as u32;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(label_w.min(WIDTH / 2))
+            .build_cartesian_2d(0f64..xmax, (0usize..n).into_segmented())
+            .map_err(err)?;
+        let row = |i: usize| n - 1 - i;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n)
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(s) if *s < bars.len() => bars[n - 1 - *s].label.clone(),
+                _ => String::new(),
+            })
+            .x_desc(unit)
+            .draw()
+            .map_err(err)?;
+        for (pi, part) in parts.iter().enumerate() {
+            let color = series_color(pi);
+            chart
+                .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                    let x0: f64 = b.values.iter().take(pi).copied().map(clean).sum();
+                    let w = b.values.get(pi).copied().map_or(0.0, clean);
+                    let mut r = Rectangle::new(
+                        [
+                            (x0, SegmentValue::Exact(row(i))),
+                            (x0 + w, SegmentValue::Exact(row(i) + 1)),
+                        ],
+                        color.filled(),
+                    );
+                    r.set_margin(3, 3, 0, 0);
+                    r
+                }))
+                .map_err(err)?
+                .label(*part)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+/// Lines of medians with min–max whiskers over a log2 x axis (say, I/Os
+/// per second against the queue depth). Returns the SVG text, or plotters'
+/// error message.
+pub fn plot_curves(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    curves: &[Curve],
+) -> Result<String, String> {
+    let xs = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .filter(|x| x.is_finite() && *x > 0.0);
+    let (xlo, xhi) = xs.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    let (xlo, xhi) = if xhi > 0.0 {
+        (xlo / 1.5, xhi * 1.5)
+    } else {
+        (0.5, 64.0)
+    };
+    let ymax = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.3))
+        .filter(|y| y.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(f64::MIN_POSITIVE)
+        * 1.15;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((xlo..xhi).log_scale().base(2.0), 0f64..ymax)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(err)?;
+        for (i, c) in curves.iter().enumerate() {
+            let color = series_color(i);
+            chart
+                .draw_series(LineSeries::new(
+                    c.points.iter().map(|p| (p.0, p.1)),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(c.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    c.points.iter().map(|p| {
+                        PathElement::new(vec![(p.0, p.2), (p.0, p.3)], color.stroke_width(1))
+                    }),
+                )
+                .map_err(err)?;
+            chart
+                .draw_series(
+                    c.points
+                        .iter()
+                        .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+                )
+                .map_err(err)?;
+        }
+        if !curves.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod stacked_tests {
+    use super::*;
+
+    #[test]
+    fn stacked_bars_and_curves_draw_every_series() {
+        let parts = ["spl", "bus_dma", "driver"];
+        let bars = vec![
+            StackedBar {
+                label: "permanent/intr".into(),
+                values: vec![10.0, 20.0, 30.0],
+            },
+            StackedBar {
+                label: "strict/thread".into(),
+                values: vec![5.0, f64::NAN, 3000.0],
+            },
+        ];
+        let svg = plot_stacked("CPU ns per I/O by part", "ns", &parts, &bars).expect("svg");
+        assert!(svg.starts_with("<svg"), "{svg}");
+        for l in [
+            "permanent/intr",
+            "strict/thread",
+            "spl",
+            "bus_dma",
+            "driver",
+        ] {
+            assert!(svg.contains(l), "{l} missing");
+        }
+        let curves = vec![Curve {
+            label: "slots/intr".into(),
+            points: vec![(1.0, 10.0, 9.0, 11.0), (32.0, 40.0, 35.0, 42.0)],
+        }];
+        let svg = plot_curves("IOPS vs depth", "queue depth", "IOPS", &curves).expect("svg");
+        assert!(svg.contains("slots/intr"));
+        // Nothing to draw is still a plot.
+        assert!(plot_curves("empty", "x", "y", &[]).is_ok());
+        assert!(plot_stacked("empty", "ns", &parts, &[]).is_ok());
+    }
+}

@@ -17,8 +17,38 @@
 //! Pairs are interleaved across repetitions (every pair once per
 //! repetition, in reverse order on odd ones), and each figure is reported
 //! with its median and range. Pairs whose ranges of CPU ns per I/O
-//! overlap are ties ([`rank`]). `report` writes `kernel.md` and
-//! `kernel.json`.
+//! overlap are ties ([`rank`]). `report` writes `kernel.md`,
+//! `kernel.json` and the plots.
+//!
+//! The split of CPU ns per I/O by part: while the workloads run, the
+//! machine's statclock ([`machine::statclock`]) samples each vCPU every
+//! `--statclock-us` of its CPU time (at most once per host tick) and
+//! counts the kernel part it interrupted ([`kern::statclock`]). A
+//! window's share of samples per part times its CPU ns per I/O is the
+//! part's ns per I/O. The statclock's own cost is measured on the first
+//! workload of every pair: one more window with it off and one with it on
+//! (in alternating order), after the measured ones.
+//!
+//! The curve: after the repetitions, the best pairs (lowest geometric mean
+//! of their median CPU ns per I/O over the workloads, `--curve-pairs`) run
+//! the first workload at each of `--curve-depths`, each pair booted fresh
+//! per repetition, without the statclock; their I/Os per second per vCPU
+//! against the depth are the report's second plot.
+//!
+//! The split of CPU ns per I/O by part: while the workloads run, the
+//! machine's statclock ([`machine::statclock`]) samples each vCPU every
+//! `--statclock-us` of its CPU time (at most once per host tick) and
+//! counts the kernel part it interrupted ([`kern::statclock`]). A
+//! window's share of samples per part times its CPU ns per I/O is the
+//! part's ns per I/O. The statclock's own cost is measured on the first
+//! workload of every pair: one more window with it off and one with it on
+//! (in alternating order), after the measured ones.
+//!
+//! The curve: after the repetitions, the best pairs (lowest geometric mean
+//! of their median CPU ns per I/O over the workloads, `--curve-pairs`) run
+//! the first workload at each of `--curve-depths`, each pair booted fresh
+//! per repetition, without the statclock; their I/Os per second per vCPU
+//! against the depth are the report's second plot.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +59,7 @@ use kern::bio::{BlockDev, BufOp, bio_init};
 use kern::bus_dma::{DvmaMode, TagConfig};
 use kern::dev::sd::{Sd, SdConfig};
 use kern::loadgen::{Issuer, LoadGen, Pattern, Workload};
+use kern::statclock::Part;
 use machine::dev::{DiskConfig, DmaDisk, RamDisk, RamDiskConfig};
 use machine::{Machine, MachineConfig};
 use serde::Serialize;
@@ -39,8 +70,9 @@ mod report;
 /// Arguments of `dvma bench kernel`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KernelArgs {
-    /// The quick run: 3 repetitions of 60 ms windows (under a minute).
-    /// Without it: 7 repetitions of 400 ms windows (about 5 minutes).
+    /// The quick run: 3 repetitions of 60 ms windows (about 40 s with the
+    /// split's extra windows and the curve). Without it: 7 repetitions of
+    /// 400 ms windows (about 8 minutes by the windows' count).
     #[arg(long)]
     quick: bool,
     /// Where `kernel.md` and `kernel.json` go.
@@ -87,6 +119,17 @@ pub struct KernelArgs {
     /// per repetition; not timed).
     #[arg(long)]
     verify: bool,
+    /// The statclock's period, microseconds of a vCPU's CPU time (the host
+    /// delivers at most one sample per scheduler tick: 4 ms at 250 Hz).
+    /// 0: no statclock and no split.
+    #[arg(long, default_value_t = 200)]
+    statclock_us: u64,
+    /// How many of the best pairs run the IOPS-vs-depth curve (0: none).
+    #[arg(long, default_value_t = 4)]
+    curve_pairs: usize,
+    /// The curve's queue depths (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 32])]
+    curve_depths: Vec<usize>,
 }
 
 /// The disk's size (the span of every workload).
@@ -118,6 +161,9 @@ pub struct Sample {
     pub intrs: u64,
     /// IOMMU map calls (PTE writes into the DVMA window) by sd's tag.
     pub maps: u64,
+    /// statclock samples over the window, by part id
+    /// ([`kern::statclock::Part`]).
+    pub parts: [u64; Part::COUNT],
 }
 
 impl Sample {
@@ -146,6 +192,9 @@ pub struct PairRun {
     pub pages_reserved: u64,
     /// The verify pass: (I/Os, errors, mismatches), if run.
     pub verify: Option<(u64, u64, u64)>,
+    /// The statclock's cost on the first workload: CPU ns per I/O with it
+    /// on and with it off (one window each), if it ran.
+    pub overhead: Option<(f64, f64)>,
 }
 
 /// A workload of the plan.
@@ -181,6 +230,9 @@ pub struct Plan {
     quick: bool,
     out: PathBuf,
     issuer: Issuer,
+    statclock_us: u64,
+    curve_pairs: usize,
+    curve_depths: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +301,11 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         "completion" => Issuer::Completion,
         i => return Err(format!("unknown issuer `{i}` (thread, completion)")),
     };
+    for &d in &a.curve_depths {
+        if d == 0 || d > 64 {
+            return Err(format!("curve queue depth {d}: 1 to 64"));
+        }
+    }
     let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
@@ -264,6 +321,9 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         quick: a.quick,
         out: a.out.clone(),
         issuer,
+        statclock_us: a.statclock_us,
+        curve_pairs: a.curve_pairs,
+        curve_depths: a.curve_depths.clone(),
     })
 }
 
@@ -274,10 +334,12 @@ struct Mark {
     asts: u64,
     ast_runs: u64,
     intrs: u64,
+    parts: [u64; Part::COUNT],
 }
 
 fn mark(tids: &[i32]) -> Mark {
     let s = kern::stats::snapshot();
+    let parts = std::array::from_fn(|i| s.total(|c| c.parts[i]));
     Mark {
         cpu_ns: tids.iter().map(|&t| machine::thread_cpu_ns(t)).sum(),
         signals: s.total(|c| c.traps),
@@ -285,6 +347,26 @@ fn mark(tids: &[i32]) -> Mark {
         asts: s.total(|c| c.ast_pushed),
         ast_runs: s.total(|c| c.ast_handlers),
         intrs: s.total(|c| c.intr),
+        parts,
+    }
+}
+
+impl Mark {
+    /// The window from `self` to `b`.
+    fn window(&self, b: &Mark, r: &kern::loadgen::LoadResult, maps: u64) -> Sample {
+        Sample {
+            ios: r.ios,
+            errors: r.errors,
+            elapsed_ns: r.elapsed_ns,
+            cpu_ns: b.cpu_ns - self.cpu_ns,
+            signals: b.signals - self.signals,
+            switches: b.switches - self.switches,
+            asts: b.asts - self.asts,
+            ast_runs: b.ast_runs - self.ast_runs,
+            intrs: b.intrs - self.intrs,
+            maps,
+            parts: std::array::from_fn(|i| b.parts[i] - self.parts[i]),
+        }
     }
 }
 
@@ -303,9 +385,18 @@ impl Disk {
     }
 }
 
-/// Boot a machine with `sd0` in `mode` × `comp`, run every workload of
-/// the plan, take it down. Host context.
-fn run_pair(p: &Plan, mode: DvmaMode, comp: Completion) -> Result<PairRun, String> {
+/// What one boot measures.
+#[derive(Clone, Copy, Debug)]
+enum What {
+    /// Every workload of the plan, with the statclock (repetition `rep`).
+    Main { rep: usize },
+    /// The curve: the first workload at each curve depth, no statclock.
+    Curve,
+}
+
+/// Boot a machine with `sd0` in `mode` × `comp`, run `what`, take it down.
+/// Host context.
+fn run_pair(p: &Plan, mode: DvmaMode, comp: Completion, what: What) -> Result<PairRun, String> {
     let mut cfg = MachineConfig::default();
     cfg.kernel.ncpu = 1;
     let m = Machine::boot(cfg).map_err(|e| e.to_string())?;
@@ -325,7 +416,7 @@ fn run_pair(p: &Plan, mode: DvmaMode, comp: Completion) -> Result<PairRun, Strin
                 Disk::File(DmaDisk::leak(d))
             }
         };
-        let r = run_on(p, &m, &disk, mode, comp);
+        let r = run_on(p, &m, &disk, mode, comp, what);
         disk.stop();
         r
     })();
@@ -341,6 +432,7 @@ fn run_on(
     disk: &Disk,
     mode: DvmaMode,
     comp: Completion,
+    what: What,
 ) -> Result<PairRun, String> {
     let mut tag = TagConfig::new(mode);
     tag.maxsize = 64 << 10;
@@ -365,45 +457,80 @@ fn run_on(
     .map_err(|e| e.to_string())?;
     let tids = m.cpu_tids();
     let p2 = p.clone();
+    let sc = m.statclock();
     let out = m
         .run(0, "loadgen", move |ctx| -> Result<PairRun, String> {
             let dev: &'static dyn BlockDev = sd;
             let mut run = PairRun::default();
-            for (seed, w) in (1u64..).zip(&p2.workloads) {
-                let mut lg = LoadGen::new(ctx, dev, p2.size, w.depth).map_err(|e| e.to_string())?;
-                let mut wl = Workload {
-                    op: w.op,
-                    pattern: w.pattern,
-                    span: DISK_BYTES,
-                    ios: 0,
-                    duration_ns: (p2.ms * 1_000_000 / 5).max(1_000_000),
-                    verify: false,
-                    seed,
-                    issuer: p2.issuer,
+            let period = std::time::Duration::from_micros(p2.statclock_us);
+            let statclock = |on: bool| -> Result<(), String> {
+                if on && p2.statclock_us > 0 {
+                    sc.start(period).map_err(|e| format!("statclock: {e}"))
+                } else {
+                    sc.stop();
+                    Ok(())
+                }
+            };
+            let enters = || {
+                sd.tag()
+                    .stats
+                    .enters
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            };
+            // One workload at `depth`: a warm-up (unless `warm`), then a
+            // measured window.
+            let window =
+                |w: &WorkloadSpec, depth: usize, seed: u64, warm: bool| -> Result<Sample, String> {
+                    let mut lg =
+                        LoadGen::new(ctx, dev, p2.size, depth).map_err(|e| e.to_string())?;
+                    let mut wl = Workload {
+                        op: w.op,
+                        pattern: w.pattern,
+                        span: DISK_BYTES,
+                        ios: 0,
+                        duration_ns: (p2.ms * 1_000_000 / 5).max(1_000_000),
+                        verify: false,
+                        seed,
+                        issuer: p2.issuer,
+                    };
+                    if !warm {
+                        lg.run(ctx, &wl).map_err(|e| e.to_string())?;
+                    }
+                    wl.duration_ns = p2.ms * 1_000_000;
+                    let (a, e0) = (mark(&tids), enters());
+                    let r = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
+                    let (b, e1) = (mark(&tids), enters());
+                    Ok(a.window(&b, &r, e1 - e0))
                 };
-                lg.run(ctx, &wl).map_err(|e| e.to_string())?; // warm-up
-                wl.duration_ns = p2.ms * 1_000_000;
-                let enters = || {
-                    sd.tag()
-                        .stats
-                        .enters
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                };
-                let (a, e0) = (mark(&tids), enters());
-                let r = lg.run(ctx, &wl).map_err(|e| e.to_string())?;
-                let (b, e1) = (mark(&tids), enters());
-                run.samples.push(Sample {
-                    ios: r.ios,
-                    errors: r.errors,
-                    elapsed_ns: r.elapsed_ns,
-                    cpu_ns: b.cpu_ns - a.cpu_ns,
-                    signals: b.signals - a.signals,
-                    switches: b.switches - a.switches,
-                    asts: b.asts - a.asts,
-                    ast_runs: b.ast_runs - a.ast_runs,
-                    intrs: b.intrs - a.intrs,
-                    maps: e1 - e0,
-                });
+            match what {
+                What::Curve => {
+                    statclock(false)?;
+                    let w = &p2.workloads[0];
+                    for (seed, &depth) in (1u64..).zip(&p2.curve_depths) {
+                        run.samples.push(window(w, depth, seed, false)?);
+                    }
+                    return Ok(run);
+                }
+                What::Main { rep } => {
+                    statclock(true)?;
+                    for (seed, w) in (1u64..).zip(&p2.workloads) {
+                        run.samples.push(window(w, w.depth, seed, false)?);
+                    }
+                    if p2.statclock_us > 0 {
+                        // Its own cost: the first workload once more with
+                        // it off and once with it on, warm, in alternating
+                        // order.
+                        let w = &p2.workloads[0];
+                        let mut on_off = [0.0; 2];
+                        for on in [rep % 2 == 0, rep % 2 == 1] {
+                            statclock(on)?;
+                            let x = window(w, w.depth, 99, true)?;
+                            on_off[usize::from(!on)] = x.per_io(x.cpu_ns);
+                        }
+                        run.overhead = Some((on_off[0], on_off[1]));
+                    }
+                    statclock(false)?;
+                }
             }
             if p2.verify {
                 let mut lg = LoadGen::new(ctx, dev, p2.size, 8).map_err(|e| e.to_string())?;
@@ -448,11 +575,34 @@ fn run_on(
     Ok(out)
 }
 
-/// Everything measured: `runs[pair][rep]`.
+/// Everything measured: `runs[pair][rep]`, and the curve.
 pub struct Measured {
     plan: Plan,
     runs: Vec<Vec<PairRun>>,
+    /// The curve: (pair index, its runs per repetition: a sample per curve
+    /// depth).
+    curve: Vec<(usize, Vec<PairRun>)>,
     seconds: f64,
+}
+
+/// The best `n` pairs: lowest geometric mean over the workloads of their
+/// median CPU ns per I/O.
+fn best_pairs(p: &Plan, runs: &[Vec<PairRun>], n: usize) -> Vec<usize> {
+    let score = |pi: usize| -> f64 {
+        let logs: Vec<f64> = (0..p.workloads.len())
+            .map(|wi| {
+                let v: Vec<f64> = runs[pi]
+                    .iter()
+                    .map(|r| r.samples[wi].per_io(r.samples[wi].cpu_ns))
+                    .collect();
+                rank::Spread::of(&v).median.max(1e-9).ln()
+            })
+            .collect();
+        logs.iter().sum::<f64>() / logs.len().max(1) as f64
+    };
+    let mut idx: Vec<(usize, f64)> = (0..p.pairs.len()).map(|i| (i, score(i))).collect();
+    idx.sort_by(|a, b| a.1.total_cmp(&b.1));
+    idx.into_iter().take(n).map(|(i, _)| i).collect()
 }
 
 fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
@@ -466,13 +616,34 @@ fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
         for i in order {
             let (mode, comp) = p.pairs[i];
             progress(&format!("rep {}/{}: {mode} {comp}", rep + 1, p.reps));
-            let r = run_pair(p, mode, comp).map_err(|e| format!("{mode} {comp}: {e}"))?;
+            let r = run_pair(p, mode, comp, What::Main { rep })
+                .map_err(|e| format!("{mode} {comp}: {e}"))?;
             runs[i].push(r);
+        }
+    }
+    let top = if p.curve_depths.is_empty() {
+        Vec::new()
+    } else {
+        best_pairs(p, &runs, p.curve_pairs)
+    };
+    let mut curve: Vec<(usize, Vec<PairRun>)> = top.iter().map(|&i| (i, Vec::new())).collect();
+    for rep in 0..p.reps {
+        let mut order: Vec<usize> = (0..curve.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for ci in order {
+            let (mode, comp) = p.pairs[curve[ci].0];
+            progress(&format!("curve rep {}/{}: {mode} {comp}", rep + 1, p.reps));
+            let r = run_pair(p, mode, comp, What::Curve)
+                .map_err(|e| format!("curve {mode} {comp}: {e}"))?;
+            curve[ci].1.push(r);
         }
     }
     Ok(Measured {
         plan: p.clone(),
         runs,
+        curve,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -489,8 +660,8 @@ pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
     if p.medium == Medium::File {
         let _ = std::fs::remove_file(p.out.join("kernel-bench-sd0.img"));
     }
-    let rep = report::build(&m);
-    let (md, json) = report::write(&rep, &p.out)?;
+    let mut rep = report::build(&m);
+    let (md, json) = report::write(&mut rep, &p.out)?;
     if a.json {
         println!("{json}");
     } else {

@@ -2,7 +2,7 @@
 //! their spreads, ranked with ties.
 //!
 //! # `kernel.json`
-//! * `schema`: `"dvma-bench-kernel/1"`.
+//! * `schema`: `"dvma-bench-kernel/2"`.
 //! * `machine`: `cpu_model` (from `/proc/cpuinfo`), `host_cores`, `vcpus`
 //!   (the booted kernel's CPUs).
 //! * `config`: `quick`, `reps`, `window_ms` (measured window per workload),
@@ -33,12 +33,34 @@
 //!   whether used or not), `ios` (summed over repetitions), `errors`.
 //! * `verify[]` (with `--verify`): per pair, summed over repetitions: `ios`,
 //!   `errors`, `mismatches` (reads that did not find what was written).
+//! * `statclock`: how the split was sampled: `period_us` (asked for, of a
+//!   vCPU's CPU time; 0: off, and every split is empty), `clock`, `parts`
+//!   (the part names, in the order of the tables), `samples_per_cpu_second`
+//!   (samples over every measured window / the vCPUs' CPU seconds: the
+//!   rate the host really delivered, at most its tick rate),
+//!   `samples_per_window` (a spread over every pair, workload and
+//!   repetition), `overhead_workload` (the workload its cost was measured
+//!   on), `overhead_rel` (over every pair and repetition: CPU ns per I/O
+//!   with the statclock on / off − 1, one warm window each).
+//! * In each `results[]` entry: `split_ns_per_io` (part name → spread over
+//!   repetitions of the window's CPU ns per I/O × that part's share of the
+//!   window's samples) and `statclock_samples` (summed over repetitions).
+//! * `curve[]`: the best pairs (`config.curve_pairs`, by the geometric mean
+//!   over workloads of the median CPU ns per I/O), each booted fresh per
+//!   repetition, on `workload` at each depth of `config.curve_depths`,
+//!   without the statclock: `dvma`, `completion`, `workload`, `points[]`:
+//!   `depth`, `iops_per_cpu`, `cpu_ns_per_io` (spreads over repetitions).
+//! * `plots`: the SVG files written next to `kernel.json`:
+//!   `kernel-split-<workload>.svg` (CPU ns per I/O stacked by part, every
+//!   pair) and `kernel-iops-depth.svg` (the curve).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
+
+use kern::statclock::{Part, split};
 
 use super::Measured;
 use super::rank::{Better, Spread, rank};
@@ -55,6 +77,35 @@ pub struct Report {
     pub results: Vec<PairResult>,
     /// Per pair, with `--verify`.
     pub verify: Vec<VerifyResult>,
+    statclock: StatclockInfo,
+    curve: Vec<CurveResult>,
+    plots: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct StatclockInfo {
+    period_us: u64,
+    clock: &'static str,
+    parts: Vec<&'static str>,
+    samples_per_cpu_second: f64,
+    samples_per_window: Spread,
+    overhead_workload: String,
+    overhead_rel: Spread,
+}
+
+#[derive(Serialize, Debug)]
+struct CurveResult {
+    dvma: &'static str,
+    completion: &'static str,
+    workload: String,
+    points: Vec<CurvePoint>,
+}
+
+#[derive(Serialize, Debug)]
+struct CurvePoint {
+    depth: usize,
+    iops_per_cpu: Spread,
+    cpu_ns_per_io: Spread,
 }
 
 #[derive(Serialize, Debug)]
@@ -75,6 +126,8 @@ struct ConfigInfo {
     workloads: Vec<String>,
     pairs: usize,
     seconds: f64,
+    curve_pairs: usize,
+    curve_depths: Vec<usize>,
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -107,6 +160,8 @@ pub struct PairResult {
     ios: u64,
     /// I/Os that failed (must be 0).
     pub errors: u64,
+    split_ns_per_io: BTreeMap<&'static str, Spread>,
+    statclock_samples: u64,
 }
 
 impl PairResult {
@@ -177,6 +232,16 @@ pub fn build(m: &Measured) -> Report {
                     dvma_pages_reserved: runs.iter().map(|r| r.pages_reserved).max().unwrap_or(0),
                     ios: samples.iter().map(|s| s.ios).sum(),
                     errors: samples.iter().map(|s| s.errors).sum(),
+                    split_ns_per_io: Part::ALL
+                        .iter()
+                        .map(|&part| {
+                            (
+                                part.name(),
+                                f(&|s| split(s.per_io(s.cpu_ns), &s.parts)[part as usize]),
+                            )
+                        })
+                        .collect(),
+                    statclock_samples: samples.iter().map(|s| s.parts.iter().sum::<u64>()).sum(),
                 }
             })
             .collect();
@@ -209,8 +274,69 @@ pub fn build(m: &Measured) -> Report {
             })
         })
         .collect();
+    let windows: Vec<&super::Sample> = m
+        .runs
+        .iter()
+        .flatten()
+        .flat_map(|r| r.samples.iter())
+        .collect();
+    let all_samples: u64 = windows.iter().map(|s| s.parts.iter().sum::<u64>()).sum();
+    let cpu_s: f64 = windows.iter().map(|s| s.cpu_ns as f64).sum::<f64>() / 1e9;
+    let statclock = StatclockInfo {
+        period_us: p.statclock_us,
+        clock: "each vCPU thread's CPU clock (timer_create, SIGEV_THREAD_ID)",
+        parts: Part::ALL.iter().map(|p| p.name()).collect(),
+        samples_per_cpu_second: if cpu_s > 0.0 {
+            all_samples as f64 / cpu_s
+        } else {
+            0.0
+        },
+        samples_per_window: Spread::of(
+            &windows
+                .iter()
+                .map(|s| s.parts.iter().sum::<u64>() as f64)
+                .collect::<Vec<_>>(),
+        ),
+        overhead_workload: p.workloads[0].label(),
+        overhead_rel: Spread::of(
+            &m.runs
+                .iter()
+                .flatten()
+                .filter_map(|r| r.overhead)
+                .filter(|&(_, off)| off > 0.0)
+                .map(|(on, off)| on / off - 1.0)
+                .collect::<Vec<_>>(),
+        ),
+    };
+    let curve = m
+        .curve
+        .iter()
+        .map(|(pi, runs)| {
+            let (mode, comp) = p.pairs[*pi];
+            CurveResult {
+                dvma: mode.name(),
+                completion: comp.name(),
+                workload: p.workloads[0].name.clone(),
+                points: p
+                    .curve_depths
+                    .iter()
+                    .enumerate()
+                    .map(|(di, &depth)| {
+                        let f = |g: &dyn Fn(&super::Sample) -> f64| {
+                            Spread::of(&runs.iter().map(|r| g(&r.samples[di])).collect::<Vec<_>>())
+                        };
+                        CurvePoint {
+                            depth,
+                            iops_per_cpu: f(&|s| s.iops_per_cpu(1)),
+                            cpu_ns_per_io: f(&|s| s.per_io(s.cpu_ns)),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
     Report {
-        schema: "dvma-bench-kernel/1",
+        schema: "dvma-bench-kernel/2",
         machine: MachineInfo {
             cpu_model: cpu_model(),
             host_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -229,6 +355,8 @@ pub fn build(m: &Measured) -> Report {
             workloads: p.workloads.iter().map(|w| w.label()).collect(),
             pairs: p.pairs.len(),
             seconds: m.seconds,
+            curve_pairs: m.curve.len(),
+            curve_depths: p.curve_depths.clone(),
         },
         noise,
         protections: kern::bus_dma::DvmaMode::ALL
@@ -237,6 +365,9 @@ pub fn build(m: &Measured) -> Report {
             .collect(),
         results,
         verify,
+        statclock,
+        curve,
+        plots: Vec::new(),
     }
 }
 
@@ -357,21 +488,197 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(s);
     }
+    split_section(&mut s, r);
+    curve_section(&mut s, r);
     let _ = writeln!(
         s,
-        "## Not measured yet\n\nThe split of CPU ns per I/O by part (spl, bus_dma load/unload, \
-         interrupt entry, dispatch, driver), the plots, the comparison with Amit et al. (ATC 2011) \
-         and the mail's questions (issue 14).\n\nThe fields of `kernel.json` are documented in \
+        "## Not measured yet\n\nThe comparison with Amit et al. (ATC 2011), the mail's questions \
+         and three full runs that agree (issue 14).\n\nThe fields of `kernel.json` are documented in \
          `src/bench/kernel/report.rs`."
     );
     s
 }
 
-/// Write `kernel.md` and `kernel.json` into `dir`; returns both texts.
-pub fn write(r: &Report, dir: &Path) -> Result<(String, String), String> {
+/// What each part of the split holds (the table's legend).
+const PART_LEGEND: &str = "`thread`: the load generator and other thread code; `spl`: inside \
+    `splraise`/`splx` (with `mask`, the host's `sigprocmask`), not the time at a raised level; \
+    `bus_dma`: `dmamap_load`/`sync`/`unload` (IOMMU map and unmap included); `intr_entry`: the \
+    signal entry and exit stubs, `intr::trap` and the vector dispatch loop; `dispatch`: softint \
+    passes, wake-ups, sleeps and thread switches, AST pushes and upcalls (the trampoline \
+    included); `driver`: sd's strategy and completion work, `biodone`; `device`: the doorbell \
+    (with `ram`, the device's copy of the data); `idle`: the idle loop; `other`: none of these.";
+
+/// The file name of workload `w`'s split plot.
+fn split_plot_name(w: &str) -> String {
+    format!("kernel-split-{}.svg", w.replace(' ', "-"))
+}
+
+/// The file name of the curve's plot.
+const CURVE_PLOT: &str = "kernel-iops-depth.svg";
+
+fn split_section(s: &mut String, r: &Report) {
+    let sc = &r.statclock;
+    let _ = writeln!(s, "## Where the CPU time goes (statclock)\n");
+    if sc.period_us == 0 {
+        let _ = writeln!(s, "The statclock was off (`--statclock-us 0`): no split.\n");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "Each vCPU was sampled every {} µs of its CPU time, as BSD's statclock samples \
+         `cp_time`; the host delivers at most one sample per scheduler tick, and delivered \
+         {:.0} per CPU second here. Samples per window: {:.0} [{:.0}–{:.0}]. A cell is the median \
+         over repetitions of the window's CPU ns per I/O times the part's share of the window's \
+         samples (a part with a share *p* of *n* samples is known to about ±√(p(1−p)/n) of the \
+         total). The statclock's own cost on {}, CPU ns per I/O with it on / off − 1 over every \
+         pair and repetition: {:+.1}% [{:+.1}% – {:+.1}%] (one window each, so within the \
+         windows' noise).\n",
+        sc.period_us,
+        sc.samples_per_cpu_second,
+        sc.samples_per_window.median,
+        sc.samples_per_window.min,
+        sc.samples_per_window.max,
+        sc.overhead_workload,
+        sc.overhead_rel.median * 100.0,
+        sc.overhead_rel.min * 100.0,
+        sc.overhead_rel.max * 100.0,
+    );
+    let _ = writeln!(s, "{PART_LEGEND}\n");
+    for w in &r.config.workloads {
+        let _ = writeln!(s, "### {w}: CPU ns per I/O by part\n");
+        let _ = writeln!(
+            s,
+            "![CPU ns per I/O by part, {w}]({})\n",
+            split_plot_name(w)
+        );
+        let _ = write!(s, "| dvma/completion | CPU ns/IO |");
+        for part in &sc.parts {
+            let _ = write!(s, " {part} |");
+        }
+        let _ = writeln!(s, " samples |");
+        let _ = writeln!(s, "|---|---|{}---|", "---|".repeat(sc.parts.len()));
+        for x in r
+            .results
+            .iter()
+            .filter(|x| format!("{} qd{}", x.workload, x.depth) == *w)
+        {
+            let _ = write!(s, "| {} | {:.0} |", x.pair(), x.cpu_ns_per_io.median);
+            for part in &sc.parts {
+                let _ = write!(s, " {:.0} |", x.split_ns_per_io[part].median);
+            }
+            let _ = writeln!(s, " {} |", x.statclock_samples);
+        }
+        let _ = writeln!(s);
+    }
+}
+
+fn curve_section(s: &mut String, r: &Report) {
+    if r.curve.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "## I/Os per second against the queue depth\n");
+    let _ = writeln!(
+        s,
+        "The {} best pairs (lowest geometric mean over the workloads of their median CPU ns per \
+         I/O), each booted fresh per repetition, on {} at each depth, without the statclock. \
+         I/Os per second per vCPU, `median [min–max]` over repetitions.\n",
+        r.curve.len(),
+        r.curve[0].workload
+    );
+    let _ = writeln!(
+        s,
+        "![I/Os per second per vCPU against the queue depth]({CURVE_PLOT})\n"
+    );
+    let _ = write!(s, "| dvma/completion |");
+    for d in &r.config.curve_depths {
+        let _ = write!(s, " qd{d} |");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(r.config.curve_depths.len()));
+    for c in &r.curve {
+        let _ = write!(s, "| {}/{} |", c.dvma, c.completion);
+        for pt in &c.points {
+            let _ = write!(s, " {} |", sp(&pt.iops_per_cpu, 0));
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s);
+}
+
+/// Draw the plots; returns (file name, SVG) pairs.
+fn plots(r: &Report) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    if r.statclock.period_us > 0 {
+        for w in &r.config.workloads {
+            let bars: Vec<::report::StackedBar> = r
+                .results
+                .iter()
+                .filter(|x| format!("{} qd{}", x.workload, x.depth) == *w)
+                .map(|x| ::report::StackedBar {
+                    label: x.pair(),
+                    values: r
+                        .statclock
+                        .parts
+                        .iter()
+                        .map(|p| x.split_ns_per_io[p].median)
+                        .collect(),
+                })
+                .collect();
+            let svg = ::report::plot_stacked(
+                &format!("{w}: CPU ns per I/O by part (medians; statclock samples)"),
+                "CPU ns per I/O",
+                &r.statclock.parts,
+                &bars,
+            )?;
+            out.push((split_plot_name(w), svg));
+        }
+    }
+    if !r.curve.is_empty() {
+        let curves: Vec<::report::Curve> = r
+            .curve
+            .iter()
+            .map(|c| ::report::Curve {
+                label: format!("{}/{}", c.dvma, c.completion),
+                points: c
+                    .points
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.depth as f64,
+                            p.iops_per_cpu.median,
+                            p.iops_per_cpu.min,
+                            p.iops_per_cpu.max,
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let svg = ::report::plot_curves(
+            &format!(
+                "{}: I/Os per second per vCPU against the queue depth (min–max whiskers)",
+                r.curve[0].workload
+            ),
+            "queue depth (log scale)",
+            "I/Os per second per vCPU",
+            &curves,
+        )?;
+        out.push((CURVE_PLOT.to_string(), svg));
+    }
+    Ok(out)
+}
+
+/// Write the plots, `kernel.md` and `kernel.json` into `dir` (the plots'
+/// names go into the report); returns the Markdown and the JSON.
+pub fn write(r: &mut Report, dir: &Path) -> Result<(String, String), String> {
+    let svgs = plots(r)?;
+    r.plots = svgs.iter().map(|(n, _)| n.clone()).collect();
     let md = markdown(r);
     let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
-    for (name, text) in [("kernel.md", &md), ("kernel.json", &json)] {
+    let files = svgs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t))
+        .chain([("kernel.md", &md), ("kernel.json", &json)]);
+    for (name, text) in files {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
