@@ -132,6 +132,11 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
     // The statclock: its parts, its rate, its own cost.
     let sc = &v["statclock"];
     assert_eq!(sc["period_us"], 200);
+    assert!(
+        sc["clock"].as_str().unwrap().starts_with("timer_create"),
+        "the default source is the CPU-clock timer: {}",
+        sc["clock"]
+    );
     let parts: Vec<String> = sc["parts"]
         .as_array()
         .expect("parts")
@@ -336,6 +341,10 @@ fn bad_arguments_are_refused() {
         (vec!["--depths", "0"], "queue depth"),
         (vec!["--issue", "nobody"], "unknown issuer"),
         (vec!["--curve-depths", "65"], "curve queue depth"),
+        (
+            vec!["--statclock-source", "sundial"],
+            "unknown statclock source",
+        ),
     ] {
         let mut a = vec!["bench", "kernel", "--out", out];
         a.extend(args);

@@ -13,7 +13,7 @@
 //! | `hlt` | `epoll_wait` on the CPU's set: a wake-up eventfd and the devices attached to the CPU (module `hlt`, [`dev::Nic`]) |
 //! | AST frame push | an edit of the signal's saved context (`arch`) |
 //! | `curcpu()` | a thread-local pointer ([`md`]) |
-//! | statclock | a CPU-time timer per vCPU thread and a signal no spl blocks ([`statclock`]) |
+//! | statclock | a CPU-time sampler per vCPU thread (a CPU-clock timer or perf) and a signal no spl blocks ([`statclock`]) |
 //!
 //! [`Machine::boot`] starts one; [`Machine::shutdown`] stops it. One machine
 //! runs at a time in a process (signal handlers are process-wide), and

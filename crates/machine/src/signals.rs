@@ -18,6 +18,8 @@
 //! the handler's IPL, see `kern::intr`), prints nothing, and saves and
 //! restores errno. A panic in it aborts the process (it is `extern "C"`).
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 use kern::intr::TrapFrame;
 use kern::ipl::Ipl;
 
@@ -90,24 +92,40 @@ pub fn install(mask_mode: bool, on_stack: bool) -> std::io::Result<()> {
             return Err(std::io::Error::from_raw_os_error(-r as i32));
         }
     }
-    // The statclock: on the interrupt stack if interrupts are, with every
-    // interrupt signal (and itself) blocked while it runs, so that nothing
-    // of the kernel's runs nested inside it and it never nests.
+    STATCLOCK_ON_STACK.store(on_stack, Relaxed);
+    install_statclock(statclock_sig())
+}
+
+/// The interrupt stack setting of this boot, for the statclock's handlers.
+static STATCLOCK_ON_STACK: AtomicBool = AtomicBool::new(false);
+
+/// Install the statclock's handler for `sig`: on the interrupt stack if
+/// interrupts are, with every interrupt signal, the statclock's and SIGIO
+/// blocked while it runs, so that nothing of the kernel's runs nested
+/// inside it and it never nests.
+fn install_statclock(sig: i32) -> std::io::Result<()> {
     let mut flags = (libc::SA_SIGINFO | libc::SA_RESTART | SA_RESTORER) as u64;
-    if on_stack {
+    if STATCLOCK_ON_STACK.load(Relaxed) {
         flags |= libc::SA_ONSTACK as u64;
     }
     let act = sys::KernelSigaction {
         handler: dvma_statclock as *const () as usize,
         flags,
         restorer: arch::sigreturn_addr(),
-        mask: all_set(),
+        mask: all_set() | sys::sigbit(statclock_sig()) | sys::sigbit(libc::SIGIO),
     };
-    let r = sys::rt_sigaction(statclock_sig(), &act);
+    let r = sys::rt_sigaction(sig, &act);
     if r < 0 {
         return Err(std::io::Error::from_raw_os_error(-r as i32));
     }
     Ok(())
+}
+
+/// The statclock's handler for `SIGIO` too: the host sends it instead of a
+/// perf sample's real-time signal when it cannot queue that one (its
+/// default action would end the process). Host context.
+pub(crate) fn install_sigio_statclock() -> std::io::Result<()> {
+    install_statclock(libc::SIGIO)
 }
 
 /// The saved context of an interrupted CPU.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kern::statclock::{Part, enter, samples};
 use kern::{Ipl, spl};
+use machine::statclock::{Clock, Source};
 use machine::{Machine, MachineConfig, SplImpl};
 
 /// CPU time of the calling host thread, ns.
@@ -35,13 +36,26 @@ fn diff(a: &[u64; Part::COUNT], b: &[u64; Part::COUNT]) -> [u64; Part::COUNT] {
 /// is not blocked by the spl), nearly all of them in that part, and not one
 /// interrupt is taken meanwhile (the clock posts every 10 ms: they stay
 /// blocked until the `splx`).
+///
+/// Both sources: perf sampling where the host allows it (else the timer
+/// again), and the CPU-clock timer.
 #[test]
 fn samples_arrive_at_ipl_high_under_mask_spl_in_the_part_that_runs() {
+    for clock in [Clock::Cpu, Clock::CpuTimer] {
+        at_ipl_high(clock);
+    }
+}
+
+fn at_ipl_high(clock: Clock) {
     let m = boot(SplImpl::Mask);
     let sc = m.statclock();
-    sc.start(Duration::from_micros(100))
+    sc.start_on(clock, Duration::from_micros(100))
         .expect("start the statclock");
     assert!(sc.running());
+    let source = sc.source();
+    if clock == Clock::CpuTimer {
+        assert_eq!(source, Some(Source::Timer));
+    }
     let (d, traps) = m
         .run(0, "spin", |_| {
             let s = spl::splhigh();
@@ -64,7 +78,7 @@ fn samples_arrive_at_ipl_high_under_mask_spl_in_the_part_that_runs() {
     sc.stop();
     assert!(!sc.running());
     let total: u64 = d.iter().sum();
-    eprintln!("samples by part: {d:?}, traps {traps}");
+    eprintln!("{source:?}: samples by part: {d:?}, traps {traps}");
     let driver = d[Part::Driver as usize];
     // 300 ms of CPU time: 75 ticks at 250 Hz, 300 at 1000 Hz.
     assert!(driver >= 20, "only {driver} samples in the part: {d:?}");

@@ -119,11 +119,19 @@ pub struct KernelArgs {
     /// per repetition; not timed).
     #[arg(long)]
     verify: bool,
-    /// The statclock's period, microseconds of a vCPU's CPU time (the host
-    /// delivers at most one sample per scheduler tick: 4 ms at 250 Hz).
-    /// 0: no statclock and no split.
+    /// The statclock's period, microseconds of a vCPU's CPU time (with
+    /// perf sampling, any period; with the fallback timer, at most one
+    /// sample per host scheduler tick: 4 ms at 250 Hz). 0: no statclock
+    /// and no split.
     #[arg(long, default_value_t = 200)]
     statclock_us: u64,
+    /// What samples: `timer` (a CPU-clock timer per vCPU: at most one
+    /// sample per host tick, cheap) or `perf` (perf_event_open task-clock
+    /// sampling: any period, but each sample costs the host a timer
+    /// interrupt and an irq_work, which on a VM means exits; falls back to
+    /// the timer where perf is refused).
+    #[arg(long, default_value = "timer")]
+    statclock_source: String,
     /// How many of the best pairs run the IOPS-vs-depth curve (0: none).
     #[arg(long, default_value_t = 4)]
     curve_pairs: usize,
@@ -195,6 +203,8 @@ pub struct PairRun {
     /// The statclock's cost on the first workload: CPU ns per I/O with it
     /// on and with it off (one window each), if it ran.
     pub overhead: Option<(f64, f64)>,
+    /// What sampled ([`machine::statclock::Source`]), if anything did.
+    pub statclock_source: Option<&'static str>,
 }
 
 /// A workload of the plan.
@@ -231,6 +241,7 @@ pub struct Plan {
     out: PathBuf,
     issuer: Issuer,
     statclock_us: u64,
+    statclock_clock: machine::statclock::Clock,
     curve_pairs: usize,
     curve_depths: Vec<usize>,
 }
@@ -306,6 +317,11 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
             return Err(format!("curve queue depth {d}: 1 to 64"));
         }
     }
+    let statclock_clock = match a.statclock_source.as_str() {
+        "timer" => machine::statclock::Clock::CpuTimer,
+        "perf" => machine::statclock::Clock::Cpu,
+        s => return Err(format!("unknown statclock source `{s}` (timer, perf)")),
+    };
     let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
@@ -322,6 +338,7 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         out: a.out.clone(),
         issuer,
         statclock_us: a.statclock_us,
+        statclock_clock,
         curve_pairs: a.curve_pairs,
         curve_depths: a.curve_depths.clone(),
     })
@@ -465,7 +482,8 @@ fn run_on(
             let period = std::time::Duration::from_micros(p2.statclock_us);
             let statclock = |on: bool| -> Result<(), String> {
                 if on && p2.statclock_us > 0 {
-                    sc.start(period).map_err(|e| format!("statclock: {e}"))
+                    sc.start_on(p2.statclock_clock, period)
+                        .map_err(|e| format!("statclock: {e}"))
                 } else {
                     sc.stop();
                     Ok(())
@@ -513,6 +531,7 @@ fn run_on(
                 }
                 What::Main { rep } => {
                     statclock(true)?;
+                    run.statclock_source = sc.source().map(|s| s.name());
                     for (seed, w) in (1u64..).zip(&p2.workloads) {
                         run.samples.push(window(w, w.depth, seed, false)?);
                     }

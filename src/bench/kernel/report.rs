@@ -34,7 +34,9 @@
 //! * `verify[]` (with `--verify`): per pair, summed over repetitions: `ios`,
 //!   `errors`, `mismatches` (reads that did not find what was written).
 //! * `statclock`: how the split was sampled: `period_us` (asked for, of a
-//!   vCPU's CPU time; 0: off, and every split is empty), `clock`, `parts`
+//!   vCPU's CPU time; 0: off, and every split is empty), `clock` (what
+//!   sampled: perf task-clock sampling, or the fallback CPU-clock timer,
+//!   which the host fires at most once per tick), `parts`
 //!   (the part names, in the order of the tables), `samples_per_cpu_second`
 //!   (samples over every measured window / the vCPUs' CPU seconds: the
 //!   rate the host really delivered, at most its tick rate),
@@ -284,7 +286,12 @@ pub fn build(m: &Measured) -> Report {
     let cpu_s: f64 = windows.iter().map(|s| s.cpu_ns as f64).sum::<f64>() / 1e9;
     let statclock = StatclockInfo {
         period_us: p.statclock_us,
-        clock: "each vCPU thread's CPU clock (timer_create, SIGEV_THREAD_ID)",
+        clock: m
+            .runs
+            .iter()
+            .flatten()
+            .find_map(|r| r.statclock_source)
+            .unwrap_or("none"),
         parts: Part::ALL.iter().map(|p| p.name()).collect(),
         samples_per_cpu_second: if cpu_s > 0.0 {
             all_samples as f64 / cpu_s
@@ -526,14 +533,14 @@ fn split_section(s: &mut String, r: &Report) {
     let _ = writeln!(
         s,
         "Each vCPU was sampled every {} µs of its CPU time, as BSD's statclock samples \
-         `cp_time`; the host delivers at most one sample per scheduler tick, and delivered \
-         {:.0} per CPU second here. Samples per window: {:.0} [{:.0}–{:.0}]. A cell is the median \
+         `cp_time`, by {}; {:.0} samples per CPU second were delivered. Samples per window: {:.0} [{:.0}–{:.0}]. A cell is the median \
          over repetitions of the window's CPU ns per I/O times the part's share of the window's \
          samples (a part with a share *p* of *n* samples is known to about ±√(p(1−p)/n) of the \
          total). The statclock's own cost on {}, CPU ns per I/O with it on / off − 1 over every \
          pair and repetition: {:+.1}% [{:+.1}% – {:+.1}%] (one window each, so within the \
          windows' noise).\n",
         sc.period_us,
+        sc.clock,
         sc.samples_per_cpu_second,
         sc.samples_per_window.median,
         sc.samples_per_window.min,
