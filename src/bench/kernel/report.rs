@@ -536,7 +536,8 @@ fn split_section(s: &mut String, r: &Report) {
          `cp_time`, by {}; {:.0} samples per CPU second were delivered. Samples per window: {:.0} [{:.0}–{:.0}]. A cell is the median \
          over repetitions of the window's CPU ns per I/O times the part's share of the window's \
          samples (a part with a share *p* of *n* samples is known to about ±√(p(1−p)/n) of the \
-         total). The statclock's own cost on {}, CPU ns per I/O with it on / off − 1 over every \
+         total); `median [min–max]` over repetitions, 0 where no repetition sampled the part. The \
+         statclock's own cost on {}, CPU ns per I/O with it on / off − 1 over every \
          pair and repetition: {:+.1}% [{:+.1}% – {:+.1}%] (one window each, so within the \
          windows' noise).\n",
         sc.period_us,
@@ -571,7 +572,12 @@ fn split_section(s: &mut String, r: &Report) {
         {
             let _ = write!(s, "| {} | {:.0} |", x.pair(), x.cpu_ns_per_io.median);
             for part in &sc.parts {
-                let _ = write!(s, " {:.0} |", x.split_ns_per_io[part].median);
+                let v = &x.split_ns_per_io[part];
+                if v.max == 0.0 {
+                    let _ = write!(s, " 0 |");
+                } else {
+                    let _ = write!(s, " {} |", sp(v, 0));
+                }
             }
             let _ = writeln!(s, " {} |", x.statclock_samples);
         }
