@@ -14,10 +14,11 @@
 //!
 //! # Cost
 //! A marker is one relaxed load of the previous part and two relaxed
-//! stores of a byte in the [`Cpu`], next to the words the same paths
-//! already touch (`spl` reads the IPL in the same cache line); no atomic
+//! stores of a byte in the [`Cpu`], which the marked paths already reach
+//! (`spl` and the dispatch loop hold the `Cpu`; the others add one
+//! `curcpu()`, a thread-pointer-relative load); no atomic
 //! read-modify-write and no test of whether sampling is on: the markers
-//! always run, and only the machine's timer is switched on and off.
+//! always run, and only the machine's sampler is switched on and off.
 //! Compiler fences (`atomic_signal_fence`) keep each store where it is
 //! written relative to the work it marks, and cost no instruction.
 //!
@@ -56,8 +57,8 @@ pub enum Part {
     /// `splraise`/`splx` themselves (with `mask` spl: the host's
     /// `sigprocmask`); not the time spent at a raised level.
     Spl = 2,
-    /// `bus_dma`: `dmamap_load`, `dmamap_sync`, `dmamap_unload` (the IOMMU
-    /// map and unmap included).
+    /// `bus_dma`: `dmamap_load`, `dmamap_unload` and the bounce copy of
+    /// `dmamap_sync` (the IOMMU map and unmap included).
     BusDma = 3,
     /// Interrupt entry and exit: the machine's signal entry stub,
     /// `intr::trap` and the hardware-vector dispatch loop (not the

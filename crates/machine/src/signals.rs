@@ -12,11 +12,17 @@
 //!   thread's signal mask.
 //! * interrupt stack on: `SA_ONSTACK`, with a per-CPU `sigaltstack`.
 //!
+//! One more signal, `SIGRTMIN+8`, is the statclock's ([`statclock_sig`],
+//! `crate::statclock`): no spl blocks it, its handler only counts a sample
+//! (it runs no interrupt, softint or AST), and every interrupt signal is
+//! blocked while it runs, so no interrupt nests inside it.
+//!
 //! # Interrupt context
-//! `dvma_sig_body` runs in a signal handler. It allocates nothing, takes
-//! no lock that thread code may hold (only kernel spin mutexes at or above
-//! the handler's IPL, see `kern::intr`), prints nothing, and saves and
-//! restores errno. A panic in it aborts the process (it is `extern "C"`).
+//! `dvma_sig_body` and `dvma_statclock` run in signal handlers. They
+//! allocate nothing, take no lock that thread code may hold (only kernel
+//! spin mutexes at or above the handler's IPL, see `kern::intr`), print
+//! nothing, and save and restore errno. A panic in them aborts the process
+//! (they are `extern "C"`).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 

@@ -509,8 +509,8 @@ pub fn markdown(r: &Report) -> String {
 /// What each part of the split holds (the table's legend).
 const PART_LEGEND: &str = "`thread`: the load generator and other thread code; `spl`: inside \
     `splraise`/`splx` (with `mask`, the host's `sigprocmask`), not the time at a raised level; \
-    `bus_dma`: `dmamap_load`/`sync`/`unload` (IOMMU map and unmap included); `intr_entry`: the \
-    signal entry and exit stubs, `intr::trap` and the vector dispatch loop; `dispatch`: softint \
+    `bus_dma`: `dmamap_load`/`unload` and `shadow`'s bounce copy in `dmamap_sync` (IOMMU map \
+    and unmap included); `intr_entry`: the signal entry and exit stubs, `intr::trap` and the vector dispatch loop; `dispatch`: softint \
     passes, wake-ups, sleeps and thread switches, AST pushes and upcalls (the trampoline \
     included); `driver`: sd's strategy and completion work, `biodone`; `device`: the doorbell \
     (with `ram`, the device's copy of the data); `idle`: the idle loop; `other`: none of these.";
