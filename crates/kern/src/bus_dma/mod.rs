@@ -539,6 +539,16 @@ pub fn dmamem_alloc_wait(
 }
 
 /// `bus_dmamap_load`.
+///
+/// The common case (nothing queued for DVMA space, and the mode's load
+/// succeeds at once) is inlined into the caller: the buffer then moves into
+/// the map in registers. Passed by memory through a call chain, the
+/// 48-byte `IoBuf` was written with one width and read back with another,
+/// and every such read waited for the stores to retire (store-to-load
+/// forwarding fails): `perf annotate` put half of `try_load`'s and of the
+/// bench loop's samples on those loads. Waiting and failures go out of line
+/// ([`load_slow`]).
+#[inline]
 pub fn dmamap_load(
     map: &mut DmaMap,
     buf: IoBuf,
@@ -546,6 +556,30 @@ pub fn dmamap_load(
     wait: Wait<'_>,
 ) -> Result<(), LoadError> {
     let _part = statclock::enter(Part::BusDma);
+    let tag = map.tag;
+    if map.loaded.is_some() || buf.capacity() > map.maxsize {
+        return load_slow(map, buf, dir, wait);
+    }
+    // Never overtake a deferred load.
+    if tag.fifo_len.load(Acquire) > 0 {
+        return load_slow(map, buf, dir, wait);
+    }
+    match tag.try_load(&mut map.loaded, buf, dir) {
+        Ok(()) => {
+            tag.stats.loads.inc();
+            Ok(())
+        }
+        Err(e) if !matches!(e.error, DmaError::NoSpace { .. }) => Err(e),
+        Err(e) => load_slow(map, e.buf, dir, wait),
+    }
+}
+
+/// [`dmamap_load`] when its fast path does not apply: a busy map, a buffer
+/// too big, loads queued before this one, or no DVMA space (then wait, or
+/// fail with `NoSpace`).
+#[inline(never)]
+#[cold]
+fn load_slow(map: &mut DmaMap, buf: IoBuf, dir: DmaDir, wait: Wait<'_>) -> Result<(), LoadError> {
     let tag = map.tag;
     if map.loaded.is_some() {
         return Err(LoadError {
@@ -632,6 +666,9 @@ pub fn dmamap_sync(map: &mut DmaMap, op: SyncOp) {
 }
 
 /// `bus_dmamap_unload`: the map gives its buffer back. Any context.
+/// Inlined, as [`dmamap_load`] is, so that the buffer leaves the map in
+/// registers.
+#[inline]
 pub fn dmamap_unload(map: &mut DmaMap) -> Option<IoBuf> {
     let _part = statclock::enter(Part::BusDma);
     let l = map.loaded.take()?;
@@ -715,6 +752,7 @@ impl DmaTag {
     }
 
     /// Load `buf` into `out` (an empty map's slot), or give it back.
+    #[inline]
     fn try_load(
         &'static self,
         out: &mut Option<Loaded>,

@@ -58,6 +58,7 @@ impl DmaPool {
 }
 
 /// `permanent`: the buffer must come from the pool; its IOVA is fixed.
+#[inline]
 pub(super) fn load_permanent(
     p: &'static DmaPool,
     out: &mut Option<Loaded>,
