@@ -4,7 +4,7 @@
 //! Each CPU has a "current part" word ([`Part`]): the kernel's hot paths
 //! store their part into it on the way in and restore the previous one on
 //! the way out ([`enter`] returns a guard; the crate's own paths use
-//! [`enter_cpu`]/[`leave_cpu`]), so parts nest (a `bus_dma` load inside
+//! `enter_cpu`/`leave_cpu`), so parts nest (a `bus_dma` load inside
 //! the driver, the driver inside an interrupt, the interrupt inside an
 //! `splx`). A sampler interrupt ([`statclock`], driven by the machine's
 //! profiling timer, which is not a kernel interrupt) reads the word of the
@@ -23,7 +23,7 @@
 //! written relative to the work it marks, and cost no instruction.
 //!
 //! # Contexts
-//! * [`enter`], [`enter_cpu`], [`leave_cpu`]: any context on a CPU (thread
+//! * [`enter`], `enter_cpu`, `leave_cpu`: any context on a CPU (thread
 //!   code, interrupt handlers, the idle loop); on a host thread that is
 //!   not a CPU, [`enter`] does nothing. A guard must be dropped on the CPU
 //!   and in the context that made it (it is not `Send`), in LIFO order,

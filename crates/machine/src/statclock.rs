@@ -1,7 +1,7 @@
 //! The statclock's timer: a CPU-time profiling timer per vCPU thread.
 //!
 //! Each vCPU thread gets a sampling event on its own CPU time that sends
-//! [`crate::signals::statclock_sig`] to that thread only, every `period`
+//! `signals::statclock_sig` to that thread only, every `period`
 //! of the vCPU's CPU time. Two sources, the first that works:
 //!
 //! * **perf** (`perf_event_open` of the software event `task-clock` on the

@@ -547,7 +547,7 @@ pub fn dmamem_alloc_wait(
 /// and every such read waited for the stores to retire (store-to-load
 /// forwarding fails): `perf annotate` put half of `try_load`'s and of the
 /// bench loop's samples on those loads. Waiting and failures go out of line
-/// ([`load_slow`]).
+/// (`load_slow`).
 #[inline]
 pub fn dmamap_load(
     map: &mut DmaMap,
