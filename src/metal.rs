@@ -1,0 +1,299 @@
+//! `dvma metal PROGRAM`: the kern core booted as an x86-64 kernel under
+//! QEMU (`crates/metal`).
+//!
+//! Builds the kernel (`cargo build --manifest-path crates/metal/Cargo.toml
+//! --release`, into `<target dir>/metal-kernel`), finds a
+//! `qemu-system-x86_64` (`$DVMA_QEMU`, else one on `PATH`, else the private
+//! one that `crates/metal/qemu-install.sh` unpacks, installing it on first
+//! use), boots the kernel with KVM when `/dev/kvm` is usable and TCG
+//! otherwise, streams the serial console and exits with the guest's
+//! status (the guest leaves through QEMU's `isa-debug-exit`, so QEMU exits
+//! with `status * 2 + 1`; any other QEMU exit is a failure). A guest that
+//! runs longer than `--timeout` is killed.
+//!
+//! With `--json` the guest's result lines (those it prints as `json: ...`)
+//! go to stdout without the prefix and the rest of the console to stderr.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `dvma metal`.
+#[derive(clap::Args, Debug)]
+pub struct MetalArgs {
+    /// What the kernel runs: `hello` (boot and exit), `fault` (a page
+    /// fault, which must be reported and fail), `selftest` (kern on metal:
+    /// spl, interrupts, softints, threads, callouts), `race` (the 1995
+    /// race, every completion mode x protection).
+    program: String,
+    /// Arguments passed to the program (on the kernel command line).
+    args: Vec<String>,
+    /// Print the program's JSON result on stdout, the console on stderr.
+    #[arg(long)]
+    json: bool,
+    /// Require KVM.
+    #[arg(long, conflicts_with = "tcg")]
+    kvm: bool,
+    /// Use TCG (QEMU's emulator) even if KVM is available.
+    #[arg(long)]
+    tcg: bool,
+    /// Kill the guest after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Boot this kernel ELF instead of building crates/metal.
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target_dir() -> PathBuf {
+    let base = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                std::env::current_dir().unwrap_or_default().join(d)
+            }
+        }
+        None => root().join("target"),
+    };
+    base.join("metal-kernel")
+}
+
+/// Build the kernel; returns the ELF's path.
+pub fn build_kernel() -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let td = target_dir();
+    let st = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(root().join("crates/metal/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&td)
+        // The kernel is built for the baseline x86-64 (its traps save
+        // state with FXSAVE): no flags meant for the host programs.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| format!("running cargo to build the metal kernel: {e}"))?;
+    if !st.success() {
+        return Err(format!("building crates/metal failed ({st})"));
+    }
+    Ok(td.join("release/dvma-metal"))
+}
+
+/// A QEMU to run: the binary and what it needs in its environment.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub bin: PathBuf,
+    /// A private prefix (`usr/lib/...`, `usr/share/qemu`), if not the system's.
+    pub prefix: Option<PathBuf>,
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
+}
+
+fn default_prefix() -> PathBuf {
+    if let Some(p) = std::env::var_os("DVMA_QEMU_PREFIX") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".cache/dvma-metal/qemu")
+}
+
+/// Find QEMU, installing the private one if there is none (see the module
+/// docs).
+pub fn find_qemu() -> Result<Qemu, String> {
+    if let Some(b) = std::env::var_os("DVMA_QEMU") {
+        return Ok(Qemu {
+            bin: b.into(),
+            prefix: None,
+        });
+    }
+    if let Some(b) = on_path("qemu-system-x86_64") {
+        return Ok(Qemu {
+            bin: b,
+            prefix: None,
+        });
+    }
+    let prefix = default_prefix();
+    let bin = prefix.join("usr/bin/qemu-system-x86_64");
+    if !bin.is_file() {
+        let script = root().join("crates/metal/qemu-install.sh");
+        eprintln!("dvma metal: no qemu-system-x86_64; installing a private one ({script:?})");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg(&prefix)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("running {script:?}: {e}"))?;
+        if !st.success() || !bin.is_file() {
+            return Err(format!(
+                "no qemu-system-x86_64: {script:?} could not install one into {prefix:?} ({st})"
+            ));
+        }
+    }
+    Ok(Qemu {
+        bin,
+        prefix: Some(prefix),
+    })
+}
+
+/// Is KVM usable by this process?
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// The QEMU command line that boots `kernel` with `cmdline`.
+pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool) -> Command {
+    let mut c = Command::new(&q.bin);
+    if let Some(p) = &q.prefix {
+        let lib = p.join("usr/lib/x86_64-linux-gnu");
+        c.env("LD_LIBRARY_PATH", &lib);
+        c.env("QEMU_MODULE_DIR", lib.join("qemu"));
+        c.arg("-L").arg(p.join("usr/share/qemu"));
+        c.arg("-L").arg(p.join("usr/share/seabios"));
+    }
+    if kvm {
+        c.args(["-machine", "q35,accel=kvm", "-cpu", "host"]);
+    } else {
+        c.args(["-machine", "q35,accel=tcg", "-cpu", "max"]);
+    }
+    c.args([
+        "-m",
+        "256M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+    ]);
+    c.arg(kernel).arg("-append").arg(cmdline);
+    c.stdin(Stdio::null()).stdout(Stdio::piped());
+    c
+}
+
+/// `dvma metal`.
+pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => build_kernel()?,
+    };
+    let q = find_qemu()?;
+    let kvm = if a.tcg {
+        false
+    } else if a.kvm {
+        if !kvm_usable() {
+            return Err("--kvm: /dev/kvm is not usable here".into());
+        }
+        true
+    } else {
+        kvm_usable()
+    };
+    let mut cmdline = a.program.clone();
+    for w in &a.args {
+        cmdline.push(' ');
+        cmdline.push_str(w);
+    }
+    if a.json {
+        cmdline.push_str(" --json");
+    }
+    eprintln!(
+        "dvma metal: {} {} ({}), kernel {}",
+        q.bin.display(),
+        cmdline,
+        if kvm { "KVM" } else { "TCG" },
+        kernel.display()
+    );
+    let mut child = qemu_command(&q, &kernel, &cmdline, kvm)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", q.bin.display()))?;
+    let out = child.stdout.take().ok_or("no QEMU stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let mut timed_out = false;
+    let emit = |l: String| {
+        let l = l.trim_end_matches('\r');
+        if a.json {
+            if let Some(j) = l.strip_prefix("json: ") {
+                println!("{j}");
+            } else {
+                eprintln!("{l}");
+            }
+        } else {
+            println!("{l}");
+        }
+        let _ = std::io::stdout().flush();
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(l) => emit(l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if Instant::now() >= deadline {
+                    timed_out = true;
+                    let _ = child.kill();
+                    break;
+                }
+            }
+        }
+    }
+    let st = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
+    let _ = reader.join();
+    while let Ok(l) = rx.try_recv() {
+        emit(l);
+    }
+    if timed_out {
+        return Err(format!(
+            "the guest ran over --timeout {} s: killed",
+            a.timeout
+        ));
+    }
+    match st.code() {
+        Some(c) if c & 1 == 1 => {
+            let guest = (c >> 1) as u8;
+            if guest != 0 {
+                eprintln!("dvma metal: guest exited with status {guest}");
+            }
+            Ok(ExitCode::from(guest))
+        }
+        _ => Err(format!(
+            "QEMU exited without a guest status ({st}): the guest reset or QEMU failed"
+        )),
+    }
+}
