@@ -11,6 +11,13 @@
 //! with `status * 2 + 1`; any other QEMU exit is a failure). A guest that
 //! runs longer than `--timeout` is killed.
 //!
+//! KVM here is nested (this machine is itself a virtual machine), and it
+//! cannot run SSE instructions in its guests: the first one ends in "KVM
+//! internal error ... emulation failure" and QEMU stops the guest. The
+//! kernel executes one SSE instruction first thing, so the runner sees
+//! that message at once; it then says so and boots the guest again under
+//! TCG (unless `--kvm` was given, which fails instead).
+//!
 //! With `--json` the guest's result lines (those it prints as `json: ...`)
 //! go to stdout without the prefix and the rest of the console to stderr.
 
@@ -30,6 +37,10 @@ pub struct MetalArgs {
     program: String,
     /// Arguments passed to the program (on the kernel command line).
     args: Vec<String>,
+    /// The spl implementation of the guest's kern: `lazy` (an IPL word,
+    /// deferred interrupts replayed) or `mask` (CR8, the hardware IPL).
+    #[arg(long, value_parser = ["lazy", "mask"])]
+    spl: Option<String>,
     /// Print the program's JSON result on stdout, the console on stderr.
     #[arg(long)]
     json: bool,
@@ -195,8 +206,116 @@ pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool) -> Comman
         "-kernel",
     ]);
     c.arg(kernel).arg("-append").arg(cmdline);
-    c.stdin(Stdio::null()).stdout(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
+}
+
+/// How one QEMU run ended.
+enum Run {
+    /// QEMU exited with this status.
+    Exited(std::process::ExitStatus),
+    /// KVM could not run the guest (an emulation failure): QEMU was killed.
+    KvmFailed(String),
+    /// Killed at the deadline.
+    TimedOut,
+}
+
+enum Line {
+    Out(String),
+    Err(String),
+}
+
+fn run_once(
+    q: &Qemu,
+    kernel: &Path,
+    cmdline: &str,
+    kvm: bool,
+    deadline: Instant,
+    json: bool,
+) -> Result<Run, String> {
+    let mut child = qemu_command(q, kernel, cmdline, kvm)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", q.bin.display()))?;
+    let out = child.stdout.take().ok_or("no QEMU stdout")?;
+    let err = child.stderr.take().ok_or("no QEMU stderr")?;
+    let (tx, rx) = mpsc::channel::<Line>();
+    let tx2 = tx.clone();
+    let readers = [
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(l) = line else { break };
+                if tx.send(Line::Out(l)).is_err() {
+                    break;
+                }
+            }
+        }),
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(l) = line else { break };
+                if tx2.send(Line::Err(l)).is_err() {
+                    break;
+                }
+            }
+        }),
+    ];
+    let emit = |l: Line| -> Option<String> {
+        match l {
+            Line::Out(l) => {
+                let l = l.trim_end_matches('\r');
+                if json {
+                    if let Some(j) = l.strip_prefix("json: ") {
+                        println!("{j}");
+                    } else {
+                        eprintln!("{l}");
+                    }
+                } else {
+                    println!("{l}");
+                }
+                let _ = std::io::stdout().flush();
+                None
+            }
+            Line::Err(l) => {
+                if kvm && l.contains("KVM internal error") {
+                    return Some(l);
+                }
+                eprintln!("{l}");
+                None
+            }
+        }
+    };
+    let mut end = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(l) => {
+                if let Some(m) = emit(l) {
+                    let _ = child.kill();
+                    end = Some(Run::KvmFailed(m));
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    end = Some(Run::TimedOut);
+                    break;
+                }
+            }
+        }
+    }
+    let st = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
+    for r in readers {
+        let _ = r.join();
+    }
+    if end.is_none() {
+        while let Ok(l) = rx.try_recv() {
+            let _ = emit(l);
+        }
+    }
+    Ok(end.unwrap_or(Run::Exited(st)))
 }
 
 /// `dvma metal`.
@@ -221,69 +340,40 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
         cmdline.push(' ');
         cmdline.push_str(w);
     }
+    if let Some(spl) = &a.spl {
+        cmdline.push_str(" --spl ");
+        cmdline.push_str(spl);
+    }
     if a.json {
         cmdline.push_str(" --json");
     }
-    eprintln!(
-        "dvma metal: {} {} ({}), kernel {}",
-        q.bin.display(),
-        cmdline,
-        if kvm { "KVM" } else { "TCG" },
-        kernel.display()
-    );
-    let mut child = qemu_command(&q, &kernel, &cmdline, kvm)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", q.bin.display()))?;
-    let out = child.stdout.take().ok_or("no QEMU stdout")?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(l) = line else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    let mut timed_out = false;
-    let emit = |l: String| {
-        let l = l.trim_end_matches('\r');
-        if a.json {
-            if let Some(j) = l.strip_prefix("json: ") {
-                println!("{j}");
-            } else {
-                eprintln!("{l}");
+    let mut kvm = kvm;
+    let st = loop {
+        eprintln!(
+            "dvma metal: {} {} ({}), kernel {}",
+            q.bin.display(),
+            cmdline,
+            if kvm { "KVM" } else { "TCG" },
+            kernel.display()
+        );
+        match run_once(&q, &kernel, &cmdline, kvm, deadline, a.json)? {
+            Run::Exited(st) => break st,
+            Run::TimedOut => {
+                return Err(format!(
+                    "the guest ran over --timeout {} s: killed",
+                    a.timeout
+                ));
             }
-        } else {
-            println!("{l}");
+            Run::KvmFailed(m) if !a.kvm => {
+                eprintln!("dvma metal: KVM cannot run the guest here ({m}); falling back to TCG");
+                kvm = false;
+            }
+            Run::KvmFailed(m) => {
+                return Err(format!("--kvm: KVM cannot run the guest here: {m}"));
+            }
         }
-        let _ = std::io::stdout().flush();
     };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(l) => emit(l),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if Instant::now() >= deadline {
-                    timed_out = true;
-                    let _ = child.kill();
-                    break;
-                }
-            }
-        }
-    }
-    let st = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
-    let _ = reader.join();
-    while let Ok(l) = rx.try_recv() {
-        emit(l);
-    }
-    if timed_out {
-        return Err(format!(
-            "the guest ran over --timeout {} s: killed",
-            a.timeout
-        ));
-    }
     match st.code() {
         Some(c) if c & 1 == 1 => {
             let guest = (c >> 1) as u8;

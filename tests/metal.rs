@@ -61,3 +61,34 @@ fn page_fault_is_reported_and_fails() {
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
+
+fn selftest(spl: &str) {
+    let Some(o) = metal(&["selftest", "--json", "--spl", spl]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("selftest printed no JSON ({e}): {}", text(&o)));
+    for check in [
+        "intr_at_post",
+        "spl_defer_replay",
+        "softint",
+        "threads",
+        "callout",
+        "ast",
+        "ok",
+    ] {
+        assert_eq!(v[check], true, "{check}: {}", text(&o));
+    }
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn kern_selftest_lazy_spl() {
+    selftest("lazy");
+}
+
+#[test]
+fn kern_selftest_mask_spl_is_cr8() {
+    selftest("mask");
+}

@@ -12,8 +12,20 @@
 //! | `boot` | PVH entry, page tables, long mode, GDT |
 //! | `console` | COM1 output, the isa-debug-exit way out |
 //! | `trap` | IDT, TSS, IST stacks, entry stubs, fatal exceptions |
+//! | `intr` | vectors per IPL, the kern trap entry, the AST frame push |
+//! | `lapic` | the local APIC: EOI, timer, IPIs |
+//! | `clock` | TSC and LAPIC timer calibrated against the PIT |
+//! | `md` | `kern::md::Md` for metal, `curcpu`, `cpu_switchto`, the AST trampoline |
 //! | `heap` | the global allocator |
+//! | `pvh` | the PVH start info (command line, memory map) |
+//! | `selftest` | the `selftest` program |
 //! | `x86` | privileged instructions |
+//!
+//! # Programs
+//! The kernel command line names a program and its flags:
+//! `hello`, `fault`, `selftest [--json] [--spl lazy|mask]`. Programs other
+//! than `hello` and `fault` run as a kernel thread on a booted kern (one
+//! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
 //!
 //! # Guest exit status
 //! 0: the program passed; 1: it ran and failed; 2: a panic; 3: a CPU
@@ -28,11 +40,21 @@ extern crate alloc;
 pub mod boot;
 #[macro_use]
 pub mod console;
+pub mod clock;
 pub mod heap;
 pub mod intr;
+pub mod lapic;
+pub mod md;
+pub mod mem;
 pub mod pvh;
+pub mod selftest;
 pub mod trap;
 pub mod x86;
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+use kern::kernel::{KernelConfig, SplImpl};
 
 /// The kernel heap, wrapped so that kern's AST protection of the allocator
 /// holds here as on Linux (`kern::malloc`).
@@ -56,8 +78,16 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 /// disabled, with the physical address of the PVH start info.
 pub extern "C" fn metal_main(start_info: u32) -> ! {
     console::init();
+    // The first SSE instruction, on purpose, before anything else runs: a
+    // hypervisor that cannot run SSE in its guests (this machine's nested
+    // KVM reports an emulation failure) stops here, where the host runner
+    // recognises it and falls back to TCG.
+    // SAFETY: clears a vector register the compiler is told about.
+    unsafe { core::arch::asm!("xorps xmm0, xmm0", out("xmm0") _, options(nomem, nostack)) };
     trap::init();
     intr::pic_disable();
+    lapic::init(intr::SPURIOUS);
+    md::percpu_init(0);
     let info = pvh::StartInfo::read(start_info as usize);
     let ram = info.ram_above_1m();
     let kernel_end = core::ptr::addr_of!(__kernel_end) as usize;
@@ -77,10 +107,23 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     let cmd = info.cmdline();
     let mut words = cmd.split_whitespace();
     let prog = words.next().unwrap_or("hello");
-    let code = match prog {
+    let mut json = false;
+    let mut spl = SplImpl::Lazy;
+    while let Some(w) = words.next() {
+        match w {
+            "--json" => json = true,
+            "--spl" => match words.next() {
+                Some("lazy") => spl = SplImpl::Lazy,
+                Some("mask") => spl = SplImpl::Mask,
+                other => usage(&alloc::format!("--spl {other:?}")),
+            },
+            other => usage(other),
+        }
+    }
+    let body: fn(&kern::ThreadCtx, bool) -> u8 = match prog {
         "hello" => {
             kprintln!("hello from metal");
-            0
+            console::exit(0)
         }
         "fault" => {
             // The unmapped page right above the 4 GiB identity map: the
@@ -90,13 +133,92 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             // handler never returns here.
             let v = unsafe { core::ptr::read_volatile(p) };
             kprintln!("metal: read {v:#x} from an unmapped page?");
-            EXIT_FAIL
+            console::exit(EXIT_FAIL)
         }
-        other => {
-            kprintln!("metal: unknown program {other:?} (hello, fault)");
-            EXIT_USAGE
-        }
+        "selftest" => selftest::run,
+        other => usage(other),
     };
+    run_kernel(prog, body, json, spl)
+}
+
+fn usage(what: &str) -> ! {
+    kprintln!(
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest; flags: --json, --spl lazy|mask)"
+    );
+    console::exit(EXIT_USAGE)
+}
+
+/// Bytes of RAM given to kern as its physical memory.
+const PHYSMEM: usize = 32 << 20;
+/// The clock tick.
+const TICK_NS: u64 = 10_000_000;
+
+/// The program's result, set by its thread before it shuts kern down.
+static RESULT: AtomicU8 = AtomicU8::new(EXIT_FAIL);
+static JSON: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static BODY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Boot kern on this CPU, run `body` as a kernel thread, idle until kern
+/// shuts down, exit with the body's status.
+fn run_kernel(
+    name: &'static str,
+    body: fn(&kern::ThreadCtx, bool) -> u8,
+    json: bool,
+    spl: SplImpl,
+) -> ! {
+    clock::calibrate();
+    kprintln!(
+        "metal: TSC {} MHz, LAPIC timer {} kHz (/16), spl {}",
+        clock::tsc_hz() / 1_000_000,
+        clock::lapic_hz() / 1000,
+        spl.name()
+    );
+    let layout = core::alloc::Layout::from_size_align(PHYSMEM, 2 << 20).expect("layout");
+    // SAFETY: a non-zero-sized layout; the block is never freed (it is
+    // the machine's RAM for the kernel's life).
+    let ram = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    assert!(!ram.is_null(), "no room for physical memory");
+    let md: &'static md::MetalMd = Box::leak(Box::new(md::MetalMd {
+        physmem: (ram as usize, PHYSMEM as u64),
+    }));
+    let k = match kern::kernel::boot(
+        md,
+        KernelConfig {
+            ncpu: 1,
+            spl,
+            ..KernelConfig::default()
+        },
+    ) {
+        Ok(k) => k,
+        Err(e) => panic!("kern boot: {e}"),
+    };
+    JSON.store(json, Relaxed);
+    BODY.store(body as usize, Relaxed);
+    if let Err(e) = kern::sched::kthread_create(Some(0), name, |ctx| {
+        let f = BODY.load(Relaxed);
+        // SAFETY: `BODY` holds the `fn` stored just above, before this
+        // thread could run.
+        let f: fn(&kern::ThreadCtx, bool) -> u8 = unsafe { core::mem::transmute(f) };
+        let code = f(ctx, JSON.load(Relaxed));
+        RESULT.store(code, Relaxed);
+        kern::kernel::shutdown();
+    }) {
+        panic!("creating the program's thread: {e}");
+    }
+    md::PERCPU[0]
+        .cpu
+        .store(k.cpu(0) as *const kern::cpu::Cpu as *mut _, Relaxed);
+    let count = clock::lapic_hz() * TICK_NS / 1_000_000_000;
+    lapic::timer_periodic(intr::TIMER, count as u32);
+    x86::sti();
+    kern::sched::cpu_run();
+    let code = RESULT.load(Relaxed);
+    kprintln!(
+        "metal: kern shut down; program {name} exit {code} ({} traps, {} timer ticks, {} late self-IPIs)",
+        k.cpu(0).stats.traps.get(),
+        intr::TICKS.load(Relaxed),
+        md::SELF_IPI_LATE.load(Relaxed)
+    );
     console::exit(code)
 }
 
@@ -109,3 +231,12 @@ unsafe extern "C" {
 /// built with `panic = "abort"`: nothing unwinds, so nothing calls it.
 #[unsafe(no_mangle)]
 pub extern "C" fn rust_eh_personality() {}
+
+/// The unwinder's resume entry, which landing pads in the prebuilt
+/// `alloc` refer to. Nothing unwinds here (`panic = "abort"`), so no
+/// landing pad runs; if one ever did, stop the machine.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    console::print_fatal(format_args!("\nmetal: _Unwind_Resume called\n"));
+    console::exit(EXIT_PANIC)
+}
