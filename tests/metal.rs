@@ -92,3 +92,50 @@ fn kern_selftest_lazy_spl() {
 fn kern_selftest_mask_spl_is_cr8() {
     selftest("mask");
 }
+
+/// `dvma metal race --json`: the rows of `dvma race --json` (the same
+/// fields), each behaving as the mechanism predicts: corruptions exactly
+/// where `tests/race.rs` expects them on Linux.
+fn race(spl: &str) {
+    let Some(o) = metal(&["race", "--json", "--spl", spl]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("race printed no JSON ({e}): {}", text(&o)));
+    assert_eq!(rows.len(), 16, "4 completion modes x 4 protections");
+    for r in &rows {
+        let c = r["completion"].as_str().unwrap();
+        let p = r["protection"].as_str().unwrap();
+        let inj = r["injections"].as_u64().unwrap();
+        let cor = r["corruptions"].as_u64().unwrap();
+        let exp = r["expected_corrupt"].as_bool().unwrap();
+        let predicted = match (p, c) {
+            (_, "thread") => false,
+            ("none", _) => true,
+            ("splimp" | "pool", _) => false,
+            ("safepoint", "ast") => false,
+            ("safepoint", _) => true,
+            _ => panic!("unknown row {c}/{p}"),
+        };
+        assert_eq!(exp, predicted, "{c}/{p}: expectation");
+        assert!(inj > 0, "{c}/{p}: no injection");
+        assert_eq!(cor > 0, exp, "{c}/{p}: {cor} corruptions: {r}");
+        if exp {
+            assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
+        }
+        assert_eq!(r["ok"], true, "{c}/{p}: {r}");
+        assert_eq!(r["storm_injections"], 0, "{c}/{p}: no storm on metal");
+    }
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn race_rows_lazy_spl() {
+    race("lazy");
+}
+
+#[test]
+fn race_rows_mask_spl() {
+    race("mask");
+}

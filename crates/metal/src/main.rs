@@ -19,11 +19,13 @@
 //! | `heap` | the global allocator |
 //! | `pvh` | the PVH start info (command line, memory map) |
 //! | `selftest` | the `selftest` program |
+//! | `race` | the `race` program (kern's `RaceKit`) |
 //! | `x86` | privileged instructions |
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest [--json] [--spl lazy|mask]`. Programs other
+//! `hello`, `fault`, `selftest`, `race`, with the flags `--json`,
+//! `--spl lazy|mask` and (race) `--iterations N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on a booted kern (one
 //! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
 //!
@@ -47,6 +49,7 @@ pub mod lapic;
 pub mod md;
 pub mod mem;
 pub mod pvh;
+pub mod race;
 pub mod selftest;
 pub mod trap;
 pub mod x86;
@@ -107,11 +110,18 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     let cmd = info.cmdline();
     let mut words = cmd.split_whitespace();
     let prog = words.next().unwrap_or("hello");
-    let mut json = false;
+    let mut opts = Opts {
+        json: false,
+        iterations: 200,
+    };
     let mut spl = SplImpl::Lazy;
     while let Some(w) = words.next() {
         match w {
-            "--json" => json = true,
+            "--json" => opts.json = true,
+            "--iterations" => match words.next().and_then(|n| n.parse().ok()) {
+                Some(n) => opts.iterations = n,
+                None => usage("--iterations wants a number"),
+            },
             "--spl" => match words.next() {
                 Some("lazy") => spl = SplImpl::Lazy,
                 Some("mask") => spl = SplImpl::Mask,
@@ -120,7 +130,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             other => usage(other),
         }
     }
-    let body: fn(&kern::ThreadCtx, bool) -> u8 = match prog {
+    let body: Program = match prog {
         "hello" => {
             kprintln!("hello from metal");
             console::exit(0)
@@ -135,15 +145,16 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             kprintln!("metal: read {v:#x} from an unmapped page?");
             console::exit(EXIT_FAIL)
         }
-        "selftest" => selftest::run,
+        "selftest" => |ctx, o| selftest::run(ctx, o.json),
+        "race" => |ctx, o| race::run(ctx, o.json, o.iterations),
         other => usage(other),
     };
-    run_kernel(prog, body, json, spl)
+    run_kernel(prog, body, opts, spl)
 }
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest; flags: --json, --spl lazy|mask)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race; flags: --json, --spl lazy|mask, --iterations N)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -155,17 +166,20 @@ const TICK_NS: u64 = 10_000_000;
 
 /// The program's result, set by its thread before it shuts kern down.
 static RESULT: AtomicU8 = AtomicU8::new(EXIT_FAIL);
-static JSON: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-static BODY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// A program's flags.
+#[derive(Clone, Copy, Debug)]
+struct Opts {
+    json: bool,
+    iterations: u32,
+}
+
+/// A program: its kernel thread's body; returns the guest status.
+type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 
 /// Boot kern on this CPU, run `body` as a kernel thread, idle until kern
 /// shuts down, exit with the body's status.
-fn run_kernel(
-    name: &'static str,
-    body: fn(&kern::ThreadCtx, bool) -> u8,
-    json: bool,
-    spl: SplImpl,
-) -> ! {
+fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! {
     clock::calibrate();
     kprintln!(
         "metal: TSC {} MHz, LAPIC timer {} kHz (/16), spl {}",
@@ -192,14 +206,8 @@ fn run_kernel(
         Ok(k) => k,
         Err(e) => panic!("kern boot: {e}"),
     };
-    JSON.store(json, Relaxed);
-    BODY.store(body as usize, Relaxed);
-    if let Err(e) = kern::sched::kthread_create(Some(0), name, |ctx| {
-        let f = BODY.load(Relaxed);
-        // SAFETY: `BODY` holds the `fn` stored just above, before this
-        // thread could run.
-        let f: fn(&kern::ThreadCtx, bool) -> u8 = unsafe { core::mem::transmute(f) };
-        let code = f(ctx, JSON.load(Relaxed));
+    if let Err(e) = kern::sched::kthread_create(Some(0), name, move |ctx| {
+        let code = body(ctx, opts);
         RESULT.store(code, Relaxed);
         kern::kernel::shutdown();
     }) {
