@@ -139,3 +139,17 @@ fn race_rows_lazy_spl() {
 fn race_rows_mask_spl() {
     race("mask");
 }
+
+#[test]
+fn stack_overflow_hits_the_guard_page() {
+    let Some(o) = metal(&["overflow"]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("kernel stack overflow: guard page hit") && out.contains("(thread overflow)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}

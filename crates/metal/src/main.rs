@@ -18,13 +18,15 @@
 //! | `md` | `kern::md::Md` for metal, `curcpu`, `cpu_switchto`, the AST trampoline |
 //! | `heap` | the global allocator |
 //! | `pvh` | the PVH start info (command line, memory map) |
+//! | `stacks` | kernel-thread stacks with unmapped guard pages |
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
 //! | `x86` | privileged instructions |
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest`, `race`, with the flags `--json`,
+//! `hello`, `fault`, `selftest`, `race`, `overflow` (a kernel thread
+//! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask` and (race) `--iterations N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on a booted kern (one
 //! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
@@ -51,6 +53,7 @@ pub mod mem;
 pub mod pvh;
 pub mod race;
 pub mod selftest;
+pub mod stacks;
 pub mod trap;
 pub mod x86;
 
@@ -147,14 +150,32 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         }
         "selftest" => |ctx, o| selftest::run(ctx, o.json),
         "race" => |ctx, o| race::run(ctx, o.json, o.iterations),
+        "overflow" => |_, _| {
+            // Run off the end of this thread's stack: the guard page must
+            // stop it at once (a page fault reported as a kernel stack
+            // overflow, status 3), not let it scribble below.
+            kprintln!("overflow: recursing until the guard page");
+            recurse(0) as u8
+        },
         other => usage(other),
     };
     run_kernel(prog, body, opts, spl)
 }
 
+/// Recurse with a 1 KiB frame until `n` reaches `u64::MAX`, which the
+/// stack does not survive (the `overflow` program).
+#[inline(never)]
+fn recurse(n: u64) -> u64 {
+    let buf = core::hint::black_box([n; 128]);
+    if core::hint::black_box(n) == u64::MAX {
+        return buf[1];
+    }
+    recurse(n + 1) + buf[0]
+}
+
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race; flags: --json, --spl lazy|mask, --iterations N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --iterations N)"
     );
     console::exit(EXIT_USAGE)
 }

@@ -13,7 +13,7 @@
 //! | `physmem` | 32 MiB of the identity-mapped RAM, carved from the heap at boot |
 //! | `iommu` | none yet: [`NoIommu`] refuses every mapping (VT-d is a later part of issue 15; no metal device does DMA yet) |
 //! | `host_wake` | nothing: there are no host threads on metal to wake |
-//! | stacks | from the heap, the lowest 4 KiB filled with a canary that `stack_free` checks (the boot page tables map RAM with 2 MiB pages, so there is no unmapped guard page yet) |
+//! | stacks | 4 KiB pages in a region of their own above an unmapped guard page (`stacks.rs`): an overflow faults at once and is reported |
 //! | `run_thread` | calls the body: a panic stops the machine (`panic = "abort"`, the panic handler exits QEMU with status 2) |
 //!
 //! # Contexts
@@ -21,7 +21,6 @@
 //! no lock and allocate nothing. The stacks' functions allocate, from
 //! thread context only.
 
-use core::alloc::Layout;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering::Relaxed};
 
 use kern::cpu::Cpu;
@@ -166,11 +165,6 @@ impl Iommu for NoIommu {
 
 static NO_IOMMU: NoIommu = NoIommu;
 
-/// The canary that fills the lowest 4 KiB of every kernel stack.
-const CANARY: u64 = 0xdead_57ac_c0de_0f10;
-/// Bytes of canary below each stack.
-const GUARD: usize = 4096;
-
 /// Self-IPIs that the APIC had not delivered after the wait (`kick`).
 pub static SELF_IPI_LATE: AtomicU64 = AtomicU64::new(0);
 
@@ -264,22 +258,8 @@ impl Md for MetalMd {
     fn host_wake(&self, _word: &core::sync::atomic::AtomicU32) {}
 
     fn stack_alloc(&self, size: usize) -> Option<StackMem> {
-        let size = size.next_multiple_of(4096);
-        let layout = Layout::from_size_align(size + GUARD, 4096).ok()?;
-        // SAFETY: a non-zero-sized layout.
-        let p = unsafe { alloc::alloc::alloc(layout) };
-        if p.is_null() {
-            return None;
-        }
-        let words = p as *mut u64;
-        for i in 0..GUARD / 8 {
-            // SAFETY: the first GUARD bytes of the fresh allocation.
-            unsafe { words.add(i).write(CANARY) };
-        }
-        Some(StackMem {
-            limit: p as usize,
-            base: p as usize + GUARD + size,
-        })
+        let (limit, base) = crate::stacks::alloc(size)?;
+        Some(StackMem { limit, base })
     }
 
     fn thread_init(&self, stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize {
@@ -295,8 +275,8 @@ impl Md for MetalMd {
             0,                                       // end of the frame chain
         ];
         let sp = top - frame.len() * 8;
-        // SAFETY: `stack` came from `stack_alloc` (at least 4 KiB above
-        // the canary) and belongs to the thread being created.
+        // SAFETY: `stack` came from `stack_alloc` (its top pages are
+        // mapped) and belongs to the thread being created.
         unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), sp as *mut usize, frame.len()) };
         sp
     }
@@ -306,21 +286,8 @@ impl Md for MetalMd {
     }
 
     unsafe fn stack_free(&self, mem: StackMem) {
-        let words = mem.limit as *const u64;
-        for i in 0..GUARD / 8 {
-            // SAFETY: the canary words of a stack from `stack_alloc` (the
-            // contract), which nothing runs on any more.
-            if unsafe { words.add(i).read() } != CANARY {
-                panic!(
-                    "kernel stack overflow: the canary at {:#x} below the stack {:#x}..{:#x} is overwritten",
-                    mem.limit + i * 8,
-                    mem.limit + GUARD,
-                    mem.base
-                );
-            }
-        }
-        let layout = Layout::from_size_align(mem.base - mem.limit, 4096).expect("stack layout");
-        // SAFETY: allocated by `stack_alloc` with this layout (the contract).
-        unsafe { alloc::alloc::dealloc(mem.limit as *mut u8, layout) };
+        // SAFETY: by the trait's contract `mem` came from `stack_alloc`
+        // (so from `stacks::alloc`), is freed once, and nothing runs on it.
+        unsafe { crate::stacks::free(mem.limit, mem.base) };
     }
 }

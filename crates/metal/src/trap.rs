@@ -195,7 +195,13 @@ fn exception(r: &Regs) -> ! {
         r.rip,
         r.rsp
     ));
-    if v == 14 {
+    if v == 14 && crate::stacks::in_region(crate::x86::read_cr2() as usize) {
+        print_fatal(format_args!(
+            " kernel stack overflow: guard page hit at {:#x} (thread {})",
+            crate::x86::read_cr2(),
+            kern::sched::current_name().unwrap_or("?")
+        ));
+    } else if v == 14 {
         print_fatal(format_args!(
             " fault address {:#x} ({} {})",
             crate::x86::read_cr2(),
