@@ -41,6 +41,10 @@ pub struct MetalArgs {
     /// deferred interrupts replayed) or `mask` (CR8, the hardware IPL).
     #[arg(long, value_parser = ["lazy", "mask"])]
     spl: Option<String>,
+    /// Take interrupts on the CPU's interrupt stack (`on`, the default) or
+    /// on the interrupted stack (`off`).
+    #[arg(long, value_parser = ["on", "off"])]
+    intr_stack: Option<String>,
     /// Print the program's JSON result on stdout, the console on stderr.
     #[arg(long)]
     json: bool,
@@ -343,6 +347,10 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
     if let Some(spl) = &a.spl {
         cmdline.push_str(" --spl ");
         cmdline.push_str(spl);
+    }
+    if let Some(s) = &a.intr_stack {
+        cmdline.push_str(" --intr-stack ");
+        cmdline.push_str(s);
     }
     if a.json {
         cmdline.push_str(" --json");

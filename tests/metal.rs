@@ -62,8 +62,15 @@ fn page_fault_is_reported_and_fails() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
 
-fn selftest(spl: &str) {
-    let Some(o) = metal(&["selftest", "--json", "--spl", spl]) else {
+fn selftest(spl: &str, intr_stack: &str) {
+    let Some(o) = metal(&[
+        "selftest",
+        "--json",
+        "--spl",
+        spl,
+        "--intr-stack",
+        intr_stack,
+    ]) else {
         return;
     };
     let out = String::from_utf8_lossy(&o.stdout);
@@ -71,6 +78,7 @@ fn selftest(spl: &str) {
         .unwrap_or_else(|e| panic!("selftest printed no JSON ({e}): {}", text(&o)));
     for check in [
         "intr_at_post",
+        "intr_stack",
         "spl_defer_replay",
         "softint",
         "threads",
@@ -85,19 +93,24 @@ fn selftest(spl: &str) {
 
 #[test]
 fn kern_selftest_lazy_spl() {
-    selftest("lazy");
+    selftest("lazy", "on");
 }
 
 #[test]
 fn kern_selftest_mask_spl_is_cr8() {
-    selftest("mask");
+    selftest("mask", "on");
+}
+
+#[test]
+fn kern_selftest_without_interrupt_stack() {
+    selftest("lazy", "off");
 }
 
 /// `dvma metal race --json`: the rows of `dvma race --json` (the same
 /// fields), each behaving as the mechanism predicts: corruptions exactly
 /// where `tests/race.rs` expects them on Linux.
-fn race(spl: &str) {
-    let Some(o) = metal(&["race", "--json", "--spl", spl]) else {
+fn race(spl: &str, intr_stack: &str) {
+    let Some(o) = metal(&["race", "--json", "--spl", spl, "--intr-stack", intr_stack]) else {
         return;
     };
     let out = String::from_utf8_lossy(&o.stdout);
@@ -132,12 +145,12 @@ fn race(spl: &str) {
 
 #[test]
 fn race_rows_lazy_spl() {
-    race("lazy");
+    race("lazy", "on");
 }
 
 #[test]
-fn race_rows_mask_spl() {
-    race("mask");
+fn race_rows_mask_spl_without_interrupt_stack() {
+    race("mask", "off");
 }
 
 #[test]

@@ -143,7 +143,9 @@ impl TrapFrame for MetalFrame<'_> {
         // SAFETY: kern pushes only onto a kernel thread's stack with at
         // least `kern::ast::AST_STACK_RESERVE` bytes left below `rsp`
         // (`frame_push_ok`), so `sp` is inside that stack, below the red
-        // zone, and nothing live is there.
+        // zone, and nothing live is there: with the interrupt stack off the
+        // trap's own frame starts below a 16-byte slot kept free for this
+        // (`trap.rs`).
         unsafe { (sp as *mut u64).write(self.r.rip) };
         self.r.rsp = sp as u64;
         self.r.rip = crate::md::trampoline() as u64;

@@ -27,7 +27,7 @@
 //! The kernel command line names a program and its flags:
 //! `hello`, `fault`, `selftest`, `race`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
-//! `--spl lazy|mask` and (race) `--iterations N`. Programs other
+//! `--spl lazy|mask`, `--intr-stack on|off` and (race) `--iterations N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on a booted kern (one
 //! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
 //!
@@ -130,6 +130,11 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                 Some("mask") => spl = SplImpl::Mask,
                 other => usage(&alloc::format!("--spl {other:?}")),
             },
+            "--intr-stack" => match words.next() {
+                Some("on") => trap::set_intr_stack(true),
+                Some("off") => trap::set_intr_stack(false),
+                other => usage(&alloc::format!("--intr-stack {other:?}")),
+            },
             other => usage(other),
         }
     }
@@ -175,7 +180,7 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --iterations N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -203,10 +208,11 @@ type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! {
     clock::calibrate();
     kprintln!(
-        "metal: TSC {} MHz, LAPIC timer {} kHz (/16), spl {}",
+        "metal: TSC {} MHz, LAPIC timer {} kHz (/16), spl {}, interrupt stack {}",
         clock::tsc_hz() / 1_000_000,
         clock::lapic_hz() / 1000,
-        spl.name()
+        spl.name(),
+        if trap::intr_stack_on() { "on" } else { "off" }
     );
     let layout = core::alloc::Layout::from_size_align(PHYSMEM, 2 << 20).expect("layout");
     // SAFETY: a non-zero-sized layout; the block is never freed (it is

@@ -15,7 +15,9 @@
 //!   hardclock (softclock), not before its time;
 //! * `ast`: a hard handler's `ast_push` runs the AST on the interrupted
 //!   thread through a pushed frame (the trampoline), with the thread's
-//!   registers intact.
+//!   registers intact;
+//! * `intr_stack`: the handler ran on the CPU's interrupt stack with
+//!   `--intr-stack on`, on the interrupted thread's stack with `off`.
 //!
 //! # Contexts
 //! [`run`] is thread context (the program's kernel thread on CPU 0).
@@ -40,6 +42,17 @@ static MODE: AtomicU32 = AtomicU32::new(0);
 static CALLOUT_AT: AtomicU64 = AtomicU64::new(0);
 static CHAN: AtomicU32 = AtomicU32::new(0);
 static WOKEN: AtomicBool = AtomicBool::new(false);
+/// The stack pointer of the handler's last run.
+static HANDLER_SP: AtomicU64 = AtomicU64::new(0);
+
+fn rsp() -> u64 {
+    let sp: u64;
+    // SAFETY: reads the stack pointer.
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    sp
+}
 
 const MODE_COUNT: u32 = 0;
 const MODE_SOFTINT: u32 = 1;
@@ -72,6 +85,7 @@ pub fn run(ctx: &ThreadCtx, json: bool) -> u8 {
     .expect("ast");
     let h = intr_establish(Ipl::Bio, "selftest0", move |ictx| {
         HARD_RUNS.fetch_add(1, Relaxed);
+        HANDLER_SP.store(rsp(), Relaxed);
         match MODE.load(Relaxed) {
             MODE_SOFTINT => softint_schedule(&soft),
             MODE_AST => ast_push(ictx, &ast),
@@ -82,12 +96,35 @@ pub fn run(ctx: &ThreadCtx, json: bool) -> u8 {
 
     // An interrupt at IPL none lands at the post.
     let traps0 = cpu.stats.traps.get();
+    let my_sp = rsp();
     intr_post(0, h);
     let ran = HARD_RUNS.load(Relaxed);
     check(
         "intr_at_post",
         ran == 1 && cpu.stats.traps.get() > traps0,
         &alloc::format!("handler runs {ran}"),
+    );
+    // ... on the stack the interrupt-stack mode says.
+    let hsp = HANDLER_SP.load(Relaxed);
+    let on_ist = crate::trap::on_intr_stack(hsp as usize);
+    let on_mine = hsp < my_sp && my_sp - hsp < 64 * 1024;
+    check(
+        "intr_stack",
+        if crate::trap::intr_stack_on() {
+            on_ist
+        } else {
+            on_mine
+        },
+        &alloc::format!(
+            "handler sp {hsp:#x} ({}), thread sp {my_sp:#x}",
+            if on_ist {
+                "interrupt stack"
+            } else if on_mine {
+                "the interrupted thread's stack"
+            } else {
+                "elsewhere"
+            }
+        ),
     );
 
     // Deferred by splbio, run at splx.

@@ -9,6 +9,13 @@
 //! [`EXIT_EXCEPTION`]. Interrupts (32-255) use IST1, the CPU's interrupt
 //! stack, and go to [`crate::intr::interrupt`].
 //!
+//! With the interrupt stack off ([`set_intr_stack`]), an interrupt still
+//! enters on IST1 (a gate without IST would push its frame into the red
+//! zone), but the stub moves the frame at once onto the interrupted stack,
+//! below its red zone and a 16-byte slot kept for an AST's return address,
+//! and runs the whole trap there: the "no separate interrupt stack" of the
+//! mail, as `--intr-stack off` is on Linux. Exceptions stay on IST2.
+//!
 //! Interrupts stay disabled for the whole of a trap (the gate clears IF and
 //! nothing sets it before `iretq`), so traps never nest: a second IST1
 //! frame can never overwrite the first. What this costs against the Linux
@@ -114,6 +121,31 @@ core::arch::global_asm!(
     ".p2align 4",
     ".globl dvma_trap_common",
     "dvma_trap_common:",
+    // Interrupts with the interrupt stack off: move the frame (vector,
+    // error, rip, cs, rflags, rsp, ss) onto the interrupted stack, below
+    // its red zone and a 16-byte slot kept free for an AST's return
+    // address (`intr.rs`), and run the trap there.
+    "cmpq $32, (%rsp)",
+    "jb 2f",
+    "cmpb $0, DVMA_INTR_STACK_OFF(%rip)",
+    "je 2f",
+    "pushq %rax",
+    "pushq %rcx",
+    "movq 56(%rsp), %rax", // the interrupted rsp (16 + 40)
+    "subq $144, %rax",
+    "andq $-16, %rax",
+    "subq $56, %rax",
+    "movq 16(%rsp), %rcx", "movq %rcx, 0(%rax)",
+    "movq 24(%rsp), %rcx", "movq %rcx, 8(%rax)",
+    "movq 32(%rsp), %rcx", "movq %rcx, 16(%rax)",
+    "movq 40(%rsp), %rcx", "movq %rcx, 24(%rax)",
+    "movq 48(%rsp), %rcx", "movq %rcx, 32(%rax)",
+    "movq 56(%rsp), %rcx", "movq %rcx, 40(%rax)",
+    "movq 64(%rsp), %rcx", "movq %rcx, 48(%rax)",
+    "popq %rcx",
+    "xchgq %rax, (%rsp)",
+    "movq (%rsp), %rsp",
+    "2:",
     "pushq %rax", "pushq %rcx", "pushq %rdx", "pushq %rbx", "pushq %rbp", "pushq %rsi", "pushq %rdi",
     "pushq %r8", "pushq %r9", "pushq %r10", "pushq %r11", "pushq %r12", "pushq %r13", "pushq %r14", "pushq %r15",
     "movq %rsp, %rbp",
@@ -246,6 +278,28 @@ fn gate(handler: usize, ist: u8) -> [u64; 2] {
         | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
         | ((h >> 16) & 0xffff) << 48;
     [lo, h >> 32]
+}
+
+/// Interrupts run on the interrupted stack instead of IST1 (read by the
+/// entry stub).
+#[unsafe(no_mangle)]
+static DVMA_INTR_STACK_OFF: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+/// Take interrupts on the CPU's interrupt stack (`true`, the default) or
+/// on whatever stack was running. Boot, before interrupts are enabled.
+pub fn set_intr_stack(on: bool) {
+    DVMA_INTR_STACK_OFF.store(!on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Is interrupt-stack mode on?
+pub fn intr_stack_on() -> bool {
+    !DVMA_INTR_STACK_OFF.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Is `sp` on CPU 0's interrupt stack?
+pub fn on_intr_stack(sp: usize) -> bool {
+    (INTR_STACK0.0.get() as usize..intr_stack_top()).contains(&sp)
 }
 
 /// The top of CPU 0's interrupt stack (IST1).
