@@ -54,6 +54,10 @@ pub struct MetalArgs {
     /// Use TCG (QEMU's emulator) even if KVM is available.
     #[arg(long)]
     tcg: bool,
+    /// `race`: also run each row under an interrupt storm for this many
+    /// seconds (the LAPIC timer as the storm device).
+    #[arg(long, value_name = "SECONDS")]
+    storm: Option<f64>,
     /// Kill the guest after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -347,6 +351,12 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
     if let Some(spl) = &a.spl {
         cmdline.push_str(" --spl ");
         cmdline.push_str(spl);
+    }
+    if let Some(st) = a.storm {
+        if !(st >= 0.0 && st.is_finite()) {
+            return Err(format!("--storm {st}: not a number of seconds"));
+        }
+        cmdline.push_str(&format!(" --storm-ms {}", (st * 1000.0).round() as u64));
     }
     if let Some(s) = &a.intr_stack {
         cmdline.push_str(" --intr-stack ");

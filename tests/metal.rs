@@ -109,8 +109,12 @@ fn kern_selftest_without_interrupt_stack() {
 /// `dvma metal race --json`: the rows of `dvma race --json` (the same
 /// fields), each behaving as the mechanism predicts: corruptions exactly
 /// where `tests/race.rs` expects them on Linux.
-fn race(spl: &str, intr_stack: &str) {
-    let Some(o) = metal(&["race", "--json", "--spl", spl, "--intr-stack", intr_stack]) else {
+fn race(spl: &str, intr_stack: &str, storm: Option<&str>) {
+    let mut args = vec!["race", "--json", "--spl", spl, "--intr-stack", intr_stack];
+    if let Some(s) = storm {
+        args.extend(["--storm", s]);
+    }
+    let Some(o) = metal(&args) else {
         return;
     };
     let out = String::from_utf8_lossy(&o.stdout);
@@ -138,19 +142,28 @@ fn race(spl: &str, intr_stack: &str) {
             assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
         }
         assert_eq!(r["ok"], true, "{c}/{p}: {r}");
-        assert_eq!(r["storm_injections"], 0, "{c}/{p}: no storm on metal");
+        if storm.is_none() {
+            assert_eq!(r["storm_injections"], 0, "{c}/{p}: no storm asked for");
+        }
+    }
+    if storm.is_some() {
+        let storm: u64 = rows
+            .iter()
+            .map(|r| r["storm_injections"].as_u64().unwrap())
+            .sum();
+        assert!(storm > 0, "the storm never landed in the allocator");
     }
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
 #[test]
-fn race_rows_lazy_spl() {
-    race("lazy", "on");
+fn race_rows_lazy_spl_with_storm() {
+    race("lazy", "on", Some("0.1"));
 }
 
 #[test]
 fn race_rows_mask_spl_without_interrupt_stack() {
-    race("mask", "off");
+    race("mask", "off", None);
 }
 
 #[test]

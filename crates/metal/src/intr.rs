@@ -21,7 +21,9 @@
 //!
 //! [`interrupt`] is the trap for vectors 32-255 (`trap.rs`): EOI first (the
 //! pending word, not the APIC's in-service register, says what runs), the
-//! timer marks kern's clock vector pending on CPU 0 (hardclock), then
+//! timer marks kern's clock vector pending on CPU 0 once every
+//! [`TICK_NS`] (hardclock) and ticks the storm device if one is attached
+//! ([`set_storm`]), then
 //! [`kern::intr::trap`] runs what is pending above the interrupted IPL,
 //! softints, and decides on the AST push; `CR8` is put back as it was on
 //! the way in, as `sigreturn` restores the signal mask on Linux.
@@ -73,6 +75,38 @@ pub const SPURIOUS: u8 = 0xff;
 pub static UNEXPECTED: AtomicU64 = AtomicU64::new(0);
 /// LAPIC timer interrupts taken.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// The clock tick (hardclock's period).
+pub const TICK_NS: u64 = 10_000_000;
+/// When the next hardclock is due (`clock::nanotime`).
+static NEXT_CLOCK: AtomicU64 = AtomicU64::new(0);
+
+/// A device the timer ticks on every interrupt (the race's storm), or
+/// null.
+static STORM: core::sync::atomic::AtomicPtr<kern::race::RaceKit> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Program the LAPIC timer to interrupt every `period_ns` (hardclock
+/// stays at [`TICK_NS`]). Thread or boot context of CPU 0.
+pub fn timer_period(period_ns: u64) {
+    let count = crate::clock::lapic_hz() * period_ns / 1_000_000_000;
+    lapic::timer_periodic(TIMER, count.clamp(1, u64::from(u32::MAX)) as u32);
+}
+
+/// Attach (`Some`) or detach (`None`) the storm device: every timer
+/// interrupt calls its `device_tick` (complete a request, post the
+/// interrupt), as the storm's host thread does on Linux. Thread context of
+/// CPU 0.
+///
+/// # Safety
+/// 1. An attached kit stays alive until it is detached again (one CPU: the
+///    timer's trap cannot be running while this thread detaches it).
+pub unsafe fn set_storm(kit: Option<&kern::race::RaceKit>) {
+    let p = kit.map_or(core::ptr::null_mut(), |k| {
+        k as *const kern::race::RaceKit as *mut _
+    });
+    STORM.store(p, Relaxed);
+}
 
 /// The vector of hardware IPL `level` (`None` for a soft level).
 pub fn vector_of(level: Ipl) -> Option<u8> {
@@ -166,10 +200,19 @@ pub fn interrupt(r: &mut Regs) {
     lapic::eoi();
     if v == TIMER {
         TICKS.fetch_add(1, Relaxed);
-        if let Some(k) = kern::kernel::try_kernel() {
+        let now = crate::clock::nanotime();
+        if let Some(k) = kern::kernel::try_kernel()
+            && now >= NEXT_CLOCK.load(Relaxed)
+        {
+            NEXT_CLOCK.store(now + TICK_NS, Relaxed);
             // The clock device of CPU 0 posts on its own CPU, in its own
             // trap: set the bit and let this trap's dispatch run it.
             k.cpu(0).line().set_local(1 << k.clock_vector().bit());
+        }
+        // SAFETY: a non-null pointer is a kit that `set_storm`'s caller
+        // keeps alive until it detaches it (its contract).
+        if let Some(kit) = unsafe { STORM.load(Relaxed).as_ref() } {
+            kit.device_tick();
         }
     } else if v != WAKE && vector_of(level_of(v)) != Some(v) {
         UNEXPECTED.fetch_add(1, Relaxed);

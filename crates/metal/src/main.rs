@@ -27,7 +27,7 @@
 //! The kernel command line names a program and its flags:
 //! `hello`, `fault`, `selftest`, `race`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
-//! `--spl lazy|mask`, `--intr-stack on|off` and (race) `--iterations N`. Programs other
+//! `--spl lazy|mask`, `--intr-stack on|off` and (race) `--iterations N`, `--storm-ms N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on a booted kern (one
 //! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
 //!
@@ -116,6 +116,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     let mut opts = Opts {
         json: false,
         iterations: 200,
+        storm_ms: 0,
     };
     let mut spl = SplImpl::Lazy;
     while let Some(w) = words.next() {
@@ -124,6 +125,10 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             "--iterations" => match words.next().and_then(|n| n.parse().ok()) {
                 Some(n) => opts.iterations = n,
                 None => usage("--iterations wants a number"),
+            },
+            "--storm-ms" => match words.next().and_then(|n| n.parse().ok()) {
+                Some(n) => opts.storm_ms = n,
+                None => usage("--storm-ms wants a number"),
             },
             "--spl" => match words.next() {
                 Some("lazy") => spl = SplImpl::Lazy,
@@ -154,7 +159,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             console::exit(EXIT_FAIL)
         }
         "selftest" => |ctx, o| selftest::run(ctx, o.json),
-        "race" => |ctx, o| race::run(ctx, o.json, o.iterations),
+        "race" => |ctx, o| race::run(ctx, o.json, o.iterations, o.storm_ms),
         "overflow" => |_, _| {
             // Run off the end of this thread's stack: the guard page must
             // stop it at once (a page fault reported as a kernel stack
@@ -180,15 +185,13 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N)"
     );
     console::exit(EXIT_USAGE)
 }
 
 /// Bytes of RAM given to kern as its physical memory.
 const PHYSMEM: usize = 32 << 20;
-/// The clock tick.
-const TICK_NS: u64 = 10_000_000;
 
 /// The program's result, set by its thread before it shuts kern down.
 static RESULT: AtomicU8 = AtomicU8::new(EXIT_FAIL);
@@ -198,6 +201,7 @@ static RESULT: AtomicU8 = AtomicU8::new(EXIT_FAIL);
 struct Opts {
     json: bool,
     iterations: u32,
+    storm_ms: u64,
 }
 
 /// A program: its kernel thread's body; returns the guest status.
@@ -243,8 +247,7 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! 
     md::PERCPU[0]
         .cpu
         .store(k.cpu(0) as *const kern::cpu::Cpu as *mut _, Relaxed);
-    let count = clock::lapic_hz() * TICK_NS / 1_000_000_000;
-    lapic::timer_periodic(intr::TIMER, count as u32);
+    intr::timer_period(intr::TICK_NS);
     x86::sti();
     kern::sched::cpu_run();
     let code = RESULT.load(Relaxed);

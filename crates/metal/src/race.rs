@@ -10,8 +10,12 @@
 //! frame is pushed onto the interrupted allocation's own stack through the
 //! `iretq` frame.
 //!
-//! There is no storm device on metal (`dvma race --storm`): each row is
-//! the deterministic injections only, so `storm_injections` is 0.
+//! With `--storm-ms N` each row then allocates for N ms under a storm: the
+//! LAPIC timer interrupts every [`STORM_PERIOD_NS`] and each of its traps
+//! ticks the kit's device (`RaceKit::device_tick`: complete a request,
+//! post the interrupt), wherever the thread was, as the storm's host
+//! thread interrupts the vCPU on Linux (`dvma race --storm`). Hardclock
+//! stays at its 10 ms.
 //!
 //! Output: a table on the console, or with `--json` one line
 //! `json: [...]` with the fields of `dvma race --json`. Exit status 0 only
@@ -65,9 +69,12 @@ fn row_json(out: &mut String, r: &RaceRow) {
     out.push('}');
 }
 
-/// Run every row with `iterations` injected allocations each; returns the
-/// guest status.
-pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32) -> u8 {
+/// The LAPIC timer's period during a storm.
+pub const STORM_PERIOD_NS: u64 = 50_000;
+
+/// Run every row with `iterations` injected allocations each, then
+/// `storm_ms` of storm; returns the guest status.
+pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32, storm_ms: u64) -> u8 {
     let kit = match RaceKit::attach(0) {
         Ok(k) => k,
         Err(e) => {
@@ -75,13 +82,19 @@ pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32) -> u8 {
             return crate::EXIT_FAIL;
         }
     };
+    if storm_ms > 0 {
+        // SAFETY: detached below, before `kit` is.
+        unsafe { crate::intr::set_storm(Some(&kit)) };
+        crate::intr::timer_period(STORM_PERIOD_NS);
+    }
     let mut rows = alloc::vec::Vec::new();
     if !json {
         kprintln!(
-            "{:<10} {:<10} {:>10} {:>11} {:>11}  {:<9} result",
+            "{:<10} {:<10} {:>10} {:>8} {:>11} {:>11}  {:<9} result",
             "completion",
             "protection",
             "injections",
+            "(storm)",
             "corruptions",
             "completions",
             "expected"
@@ -89,13 +102,14 @@ pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32) -> u8 {
     }
     for p in Protection::ALL {
         for c in Completion::ALL {
-            let r = kit.run_row(ctx, c, p, iterations, 0);
+            let r = kit.run_row(ctx, c, p, iterations, storm_ms * 1_000_000);
             if !json {
                 kprintln!(
-                    "{:<10} {:<10} {:>10} {:>11} {:>11}  {:<9} {}",
+                    "{:<10} {:<10} {:>10} {:>8} {:>11} {:>11}  {:<9} {}",
                     r.completion.name(),
                     r.protection.name(),
                     r.injections,
+                    r.storm_injections,
                     r.corruptions,
                     r.completions,
                     if r.expected_corrupt {
@@ -108,6 +122,11 @@ pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32) -> u8 {
             }
             rows.push(r);
         }
+    }
+    if storm_ms > 0 {
+        crate::intr::timer_period(crate::intr::TICK_NS);
+        // SAFETY: detaching; the kit is still alive.
+        unsafe { crate::intr::set_storm(None) };
     }
     kit.detach(ctx);
     let all_ok = rows.iter().all(RaceRow::ok);
