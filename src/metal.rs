@@ -33,7 +33,9 @@ pub struct MetalArgs {
     /// What the kernel runs: `hello` (boot and exit), `fault` (a page
     /// fault, which must be reported and fail), `selftest` (kern on metal:
     /// spl, interrupts, softints, threads, callouts), `race` (the 1995
-    /// race, every completion mode x protection).
+    /// race, every completion mode x protection), `bench micro` (the
+    /// mechanisms timed; under TCG the figures are the emulator's),
+    /// `overflow` (a kernel stack overflow, which must be caught).
     program: String,
     /// Arguments passed to the program (on the kernel command line).
     args: Vec<String>,
@@ -54,6 +56,10 @@ pub struct MetalArgs {
     /// Use TCG (QEMU's emulator) even if KVM is available.
     #[arg(long)]
     tcg: bool,
+    /// `race`: injected allocations per row (default 200); `bench micro`:
+    /// repetitions per figure (default 5).
+    #[arg(long)]
+    iterations: Option<u32>,
     /// `race`: also run each row under an interrupt storm for this many
     /// seconds (the LAPIC timer as the storm device).
     #[arg(long, value_name = "SECONDS")]
@@ -351,6 +357,9 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
     if let Some(spl) = &a.spl {
         cmdline.push_str(" --spl ");
         cmdline.push_str(spl);
+    }
+    if let Some(n) = a.iterations {
+        cmdline.push_str(&format!(" --iterations {n}"));
     }
     if let Some(st) = a.storm {
         if !(st >= 0.0 && st.is_finite()) {

@@ -179,3 +179,28 @@ fn stack_overflow_hits_the_guard_page() {
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
+
+/// `dvma metal bench micro --json` runs and says what it timed; the
+/// figures themselves are not checked (under TCG they are the emulator's).
+#[test]
+fn bench_micro_runs_and_counts() {
+    let Some(o) = metal(&["bench", "micro", "--json", "--iterations", "1"]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bench micro printed no JSON ({e}): {}", text(&o)));
+    for f in [
+        "spl_pair_ns",
+        "switch_ns",
+        "intr_ns",
+        "ast_ns",
+        "softint_dispatch_ns",
+    ] {
+        assert!(v[f].as_f64().is_some_and(|x| x > 0.0), "{f}: {}", text(&o));
+    }
+    assert_eq!(v["intr_runs"], v["posted"], "{}", text(&o));
+    assert_eq!(v["ok"], true, "{}", text(&o));
+    assert!(!v["hypervisor"].as_str().unwrap_or("").is_empty());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -21,13 +21,15 @@
 //! | `stacks` | kernel-thread stacks with unmapped guard pages |
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
+//! | `micro` | the `bench micro` program |
 //! | `x86` | privileged instructions |
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest`, `race`, `overflow` (a kernel thread
+//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
-//! `--spl lazy|mask`, `--intr-stack on|off` and (race) `--iterations N`, `--storm-ms N`. Programs other
+//! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
+//! bench micro: repetitions) and (race) `--storm-ms N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on a booted kern (one
 //! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
 //!
@@ -50,6 +52,7 @@ pub mod intr;
 pub mod lapic;
 pub mod md;
 pub mod mem;
+pub mod micro;
 pub mod pvh;
 pub mod race;
 pub mod selftest;
@@ -112,10 +115,16 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     );
     let cmd = info.cmdline();
     let mut words = cmd.split_whitespace();
-    let prog = words.next().unwrap_or("hello");
+    let mut prog = words.next().unwrap_or("hello");
+    if prog == "bench" {
+        prog = match words.next() {
+            Some("micro") => "bench micro",
+            other => usage(&alloc::format!("bench {other:?}")),
+        };
+    }
     let mut opts = Opts {
         json: false,
-        iterations: 200,
+        iterations: None,
         storm_ms: 0,
     };
     let mut spl = SplImpl::Lazy;
@@ -123,7 +132,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         match w {
             "--json" => opts.json = true,
             "--iterations" => match words.next().and_then(|n| n.parse().ok()) {
-                Some(n) => opts.iterations = n,
+                Some(n) => opts.iterations = Some(n),
                 None => usage("--iterations wants a number"),
             },
             "--storm-ms" => match words.next().and_then(|n| n.parse().ok()) {
@@ -159,7 +168,8 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
             console::exit(EXIT_FAIL)
         }
         "selftest" => |ctx, o| selftest::run(ctx, o.json),
-        "race" => |ctx, o| race::run(ctx, o.json, o.iterations, o.storm_ms),
+        "race" => |ctx, o| race::run(ctx, o.json, o.iterations.unwrap_or(200), o.storm_ms),
+        "bench micro" => |ctx, o| micro::run(ctx, o.json, o.iterations.unwrap_or(5)),
         "overflow" => |_, _| {
             // Run off the end of this thread's stack: the guard page must
             // stop it at once (a page fault reported as a kernel stack
@@ -185,7 +195,7 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -200,7 +210,7 @@ static RESULT: AtomicU8 = AtomicU8::new(EXIT_FAIL);
 #[derive(Clone, Copy, Debug)]
 struct Opts {
     json: bool,
-    iterations: u32,
+    iterations: Option<u32>,
     storm_ms: u64,
 }
 
