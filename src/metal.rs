@@ -50,6 +50,10 @@ pub struct MetalArgs {
     /// Print the program's JSON result on stdout, the console on stderr.
     #[arg(long)]
     json: bool,
+    /// CPUs of the virtual machine (`-smp`); the kernel starts them all
+    /// (at most 8).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    cpus: u32,
     /// Require KVM.
     #[arg(long, conflicts_with = "tcg")]
     kvm: bool,
@@ -188,7 +192,7 @@ pub fn kvm_usable() -> bool {
 }
 
 /// The QEMU command line that boots `kernel` with `cmdline`.
-pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool) -> Command {
+pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool, cpus: u32) -> Command {
     let mut c = Command::new(&q.bin);
     if let Some(p) = &q.prefix {
         let lib = p.join("usr/lib/x86_64-linux-gnu");
@@ -205,8 +209,6 @@ pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool) -> Comman
     c.args([
         "-m",
         "256M",
-        "-smp",
-        "1",
         "-nodefaults",
         "-display",
         "none",
@@ -220,6 +222,7 @@ pub fn qemu_command(q: &Qemu, kernel: &Path, cmdline: &str, kvm: bool) -> Comman
         "-kernel",
     ]);
     c.arg(kernel).arg("-append").arg(cmdline);
+    c.arg("-smp").arg(cpus.to_string());
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -241,15 +244,16 @@ enum Line {
     Err(String),
 }
 
-fn run_once(
-    q: &Qemu,
-    kernel: &Path,
-    cmdline: &str,
-    kvm: bool,
-    deadline: Instant,
+struct Guest<'a> {
+    kernel: &'a Path,
+    cmdline: &'a str,
+    cpus: u32,
     json: bool,
-) -> Result<Run, String> {
-    let mut child = qemu_command(q, kernel, cmdline, kvm)
+}
+
+fn run_once(q: &Qemu, g: &Guest<'_>, kvm: bool, deadline: Instant) -> Result<Run, String> {
+    let json = g.json;
+    let mut child = qemu_command(q, g.kernel, g.cmdline, kvm, g.cpus)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", q.bin.display()))?;
     let out = child.stdout.take().ok_or("no QEMU stdout")?;
@@ -378,13 +382,20 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
     let mut kvm = kvm;
     let st = loop {
         eprintln!(
-            "dvma metal: {} {} ({}), kernel {}",
+            "dvma metal: {} {} ({}, {} CPU(s)), kernel {}",
             q.bin.display(),
             cmdline,
             if kvm { "KVM" } else { "TCG" },
+            a.cpus,
             kernel.display()
         );
-        match run_once(&q, &kernel, &cmdline, kvm, deadline, a.json)? {
+        let g = Guest {
+            kernel: &kernel,
+            cmdline: &cmdline,
+            cpus: a.cpus,
+            json: a.json,
+        };
+        match run_once(&q, &g, kvm, deadline)? {
             Run::Exited(st) => break st,
             Run::TimedOut => {
                 return Err(format!(

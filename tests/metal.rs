@@ -62,7 +62,7 @@ fn page_fault_is_reported_and_fails() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
 
-fn selftest(spl: &str, intr_stack: &str) {
+fn selftest(spl: &str, intr_stack: &str, cpus: &str) {
     let Some(o) = metal(&[
         "selftest",
         "--json",
@@ -70,6 +70,8 @@ fn selftest(spl: &str, intr_stack: &str) {
         spl,
         "--intr-stack",
         intr_stack,
+        "--cpus",
+        cpus,
     ]) else {
         return;
     };
@@ -88,29 +90,49 @@ fn selftest(spl: &str, intr_stack: &str) {
     ] {
         assert_eq!(v[check], true, "{check}: {}", text(&o));
     }
+    assert_eq!(v["cpus"].to_string(), cpus, "{}", text(&o));
+    if cpus != "1" {
+        assert_eq!(v["other_cpu"], true, "{}", text(&o));
+    }
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
 #[test]
 fn kern_selftest_lazy_spl() {
-    selftest("lazy", "on");
+    selftest("lazy", "on", "1");
 }
 
 #[test]
 fn kern_selftest_mask_spl_is_cr8() {
-    selftest("mask", "on");
+    selftest("mask", "on", "1");
 }
 
 #[test]
 fn kern_selftest_without_interrupt_stack() {
-    selftest("lazy", "off");
+    selftest("lazy", "off", "1");
+}
+
+/// Two CPUs: started with INIT-SIPI-SIPI from the MADT, a thread on
+/// CPU 1 (woken by an IPI), an interrupt from CPU 1 to CPU 0.
+#[test]
+fn kern_selftest_two_cpus() {
+    selftest("lazy", "on", "2");
 }
 
 /// `dvma metal race --json`: the rows of `dvma race --json` (the same
 /// fields), each behaving as the mechanism predicts: corruptions exactly
 /// where `tests/race.rs` expects them on Linux.
-fn race(spl: &str, intr_stack: &str, storm: Option<&str>) {
-    let mut args = vec!["race", "--json", "--spl", spl, "--intr-stack", intr_stack];
+fn race(spl: &str, intr_stack: &str, storm: Option<&str>, cpus: &str) {
+    let mut args = vec![
+        "race",
+        "--json",
+        "--spl",
+        spl,
+        "--intr-stack",
+        intr_stack,
+        "--cpus",
+        cpus,
+    ];
     if let Some(s) = storm {
         args.extend(["--storm", s]);
     }
@@ -158,12 +180,18 @@ fn race(spl: &str, intr_stack: &str, storm: Option<&str>) {
 
 #[test]
 fn race_rows_lazy_spl_with_storm() {
-    race("lazy", "on", Some("0.1"));
+    race("lazy", "on", Some("0.1"), "1");
 }
 
 #[test]
 fn race_rows_mask_spl_without_interrupt_stack() {
-    race("mask", "off", None);
+    race("mask", "off", None, "1");
+}
+
+/// The bar: the race's rows on two CPUs.
+#[test]
+fn race_rows_two_cpus() {
+    race("lazy", "on", None, "2");
 }
 
 #[test]

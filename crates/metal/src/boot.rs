@@ -20,27 +20,32 @@
 //! not enabled.
 //!
 //! The GDT has a 64-bit code segment (0x08), a data segment (0x10) and a
-//! TSS descriptor (0x18, 16 bytes) that [`crate::trap`] fills in before it
-//! loads the task register.
+//! TSS descriptor (16 bytes) per CPU, which [`crate::trap`] fills in
+//! before that CPU loads its task register.
 
 use core::sync::atomic::AtomicU64;
 
 /// Bytes of the boot stack (CPU 0's idle context runs on it for good).
 pub const BOOT_STACK: usize = 256 * 1024;
 
-/// The GDT: null, code64, data, TSS (two slots). [`crate::trap`] writes
-/// the TSS descriptor (slots 3 and 4) once, before `ltr`, on the boot CPU.
-#[unsafe(no_mangle)]
-pub static DVMA_GDT: [AtomicU64; 5] = [
-    AtomicU64::new(0),
-    AtomicU64::new(0x00af_9a00_0000_ffff),
-    AtomicU64::new(0x00cf_9200_0000_ffff),
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-];
+/// Entries of the GDT: null, code64, data, then a TSS descriptor (two
+/// slots) per CPU.
+pub const GDT_ENTRIES: usize = 3 + 2 * crate::acpi::MAXCPU;
 
-/// The selector of the TSS descriptor in [`DVMA_GDT`].
-pub const TSS_SELECTOR: u16 = 0x18;
+/// The GDT. [`crate::trap`] writes CPU i's TSS descriptor (slots 3 + 2i
+/// and 4 + 2i) once, on CPU i, before its `ltr`.
+#[unsafe(no_mangle)]
+pub static DVMA_GDT: [AtomicU64; GDT_ENTRIES] = {
+    let mut g = [const { AtomicU64::new(0) }; GDT_ENTRIES];
+    g[1] = AtomicU64::new(0x00af_9a00_0000_ffff);
+    g[2] = AtomicU64::new(0x00cf_9200_0000_ffff);
+    g
+};
+
+/// The selector of CPU `i`'s TSS descriptor in [`DVMA_GDT`].
+pub const fn tss_selector(i: usize) -> u16 {
+    ((3 + 2 * i) * 8) as u16
+}
 
 core::arch::global_asm!(
     // ---- the PVH note ------------------------------------------------------
@@ -62,7 +67,7 @@ core::arch::global_asm!(
     "dvma_boot_pd: .zero 4096 * 4",
     ".p2align 3",
     "dvma_gdt_ptr:",
-    ".word 5 * 8 - 1",
+    ".word {gdt_limit}",
     ".quad DVMA_GDT",
     ".popsection",
     // ---- the boot stack ------------------------------------------------
@@ -158,5 +163,6 @@ core::arch::global_asm!(
     "jmp 6b",
     ".popsection",
     stack = const BOOT_STACK,
+    gdt_limit = const GDT_ENTRIES * 8 - 1,
     main = sym crate::metal_main,
 );

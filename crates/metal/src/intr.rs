@@ -99,8 +99,9 @@ pub fn timer_period(period_ns: u64) {
 /// CPU 0.
 ///
 /// # Safety
-/// 1. An attached kit stays alive until it is detached again (one CPU: the
-///    timer's trap cannot be running while this thread detaches it).
+/// 1. An attached kit stays alive until it is detached again (the timer
+///    interrupts CPU 0 only, and its trap cannot be running while this
+///    thread, on CPU 0, detaches it).
 pub unsafe fn set_storm(kit: Option<&kern::race::RaceKit>) {
     let p = kit.map_or(core::ptr::null_mut(), |k| {
         k as *const kern::race::RaceKit as *mut _

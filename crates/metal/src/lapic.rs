@@ -130,6 +130,23 @@ pub fn send_ipi(dest: Dest, vector: u8) {
     })
 }
 
+/// Send INIT (assert) to the CPU with APIC id `id`.
+pub fn send_init(id: u32) {
+    x86::without_interrupts(|| {
+        write(ICR_HI, id << 24);
+        write(ICR_LO, (1 << 14) | (0b101 << 8));
+    })
+}
+
+/// Send a startup IPI to the CPU with APIC id `id`: it starts in real
+/// mode at `page << 12`.
+pub fn send_sipi(id: u32, page: u8) {
+    x86::without_interrupts(|| {
+        write(ICR_HI, id << 24);
+        write(ICR_LO, (1 << 14) | (0b110 << 8) | u32::from(page));
+    })
+}
+
 /// Timer divide configuration: divide by 16.
 const DIV16: u32 = 0b0011;
 

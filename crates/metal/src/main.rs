@@ -19,6 +19,8 @@
 //! | `heap` | the global allocator |
 //! | `pvh` | the PVH start info (command line, memory map) |
 //! | `stacks` | kernel-thread stacks with unmapped guard pages |
+//! | `acpi` | the MADT's CPUs |
+//! | `smp` | INIT-SIPI-SIPI, the real-mode trampoline, the APs' entry |
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
 //! | `micro` | the `bench micro` program |
@@ -30,8 +32,10 @@
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
 //! bench micro: repetitions) and (race) `--storm-ms N`. Programs other
-//! than `hello` and `fault` run as a kernel thread on a booted kern (one
-//! CPU); the boot stack becomes CPU 0's idle context (`kern::sched::cpu_run`).
+//! than `hello` and `fault` run as a kernel thread on CPU 0 of a booted
+//! kern with every CPU the MADT lists (QEMU's `-smp`, at most 8); the boot
+//! stack becomes CPU 0's idle context (`kern::sched::cpu_run`), and each
+//! other CPU runs `cpu_run` on its own boot stack (`smp.rs`).
 //!
 //! # Guest exit status
 //! 0: the program passed; 1: it ran and failed; 2: a panic; 3: a CPU
@@ -43,6 +47,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod boot;
 #[macro_use]
 pub mod console;
@@ -56,6 +61,7 @@ pub mod micro;
 pub mod pvh;
 pub mod race;
 pub mod selftest;
+pub mod smp;
 pub mod stacks;
 pub mod trap;
 pub mod x86;
@@ -93,7 +99,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     // recognises it and falls back to TCG.
     // SAFETY: clears a vector register the compiler is told about.
     unsafe { core::arch::asm!("xorps xmm0, xmm0", out("xmm0") _, options(nomem, nostack)) };
-    trap::init();
+    trap::init(0);
     intr::pic_disable();
     lapic::init(intr::SPURIOUS);
     md::percpu_init(0);
@@ -179,7 +185,15 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         },
         other => usage(other),
     };
-    run_kernel(prog, body, opts, spl)
+    let pvh_low = info.low_structures();
+    assert!(
+        pvh_low
+            .iter()
+            .all(|&(a, l)| a + l <= smp::TRAMP || a >= smp::TRAMP + 4096),
+        "the PVH structures {pvh_low:x?} overlap the AP trampoline at {:#x}",
+        smp::TRAMP
+    );
+    run_kernel(prog, body, opts, spl, info.rsdp())
 }
 
 /// Recurse with a 1 KiB frame until `n` reaches `u64::MAX`, which the
@@ -219,10 +233,17 @@ type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 
 /// Boot kern on this CPU, run `body` as a kernel thread, idle until kern
 /// shuts down, exit with the body's status.
-fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! {
+fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp: usize) -> ! {
     clock::calibrate();
+    let ncpu = match acpi::cpu_apic_ids(rsdp) {
+        Some((ids, n)) if n > 1 => {
+            stacks::set_reuse(false);
+            smp::start_aps(&ids[..n])
+        }
+        _ => 1,
+    };
     kprintln!(
-        "metal: TSC {} MHz, LAPIC timer {} kHz (/16), spl {}, interrupt stack {}",
+        "metal: {ncpu} CPU(s), TSC {} MHz, LAPIC timer {} kHz (/16), spl {}, interrupt stack {}",
         clock::tsc_hz() / 1_000_000,
         clock::lapic_hz() / 1000,
         spl.name(),
@@ -239,7 +260,7 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! 
     let k = match kern::kernel::boot(
         md,
         KernelConfig {
-            ncpu: 1,
+            ncpu,
             spl,
             ..KernelConfig::default()
         },
@@ -258,8 +279,23 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl) -> ! 
         .cpu
         .store(k.cpu(0) as *const kern::cpu::Cpu as *mut _, Relaxed);
     intr::timer_period(intr::TICK_NS);
+    smp::release();
     x86::sti();
     kern::sched::cpu_run();
+    // Every CPU leaves `cpu_run` once kern has shut down; wait for the
+    // others (bounded) so that the exit status reports a whole shutdown.
+    let t = clock::nanotime() + 5_000_000_000;
+    while smp::DONE.load(Relaxed) + 1 < ncpu && clock::nanotime() < t {
+        core::hint::spin_loop();
+    }
+    if smp::DONE.load(Relaxed) + 1 < ncpu {
+        kprintln!(
+            "metal: {} of {} other CPUs left cpu_run",
+            smp::DONE.load(Relaxed),
+            ncpu - 1
+        );
+        console::exit(EXIT_FAIL);
+    }
     let code = RESULT.load(Relaxed);
     kprintln!(
         "metal: kern shut down; program {name} exit {code} ({} traps, {} timer ticks, {} late self-IPIs)",

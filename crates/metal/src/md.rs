@@ -3,6 +3,7 @@
 //!
 //! | kern asks for | metal gives |
 //! |---|---|
+//! | CPUs | the boot CPU and the MADT's others (`smp.rs`), each with its [`PerCpu`] |
 //! | `dvma_md_curcpu` | a `%gs`-relative load: `IA32_GS_BASE` points at the CPU's [`PerCpu`], whose first word is its `kern::cpu::Cpu` |
 //! | `dvma_md_switch` | `cpu_switchto` in assembly: push the callee-saved registers, swap `rsp`, pop, `ret` |
 //! | `kick(cpu, Interrupt(l))` | an IPI with `l`'s vector (`intr.rs`); to itself with the "self" shorthand, and then, if the CPU takes interrupts at that class, a wait until the APIC has delivered it, so the interrupt lands right there as a signal to oneself does on Linux |
@@ -46,12 +47,22 @@ pub struct PerCpu {
     pub apic_id: AtomicU64,
 }
 
-/// The per-CPU areas (only CPU 0 runs yet).
-pub static PERCPU: [PerCpu; 1] = [PerCpu {
-    cpu: AtomicPtr::new(core::ptr::null_mut()),
-    index: 0,
-    apic_id: AtomicU64::new(0),
-}];
+/// The per-CPU areas.
+pub static PERCPU: [PerCpu; crate::acpi::MAXCPU] = {
+    let mut a = [const {
+        PerCpu {
+            cpu: AtomicPtr::new(core::ptr::null_mut()),
+            index: 0,
+            apic_id: AtomicU64::new(0),
+        }
+    }; crate::acpi::MAXCPU];
+    let mut i = 0;
+    while i < crate::acpi::MAXCPU {
+        a[i].index = i;
+        i += 1;
+    }
+    a
+};
 
 const IA32_GS_BASE: u32 = 0xc000_0101;
 

@@ -36,6 +36,22 @@ impl StartInfo {
         unsafe { core::ptr::read_unaligned((self.addr + off) as *const u64) }
     }
 
+    /// The ACPI RSDP's address (0 if none).
+    pub fn rsdp(&self) -> usize {
+        self.u64(32) as usize
+    }
+
+    /// Where the loader's own structures lie (start info, command line,
+    /// memory map): `(address, bytes)`.
+    pub fn low_structures(&self) -> [(usize, usize); 3] {
+        let cmd = self.u64(24) as usize;
+        [
+            (self.addr, 56),
+            (cmd, self.cmdline().len() + 1),
+            (self.u64(40) as usize, self.u32(48) as usize * 24),
+        ]
+    }
+
     /// The command line (`-append`), or "" if none or not UTF-8.
     pub fn cmdline(&self) -> &'static str {
         let p = self.u64(24) as usize;

@@ -17,7 +17,10 @@
 //!   thread through a pushed frame (the trampoline), with the thread's
 //!   registers intact;
 //! * `intr_stack`: the handler ran on the CPU's interrupt stack with
-//!   `--intr-stack on`, on the interrupted thread's stack with `off`.
+//!   `--intr-stack on`, on the interrupted thread's stack with `off`;
+//! * `other_cpu` (with two CPUs or more): a thread created for CPU 1 (an
+//!   IPI wakes that CPU's `hlt`) runs there and posts the interrupt to
+//!   CPU 0 (an IPI to another CPU), whose handler runs on CPU 0.
 //!
 //! # Contexts
 //! [`run`] is thread context (the program's kernel thread on CPU 0).
@@ -42,6 +45,10 @@ static MODE: AtomicU32 = AtomicU32::new(0);
 static CALLOUT_AT: AtomicU64 = AtomicU64::new(0);
 static CHAN: AtomicU32 = AtomicU32::new(0);
 static WOKEN: AtomicBool = AtomicBool::new(false);
+/// The CPU of the handler's last run.
+static HANDLER_CPU: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The CPU the other-CPU thread ran on.
+static OTHER_RAN_ON: AtomicU64 = AtomicU64::new(u64::MAX);
 /// The stack pointer of the handler's last run.
 static HANDLER_SP: AtomicU64 = AtomicU64::new(0);
 
@@ -86,6 +93,7 @@ pub fn run(ctx: &ThreadCtx, json: bool) -> u8 {
     let h = intr_establish(Ipl::Bio, "selftest0", move |ictx| {
         HARD_RUNS.fetch_add(1, Relaxed);
         HANDLER_SP.store(rsp(), Relaxed);
+        HANDLER_CPU.store(kern::cpu::curcpu().index() as u64, Relaxed);
         match MODE.load(Relaxed) {
             MODE_SOFTINT => softint_schedule(&soft),
             MODE_AST => ast_push(ictx, &ast),
@@ -212,6 +220,28 @@ pub fn run(ctx: &ThreadCtx, json: bool) -> u8 {
         ),
     );
 
+    if k.ncpu() >= 2 {
+        let runs0 = HARD_RUNS.load(Relaxed);
+        HANDLER_CPU.store(u64::MAX, Relaxed);
+        let t = kthread_create(Some(1), "selftest cpu1", move |_| {
+            OTHER_RAN_ON.store(kern::cpu::curcpu().index() as u64, Relaxed);
+            intr_post(0, h);
+        })
+        .expect("kthread on cpu1");
+        let joined = t.join(ctx).is_ok();
+        let t0 = k.md().nanotime();
+        while HARD_RUNS.load(Relaxed) == runs0 && k.md().nanotime() < t0 + 100_000_000 {
+            kern::sched::yield_now(ctx);
+        }
+        let on = OTHER_RAN_ON.load(Relaxed);
+        let hc = HANDLER_CPU.load(Relaxed);
+        check(
+            "other_cpu",
+            joined && on == 1 && HARD_RUNS.load(Relaxed) == runs0 + 1 && hc == 0,
+            &alloc::format!("thread ran on cpu{on}, its interrupt's handler on cpu{hc}"),
+        );
+    }
+    let _ = write!(out, "\"cpus\":{},", k.ncpu());
     if json {
         kprintln!("json: {{{}\"ok\":{all}}}", out);
     } else {

@@ -9,18 +9,25 @@
 //! (`trap.rs`) recognises an address in this region and reports a kernel
 //! stack overflow.
 //!
-//! Slots are never returned to the virtual space: a freed slot is kept on
-//! a free list and reused by the next stack of the same size, so its page
-//! tables are reused too. Page tables of the region come from the heap
+//! All CPUs share the boot page tables, so a mapping made here is seen by
+//! every CPU; the region's intermediate tables are never freed.
+//!
+//! Slots are never returned to the virtual space. With one CPU a freed
+//! slot is kept on a free list and reused by the next stack of the same
+//! size, its page tables with it; with more ([`set_reuse`]`(false)`) a
+//! freed slot is never used again, since another CPU may still hold a
+//! translation of it in its TLB and there is no shootdown yet (the page
+//! tables of freed slots stay: 4 KiB per 2 MiB of stacks ever made). Page tables of the region come from the heap
 //! (zeroed, 4 KiB aligned; the heap is identity-mapped, so their address
 //! is their physical address).
 //!
 //! # Contexts
 //! [`alloc()`] and [`free`]: thread context only (kern creates and reaps
 //! threads there); they allocate from the heap. Their lock is taken with
-//! interrupts disabled, and no interrupt handler takes it. One CPU: a
-//! removed mapping is invalidated with `invlpg` on this CPU only (another
-//! CPU would need a shootdown).
+//! interrupts disabled, and no interrupt handler takes it. A removed
+//! mapping is invalidated with `invlpg` on the freeing CPU only; another
+//! CPU may keep a stale translation, which is why slots are reused only
+//! while one CPU runs.
 
 use alloc::vec::Vec;
 use core::alloc::Layout;
@@ -28,6 +35,15 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 use crate::x86;
+
+/// Reuse freed slots (one CPU only).
+static REUSE: AtomicBool = AtomicBool::new(true);
+
+/// Whether freed slots may be reused: only while a single CPU runs.
+/// Boot, before the other CPUs start.
+pub fn set_reuse(on: bool) {
+    REUSE.store(on, Relaxed);
+}
 
 /// The stacks' virtual region: `[REGION, REGION + REGION_SIZE)`.
 pub const REGION: usize = 0x80_0000_0000;
@@ -189,7 +205,9 @@ pub unsafe fn free(guard: usize, top: usize) {
             (unsafe { e.read() } & ADDR) as usize
         });
         unmap(guard, size);
-        st.free.push((guard, size + GUARD));
+        if REUSE.load(Relaxed) {
+            st.free.push((guard, size + GUARD));
+        }
         ram
     });
     if let Some(ram) = ram {

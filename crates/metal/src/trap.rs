@@ -29,7 +29,8 @@
 
 use core::cell::UnsafeCell;
 
-use crate::boot::{DVMA_GDT, TSS_SELECTOR};
+use crate::acpi::MAXCPU;
+use crate::boot::{DVMA_GDT, GDT_ENTRIES, tss_selector};
 use crate::console::print_fatal;
 
 /// Guest exit status of a fatal exception.
@@ -264,11 +265,14 @@ unsafe impl<T> Sync for BootTable<T> {}
 struct Stack<const N: usize>([u8; N]);
 
 static IDT: BootTable<[[u64; 2]; 256]> = BootTable(UnsafeCell::new([[0; 2]; 256]));
-/// The TSS: 104 bytes; IST1 at byte 36, IST2 at 44, I/O map base at 102.
-static TSS: BootTable<[u32; 26]> = BootTable(UnsafeCell::new([0; 26]));
-static INTR_STACK0: BootTable<Stack<INTR_STACK>> =
-    BootTable(UnsafeCell::new(Stack([0; INTR_STACK])));
-static EXC_STACK0: BootTable<Stack<EXC_STACK>> = BootTable(UnsafeCell::new(Stack([0; EXC_STACK])));
+/// The TSSs, one per CPU: 104 bytes; IST1 at byte 36, IST2 at 44, I/O map
+/// base at 102.
+static TSS: [BootTable<[u32; 26]>; MAXCPU] =
+    [const { BootTable(UnsafeCell::new([0; 26])) }; MAXCPU];
+static INTR_STACKS: [BootTable<Stack<INTR_STACK>>; MAXCPU] =
+    [const { BootTable(UnsafeCell::new(Stack([0; INTR_STACK]))) }; MAXCPU];
+static EXC_STACKS: [BootTable<Stack<EXC_STACK>>; MAXCPU] =
+    [const { BootTable(UnsafeCell::new(Stack([0; EXC_STACK]))) }; MAXCPU];
 
 fn gate(handler: usize, ist: u8) -> [u64; 2] {
     let h = handler as u64;
@@ -297,54 +301,56 @@ pub fn intr_stack_on() -> bool {
     !DVMA_INTR_STACK_OFF.load(core::sync::atomic::Ordering::Relaxed)
 }
 
-/// Is `sp` on CPU 0's interrupt stack?
+/// Is `sp` on some CPU's interrupt stack?
 pub fn on_intr_stack(sp: usize) -> bool {
-    (INTR_STACK0.0.get() as usize..intr_stack_top()).contains(&sp)
+    INTR_STACKS.iter().any(|s| {
+        let lo = s.0.get() as usize;
+        (lo..lo + INTR_STACK).contains(&sp)
+    })
 }
 
-/// The top of CPU 0's interrupt stack (IST1).
-pub fn intr_stack_top() -> usize {
-    INTR_STACK0.0.get() as usize + INTR_STACK
-}
-
-/// Fill and load the IDT, the TSS and its descriptor. Boot CPU, once,
-/// with interrupts disabled, before anything can trap.
-pub fn init() {
-    let ist1 = intr_stack_top() as u64;
-    let ist2 = (EXC_STACK0.0.get() as usize + EXC_STACK) as u64;
-    // SAFETY: boot CPU, interrupts off, nothing has loaded these tables
-    // yet: these are the only references.
+/// Fill (CPU 0: also the shared IDT) and load the IDT, CPU `i`'s TSS and
+/// its descriptor. CPU `i`, once, with interrupts disabled, before
+/// anything can trap on it; CPU 0 first.
+pub fn init(i: usize) {
+    let ist1 = (INTR_STACKS[i].0.get() as usize + INTR_STACK) as u64;
+    let ist2 = (EXC_STACKS[i].0.get() as usize + EXC_STACK) as u64;
+    // SAFETY: CPU i, interrupts off: its TSS is not loaded yet, and the
+    // IDT is written only by CPU 0 before any other CPU starts: these are
+    // the only references.
     unsafe {
-        let tss = &mut *TSS.0.get();
+        let tss = &mut *TSS[i].0.get();
         tss[9] = ist1 as u32;
         tss[10] = (ist1 >> 32) as u32;
         tss[11] = ist2 as u32;
         tss[12] = (ist2 >> 32) as u32;
         tss[25] = 104 << 16; // I/O map base beyond the limit: no I/O bitmap
-        let idt = &mut *IDT.0.get();
-        for (v, e) in idt.iter_mut().enumerate() {
-            *e = if v < 32 {
-                gate(dvma_exc_stubs as *const () as usize + v * 16, 2)
-            } else {
-                gate(dvma_intr_stubs as *const () as usize + (v - 32) * 16, 1)
-            };
+        if i == 0 {
+            let idt = &mut *IDT.0.get();
+            for (v, e) in idt.iter_mut().enumerate() {
+                *e = if v < 32 {
+                    gate(dvma_exc_stubs as *const () as usize + v * 16, 2)
+                } else {
+                    gate(dvma_intr_stubs as *const () as usize + (v - 32) * 16, 1)
+                };
+            }
         }
     }
-    let base = TSS.0.get() as u64;
+    let base = TSS[i].0.get() as u64;
     let limit = 103u64;
     let lo = (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (0x89 << 40) // present, 64-bit TSS (available)
         | (((base >> 24) & 0xff) << 56);
-    DVMA_GDT[3].store(lo, core::sync::atomic::Ordering::Relaxed);
-    DVMA_GDT[4].store(base >> 32, core::sync::atomic::Ordering::Relaxed);
+    DVMA_GDT[3 + 2 * i].store(lo, core::sync::atomic::Ordering::Relaxed);
+    DVMA_GDT[4 + 2 * i].store(base >> 32, core::sync::atomic::Ordering::Relaxed);
     #[repr(C, packed)]
     struct Ptr {
         limit: u16,
         base: u64,
     }
     let gdt = Ptr {
-        limit: (5 * 8 - 1) as u16,
+        limit: (GDT_ENTRIES * 8 - 1) as u16,
         base: DVMA_GDT.as_ptr() as u64,
     };
     let idt = Ptr {
@@ -361,7 +367,7 @@ pub fn init() {
             "ltr {sel:x}",
             gdt = in(reg) &gdt,
             idt = in(reg) &idt,
-            sel = in(reg) TSS_SELECTOR,
+            sel = in(reg) tss_selector(i),
             options(nostack, readonly)
         );
     }
