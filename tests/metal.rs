@@ -188,10 +188,11 @@ fn race_rows_mask_spl_without_interrupt_stack() {
     race("mask", "off", None, "1");
 }
 
-/// The bar: the race's rows on two CPUs.
+/// The bar: the race's rows on two CPUs, under a storm whose
+/// device is a kernel thread on CPU 1 (its interrupts are IPIs to CPU 0).
 #[test]
-fn race_rows_two_cpus() {
-    race("lazy", "on", None, "2");
+fn race_rows_two_cpus_with_cross_cpu_storm() {
+    race("lazy", "on", Some("0.1"), "2");
 }
 
 #[test]

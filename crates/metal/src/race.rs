@@ -10,12 +10,14 @@
 //! frame is pushed onto the interrupted allocation's own stack through the
 //! `iretq` frame.
 //!
-//! With `--storm-ms N` each row then allocates for N ms under a storm: the
-//! LAPIC timer interrupts every [`STORM_PERIOD_NS`] and each of its traps
-//! ticks the kit's device (`RaceKit::device_tick`: complete a request,
-//! post the interrupt), wherever the thread was, as the storm's host
-//! thread interrupts the vCPU on Linux (`dvma race --storm`). Hardclock
-//! stays at its 10 ms.
+//! With `--storm-ms N` each row then allocates for N ms under a storm, a
+//! device completing requests and interrupting CPU 0 as fast as it can
+//! (`RaceKit::device_tick`), wherever the thread was, as the storm's host
+//! thread does on Linux (`dvma race --storm`). With two CPUs or more the
+//! device is a kernel thread on CPU 1 and its interrupts are IPIs from
+//! there, as on Linux; on one CPU it is the LAPIC timer, interrupting
+//! every [`STORM_PERIOD_NS`] and ticking the device in its trap (hardclock
+//! stays at its 10 ms).
 //!
 //! Output: a table on the console, or with `--json` one line
 //! `json: [...]` with the fields of `dvma race --json`. Exit status 0 only
@@ -25,11 +27,14 @@
 //! [`run`] is thread context (the program's kernel thread on CPU 0).
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use kern::ThreadCtx;
 use kern::completion::Completion;
 use kern::race::{Protection, RaceKit, RaceRow};
+use kern::sched::{kthread_create, yield_now};
 
 /// JSON string literal of `s`.
 fn json_str(out: &mut String, s: &str) {
@@ -76,13 +81,31 @@ pub const STORM_PERIOD_NS: u64 = 50_000;
 /// `storm_ms` of storm; returns the guest status.
 pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32, storm_ms: u64) -> u8 {
     let kit = match RaceKit::attach(0) {
-        Ok(k) => k,
+        Ok(k) => Arc::new(k),
         Err(e) => {
             kprintln!("race: {e}");
             return crate::EXIT_FAIL;
         }
     };
-    if storm_ms > 0 {
+    let ncpu = kern::kernel().ncpu();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut storm_thread = None;
+    if storm_ms > 0 && ncpu >= 2 {
+        let (k2, s2) = (kit.clone(), stop.clone());
+        match kthread_create(Some(1), "race storm", move |ctx| {
+            while !s2.load(Relaxed) {
+                if !k2.device_tick() {
+                    yield_now(ctx);
+                }
+            }
+        }) {
+            Ok(t) => storm_thread = Some(t),
+            Err(e) => {
+                kprintln!("race: the storm thread: {e}");
+                return crate::EXIT_FAIL;
+            }
+        }
+    } else if storm_ms > 0 {
         // SAFETY: detached below, before `kit` is.
         unsafe { crate::intr::set_storm(Some(&kit)) };
         crate::intr::timer_period(STORM_PERIOD_NS);
@@ -123,12 +146,18 @@ pub fn run(ctx: &ThreadCtx, json: bool, iterations: u32, storm_ms: u64) -> u8 {
             rows.push(r);
         }
     }
-    if storm_ms > 0 {
+    stop.store(true, Relaxed);
+    if let Some(t) = storm_thread {
+        let _ = t.join(ctx);
+    } else if storm_ms > 0 {
         crate::intr::timer_period(crate::intr::TICK_NS);
         // SAFETY: detaching; the kit is still alive.
         unsafe { crate::intr::set_storm(None) };
     }
-    kit.detach(ctx);
+    match Arc::try_unwrap(kit) {
+        Ok(k) => k.detach(ctx),
+        Err(_) => kprintln!("race: the kit is still shared; not detached"),
+    }
     let all_ok = rows.iter().all(RaceRow::ok);
     if json {
         let mut out = String::from("json: [");
