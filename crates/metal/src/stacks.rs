@@ -12,7 +12,9 @@
 //! All CPUs share the boot page tables, so a mapping made here is seen by
 //! every CPU; the region's intermediate tables are never freed.
 //!
-//! Slots are never returned to the virtual space. With one CPU a freed
+//! kern keeps a dead thread's stack for its next thread and frees stacks
+//! only at teardown, so [`free`] is rare. Slots are never returned to the
+//! virtual space. With one CPU a freed
 //! slot is kept on a free list and reused by the next stack of the same
 //! size, its page tables with it; with more ([`set_reuse`]`(false)`) a
 //! freed slot is never used again, since another CPU may still hold a
