@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod metal;
 pub mod race;
 pub mod serve;
 pub mod soak;

@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use dvma::{bench, race, serve, soak};
+use dvma::{bench, metal, race, serve, soak};
 
 /// Command line.
 #[derive(Parser)]
@@ -30,6 +30,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Verified random I/O against `dvma serve` in every mode pair, with a watchdog.
     Soak(soak::SoakArgs),
+    /// Boot the kernel core as an x86-64 kernel under QEMU and run a
+    /// program on it (crates/metal).
+    Metal(metal::MetalArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Cmd::Race(a) => race::main(a),
         Cmd::Bench(a) => bench::main(a),
         Cmd::Soak(a) => soak::main(a),
+        Cmd::Metal(a) => metal::main(a),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,235 @@
+//! `dvma metal`: the kern core booted as an x86-64 kernel under QEMU
+//! (`crates/metal`). Each test runs the real `dvma` binary, which builds
+//! the kernel, boots it (KVM if usable, else TCG) and exits with the
+//! guest's status. Bounded: every guest is killed after `--timeout`.
+//!
+//! QEMU comes from `PATH`, `$DVMA_QEMU`, or the private install of
+//! `crates/metal/qemu-install.sh` (which `.ci/run` runs); a machine where
+//! none can be had skips these tests (`common::skip`: a failure unless
+//! `DVMA_ALLOW_SKIP=1`, and never allowed under CI).
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One guest at a time: they share the kernel build and the machine's
+/// two cores.
+static ONE: Mutex<()> = Mutex::new(());
+
+fn metal(args: &[&str]) -> Option<Output> {
+    let _g = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(why) = dvma::metal::find_qemu() {
+        common::skip::skip(&why);
+        return None;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dvma"))
+        .arg("metal")
+        .args(args)
+        .args(["--timeout", "120"])
+        .output()
+        .expect("run dvma metal");
+    Some(out)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn boots_prints_and_exits_zero() {
+    let Some(o) = metal(&["hello"]) else { return };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("metal: dvma kernel"), "{}", text(&o));
+    assert!(out.contains("hello from metal"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn page_fault_is_reported_and_fails() {
+    let Some(o) = metal(&["fault"]) else { return };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("exception 14 (page fault)") && out.contains("fault address 0x100000000"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}
+
+fn selftest(spl: &str, intr_stack: &str, cpus: &str) {
+    let Some(o) = metal(&[
+        "selftest",
+        "--json",
+        "--spl",
+        spl,
+        "--intr-stack",
+        intr_stack,
+        "--cpus",
+        cpus,
+    ]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("selftest printed no JSON ({e}): {}", text(&o)));
+    for check in [
+        "intr_at_post",
+        "intr_stack",
+        "spl_defer_replay",
+        "softint",
+        "threads",
+        "callout",
+        "ast",
+        "ok",
+    ] {
+        assert_eq!(v[check], true, "{check}: {}", text(&o));
+    }
+    assert_eq!(v["cpus"].to_string(), cpus, "{}", text(&o));
+    if cpus != "1" {
+        assert_eq!(v["other_cpu"], true, "{}", text(&o));
+    }
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn kern_selftest_lazy_spl() {
+    selftest("lazy", "on", "1");
+}
+
+#[test]
+fn kern_selftest_mask_spl_is_cr8() {
+    selftest("mask", "on", "1");
+}
+
+#[test]
+fn kern_selftest_without_interrupt_stack() {
+    selftest("lazy", "off", "1");
+}
+
+/// Two CPUs: started with INIT-SIPI-SIPI from the MADT, a thread on
+/// CPU 1 (woken by an IPI), an interrupt from CPU 1 to CPU 0.
+#[test]
+fn kern_selftest_two_cpus() {
+    selftest("lazy", "on", "2");
+}
+
+/// `dvma metal race --json`: the rows of `dvma race --json` (the same
+/// fields), each behaving as the mechanism predicts: corruptions exactly
+/// where `tests/race.rs` expects them on Linux.
+fn race(spl: &str, intr_stack: &str, storm: Option<&str>, cpus: &str) {
+    let mut args = vec![
+        "race",
+        "--json",
+        "--spl",
+        spl,
+        "--intr-stack",
+        intr_stack,
+        "--cpus",
+        cpus,
+    ];
+    if let Some(s) = storm {
+        args.extend(["--storm", s]);
+    }
+    let Some(o) = metal(&args) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("race printed no JSON ({e}): {}", text(&o)));
+    assert_eq!(rows.len(), 16, "4 completion modes x 4 protections");
+    for r in &rows {
+        let c = r["completion"].as_str().unwrap();
+        let p = r["protection"].as_str().unwrap();
+        let inj = r["injections"].as_u64().unwrap();
+        let cor = r["corruptions"].as_u64().unwrap();
+        let exp = r["expected_corrupt"].as_bool().unwrap();
+        let predicted = match (p, c) {
+            (_, "thread") => false,
+            ("none", _) => true,
+            ("splimp" | "pool", _) => false,
+            ("safepoint", "ast") => false,
+            ("safepoint", _) => true,
+            _ => panic!("unknown row {c}/{p}"),
+        };
+        assert_eq!(exp, predicted, "{c}/{p}: expectation");
+        assert!(inj > 0, "{c}/{p}: no injection");
+        assert_eq!(cor > 0, exp, "{c}/{p}: {cor} corruptions: {r}");
+        if exp {
+            assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
+        }
+        assert_eq!(r["ok"], true, "{c}/{p}: {r}");
+        if storm.is_none() {
+            assert_eq!(r["storm_injections"], 0, "{c}/{p}: no storm asked for");
+        }
+    }
+    if storm.is_some() {
+        let storm: u64 = rows
+            .iter()
+            .map(|r| r["storm_injections"].as_u64().unwrap())
+            .sum();
+        assert!(storm > 0, "the storm never landed in the allocator");
+    }
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn race_rows_lazy_spl_with_storm() {
+    race("lazy", "on", Some("0.1"), "1");
+}
+
+#[test]
+fn race_rows_mask_spl_without_interrupt_stack() {
+    race("mask", "off", None, "1");
+}
+
+/// The bar: the race's rows on two CPUs, under a storm whose
+/// device is a kernel thread on CPU 1 (its interrupts are IPIs to CPU 0).
+#[test]
+fn race_rows_two_cpus_with_cross_cpu_storm() {
+    race("lazy", "on", Some("0.1"), "2");
+}
+
+#[test]
+fn stack_overflow_hits_the_guard_page() {
+    let Some(o) = metal(&["overflow"]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("kernel stack overflow: guard page hit") && out.contains("(thread overflow)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}
+
+/// `dvma metal bench micro --json` runs and says what it timed; the
+/// figures themselves are not checked (under TCG they are the emulator's).
+#[test]
+fn bench_micro_runs_and_counts() {
+    let Some(o) = metal(&["bench", "micro", "--json", "--iterations", "1"]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bench micro printed no JSON ({e}): {}", text(&o)));
+    for f in [
+        "spl_pair_ns",
+        "switch_ns",
+        "intr_ns",
+        "ast_ns",
+        "softint_dispatch_ns",
+    ] {
+        assert!(v[f].as_f64().is_some_and(|x| x > 0.0), "{f}: {}", text(&o));
+    }
+    assert_eq!(v["intr_runs"], v["posted"], "{}", text(&o));
+    assert_eq!(v["ok"], true, "{}", text(&o));
+    assert!(!v["hypervisor"].as_str().unwrap_or("").is_empty());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
