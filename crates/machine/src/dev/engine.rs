@@ -483,8 +483,10 @@ impl<M: Medium> Core<M> {
     fn post(&self, cpu: usize, h: IntrHandle) {
         match kern::kernel::try_kernel() {
             Some(k) if cpu < k.ncpu() => {
-                kern::intr::intr_post(cpu, h);
+                // Counted before it is posted: whoever sees the interrupt's
+                // effect also sees it counted.
                 Counters::inc(&self.stats.interrupts);
+                kern::intr::intr_post(cpu, h);
             }
             _ => Counters::inc(&self.stats.interrupts_dropped),
         }

@@ -243,8 +243,9 @@ impl RamDisk {
         match kern::kernel::try_kernel() {
             Some(k) if cpu < k.ncpu() => {
                 let here = kern::cpu::curcpu_opt().map_or(cpu, |c| c.index());
-                kern::intr::intr_post_inline(here, h);
+                // Counted before it is posted (as the DMA disk's).
                 Counters::inc(&self.stats.interrupts);
+                kern::intr::intr_post_inline(here, h);
             }
             _ => Counters::inc(&self.stats.interrupts_dropped),
         }

@@ -668,8 +668,9 @@ impl UringCore {
         match kern::kernel::try_kernel() {
             Some(k) if cpu < k.ncpu() => {
                 // A doorbell's own CPU takes it without a signal.
-                kern::intr::intr_post_inline(cpu, h);
+                // Counted before it is posted (as the DMA disk's).
                 Counters::inc(&self.stats.interrupts);
+                kern::intr::intr_post_inline(cpu, h);
             }
             _ => Counters::inc(&self.stats.interrupts_dropped),
         }
