@@ -93,7 +93,7 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
     )
     .expect("kernel.json is JSON");
     assert_eq!(v, file, "stdout and kernel.json differ");
-    assert_eq!(v["schema"], "dvma-bench-kernel/2");
+    assert_eq!(v["schema"], "dvma-bench-kernel/3");
     assert!(!v["machine"]["cpu_model"].as_str().unwrap_or("").is_empty());
     assert!(v["machine"]["host_cores"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(v["config"]["reps"], 2);
@@ -299,6 +299,73 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
         let svg = std::fs::read_to_string(dir.path().join(p)).expect(p);
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{p}");
     }
+    // The mail's questions: the reference pair under each machine
+    // variant, every workload, both repetitions, with its split.
+    assert_eq!(v["config"]["ref_pair"], "permanent/intr");
+    let variants = v["variants"].as_array().expect("variants");
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "intr-stack off", "spl mask"]);
+    assert_eq!(
+        variants
+            .iter()
+            .map(|x| (
+                x["intr_stack"].as_bool().unwrap(),
+                x["spl"].as_str().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        [(true, "lazy"), (false, "lazy"), (true, "mask")]
+    );
+    for x in variants {
+        let rs = x["results"].as_array().expect("variant results");
+        assert_eq!(rs.len(), 4, "{}: one per workload", x["name"]);
+        for r in rs {
+            let c = &r["cpu_ns_per_io"];
+            assert_eq!(c["n"], 2, "{x}");
+            assert!(c["min"].as_f64().unwrap() > 0.0, "{x}");
+            for p in ["intr_entry", "spl", "dispatch"] {
+                assert!(r["split_ns_per_io"][p]["median"].as_f64().unwrap() >= 0.0);
+            }
+        }
+    }
+    // The verdicts: one paragraph per question, each stating a number.
+    let verdicts = v["verdicts"].as_array().expect("verdicts");
+    let keys: Vec<&str> = verdicts
+        .iter()
+        .map(|x| x["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "ranking",
+            "intr_stack",
+            "completion",
+            "dvma_space",
+            "spl",
+            "shape"
+        ]
+    );
+    for x in verdicts {
+        let t = x["text"].as_str().unwrap();
+        assert!(
+            t.chars().any(|c| c.is_ascii_digit()),
+            "verdict {} states no number: {t}",
+            x["key"]
+        );
+        assert!(!x["question"].as_str().unwrap().is_empty());
+    }
+    // Two DVMA modes: no shape (it needs all five), and the verdict says so.
+    assert_eq!(v["shape"], serde_json::json!([]));
+    assert!(
+        verdicts[5]["text"]
+            .as_str()
+            .unwrap()
+            .contains("not computed"),
+        "{}",
+        verdicts[5]
+    );
     // The verify pass: a pattern written, half rewritten at random, all
     // read back, for each pair and repetition; nothing differs.
     let verify = v["verify"].as_array().expect("verify");
@@ -324,6 +391,15 @@ fn a_tiny_kernel_bench_reports_every_figure_and_reads_back_what_it_wrote() {
         "## I/Os per second against the queue depth",
         "](kernel-iops-depth.svg)",
         "| dvma/completion | qd1 | qd4 |",
+        "## The answer: the mail's questions, from this run's numbers",
+        "**What does a separate interrupt stack cost?** ",
+        "**Kernel thread switch, soft interrupt or pushed frame?** ",
+        "**What does \"the space is always taken\" cost?** ",
+        "**What does the spl implementation cost per I/O (lazy vs mask)?** ",
+        "**Which DVMA mode and which completion mode are best?** ",
+        "**Does this machine reproduce the published shape?** ",
+        "## The reference pair under the machine's variants",
+        "| spl mask | randwrite qd4 |",
     ] {
         assert!(md.contains(h), "kernel.md lacks `{h}`:\n{md}");
     }
@@ -345,6 +421,8 @@ fn bad_arguments_are_refused() {
             vec!["--statclock-source", "sundial"],
             "unknown statclock source",
         ),
+        (vec!["--ref-pair", "permanent"], "--ref-pair"),
+        (vec!["--ref-pair", "permanent/never"], "unknown completion"),
     ] {
         let mut a = vec!["bench", "kernel", "--out", out];
         a.extend(args);

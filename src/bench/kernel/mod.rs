@@ -35,20 +35,18 @@
 //! per repetition, without the statclock; their I/Os per second per vCPU
 //! against the depth are the report's second plot.
 //!
-//! The split of CPU ns per I/O by part: while the workloads run, the
-//! machine's statclock ([`machine::statclock`]) samples each vCPU every
-//! `--statclock-us` of its CPU time (at most once per host tick) and
-//! counts the kernel part it interrupted ([`kern::statclock`]). A
-//! window's share of samples per part times its CPU ns per I/O is the
-//! part's ns per I/O. The statclock's own cost is measured on the first
-//! workload of every pair: one more window with it off and one with it on
-//! (in alternating order), after the measured ones.
+//! The mail's questions: in every repetition, interleaved with the pairs,
+//! a reference pair (`--ref-pair`, default `permanent/intr`) is booted
+//! three more times: as it is (interrupt stack on, spl `lazy`), with the
+//! interrupt stack off, and with spl `mask` ([`VARIANTS`]), and runs every
+//! workload with the statclock. [`verdict`] turns those runs and the
+//! pairs' figures into one paragraph per question, and the shape against
+//! the published IOMMU measurements.
 //!
-//! The curve: after the repetitions, the best pairs (lowest geometric mean
-//! of their median CPU ns per I/O over the workloads, `--curve-pairs`) run
-//! the first workload at each of `--curve-depths`, each pair booted fresh
-//! per repetition, without the statclock; their I/Os per second per vCPU
-//! against the depth are the report's second plot.
+//! Who calls what: `dvma bench kernel` calls [`main`]; `dvma bench` (the
+//! matrix) calls [`run_into`] to add the answer to its report. Everything
+//! runs from host context (the CLI's thread); each boot's load generator
+//! runs on the booted machine's CPU 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,13 +64,47 @@ use serde::Serialize;
 
 pub mod rank;
 mod report;
+pub mod verdict;
+
+/// A machine variant the reference pair runs under (the mail's questions:
+/// the interrupt stack, the spl implementation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    /// Its name in the report.
+    pub name: &'static str,
+    /// Interrupts on a per-CPU `sigaltstack` (the machine's default).
+    pub intr_stack: bool,
+    /// spl with the host signal mask (`mask`) instead of the per-CPU word
+    /// (`lazy`, the default).
+    pub spl_mask: bool,
+}
+
+/// The variants, the reference (the machine's defaults) first.
+pub const VARIANTS: [Variant; 3] = [
+    Variant {
+        name: "base",
+        intr_stack: true,
+        spl_mask: false,
+    },
+    Variant {
+        name: "intr-stack off",
+        intr_stack: false,
+        spl_mask: false,
+    },
+    Variant {
+        name: "spl mask",
+        intr_stack: true,
+        spl_mask: true,
+    },
+];
 
 /// Arguments of `dvma bench kernel`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KernelArgs {
-    /// The quick run: 3 repetitions of 60 ms windows (about 40 s with the
-    /// split's extra windows and the curve). Without it: 7 repetitions of
-    /// 400 ms windows (about 8 minutes by the windows' count).
+    /// The quick run: 3 repetitions of 60 ms windows (under a minute with
+    /// the split's extra windows, the reference pair's variants and the
+    /// curve). Without it: 7 repetitions of 400 ms windows (about 9
+    /// minutes by the windows' count).
     #[arg(long)]
     quick: bool,
     /// Where `kernel.md` and `kernel.json` go.
@@ -138,6 +170,38 @@ pub struct KernelArgs {
     /// The curve's queue depths (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 32])]
     curve_depths: Vec<usize>,
+    /// The reference pair (`dvma/completion`) that also runs with the
+    /// interrupt stack off and with spl `mask`, interleaved with the
+    /// pairs (the mail's questions); `none`: skip them.
+    #[arg(long, default_value = "permanent/intr")]
+    ref_pair: String,
+}
+
+impl KernelArgs {
+    /// The quick run into `out` (what `dvma bench --quick` runs), or the
+    /// full one.
+    pub fn for_matrix(quick: bool, out: PathBuf) -> KernelArgs {
+        KernelArgs {
+            quick,
+            out,
+            json: false,
+            reps: None,
+            ms: None,
+            medium: "ram".into(),
+            modes: Vec::new(),
+            completions: Vec::new(),
+            depths: vec![1, 32],
+            workloads: vec!["randread".into(), "randwrite".into()],
+            size: 4096,
+            issue: "thread".into(),
+            verify: false,
+            statclock_us: 200,
+            statclock_source: "timer".into(),
+            curve_pairs: 4,
+            curve_depths: vec![1, 4, 16, 32],
+            ref_pair: "permanent/intr".into(),
+        }
+    }
 }
 
 /// The disk's size (the span of every workload).
@@ -244,6 +308,7 @@ pub struct Plan {
     statclock_clock: machine::statclock::Clock,
     curve_pairs: usize,
     curve_depths: Vec<usize>,
+    ref_pair: Option<(DvmaMode, Completion)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -322,6 +387,18 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         "perf" => machine::statclock::Clock::Cpu,
         s => return Err(format!("unknown statclock source `{s}` (timer, perf)")),
     };
+    let ref_pair = if a.ref_pair == "none" {
+        None
+    } else {
+        let (m, c) = a
+            .ref_pair
+            .split_once('/')
+            .ok_or_else(|| format!("--ref-pair `{}`: dvma/completion or none", a.ref_pair))?;
+        Some((
+            DvmaMode::from_name(m).ok_or_else(|| format!("unknown DVMA mode `{m}`"))?,
+            Completion::from_name(c).ok_or_else(|| format!("unknown completion `{c}`"))?,
+        ))
+    };
     let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
@@ -341,6 +418,7 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         statclock_clock,
         curve_pairs: a.curve_pairs,
         curve_depths: a.curve_depths.clone(),
+        ref_pair,
     })
 }
 
@@ -413,9 +491,19 @@ enum What {
 
 /// Boot a machine with `sd0` in `mode` × `comp`, run `what`, take it down.
 /// Host context.
-fn run_pair(p: &Plan, mode: DvmaMode, comp: Completion, what: What) -> Result<PairRun, String> {
+fn run_pair(
+    p: &Plan,
+    mode: DvmaMode,
+    comp: Completion,
+    what: What,
+    v: &Variant,
+) -> Result<PairRun, String> {
     let mut cfg = MachineConfig::default();
     cfg.kernel.ncpu = 1;
+    cfg.intr_stack = v.intr_stack;
+    if v.spl_mask {
+        cfg.kernel.spl = machine::SplImpl::Mask;
+    }
     let m = Machine::boot(cfg).map_err(|e| e.to_string())?;
     let r = (|| {
         bio_init(crate::system::NBUF);
@@ -601,6 +689,9 @@ pub struct Measured {
     /// The curve: (pair index, its runs per repetition: a sample per curve
     /// depth).
     curve: Vec<(usize, Vec<PairRun>)>,
+    /// The reference pair under each of [`VARIANTS`]: runs per repetition
+    /// (empty without a reference pair).
+    variants: Vec<(Variant, Vec<PairRun>)>,
     seconds: f64,
 }
 
@@ -627,17 +718,42 @@ fn best_pairs(p: &Plan, runs: &[Vec<PairRun>], n: usize) -> Vec<usize> {
 fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
     let t0 = Instant::now();
     let mut runs: Vec<Vec<PairRun>> = vec![Vec::new(); p.pairs.len()];
+    let mut variants: Vec<(Variant, Vec<PairRun>)> = match p.ref_pair {
+        Some(_) => VARIANTS.iter().map(|&v| (v, Vec::new())).collect(),
+        None => Vec::new(),
+    };
+    // Every boot of a repetition: a pair (index < pairs) or a variant of
+    // the reference pair (index - pairs), spread among the pairs.
+    let n = p.pairs.len() + variants.len();
+    let base = VARIANTS[0];
     for rep in 0..p.reps {
         let mut order: Vec<usize> = (0..p.pairs.len()).collect();
+        for (k, vi) in (p.pairs.len()..n).enumerate() {
+            let at = (k + 1) * order.len() / (variants.len() + 1) + k;
+            order.insert(at.min(order.len()), vi);
+        }
         if rep % 2 == 1 {
             order.reverse();
         }
         for i in order {
-            let (mode, comp) = p.pairs[i];
-            progress(&format!("rep {}/{}: {mode} {comp}", rep + 1, p.reps));
-            let r = run_pair(p, mode, comp, What::Main { rep })
-                .map_err(|e| format!("{mode} {comp}: {e}"))?;
-            runs[i].push(r);
+            if i < p.pairs.len() {
+                let (mode, comp) = p.pairs[i];
+                progress(&format!("rep {}/{}: {mode} {comp}", rep + 1, p.reps));
+                let r = run_pair(p, mode, comp, What::Main { rep }, &base)
+                    .map_err(|e| format!("{mode} {comp}: {e}"))?;
+                runs[i].push(r);
+            } else if let Some((mode, comp)) = p.ref_pair {
+                let v = variants[i - p.pairs.len()].0;
+                progress(&format!(
+                    "rep {}/{}: {mode} {comp} ({})",
+                    rep + 1,
+                    p.reps,
+                    v.name
+                ));
+                let r = run_pair(p, mode, comp, What::Main { rep }, &v)
+                    .map_err(|e| format!("{mode} {comp} ({}): {e}", v.name))?;
+                variants[i - p.pairs.len()].1.push(r);
+            }
         }
     }
     let top = if p.curve_depths.is_empty() {
@@ -654,7 +770,7 @@ fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
         for ci in order {
             let (mode, comp) = p.pairs[curve[ci].0];
             progress(&format!("curve rep {}/{}: {mode} {comp}", rep + 1, p.reps));
-            let r = run_pair(p, mode, comp, What::Curve)
+            let r = run_pair(p, mode, comp, What::Curve, &base)
                 .map_err(|e| format!("curve {mode} {comp}: {e}"))?;
             curve[ci].1.push(r);
         }
@@ -663,24 +779,77 @@ fn measure(p: &Plan, progress: &dyn Fn(&str)) -> Result<Measured, String> {
         plan: p.clone(),
         runs,
         curve,
+        variants,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
-pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
-    let p = plan(&a)?;
+/// What [`run_into`] wrote.
+pub struct Written {
+    /// `kernel.md`'s text.
+    pub markdown: String,
+    /// `kernel.json`'s text.
+    pub json: String,
+    /// Whether any I/O failed or the verify pass found a mismatch.
+    pub failed: bool,
+}
+
+/// Run the kernel bench `a` (progress lines to `progress`) and write
+/// `kernel.md`, `kernel.json` and the plots into `a.out`. Host context.
+pub fn run_into(a: &KernelArgs, progress: &dyn Fn(&str)) -> Result<Written, String> {
+    let p = plan(a)?;
     std::fs::create_dir_all(&p.out).map_err(|e| format!("{}: {e}", p.out.display()))?;
-    let quiet = a.json;
-    let m = measure(&p, &|s| {
-        if !quiet {
-            eprintln!("{s}");
-        }
-    })?;
+    let m = measure(&p, progress)?;
     if p.medium == Medium::File {
         let _ = std::fs::remove_file(p.out.join("kernel-bench-sd0.img"));
     }
     let mut rep = report::build(&m);
-    let (md, json) = report::write(&mut rep, &p.out)?;
+    let (markdown, json) = report::write(&mut rep, &p.out)?;
+    let failed = rep.results.iter().any(|r| r.errors > 0)
+        || rep.verify.iter().any(|v| v.errors > 0 || v.mismatches > 0);
+    Ok(Written {
+        markdown,
+        json,
+        failed,
+    })
+}
+
+/// Demote `kernel.md` into a section of another report: its title becomes
+/// `title` (a `## ` heading), every other heading goes one level down,
+/// and relative links to its plots are prefixed with `dir` (the kernel
+/// report's directory, relative to the other report).
+pub fn as_section(kernel_md: &str, title: &str, dir: &str) -> String {
+    let mut out = format!("## {title}\n");
+    let mut in_code = false;
+    for line in kernel_md.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if !in_code && line.starts_with("# ") {
+            continue;
+        }
+        let line = if !in_code && line.starts_with('#') {
+            format!("#{line}")
+        } else {
+            line.to_string()
+        };
+        let line = line.replace("](kernel-", &format!("]({dir}/kernel-"));
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
+    let quiet = a.json;
+    let w = run_into(&a, &|s| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    })?;
+    let (md, json) = (w.markdown, w.json);
+    let p = plan(&a)?;
     if a.json {
         println!("{json}");
     } else {
@@ -691,9 +860,7 @@ pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
             p.out.join("kernel.json").display()
         );
     }
-    let failed = rep.results.iter().any(|r| r.errors > 0)
-        || rep.verify.iter().any(|v| v.errors > 0 || v.mismatches > 0);
-    Ok(if failed {
+    Ok(if w.failed {
         eprintln!("dvma bench kernel: I/O errors or verify mismatches (see the report)");
         ExitCode::FAILURE
     } else {
