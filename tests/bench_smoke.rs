@@ -117,6 +117,28 @@ fn tiny_matrix_end_to_end() {
         }
     }
     let out = TempDir::new("bench-smoke");
+    // The kernel bench's answer, from a tiny earlier run (the matrix's own
+    // run of it takes a minute even quick): `--kernel-from`.
+    let kdir = TempDir::new("bench-smoke-kernel");
+    let k = Command::new(env!("CARGO_BIN_EXE_dvma"))
+        .args(["bench", "kernel", "--reps", "2", "--ms", "10"])
+        .args([
+            "--modes",
+            "permanent,strict",
+            "--completions",
+            "intr,thread",
+        ])
+        .args(["--depths", "1", "--workloads", "randread"])
+        .args(["--curve-pairs", "1", "--curve-depths", "1,4", "--out"])
+        .arg(kdir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("dvma bench kernel");
+    assert!(
+        k.status.success(),
+        "dvma bench kernel: {}",
+        String::from_utf8_lossy(&k.stderr)
+    );
 
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dvma"))
@@ -138,6 +160,8 @@ fn tiny_matrix_end_to_end() {
             "1",
         ])
         .args(["--peers", "nbdkit,qemu-nbd", "--no-secondary", "--no-micro"])
+        .arg("--kernel-from")
+        .arg(kdir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -216,6 +240,12 @@ fn tiny_matrix_end_to_end() {
         assert!(d.protection.as_deref().is_some_and(|p| p.contains("pool")));
     }
     assert_eq!(results.protections.len(), 1);
+    // The kernel bench's answer under `kernel`, as its kernel.json.
+    let kernel = results.kernel.as_ref().expect("results.json: kernel");
+    assert_eq!(kernel["schema"], "dvma-bench-kernel/3");
+    assert_eq!(kernel["config"]["pairs"], 4);
+    let verdicts = kernel["verdicts"].as_array().expect("kernel verdicts");
+    assert_eq!(verdicts.len(), 6);
     let mut missing = Vec::new();
     for peer in report::PEERS {
         let n = results.runs.iter().filter(|r| r.server == peer).count();
@@ -242,8 +272,28 @@ fn tiny_matrix_end_to_end() {
         "## Where the time goes",
         "## Next steps",
         "## How this run was made",
+        "## The answer: the mail's options measured inside the kernel",
+        "`--kernel-from ",
+        "### The answer: the mail's questions, from this run's numbers",
+        "**What does a separate interrupt stack cost?** ",
+        "**Does this machine reproduce the published shape?** ",
+        "### randread qd1\n\n| rank | dvma/completion | CPU ns/IO |",
+        "](kernel/kernel-split-randread-qd1.svg)",
+        "](kernel/kernel-iops-depth.svg)",
     ] {
         assert!(md.contains(s), "report.md lacks {s:?}:\n{md}");
+    }
+    // The kernel section is one section: it ends where the next `## `
+    // begins, and every verdict in it states a number.
+    let ks = &md[md.find("## The answer: the mail's options").unwrap()..];
+    let ks = &ks[..ks[3..].find("\n## ").map_or(ks.len(), |n| n + 3)];
+    let answers: Vec<&str> = ks.lines().filter(|l| l.starts_with("**")).collect();
+    assert_eq!(answers.len(), 6, "{ks}");
+    for a in answers {
+        assert!(a.chars().any(|c| c.is_ascii_digit()), "no number: {a}");
+    }
+    for svg in ["kernel-split-randread-qd1.svg", "kernel-iops-depth.svg"] {
+        assert!(file(&out.path().join("kernel").join(svg)).starts_with("<svg"));
     }
     // Each installed peer ran at each of its settings first; one of them
     // was chosen for the rest of the run.

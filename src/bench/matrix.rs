@@ -37,11 +37,21 @@
 //!    interleaved" section ([`compare`]) is made of these runs only, with
 //!    per-repetition ratios;
 //! 3. **secondary axes**: that pair with spl mask, with the interrupt stack
-//!    off, and on one CPU.
+//!    off, and on one CPU;
+//! 4. **the answer inside the kernel**: `dvma bench kernel` (its quick run
+//!    with `--quick`) as a child process into `DIR/kernel/`, or an earlier
+//!    run's `kernel.md`, `kernel.json` and plots copied from
+//!    `--kernel-from DIR` (`--no-kernel`: neither). Its `kernel.md`
+//!    becomes the report's section "The answer: the mail's options
+//!    measured inside the kernel" ([`crate::bench::kernel::as_section`]:
+//!    one renderer for both), and its `kernel.json` the `kernel` key of
+//!    `results.json`.
 //!
 //! `--quick` runs phase 1 on two workloads (4 KiB random read qd32, 1 MiB
 //! sequential write) with 1 s fio runs, phase 2 three times, phase 3 once on
-//! those two workloads, and a short `dvma bench micro`: under 5 minutes on a 2-core machine. The full
+//! those two workloads, a short `dvma bench micro` and `dvma bench kernel
+//! --quick`: under 5 minutes on a 2-core machine (a quick run skips the
+//! kernel bench, and says so, when it would end past that). The full
 //! run does every pair on every workload, 3 repetitions of 5 s; it prints its
 //! estimated duration before it starts (so does `--quick`; `--dry-run` only
 //! prints the plan).
@@ -178,6 +188,93 @@ pub struct MatrixArgs {
     /// Print the plan and its estimated duration; run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Take the kernel bench's answer (`kernel.md`, `kernel.json`, plots)
+    /// from an earlier `dvma bench kernel --out DIR` instead of running it.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_kernel")]
+    pub kernel_from: Option<PathBuf>,
+    /// Leave the kernel bench's answer out of the report.
+    #[arg(long)]
+    pub no_kernel: bool,
+}
+
+/// The title of the report's kernel section.
+pub const KERNEL_SECTION: &str = "The answer: the mail's options measured inside the kernel";
+
+/// Estimated wall time of `dvma bench kernel --quick` (2 cores).
+const KERNEL_QUICK_S: f64 = 55.0;
+/// Estimated wall time of the full `dvma bench kernel` (2 cores).
+const KERNEL_FULL_S: f64 = 600.0;
+
+/// The kernel bench's answer: runs `exe bench kernel [--quick] --out
+/// out/kernel` (stderr into `raw/kernel.stderr`), or copies an earlier
+/// run's files from `from` into `out/kernel`; returns the report's section
+/// and `kernel.json`.
+fn kernel_answer(
+    exe: &Path,
+    quick: bool,
+    from: Option<&Path>,
+    out: &Path,
+    raw: &Path,
+) -> Result<(String, serde_json::Value), String> {
+    let dir = out.join("kernel");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    match from {
+        Some(src) => {
+            let same = src.canonicalize().ok() == dir.canonicalize().ok();
+            if !same {
+                let entries =
+                    std::fs::read_dir(src).map_err(|e| format!("{}: {e}", src.display()))?;
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name == "kernel.md"
+                        || name == "kernel.json"
+                        || (name.starts_with("kernel-") && name.ends_with(".svg"))
+                    {
+                        std::fs::copy(e.path(), dir.join(&name))
+                            .map_err(|e| format!("copying {name}: {e}"))?;
+                    }
+                }
+            }
+        }
+        None => {
+            let mut c = Command::new(exe);
+            c.args(["bench", "kernel", "--out"]).arg(&dir);
+            if quick {
+                c.arg("--quick");
+            }
+            let o = c
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("dvma bench kernel: {e}"))?;
+            let _ = std::fs::write(raw.join("kernel.stderr"), &o.stderr);
+            if !o.status.success() {
+                return Err(format!(
+                    "dvma bench kernel failed ({}); see raw/kernel.stderr",
+                    o.status
+                ));
+            }
+        }
+    }
+    let read = |n: &str| {
+        let p = dir.join(n);
+        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let md = read("kernel.md")?;
+    let json: serde_json::Value =
+        serde_json::from_str(&read("kernel.json")?).map_err(|e| format!("kernel.json: {e}"))?;
+    let mut section = crate::bench::kernel::as_section(&md, KERNEL_SECTION, "kernel");
+    if let Some(src) = from {
+        section = section.replacen(
+            "\n\n",
+            &format!(
+                "\n\nFrom an earlier `dvma bench kernel` run (`--kernel-from {}`), not measured \
+                 in this run; its files are in `kernel/`.\n\n",
+                src.display()
+            ),
+            1,
+        );
+    }
+    Ok((section, json))
 }
 
 /// A date as RFC 3339 UTC, from the system clock.
@@ -658,7 +755,15 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         cpus: host_cpus(),
     };
     let plan = plan::build(&opts)?;
-    let estimate = plan.estimate();
+    let run_kernel = !a.no_kernel && a.kernel_from.is_none();
+    let kernel_s = if !run_kernel {
+        0.0
+    } else if plan.quick {
+        KERNEL_QUICK_S
+    } else {
+        KERNEL_FULL_S
+    };
+    let estimate = plan.estimate() + Duration::from_secs_f64(kernel_s);
     eprintln!(
         "dvma bench: {} run: {}; estimated {}",
         if plan.quick { "quick" } else { "full" },
@@ -796,6 +901,23 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
     if !chose && plan.pairs.len() > 1 {
         b.choose_best();
     }
+    let mut kernel = None;
+    if !a.no_kernel {
+        let left = plan::QUICK_BUDGET_S - plan::cost::REPORT_S - t0.elapsed().as_secs_f64();
+        if plan.quick && run_kernel && KERNEL_QUICK_S > left {
+            b.fail(format!(
+                "dvma bench kernel --quick skipped: it would end past the quick run's {} s \
+                 budget (run it alone and pass its directory with --kernel-from)",
+                plan::QUICK_BUDGET_S
+            ));
+        } else {
+            b.pb.set_message("bench kernel");
+            match kernel_answer(&exe, plan.quick, a.kernel_from.as_deref(), &out, &raw) {
+                Ok(k) => kernel = Some(k),
+                Err(e) => b.fail(e),
+            }
+        }
+    }
     b.pb.finish_and_clear();
 
     let mut protections: Vec<(String, String)> = Vec::new();
@@ -813,6 +935,7 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         duration_s: t0.elapsed().as_secs_f64(),
         quick: plan.quick,
         protections,
+        kernel: kernel.as_ref().map(|k| k.1.clone()),
     };
     let files = report::write_report(&out, &results).map_err(|e| e.to_string())?;
     let peer_trials: Vec<notes::PeerTrial> = plan
@@ -871,6 +994,9 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
     let section = compare::render(&b.compare, &plan.workloads);
     if !section.is_empty() {
         notes::insert_after_headline(&files.report_md, &section)?;
+    }
+    if let Some((section, _)) = &kernel {
+        notes::insert_after_headline(&files.report_md, section)?;
     }
     // The duration in the report covers everything but writing it.
     let total = t0.elapsed();

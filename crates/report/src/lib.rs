@@ -43,9 +43,17 @@
 //!   "machine": {"cpus": u32, "model": string, "kernel": string, "date": string},
 //!   "duration_s": f64,
 //!   "quick": bool,
-//!   "protections": [[mode, description], ...]
+//!   "protections": [[mode, description], ...],
+//!   "kernel": {kernel.json of `dvma bench kernel`} | null
 //! }
 //! ```
+//!
+//! `kernel` is the in-kernel answer (every DVMA mode x completion mode on a
+//! zero-latency disk, ranked with ties, the mail's questions answered):
+//! `dvma bench kernel`'s `kernel.json` as written (its `schema` says which;
+//! every field is documented in `src/bench/kernel/report.rs` of the `dvma`
+//! crate). `dvma bench` adds it, and its section of `report.md`, after
+//! this crate writes them; this crate carries it through unread.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -129,6 +129,11 @@ pub struct Results {
     /// order to show. When empty, the report uses [`Run::protection`].
     #[serde(default)]
     pub protections: Vec<(String, String)>,
+    /// The kernel bench's answer (`dvma bench kernel`'s `kernel.json`,
+    /// schema `dvma-bench-kernel/3`, documented in
+    /// `src/bench/kernel/report.rs`), if the run included it.
+    #[serde(default)]
+    pub kernel: Option<serde_json::Value>,
 }
 
 impl Results {

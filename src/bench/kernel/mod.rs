@@ -43,10 +43,11 @@
 //! pairs' figures into one paragraph per question, and the shape against
 //! the published IOMMU measurements.
 //!
-//! Who calls what: `dvma bench kernel` calls [`main`]; `dvma bench` (the
-//! matrix) calls [`run_into`] to add the answer to its report. Everything
-//! runs from host context (the CLI's thread); each boot's load generator
-//! runs on the booted machine's CPU 0.
+//! Who calls what: `dvma bench kernel` calls [`main`] (through
+//! [`run_into`]); `dvma bench` (the matrix) runs `dvma bench kernel` as a
+//! child process and turns its `kernel.md` into a section of `report.md`
+//! with [`as_section`]. Everything runs from host context (the CLI's
+//! thread); each boot's load generator runs on the booted machine's CPU 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,33 +176,6 @@ pub struct KernelArgs {
     /// pairs (the mail's questions); `none`: skip them.
     #[arg(long, default_value = "permanent/intr")]
     ref_pair: String,
-}
-
-impl KernelArgs {
-    /// The quick run into `out` (what `dvma bench --quick` runs), or the
-    /// full one.
-    pub fn for_matrix(quick: bool, out: PathBuf) -> KernelArgs {
-        KernelArgs {
-            quick,
-            out,
-            json: false,
-            reps: None,
-            ms: None,
-            medium: "ram".into(),
-            modes: Vec::new(),
-            completions: Vec::new(),
-            depths: vec![1, 32],
-            workloads: vec!["randread".into(), "randwrite".into()],
-            size: 4096,
-            issue: "thread".into(),
-            verify: false,
-            statclock_us: 200,
-            statclock_source: "timer".into(),
-            curve_pairs: 4,
-            curve_depths: vec![1, 4, 16, 32],
-            ref_pair: "permanent/intr".into(),
-        }
-    }
 }
 
 /// The disk's size (the span of every workload).
@@ -866,4 +840,26 @@ pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kernel.md` as a section: its title replaced, headings one level
+    /// down (not inside code blocks), plot links into its directory.
+    #[test]
+    fn kernel_md_as_a_section() {
+        let md = "# dvma bench kernel\n\nNoise: 3%.\n\n## The answer\n\n**Q?** 12 ns.\n\n\
+                  ### randread qd1: CPU ns per I/O by part\n\n\
+                  ![split](kernel-split-randread-qd1.svg)\n\n```sh\n# a comment\n```\n";
+        let s = as_section(md, "The answer inside", "kernel");
+        assert!(s.starts_with("## The answer inside\n"), "{s}");
+        assert!(!s.contains("# dvma bench kernel"), "{s}");
+        assert!(s.contains("\n### The answer\n"), "{s}");
+        assert!(s.contains("\n#### randread qd1: CPU ns"), "{s}");
+        assert!(s.contains("](kernel/kernel-split-randread-qd1.svg)"), "{s}");
+        assert!(s.contains("\n# a comment\n"), "{s}");
+        assert!(s.contains("**Q?** 12 ns."));
+    }
 }

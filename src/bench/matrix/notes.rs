@@ -792,6 +792,7 @@ mod tests {
             duration_s: 100.0,
             quick: true,
             protections: vec![],
+            kernel: None,
         };
         let commands = BTreeMap::new();
         let key = |i: usize| ConfigKey::of(&results.runs[i]);

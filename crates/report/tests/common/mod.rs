@@ -70,6 +70,7 @@ pub fn results(runs: Vec<Run>) -> Results {
         duration_s: 123.0,
         quick: false,
         protections: Vec::new(),
+        kernel: None,
     }
 }
 
