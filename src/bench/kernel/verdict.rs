@@ -377,11 +377,43 @@ fn dvma_space(inp: &Input<'_>) -> Verdict {
     }
 }
 
+/// For each value of `outer` among `rows`, the values of `inner` at rank
+/// 1 among that value's rows; `Some(text)` (per outer value, its best)
+/// when no inner value is at rank 1 for every outer value.
+fn depends_on<'a>(
+    rows: &[&PairRow<'a>],
+    outer: fn(&PairRow<'a>) -> &'a str,
+    inner: fn(&PairRow<'a>) -> &'a str,
+) -> Option<String> {
+    let outers: BTreeSet<&str> = rows.iter().map(|r| outer(r)).collect();
+    let mut common: Option<BTreeSet<&str>> = None;
+    let mut per = Vec::new();
+    for o in &outers {
+        let mine: Vec<&&PairRow<'a>> = rows.iter().filter(|r| outer(r) == *o).collect();
+        let sp: Vec<Spread> = mine.iter().map(|r| r.cpu).collect();
+        let best: BTreeSet<&str> = rank(&sp, Better::Lower)
+            .iter()
+            .filter(|p| p.rank == 1)
+            .map(|p| inner(mine[p.index]))
+            .collect();
+        per.push(format!(
+            "{o}: {}",
+            best.iter().copied().collect::<Vec<_>>().join("/")
+        ));
+        common = Some(match common {
+            None => best,
+            Some(c) => c.intersection(&best).copied().collect(),
+        });
+    }
+    common.is_some_and(|c| c.is_empty()).then(|| per.join(", "))
+}
+
 fn ranking(inp: &Input<'_>) -> Verdict {
     let mut s = String::new();
     let mut best_modes: Option<BTreeSet<&str>> = None;
     let mut best_comps: Option<BTreeSet<&str>> = None;
     let mut depends = Vec::new();
+    let mut depends_dvma = Vec::new();
     for w in inp.workloads {
         let rows: Vec<&PairRow<'_>> = inp.pairs.iter().filter(|p| p.workload == *w).collect();
         if rows.is_empty() {
@@ -409,31 +441,33 @@ fn ranking(inp: &Input<'_>) -> Verdict {
             None => comps,
             Some(b) => b.intersection(&comps).copied().collect(),
         });
-        // Does the best completion depend on the DVMA mode?
-        let dvmas: BTreeSet<&str> = rows.iter().map(|r| r.dvma).collect();
-        let mut common: Option<BTreeSet<&str>> = None;
-        let mut per_mode = Vec::new();
-        for m in &dvmas {
-            let mine: Vec<&&PairRow<'_>> = rows.iter().filter(|r| r.dvma == *m).collect();
-            let sp: Vec<Spread> = mine.iter().map(|r| r.cpu).collect();
-            let best: BTreeSet<&str> = rank(&sp, Better::Lower)
-                .iter()
-                .filter(|p| p.rank == 1)
-                .map(|p| mine[p.index].completion)
-                .collect();
-            per_mode.push(format!(
-                "{m}: {}",
-                best.iter().copied().collect::<Vec<_>>().join("/")
-            ));
-            common = Some(match common {
-                None => best,
-                Some(c) => c.intersection(&best).copied().collect(),
-            });
+        // Does the best completion depend on the DVMA mode, and the best
+        // DVMA mode on the completion?
+        if let Some(t) = depends_on(&rows, |r| r.dvma, |r| r.completion) {
+            depends.push(format!("{w} ({t})"));
         }
-        if common.is_some_and(|c| c.is_empty()) {
-            depends.push(format!("{w} ({})", per_mode.join(", ")));
+        if let Some(t) = depends_on(&rows, |r| r.completion, |r| r.dvma) {
+            depends_dvma.push(format!("{w} ({t})"));
         }
     }
+    let dep_text = |d: &[String], what: &str, on: &str| -> String {
+        if d.is_empty() {
+            format!(
+                "The choice of {what} does not depend on the {on}: on every workload, one {what} \
+                 is at rank 1 (among its {on}'s pairs) at every {on}."
+            )
+        } else {
+            format!(
+                "The best {what} depends on the {on} on {} (rank 1 per {on}: {}).",
+                if d.len() == 1 {
+                    "one workload"
+                } else {
+                    "some workloads"
+                },
+                d.join("; ")
+            )
+        }
+    };
     let set = |b: Option<BTreeSet<&str>>| -> String {
         match b {
             Some(b) if !b.is_empty() => b
@@ -441,30 +475,17 @@ fn ranking(inp: &Input<'_>) -> Verdict {
                 .map(|x| format!("`{x}`"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            _ => "none on every workload".into(),
+            _ => "no single one (the rank-1 pairs differ from workload to workload)".into(),
         }
     };
     let _ = write!(
         s,
         "Best DVMA mode (at rank 1 on every workload): {}. Best completion mode (at rank 1 on \
-         every workload): {}. {}",
+         every workload): {}. {} {}",
         set(best_modes),
         set(best_comps),
-        if depends.is_empty() {
-            "The choice of completion does not depend on the DVMA mode: on every workload, one \
-             completion mode is at rank 1 among the four at every DVMA mode."
-                .to_string()
-        } else {
-            format!(
-                "The best completion depends on the DVMA mode on {} (rank 1 per mode: {}).",
-                if depends.len() == 1 {
-                    "one workload"
-                } else {
-                    "some workloads"
-                },
-                depends.join("; ")
-            )
-        }
+        dep_text(&depends, "completion mode", "DVMA mode"),
+        dep_text(&depends_dvma, "DVMA mode", "completion mode")
     );
     Verdict {
         key: "ranking",
@@ -649,12 +670,14 @@ fn shape_verdict(inp: &Input<'_>, checks: &[ShapeCheck]) -> Verdict {
         .filter_map(|c| c.relative.iter().find(|r| r.0 == "lazy"))
         .map(|r| r.2.median)
         .collect();
-    let lazy_maps = inp
-        .pairs
-        .iter()
-        .filter(|p| p.dvma == "lazy")
-        .map(|p| p.maps)
-        .fold(0.0, f64::max);
+    let max_maps = |m: &str| {
+        inp.pairs
+            .iter()
+            .filter(|p| p.dvma == m)
+            .map(|p| p.maps)
+            .fold(0.0, f64::max)
+    };
+    let lazy_maps = max_maps("lazy");
     if strict_rel.iter().all(|&r| r < 0.43) {
         s.push_str(
             "`strict` sits further below than the 43% there: each of its I/Os maps and unmaps \
@@ -675,6 +698,21 @@ fn shape_verdict(inp: &Input<'_>, checks: &[ShapeCheck]) -> Verdict {
             "`lazy` stays well under the 91% there because only the unmap is batched: it \
              still maps per I/O ({lazy_maps:.2} IOMMU map calls per I/O at most), and a map \
              here is an `mmap`, not a PTE write. "
+        );
+    }
+    if checks.iter().any(|c| !c.slots_near_permanent) {
+        let _ = write!(
+            s,
+            "`slots` is not within 10% of `permanent` everywhere: per I/O it still takes a free \
+             slot and checks that the slot maps its buffer, and maps it when it does not ({:.2} \
+             IOMMU map calls per I/O at most), where `permanent` maps nothing. ",
+            max_maps("slots")
+        );
+    }
+    if checks.iter().any(|c| !c.shadow_between) {
+        s.push_str(
+            "`shadow` is not between `lazy` and `permanent` everywhere: its only per-I/O work \
+             over `permanent` is the bounce copy, so it falls where the copy's cost puts it. ",
         );
     }
     s.push_str(
@@ -832,7 +870,14 @@ mod tests {
         let r = find(&v, "ranking");
         assert!(r.contains("Best DVMA mode"), "{r}");
         assert!(r.contains("`permanent`"), "{r}");
-        assert!(r.contains("does not depend"), "{r}");
+        assert!(
+            r.contains("The choice of completion mode does not depend on the DVMA mode"),
+            "{r}"
+        );
+        assert!(
+            r.contains("The choice of DVMA mode does not depend on the completion mode"),
+            "{r}"
+        );
         let d = find(&v, "dvma_space");
         assert!(
             d.contains("`slots` holds 1024 pages (4096 KiB) for good, 1016 more"),
@@ -870,6 +915,8 @@ mod tests {
             shape.contains("shadow between lazy and permanent"),
             "{shape}"
         );
+        assert!(shape.contains("`shadow` is not between"), "{shape}");
+        assert!(!shape.contains("`slots` is not within 10%"), "{shape}");
         assert!(find(&v, "intr_stack").starts_with("Not measured"));
         // Completions all tie: no head-to-head difference is ranked.
         let c = find(&v, "completion");
@@ -902,7 +949,10 @@ mod tests {
         };
         let (v, _) = verdicts(&inp);
         let r = find(&v, "ranking");
-        assert!(r.contains("depends on the DVMA mode"), "{r}");
+        assert!(
+            r.contains("The best completion mode depends on the DVMA mode"),
+            "{r}"
+        );
         assert!(r.contains("strict: thread"), "{r}");
     }
 }
