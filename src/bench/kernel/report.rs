@@ -69,7 +69,8 @@
 //!   per I/O / the mode's]`), and the checks of the published shape
 //!   (`strict_below_lazy`, `strict_far_below_lazy`,
 //!   `lazy_below_mapped_once`, `slots_near_permanent`, `shadow_between`,
-//!   `reproduced`).
+//!   `reproduced`; `medians_follow`: the same checks on the medians alone,
+//!   so a shape the noise hides is told from one the run contradicts).
 //! * `plots`: the SVG files written next to `kernel.json`:
 //!   `kernel-split-<workload>.svg` (CPU ns per I/O stacked by part, every
 //!   pair) and `kernel-iops-depth.svg` (the curve).
