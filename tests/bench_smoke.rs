@@ -274,6 +274,7 @@ fn tiny_matrix_end_to_end() {
         "## How this run was made",
         "## The answer: the mail's options measured inside the kernel",
         "`--kernel-from ",
+        "- the kernel bench, e.g.: `an earlier run's files, copied from ",
         "### The answer: the mail's questions, from this run's numbers",
         "**What does a separate interrupt stack cost?** ",
         "**Does this machine reproduce the published shape?** ",

@@ -215,16 +215,28 @@ const KERNEL_FULL_S: f64 = 540.0;
 
 /// The kernel bench's answer: runs `exe bench kernel [--quick] --out
 /// out/kernel` (stderr into `raw/kernel.stderr`), or copies an earlier
-/// run's files from `from` into `out/kernel`; returns the report's section
-/// and `kernel.json`.
+/// run's files from `from` into `out/kernel`; returns the report's section,
+/// `kernel.json` and how it was made (for "How this run was made").
 fn kernel_answer(
     exe: &Path,
     quick: bool,
     from: Option<&Path>,
     out: &Path,
     raw: &Path,
-) -> Result<(String, serde_json::Value), String> {
+) -> Result<(String, serde_json::Value, String), String> {
     let dir = out.join("kernel");
+    let how = match from {
+        Some(src) => format!("an earlier run's files, copied from {}", src.display()),
+        None => format!(
+            "dvma bench kernel{} --out {}",
+            if quick {
+                format!(" {}", KERNEL_QUICK_ARGS.join(" "))
+            } else {
+                String::new()
+            },
+            dir.display()
+        ),
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     match from {
         Some(src) => {
@@ -282,7 +294,7 @@ fn kernel_answer(
             1,
         );
     }
-    Ok((section, json))
+    Ok((section, json, how))
 }
 
 /// A date as RFC 3339 UTC, from the system clock.
@@ -925,7 +937,10 @@ pub fn main(a: MatrixArgs) -> Result<ExitCode, String> {
         } else {
             b.pb.set_message("bench kernel");
             match kernel_answer(&exe, plan.quick, a.kernel_from.as_deref(), &out, &raw) {
-                Ok(k) => kernel = Some(k),
+                Ok((section, json, how)) => {
+                    b.commands.insert("the kernel bench".into(), how);
+                    kernel = Some((section, json));
+                }
                 Err(e) => b.fail(e),
             }
         }

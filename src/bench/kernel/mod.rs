@@ -823,15 +823,14 @@ pub fn main(a: KernelArgs) -> Result<ExitCode, String> {
         }
     })?;
     let (md, json) = (w.markdown, w.json);
-    let p = plan(&a)?;
     if a.json {
         println!("{json}");
     } else {
         print!("{md}");
         eprintln!(
             "wrote {} and {}",
-            p.out.join("kernel.md").display(),
-            p.out.join("kernel.json").display()
+            a.out.join("kernel.md").display(),
+            a.out.join("kernel.json").display()
         );
     }
     Ok(if w.failed {
