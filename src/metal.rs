@@ -35,7 +35,9 @@ pub struct MetalArgs {
     /// spl, interrupts, softints, threads, callouts), `race` (the 1995
     /// race, every completion mode x protection), `bench micro` (the
     /// mechanisms timed; under TCG the figures are the emulator's),
-    /// `overflow` (a kernel stack overflow, which must be caught).
+    /// `overflow` (a kernel stack overflow, which must be caught), `disk`
+    /// (kern's sd over a virtio-blk disk: patterned writes read back and
+    /// verified, in each DVMA x completion mode asked for).
     program: String,
     /// Arguments passed to the program (on the kernel command line).
     args: Vec<String>,
@@ -61,19 +63,52 @@ pub struct MetalArgs {
     #[arg(long)]
     tcg: bool,
     /// `race`: injected allocations per row (default 200); `bench micro`:
-    /// repetitions per figure (default 5).
+    /// repetitions per figure (default 5); `disk`: writes per run (default
+    /// 32).
     #[arg(long)]
     iterations: Option<u32>,
     /// `race`: also run each row under an interrupt storm for this many
     /// seconds (the LAPIC timer as the storm device).
     #[arg(long, value_name = "SECONDS")]
     storm: Option<f64>,
+    /// `disk`: the DVMA modes to run (`all`, or a comma list of strict,
+    /// lazy, slots, permanent, shadow).
+    #[arg(long)]
+    dvma: Option<String>,
+    /// `disk`: the completion modes to run (`all`, or a comma list of intr,
+    /// softint, thread, ast).
+    #[arg(long)]
+    completion: Option<String>,
+    /// `disk`: the raw disk image to give the guest (created, or truncated
+    /// and zeroed, 32 MiB); kept afterwards. Without it a
+    /// temporary image is made and removed.
+    #[arg(long, value_name = "FILE")]
+    disk_image: Option<PathBuf>,
     /// Kill the guest after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
     /// Boot this kernel ELF instead of building crates/metal.
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
+}
+
+/// Bytes of the `disk` program's image: 32 runs of 1 MiB.
+pub const DISK_BYTES: u64 = 32 << 20;
+
+/// Create (or truncate and zero) a raw image of [`DISK_BYTES`] at `path`.
+pub fn make_disk_image(path: &Path) -> Result<(), String> {
+    let f = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.set_len(DISK_BYTES)
+        .map_err(|e| format!("sizing {}: {e}", path.display()))
+}
+
+/// A temporary disk image, removed when dropped.
+struct TempImage(PathBuf);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn root() -> PathBuf {
@@ -249,11 +284,24 @@ struct Guest<'a> {
     cmdline: &'a str,
     cpus: u32,
     json: bool,
+    disk: Option<&'a Path>,
 }
 
 fn run_once(q: &Qemu, g: &Guest<'_>, kvm: bool, deadline: Instant) -> Result<Run, String> {
     let json = g.json;
-    let mut child = qemu_command(q, g.kernel, g.cmdline, kvm, g.cpus)
+    let mut cmd = qemu_command(q, g.kernel, g.cmdline, kvm, g.cpus);
+    if let Some(d) = g.disk {
+        // QEMU's option syntax: a comma in a value is written twice.
+        let file = d
+            .to_str()
+            .ok_or_else(|| format!("{}: not a UTF-8 path", d.display()))?
+            .replace(',', ",,");
+        let drive = format!("file={file},if=none,id=d0,format=raw,cache=unsafe");
+        cmd.arg("-drive")
+            .arg(drive)
+            .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", q.bin.display()))?;
     let out = child.stdout.take().ok_or("no QEMU stdout")?;
@@ -375,9 +423,33 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
         cmdline.push_str(" --intr-stack ");
         cmdline.push_str(s);
     }
+    if let Some(d) = &a.dvma {
+        cmdline.push_str(" --dvma ");
+        cmdline.push_str(d);
+    }
+    if let Some(c) = &a.completion {
+        cmdline.push_str(" --completion ");
+        cmdline.push_str(c);
+    }
     if a.json {
         cmdline.push_str(" --json");
     }
+    let mut _temp = None;
+    let disk: Option<PathBuf> = if a.program == "disk" {
+        let p = match &a.disk_image {
+            Some(p) => p.clone(),
+            None => {
+                let p = std::env::temp_dir()
+                    .join(format!("dvma-metal-disk-{}.img", std::process::id()));
+                _temp = Some(TempImage(p.clone()));
+                p
+            }
+        };
+        make_disk_image(&p)?;
+        Some(p)
+    } else {
+        None
+    };
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let mut kvm = kvm;
     let st = loop {
@@ -394,6 +466,7 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
             cmdline: &cmdline,
             cpus: a.cpus,
             json: a.json,
+            disk: disk.as_deref(),
         };
         match run_once(&q, &g, kvm, deadline)? {
             Run::Exited(st) => break st,

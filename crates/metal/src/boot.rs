@@ -7,7 +7,8 @@
 //!
 //! 1. fills the boot page tables: the first 4 GiB identity-mapped with
 //!    2 MiB pages, the top GiB (MMIO: the LAPIC at `0xfee0_0000`)
-//!    uncached;
+//!    uncached; [`map_uncached`] later makes more of it uncached (PCI's
+//!    ECAM window and BARs, which QEMU's q35 puts below 3 GiB too);
 //! 2. enables PAE, SSE (`CR4.OSFXSR`, `CR4.OSXMMEXCPT`; `CR0.MP` set,
 //!    `CR0.EM` and `CR0.TS` clear: the host target's code uses SSE2),
 //!    long mode (`EFER.LME`, `EFER.NXE`) and paging, loads the GDT and
@@ -64,6 +65,7 @@ core::arch::global_asm!(
     ".globl dvma_boot_pml4",
     "dvma_boot_pml4: .zero 4096",
     "dvma_boot_pdpt: .zero 4096",
+    ".globl dvma_boot_pd",
     "dvma_boot_pd: .zero 4096 * 4",
     ".p2align 3",
     "dvma_gdt_ptr:",
@@ -166,3 +168,42 @@ core::arch::global_asm!(
     gdt_limit = const GDT_ENTRIES * 8 - 1,
     main = sym crate::metal_main,
 );
+
+unsafe extern "C" {
+    /// The four page directories of the identity map: entry `i` maps
+    /// `[i << 21, (i + 1) << 21)`.
+    static dvma_boot_pd: [AtomicU64; 2048];
+}
+
+/// PCD | PWT: a 2 MiB page of the identity map that is not cached (no MTRR
+/// or PAT programming: PAT entry 3 is UC at reset, which is what PCD | PWT
+/// selects).
+const UNCACHED: u64 = 0x18;
+
+/// Make the identity map of `[addr, addr + len)` (below 4 GiB) uncached,
+/// whole 2 MiB pages at a time: for memory-mapped device registers (PCI
+/// configuration space, BARs). Boot CPU, before the other CPUs start
+/// (their TLBs hold no entry for these pages then; this CPU's are flushed
+/// by reloading `CR3`).
+pub fn map_uncached(addr: usize, len: usize) {
+    assert!(
+        addr + len <= 1 << 32,
+        "{addr:#x}+{len:#x}: above the identity map"
+    );
+    let (first, last) = (addr >> 21, (addr + len - 1) >> 21);
+    for pde in &boot_pd()[first..=last] {
+        pde.fetch_or(UNCACHED, core::sync::atomic::Ordering::Relaxed);
+    }
+    // SAFETY: reloading CR3 with its own value flushes this CPU's
+    // non-global TLB entries and changes nothing else.
+    unsafe {
+        core::arch::asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags));
+    }
+}
+
+fn boot_pd() -> &'static [AtomicU64; 2048] {
+    // SAFETY: the page directories are static data of this image, written
+    // at boot by the entry code and afterwards only atomically
+    // (`map_uncached`).
+    unsafe { &*core::ptr::addr_of!(dvma_boot_pd) }
+}

@@ -8,7 +8,7 @@
 //! | IPL | vector | CR8 while at that IPL (`mask` spl) |
 //! |---|---|---|
 //! | (wake an idle CPU) | 0x30 | |
-//! | bio | 0x40 | 4 |
+//! | bio (and the virtio-blk disk's MSI-X, 0x41) | 0x40 | 4 |
 //! | net | 0x50 | 5 |
 //! | tty | 0x60 | 6 |
 //! | vm | 0x70 | 7 |
@@ -68,6 +68,19 @@ pub const PIC_BASE: u8 = 0x20;
 pub const WAKE: u8 = 0x30;
 /// The LAPIC timer (the clock; IPL_SCHED's class).
 pub const TIMER: u8 = 0x81;
+/// The disk's MSI-X vector (IPL_BIO's class; `virtio.rs`).
+pub const DISK: u8 = 0x41;
+
+/// The kern interrupt the disk's vector raises: its bit in the pending
+/// word, or `u64::MAX` for none.
+static DISK_BIT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// From now on a [`DISK`] trap marks `h` pending on the CPU it lands on
+/// (the disk driver points the device's MSI-X message at the CPU kern
+/// chose). Any context.
+pub fn route_disk(h: kern::intr::IntrHandle) {
+    DISK_BIT.store(u64::from(h.bit()), Relaxed);
+}
 /// The APIC's spurious vector.
 pub const SPURIOUS: u8 = 0xff;
 
@@ -214,6 +227,17 @@ pub fn interrupt(r: &mut Regs) {
         // keeps alive until it detaches it (its contract).
         if let Some(kit) = unsafe { STORM.load(Relaxed).as_ref() } {
             kit.device_tick();
+        }
+    } else if v == DISK {
+        let bit = DISK_BIT.load(Relaxed);
+        match (
+            kern::kernel::try_kernel(),
+            crate::md::PerCpu::current_index(),
+        ) {
+            (Some(k), Some(me)) if bit < 64 => k.cpu(me).line().set_local(1 << bit),
+            _ => {
+                UNEXPECTED.fetch_add(1, Relaxed);
+            }
         }
     } else if v != WAKE && vector_of(level_of(v)) != Some(v) {
         UNEXPECTED.fetch_add(1, Relaxed);

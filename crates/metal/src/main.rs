@@ -19,7 +19,11 @@
 //! | `heap` | the global allocator |
 //! | `pvh` | the PVH start info (command line, memory map) |
 //! | `stacks` | kernel-thread stacks with unmapped guard pages |
-//! | `acpi` | the MADT's CPUs |
+//! | `acpi` | the MADT's CPUs, the MCFG's PCI configuration window |
+//! | `pci` | PCI configuration space (ECAM), capabilities, BARs mapped uncached |
+//! | `virtio` | virtio-blk (modern virtio-pci, MSI-X) as kern's `DiskController` |
+//! | `iommu` | `SoftIommu`: the IOVA translation table bus_dma needs (no protection: no VT-d yet) |
+//! | `disk` | the `disk` program: sd over virtio-blk, written, read back, verified |
 //! | `smp` | INIT-SIPI-SIPI, the real-mode trampoline, the APs' entry |
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
@@ -28,10 +32,11 @@
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `overflow` (a kernel thread
+//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `disk`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
-//! bench micro: repetitions) and (race) `--storm-ms N`. Programs other
+//! bench micro: repetitions; disk: writes per run), (race) `--storm-ms N` and (disk)
+//! `--dvma LIST` and `--completion LIST` (comma lists of mode names, or `all`). Programs other
 //! than `hello` and `fault` run as a kernel thread on CPU 0 of a booted
 //! kern with every CPU the MADT lists (QEMU's `-smp`, at most 8); the boot
 //! stack becomes CPU 0's idle context (`kern::sched::cpu_run`), and each
@@ -52,18 +57,22 @@ pub mod boot;
 #[macro_use]
 pub mod console;
 pub mod clock;
+pub mod disk;
 pub mod heap;
 pub mod intr;
+pub mod iommu;
 pub mod lapic;
 pub mod md;
 pub mod mem;
 pub mod micro;
+pub mod pci;
 pub mod pvh;
 pub mod race;
 pub mod selftest;
 pub mod smp;
 pub mod stacks;
 pub mod trap;
+pub mod virtio;
 pub mod x86;
 
 use alloc::boxed::Box;
@@ -132,6 +141,8 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         json: false,
         iterations: None,
         storm_ms: 0,
+        dvma: 1,
+        completion: 0xf,
     };
     let mut spl = SplImpl::Lazy;
     while let Some(w) = words.next() {
@@ -145,6 +156,23 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                 Some(n) => opts.storm_ms = n,
                 None => usage("--storm-ms wants a number"),
             },
+            "--dvma" => {
+                match words
+                    .next()
+                    .and_then(|w| disk::parse_set(w, &kern::bus_dma::DvmaMode::ALL, |m| m.name()))
+                {
+                    Some(set) => opts.dvma = set,
+                    None => usage("--dvma wants all or a comma list of DVMA modes"),
+                }
+            }
+            "--completion" => {
+                match words.next().and_then(|w| {
+                    disk::parse_set(w, &kern::completion::Completion::ALL, |c| c.name())
+                }) {
+                    Some(set) => opts.completion = set,
+                    None => usage("--completion wants all or a comma list of completion modes"),
+                }
+            }
             "--spl" => match words.next() {
                 Some("lazy") => spl = SplImpl::Lazy,
                 Some("mask") => spl = SplImpl::Mask,
@@ -176,6 +204,17 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         "selftest" => |ctx, o| selftest::run(ctx, o.json),
         "race" => |ctx, o| race::run(ctx, o.json, o.iterations.unwrap_or(200), o.storm_ms),
         "bench micro" => |ctx, o| micro::run(ctx, o.json, o.iterations.unwrap_or(5)),
+        "disk" => |ctx, o| {
+            disk::run(
+                ctx,
+                disk::DiskOpts {
+                    json: o.json,
+                    ops: o.iterations.unwrap_or(32),
+                    dvma: o.dvma,
+                    completion: o.completion,
+                },
+            )
+        },
         "overflow" => |_, _| {
             // Run off the end of this thread's stack: the guard page must
             // stop it at once (a page fault reported as a kernel stack
@@ -209,7 +248,7 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro, disk; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N, --dvma LIST, --completion LIST)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -226,6 +265,10 @@ struct Opts {
     json: bool,
     iterations: Option<u32>,
     storm_ms: u64,
+    /// `disk`: the DVMA modes (bit set over `DvmaMode::ALL`).
+    dvma: u8,
+    /// `disk`: the completion modes (bit set over `Completion::ALL`).
+    completion: u8,
 }
 
 /// A program: its kernel thread's body; returns the guest status.
@@ -235,6 +278,19 @@ type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 /// shuts down, exit with the body's status.
 fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp: usize) -> ! {
     clock::calibrate();
+    if name == "disk" {
+        // PCI before the other CPUs start: it maps registers uncached.
+        match acpi::ecam(rsdp) {
+            Some(e) => {
+                pci::init(e);
+                match virtio::VirtioBlk::probe() {
+                    Ok(d) => disk::DISK.store(Box::leak(Box::new(d)), Relaxed),
+                    Err(e) => kprintln!("metal: virtio-blk: {e}"),
+                }
+            }
+            None => kprintln!("metal: no ACPI MCFG: no PCI"),
+        }
+    }
     let ncpu = match acpi::cpu_apic_ids(rsdp) {
         Some((ids, n)) if n > 1 => {
             stacks::set_reuse(false);
@@ -254,6 +310,7 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp:
     // the machine's RAM for the kernel's life).
     let ram = unsafe { alloc::alloc::alloc_zeroed(layout) };
     assert!(!ram.is_null(), "no room for physical memory");
+    iommu::SOFT_IOMMU.set_base(ram as usize);
     let md: &'static md::MetalMd = Box::leak(Box::new(md::MetalMd {
         physmem: (ram as usize, PHYSMEM as u64),
     }));

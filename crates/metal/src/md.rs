@@ -12,7 +12,7 @@
 //! | `hw_mask(l)` (`mask` spl) | `mov cr8`: the task priority holds every vector of class at or below `l`'s |
 //! | `idle_wait` | with interrupts disabled, look at the word; if it still says sleep, `sti; hlt` (the `sti` shadow makes the pair atomic: a wake-up IPI that arrives after the look ends the `hlt`) |
 //! | `physmem` | 32 MiB of the identity-mapped RAM, carved from the heap at boot |
-//! | `iommu` | none yet: [`NoIommu`] refuses every mapping (VT-d is a later part of issue 15; no metal device does DMA yet) |
+//! | `iommu` | no hardware one yet: [`crate::iommu::SoftIommu`], a translation table the disk driver consults (no protection from the device, which sees physical addresses; VT-d is a later part of issue 15) |
 //! | `host_wake` | nothing: there are no host threads on metal to wake |
 //! | stacks | 4 KiB pages in a region of their own above an unmapped guard page (`stacks.rs`): an overflow faults at once and is reported |
 //! | `run_thread` | calls the body: a panic stops the machine (`panic = "abort"`, the panic handler exits QEMU with status 2) |
@@ -25,10 +25,9 @@
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering::Relaxed};
 
 use kern::cpu::Cpu;
-use kern::iommu::{DmaAccess, Iommu, IommuError, Iova};
+use kern::iommu::Iommu;
 use kern::ipl::Ipl;
 use kern::md::{Kick, Md, StackMem};
-use kern::vm::Paddr;
 
 use crate::intr::{WAKE, cr8_of, vector_of};
 use crate::lapic::{self, Dest};
@@ -157,25 +156,6 @@ pub fn in_trampoline(pc: usize) -> bool {
         .contains(&pc)
 }
 
-/// An IOMMU that refuses every mapping: metal has none yet.
-#[derive(Debug)]
-pub struct NoIommu;
-
-/// `ENODEV`, what [`NoIommu`] answers.
-pub const ENODEV: i32 = 19;
-
-impl Iommu for NoIommu {
-    fn size(&self) -> u64 {
-        64 << 20
-    }
-    fn enter(&self, _: Iova, _: Paddr, _: usize, _: DmaAccess) -> Result<(), IommuError> {
-        Err(IommuError::Host { errno: ENODEV })
-    }
-    fn remove(&self, _: Iova, _: usize) {}
-}
-
-static NO_IOMMU: NoIommu = NoIommu;
-
 /// Self-IPIs that the APIC had not delivered after the wait (`kick`).
 pub static SELF_IPI_LATE: AtomicU64 = AtomicU64::new(0);
 
@@ -263,7 +243,7 @@ impl Md for MetalMd {
     }
 
     fn iommu(&self) -> &'static dyn Iommu {
-        &NO_IOMMU
+        &crate::iommu::SOFT_IOMMU
     }
 
     fn host_wake(&self, _word: &core::sync::atomic::AtomicU32) {}
