@@ -84,6 +84,11 @@ pub struct MetalArgs {
     /// temporary image is made and removed.
     #[arg(long, value_name = "FILE")]
     disk_image: Option<PathBuf>,
+    /// `disk`: the IOMMU in front of the disk: `none` (the default: the
+    /// device sees physical addresses) or `vtd` (QEMU's intel-iommu; the
+    /// device gets IOVAs and negotiates VIRTIO_F_ACCESS_PLATFORM).
+    #[arg(long, value_parser = ["none", "vtd"])]
+    iommu: Option<String>,
     /// Kill the guest after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -285,6 +290,7 @@ struct Guest<'a> {
     cpus: u32,
     json: bool,
     disk: Option<&'a Path>,
+    vtd: bool,
 }
 
 fn run_once(q: &Qemu, g: &Guest<'_>, kvm: bool, deadline: Instant) -> Result<Run, String> {
@@ -297,9 +303,18 @@ fn run_once(q: &Qemu, g: &Guest<'_>, kvm: bool, deadline: Instant) -> Result<Run
             .ok_or_else(|| format!("{}: not a UTF-8 path", d.display()))?
             .replace(',', ",,");
         let drive = format!("file={file},if=none,id=d0,format=raw,cache=unsafe");
-        cmd.arg("-drive")
-            .arg(drive)
-            .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+        if g.vtd {
+            // The IOMMU must come before the devices it translates for.
+            cmd.args(["-device", "intel-iommu,intremap=off,caching-mode=on"]);
+        }
+        cmd.arg("-drive").arg(drive).args([
+            "-device",
+            if g.vtd {
+                "virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on"
+            } else {
+                "virtio-blk-pci,drive=d0,disable-legacy=on"
+            },
+        ]);
     }
     let mut child = cmd
         .spawn()
@@ -431,6 +446,10 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
         cmdline.push_str(" --completion ");
         cmdline.push_str(c);
     }
+    if let Some(i) = &a.iommu {
+        cmdline.push_str(" --iommu ");
+        cmdline.push_str(i);
+    }
     if a.json {
         cmdline.push_str(" --json");
     }
@@ -467,6 +486,7 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
             cpus: a.cpus,
             json: a.json,
             disk: disk.as_deref(),
+            vtd: a.iommu.as_deref() == Some("vtd"),
         };
         match run_once(&q, &g, kvm, deadline)? {
             Run::Exited(st) => break st,

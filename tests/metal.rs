@@ -239,10 +239,10 @@ fn bench_micro_runs_and_counts() {
 /// unmapped IOVA was refused with a DMA fault, and the image file on the
 /// host holds exactly what the guest says it wrote (each sector zero or
 /// the verify pattern of its offset; as many pattern sectors as written).
-fn disk(dvma: &str, cpus: &str) {
+fn disk(dvma: &str, cpus: &str, iommu: &str) {
     let dir = std::env::temp_dir().join(format!("dvma-metal-disk-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let img = dir.join(format!("{}-{cpus}.img", dvma.replace(',', "-")));
+    let img = dir.join(format!("{}-{cpus}-{iommu}.img", dvma.replace(',', "-")));
     let Some(o) = metal(&[
         "disk",
         "--json",
@@ -252,6 +252,8 @@ fn disk(dvma: &str, cpus: &str) {
         "all",
         "--cpus",
         cpus,
+        "--iommu",
+        iommu,
         "--disk-image",
         img.to_str().expect("utf-8 temp path"),
     ]) else {
@@ -272,6 +274,17 @@ fn disk(dvma: &str, cpus: &str) {
     }
     assert_eq!(v["device_submitted"], v["device_completed"], "{}", text(&o));
     assert_eq!(v["unmapped_iova_refused"], true, "{}", text(&o));
+    assert_eq!(v["unmapped_iova_status"], "Some(DmaFault)", "{}", text(&o));
+    assert_eq!(v["iommu"], iommu, "{}", text(&o));
+    if iommu == "vtd" {
+        // The unit itself blocked the device's access and recorded it.
+        assert!(v["vtd_faults"].as_u64().unwrap_or(0) >= 1, "{}", text(&o));
+        assert!(
+            v["vtd_invalidations"].as_u64().unwrap_or(0) > 0,
+            "{}",
+            text(&o)
+        );
+    }
     let seed = v["seed"].as_u64().expect("seed");
     let image = std::fs::read(&img).expect("read the image");
     let _ = std::fs::remove_file(&img);
@@ -303,10 +316,24 @@ fn disk(dvma: &str, cpus: &str) {
 
 #[test]
 fn disk_virtio_blk_strict_lazy_slots_two_cpus() {
-    disk("strict,lazy,slots", "2");
+    disk("strict,lazy,slots", "2", "none");
 }
 
 #[test]
 fn disk_virtio_blk_permanent_shadow() {
-    disk("permanent,shadow", "1");
+    disk("permanent,shadow", "1", "none");
+}
+
+/// Every DVMA mode x completion mode with the disk behind VT-d (QEMU's
+/// intel-iommu, `iommu_platform=on`): the device's accesses are
+/// translated by the unit's page tables, and an unmapped IOVA fails that
+/// command alone (the runs after it pass).
+#[test]
+fn disk_virtio_blk_behind_vtd_strict_lazy_slots_two_cpus() {
+    disk("strict,lazy,slots", "2", "vtd");
+}
+
+#[test]
+fn disk_virtio_blk_behind_vtd_permanent_shadow() {
+    disk("permanent,shadow", "1", "vtd");
 }

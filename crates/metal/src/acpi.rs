@@ -85,6 +85,27 @@ pub fn ecam(rsdp: usize) -> Option<Ecam> {
     None
 }
 
+/// The register base of the first VT-d remapping unit (DRHD) of the DMAR
+/// table, with its flags (bit 0: INCLUDE_PCI_ALL), if there is one.
+pub fn dmar_unit(rsdp: usize) -> Option<(usize, u8)> {
+    let dmar = find_table(rsdp, *b"DMAR")?;
+    let len = read::<u32>(dmar + 4) as usize;
+    // 36-byte header, host address width, flags, 10 reserved bytes.
+    let mut p = dmar + 48;
+    while p + 4 <= dmar + len {
+        let ty: u16 = read(p);
+        let l: u16 = read(p + 2);
+        if l < 4 {
+            break;
+        }
+        if ty == 0 {
+            return Some((read::<u64>(p + 8) as usize, read(p + 4)));
+        }
+        p += usize::from(l);
+    }
+    None
+}
+
 /// The APIC ids of the enabled processors in the MADT, in its order (the
 /// boot CPU first on QEMU), at most [`MAXCPU`]; `None` without ACPI.
 pub fn cpu_apic_ids(rsdp: usize) -> Option<([u32; MAXCPU], usize)> {

@@ -20,10 +20,12 @@
 //! on the last CPU: with `--cpus 2` the MSI-X messages go to CPU 1 while
 //! this program's thread runs on CPU 0.
 //!
-//! Last, a command naming an IOVA nothing maps must fail with a DMA fault
-//! without reaching the device (`unmapped_iova_refused`: the driver's
-//! translation refuses it; with no IOMMU nothing would stop the device
-//! itself).
+//! First, a command naming an IOVA nothing maps must fail with a DMA
+//! fault, alone (`unmapped_iova_refused`; the runs after it must all
+//! pass). Without VT-d the driver's translation refuses it (nothing would
+//! stop the device itself); with `--iommu vtd` the device is given the
+//! IOVA, the unit blocks the access and records the fault, and the driver
+//! fails the command on that record (`vtd_faults`).
 //!
 //! It prints one JSON object (`json: {...}`): per run and in total, ops,
 //! bytes, errors, mismatches, DMA faults, interrupts.
@@ -151,6 +153,14 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
         return crate::EXIT_USAGE;
     }
     kern::bio::bio_init(4 * DEPTH);
+    // First, so that the runs after it show that it failed alone.
+    let (bad, vtd_faults) = unmapped_iova_refused(disk);
+    let refused = matches!(bad, Some(d) if d.id == 0 && d.status != kern::dev::DiskStatus::Ok)
+        && (!crate::vtd::VTD.enabled() || vtd_faults > 0);
+    if !refused {
+        kprintln!("disk: the unmapped-IOVA command gave {bad:?}, {vtd_faults} VT-d faults");
+    }
+
     let sectors = disk.geometry().sectors;
     let mut out = String::new();
     let mut total = RunStats::default();
@@ -208,12 +218,11 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
             run += 1;
         }
     }
-    let refused = unmapped_iova_refused(disk);
     let ok = run > 0 && total.errors == 0 && total.mismatches == 0 && refused;
     let faults = crate::iommu::SOFT_IOMMU.faults.load(Relaxed);
     if o.json {
         kprintln!(
-            "json: {{\"program\":\"disk\",\"sectors\":{sectors},\"seed\":{SEED},\"region_bytes\":{REGION},\"runs\":[{out}],\"ops\":{},\"bytes\":{},\"errors\":{},\"mismatches\":{},\"sectors_written\":{},\"device_submitted\":{},\"device_completed\":{},\"translation_faults\":{faults},\"stale_reaps\":{},\"unmapped_iova_refused\":{refused},\"ok\":{ok}}}",
+            "json: {{\"program\":\"disk\",\"sectors\":{sectors},\"seed\":{SEED},\"region_bytes\":{REGION},\"runs\":[{out}],\"ops\":{},\"bytes\":{},\"errors\":{},\"mismatches\":{},\"sectors_written\":{},\"device_submitted\":{},\"device_completed\":{},\"translation_faults\":{faults},\"stale_reaps\":{},\"unmapped_iova_refused\":{refused},\"unmapped_iova_status\":\"{:?}\",\"iommu\":\"{}\",\"vtd_faults\":{vtd_faults},\"vtd_invalidations\":{},\"ok\":{ok}}}",
             total.ops,
             total.bytes,
             total.errors,
@@ -222,6 +231,13 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
             disk.submitted.load(Relaxed),
             disk.completed.load(Relaxed),
             STALE_REAPS.load(Relaxed),
+            bad.map(|d| d.status),
+            if crate::vtd::VTD.enabled() {
+                "vtd"
+            } else {
+                "none"
+            },
+            crate::vtd::VTD.invalidations.load(Relaxed),
         );
     } else {
         kprintln!(
@@ -238,11 +254,13 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
 }
 
 /// A command naming an IOVA that nothing maps (the window's last page)
-/// must come back as a DMA fault without reaching the device. With no
-/// port live, no sd unit reaps it; this thread polls for it.
-fn unmapped_iova_refused(disk: &VirtioBlk) -> bool {
+/// must fail, alone. Without VT-d the driver's translation refuses it
+/// before the device sees it; behind VT-d the device gets the IOVA, the
+/// unit blocks its access and records a fault, and the command must come
+/// back failed. With no port live, no sd unit reaps it; this thread polls
+/// for it (2 s at most). Its outcome, the faults VT-d recorded.
+fn unmapped_iova_refused(disk: &VirtioBlk) -> (Option<DiskDone>, u64) {
     LIVE.store(u64::MAX, Relaxed);
-    let before = disk.submitted.load(Relaxed);
     let cmd = DiskCmd {
         id: 0,
         op: kern::dev::DiskOp::Read,
@@ -252,13 +270,16 @@ fn unmapped_iova_refused(disk: &VirtioBlk) -> bool {
         fua: false,
     };
     if !disk.submit(cmd) {
-        return false;
+        return (None, 0);
     }
-    let done = disk.reap();
-    done == Some(DiskDone {
-        id: 0,
-        status: kern::dev::DiskStatus::DmaFault,
-    }) && disk.submitted.load(Relaxed) == before
+    disk.doorbell();
+    let until = crate::clock::nanotime() + 2_000_000_000;
+    let mut done = None;
+    while done.is_none() && crate::clock::nanotime() < until {
+        done = disk.reap();
+        core::hint::spin_loop();
+    }
+    (done, crate::vtd::VTD.faults.load(Relaxed))
 }
 
 /// One run: attach `sd{run}` in `mode`/`comp`, write, read back, verify.

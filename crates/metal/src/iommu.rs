@@ -1,8 +1,8 @@
 //! [`SoftIommu`]: the `kern::iommu::Iommu` of a machine without one.
 //!
-//! **It protects nothing from the device.** Metal has no VT-d yet (issue
-//! 15's next part), so a device that does DMA (virtio-blk) sees physical
-//! addresses and can reach all of RAM. What this gives kern's `bus_dma` is
+//! **It protects nothing from the device.** Without VT-d (`--iommu vtd`
+//! gives [`crate::vtd::Vtd`] instead) a device that does DMA (virtio-blk)
+//! sees physical addresses and can reach all of RAM. What this gives kern's `bus_dma` is
 //! the translation it needs to work: `enter` writes IOVA page -> physical
 //! page (and the device's rights) into a flat table, `remove` clears it,
 //! and the *driver* looks each command's IOVA range up here
@@ -54,6 +54,11 @@ impl SoftIommu {
     /// Set where kern's physical memory starts (boot, before kern).
     pub fn set_base(&self, base: usize) {
         self.base.store(base, Relaxed);
+    }
+
+    /// Where kern's physical memory starts.
+    pub fn base(&self) -> usize {
+        self.base.load(Relaxed)
     }
 
     /// Translate `[iova, iova + len)` for a device that `writes` memory

@@ -22,7 +22,8 @@
 //! | `acpi` | the MADT's CPUs, the MCFG's PCI configuration window |
 //! | `pci` | PCI configuration space (ECAM), capabilities, BARs mapped uncached |
 //! | `virtio` | virtio-blk (modern virtio-pci, MSI-X) as kern's `DiskController` |
-//! | `iommu` | `SoftIommu`: the IOVA translation table bus_dma needs (no protection: no VT-d yet) |
+//! | `iommu` | `SoftIommu`: the IOVA translation table bus_dma needs without an IOMMU (no protection) |
+//! | `vtd` | Intel VT-d as kern's `Iommu` (`--iommu vtd`): root/context tables, second-level page tables, IOTLB invalidation, fault records |
 //! | `disk` | the `disk` program: sd over virtio-blk, written, read back, verified |
 //! | `smp` | INIT-SIPI-SIPI, the real-mode trampoline, the APs' entry |
 //! | `selftest` | the `selftest` program |
@@ -36,7 +37,8 @@
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
 //! bench micro: repetitions; disk: writes per run), (race) `--storm-ms N` and (disk)
-//! `--dvma LIST` and `--completion LIST` (comma lists of mode names, or `all`). Programs other
+//! `--dvma LIST` and `--completion LIST` (comma lists of mode names, or `all`) and
+//! `--iommu none|vtd`. Programs other
 //! than `hello` and `fault` run as a kernel thread on CPU 0 of a booted
 //! kern with every CPU the MADT lists (QEMU's `-smp`, at most 8); the boot
 //! stack becomes CPU 0's idle context (`kern::sched::cpu_run`), and each
@@ -73,6 +75,7 @@ pub mod smp;
 pub mod stacks;
 pub mod trap;
 pub mod virtio;
+pub mod vtd;
 pub mod x86;
 
 use alloc::boxed::Box;
@@ -143,6 +146,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         storm_ms: 0,
         dvma: 1,
         completion: 0xf,
+        vtd: false,
     };
     let mut spl = SplImpl::Lazy;
     while let Some(w) = words.next() {
@@ -173,6 +177,11 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                     None => usage("--completion wants all or a comma list of completion modes"),
                 }
             }
+            "--iommu" => match words.next() {
+                Some("vtd") => opts.vtd = true,
+                Some("none") => opts.vtd = false,
+                other => usage(&alloc::format!("--iommu {other:?}")),
+            },
             "--spl" => match words.next() {
                 Some("lazy") => spl = SplImpl::Lazy,
                 Some("mask") => spl = SplImpl::Mask,
@@ -269,6 +278,8 @@ struct Opts {
     dvma: u8,
     /// `disk`: the completion modes (bit set over `Completion::ALL`).
     completion: u8,
+    /// `disk`: put the disk behind VT-d (`--iommu vtd`).
+    vtd: bool,
 }
 
 /// A program: its kernel thread's body; returns the guest status.
@@ -283,9 +294,21 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp:
         match acpi::ecam(rsdp) {
             Some(e) => {
                 pci::init(e);
-                match virtio::VirtioBlk::probe() {
-                    Ok(d) => disk::DISK.store(Box::leak(Box::new(d)), Relaxed),
-                    Err(e) => kprintln!("metal: virtio-blk: {e}"),
+                let f = virtio::VirtioBlk::find();
+                let mut vtd = false;
+                if let (true, Some(f)) = (opts.vtd, f) {
+                    match acpi::dmar_unit(rsdp) {
+                        Some((regs, _)) => match vtd::init(regs, f) {
+                            Ok(()) => vtd = true,
+                            Err(e) => kprintln!("metal: vt-d: {e}"),
+                        },
+                        None => kprintln!("metal: --iommu vtd but no ACPI DMAR"),
+                    }
+                }
+                match f.map(|f| virtio::VirtioBlk::probe(f, vtd)) {
+                    Some(Ok(d)) => disk::DISK.store(Box::leak(Box::new(d)), Relaxed),
+                    Some(Err(e)) => kprintln!("metal: virtio-blk: {e}"),
+                    None => kprintln!("metal: no virtio-blk-pci (1af4:1042)"),
                 }
             }
             None => kprintln!("metal: no ACPI MCFG: no PCI"),

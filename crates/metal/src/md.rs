@@ -12,7 +12,7 @@
 //! | `hw_mask(l)` (`mask` spl) | `mov cr8`: the task priority holds every vector of class at or below `l`'s |
 //! | `idle_wait` | with interrupts disabled, look at the word; if it still says sleep, `sti; hlt` (the `sti` shadow makes the pair atomic: a wake-up IPI that arrives after the look ends the `hlt`) |
 //! | `physmem` | 32 MiB of the identity-mapped RAM, carved from the heap at boot |
-//! | `iommu` | no hardware one yet: [`crate::iommu::SoftIommu`], a translation table the disk driver consults (no protection from the device, which sees physical addresses; VT-d is a later part of issue 15) |
+//! | `iommu` | with `--iommu vtd`, [`crate::vtd::Vtd`] (Intel VT-d: the device's accesses are translated and checked by the unit); otherwise [`crate::iommu::SoftIommu`], a translation table the disk driver consults (no protection from the device, which sees physical addresses) |
 //! | `host_wake` | nothing: there are no host threads on metal to wake |
 //! | stacks | 4 KiB pages in a region of their own above an unmapped guard page (`stacks.rs`): an overflow faults at once and is reported |
 //! | `run_thread` | calls the body: a panic stops the machine (`panic = "abort"`, the panic handler exits QEMU with status 2) |
@@ -243,7 +243,11 @@ impl Md for MetalMd {
     }
 
     fn iommu(&self) -> &'static dyn Iommu {
-        &crate::iommu::SOFT_IOMMU
+        if crate::vtd::VTD.enabled() {
+            &crate::vtd::VTD
+        } else {
+            &crate::iommu::SOFT_IOMMU
+        }
     }
 
     fn host_wake(&self, _word: &core::sync::atomic::AtomicU32) {}

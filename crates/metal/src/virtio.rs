@@ -14,10 +14,18 @@
 //! `s` owns descriptors `[s * DPS, (s + 1) * DPS)`: the request header
 //! (type, sector), the data (one descriptor per physically contiguous
 //! piece, at most 17 for a 64 KiB transfer), and the status byte. The data
-//! IOVA is translated by [`crate::iommu::SoftIommu`] (metal has no IOMMU
-//! yet: the device sees physical addresses); a command whose IOVA is not
+//! IOVA is translated by [`crate::iommu::SoftIommu`] when there is no
+//! IOMMU (the device sees physical addresses); a command whose IOVA is not
 //! mapped with the right it needs is not given to the device but completed
 //! at once with [`DiskStatus::DmaFault`], and its interrupt raised.
+//!
+//! Behind VT-d ([`crate::vtd`]) the driver negotiates
+//! `VIRTIO_F_ACCESS_PLATFORM`, maps its queue memory at [`RING_IOVA`], and
+//! gives the device the command's IOVA as one data descriptor: the unit
+//! translates every access. QEMU's virtio-blk completes a request whose
+//! data access the unit blocked with status OK; the unit's fault record
+//! for an IOVA of the command ([`crate::vtd::Vtd::faulted_in`], checked at
+//! reap) is what fails it with [`DiskStatus::DmaFault`].
 //!
 //! # Completions
 //! MSI-X vector 0 of the device is queue 0's; [`VirtioBlk::set_interrupt`]
@@ -109,6 +117,11 @@ pub struct VirtioBlk {
     /// The queue memory: descriptors, avail ring, used ring, headers,
     /// status bytes (identity-mapped: addresses are physical).
     mem: usize,
+    /// The device address of `mem`: `mem` itself without an IOMMU, its
+    /// IOVA ([`RING_IOVA`]) behind VT-d.
+    mem_dev: u64,
+    /// Behind VT-d: data descriptors carry the IOVA itself.
+    vtd: bool,
     qsize: u16,
     depth: u16,
     sectors: u64,
@@ -116,6 +129,9 @@ pub struct VirtioBlk {
     /// The local APIC id the completions interrupt, or `u64::MAX` before
     /// `set_interrupt`.
     intr: AtomicU64,
+    /// Behind VT-d: each slot's data IOVA and length (`iova << 20 | len`
+    /// would not fit: two words), for matching the unit's faults.
+    spans: [[AtomicU64; 2]; MAXSLOTS],
     /// Commands given to the device.
     pub submitted: AtomicU64,
     /// Commands completed by the device.
@@ -173,10 +189,16 @@ fn w64(a: usize, v: u64) {
 }
 
 impl VirtioBlk {
-    /// Find the first virtio-blk function and bring it up. Boot CPU,
-    /// before the others start, after [`crate::pci::init`].
-    pub fn probe() -> Result<VirtioBlk, &'static str> {
-        let f = crate::pci::find(VENDOR, DEVICE_BLK).ok_or("no virtio-blk-pci (1af4:1042)")?;
+    /// The first virtio-blk function, if any.
+    pub fn find() -> Option<crate::pci::Function> {
+        crate::pci::find(VENDOR, DEVICE_BLK)
+    }
+
+    /// Bring up the virtio-blk function `f` ([`VirtioBlk::find`]); `vtd`:
+    /// it sits behind VT-d (already translating for it): negotiate
+    /// `VIRTIO_F_ACCESS_PLATFORM` and give it IOVAs. Boot CPU, before the
+    /// others start, after [`crate::pci::init`].
+    pub fn probe(f: crate::pci::Function, vtd: bool) -> Result<VirtioBlk, &'static str> {
         f.enable(CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE);
         let mut bars = [None; 6];
         let mut bar = |i: u8| -> Result<usize, &'static str> {
@@ -229,7 +251,9 @@ impl VirtioBlk {
         w32(common + C_GFSELECT, 0);
         w32(common + C_GF, 0);
         w32(common + C_GFSELECT, 1);
-        w32(common + C_GF, 1); // VIRTIO_F_VERSION_1 (bit 32)
+        // VIRTIO_F_VERSION_1 (bit 32), and VIRTIO_F_ACCESS_PLATFORM (bit
+        // 33) behind VT-d.
+        w32(common + C_GF, if vtd { 3 } else { 1 });
         let st = STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK;
         w8(common + C_STATUS, st);
         if r8(common + C_STATUS) & STATUS_FEATURES_OK == 0 {
@@ -258,9 +282,17 @@ impl VirtioBlk {
         if mem == 0 {
             return Err("no memory for the queue");
         }
-        w64(common + C_Q_DESC, mem as u64);
-        w64(common + C_Q_DRIVER, (mem + AVAIL) as u64);
-        w64(common + C_Q_DEVICE, (mem + USED) as u64);
+        let mem_dev = if vtd {
+            if !crate::vtd::VTD.map_driver(RING_IOVA, mem as u64, 16 << 10) {
+                return Err("could not map the queue in VT-d");
+            }
+            RING_IOVA
+        } else {
+            mem as u64
+        };
+        w64(common + C_Q_DESC, mem_dev);
+        w64(common + C_Q_DRIVER, mem_dev + AVAIL as u64);
+        w64(common + C_Q_DEVICE, mem_dev + USED as u64);
         w16(common + C_Q_MSIX, 0);
         if r16(common + C_Q_MSIX) != 0 {
             w8(common + C_STATUS, STATUS_FAILED);
@@ -281,6 +313,8 @@ impl VirtioBlk {
             notify,
             msix_table,
             mem,
+            mem_dev,
+            vtd,
             qsize,
             depth,
             sectors,
@@ -294,6 +328,7 @@ impl VirtioBlk {
                 },
             ),
             intr: AtomicU64::new(u64::MAX),
+            spans: [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAXSLOTS],
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             dma_faults: AtomicU64::new(0),
@@ -306,6 +341,11 @@ impl VirtioBlk {
 
     fn header(&self, slot: usize) -> usize {
         self.mem + HEADERS + 16 * slot
+    }
+
+    /// The device address of driver memory `a` (in `mem`).
+    fn dev(&self, a: usize) -> u64 {
+        self.mem_dev + (a - self.mem) as u64
     }
 
     fn status(&self, slot: usize) -> usize {
@@ -334,6 +374,9 @@ impl VirtioBlk {
         self.post();
     }
 }
+
+/// The IOVA of the queue memory behind VT-d (above kern's window).
+pub const RING_IOVA: u64 = crate::vtd::WINDOW;
 
 /// Offsets in the queue memory.
 const AVAIL: usize = 4096;
@@ -373,10 +416,28 @@ impl DiskController for VirtioBlk {
         w32(h + 4, 0);
         w64(h + 8, cmd.lba);
         w8(self.status(slot), 0xff);
+        self.spans[slot][1].store(0, Relaxed);
         let d0 = slot * DPS;
         let mut n = 1;
         let dev_writes = cmd.op == DiskOp::Read;
         let ok = cmd.op == DiskOp::Flush
+            || self.vtd && {
+                // Behind VT-d the device gets the IOVA: the unit translates
+                // (and faults) on every access.
+                let d = Desc {
+                    addr: cmd.iova.get(),
+                    len: len as u32,
+                    flags: DESC_NEXT | if dev_writes { DESC_WRITE } else { 0 },
+                    next: (d0 + 2) as u16,
+                };
+                // SAFETY: descriptor d0 + 1 is this slot's, not yet
+                // published to the device.
+                unsafe { self.desc(d0 + 1).write_volatile(d) };
+                self.spans[slot][0].store(cmd.iova.get(), Relaxed);
+                self.spans[slot][1].store(len as u64, Relaxed);
+                n = 2;
+                true
+            }
             || SOFT_IOMMU.translate(cmd.iova, len, dev_writes, |pa, l| {
                 let d = Desc {
                     addr: pa,
@@ -397,13 +458,13 @@ impl DiskController for VirtioBlk {
         }
         let descs = [
             Desc {
-                addr: h as u64,
+                addr: self.dev(h),
                 len: 16,
                 flags: DESC_NEXT,
                 next: (d0 + 1) as u16,
             },
             Desc {
-                addr: self.status(slot) as u64,
+                addr: self.dev(self.status(slot)),
                 len: 1,
                 flags: DESC_WRITE,
                 next: 0,
@@ -449,13 +510,26 @@ impl DiskController for VirtioBlk {
         let e = u + 4 + 8 * usize::from(r.used % self.qsize);
         let head = r32(e) as usize;
         r.used = r.used.wrapping_add(1);
-        drop(r);
         let slot = head / DPS;
-        let status = match r8(self.status(slot)) {
+        let mut status = match r8(self.status(slot)) {
             0 => DiskStatus::Ok,
             2 => DiskStatus::Invalid,
             _ => DiskStatus::MediaError(5),
         };
+        // Behind VT-d, QEMU's virtio-blk reports success for a request
+        // whose data access the unit blocked: the unit's fault record for
+        // an IOVA of this command is what says it failed.
+        if self.vtd
+            && self.spans[slot][1].load(Relaxed) != 0
+            && crate::vtd::VTD.faulted_in(
+                self.spans[slot][0].load(Relaxed),
+                self.spans[slot][1].load(Relaxed) as usize,
+            )
+        {
+            status = DiskStatus::DmaFault;
+            self.dma_faults.fetch_add(1, Relaxed);
+        }
+        drop(r);
         self.completed.fetch_add(1, Relaxed);
         Some(DiskDone {
             id: slot as u16,
