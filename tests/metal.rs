@@ -240,9 +240,11 @@ fn bench_micro_runs_and_counts() {
 /// host holds exactly what the guest says it wrote (each sector zero or
 /// the verify pattern of its offset; as many pattern sectors as written).
 fn disk(dvma: &str, cpus: &str, iommu: &str) {
-    let dir = std::env::temp_dir().join(format!("dvma-metal-disk-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let img = dir.join(format!("{}-{cpus}-{iommu}.img", dvma.replace(',', "-")));
+    // Removed with everything in it when the test ends, pass or fail.
+    let dir = common::TempDir::new("metal-disk");
+    let img = dir
+        .path()
+        .join(format!("{}-{cpus}-{iommu}.img", dvma.replace(',', "-")));
     let Some(o) = metal(&[
         "disk",
         "--json",
