@@ -142,30 +142,10 @@ fn race(spl: &str, intr_stack: &str, storm: Option<&str>, cpus: &str) {
     let out = String::from_utf8_lossy(&o.stdout);
     let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("race printed no JSON ({e}): {}", text(&o)));
-    assert_eq!(rows.len(), 16, "4 completion modes x 4 protections");
-    for r in &rows {
-        let c = r["completion"].as_str().unwrap();
-        let p = r["protection"].as_str().unwrap();
-        let inj = r["injections"].as_u64().unwrap();
-        let cor = r["corruptions"].as_u64().unwrap();
-        let exp = r["expected_corrupt"].as_bool().unwrap();
-        let predicted = match (p, c) {
-            (_, "thread") => false,
-            ("none", _) => true,
-            ("splimp" | "pool", _) => false,
-            ("safepoint", "ast") => false,
-            ("safepoint", _) => true,
-            _ => panic!("unknown row {c}/{p}"),
-        };
-        assert_eq!(exp, predicted, "{c}/{p}: expectation");
-        assert!(inj > 0, "{c}/{p}: no injection");
-        assert_eq!(cor > 0, exp, "{c}/{p}: {cor} corruptions: {r}");
-        if exp {
-            assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
-        }
-        assert_eq!(r["ok"], true, "{c}/{p}: {r}");
-        if storm.is_none() {
-            assert_eq!(r["storm_injections"], 0, "{c}/{p}: no storm asked for");
+    common::race::check_rows(&rows);
+    if storm.is_none() {
+        for r in &rows {
+            assert_eq!(r["storm_injections"], 0, "no storm asked for: {r}");
         }
     }
     if storm.is_some() {

@@ -3,6 +3,8 @@
 //! one. Runs the real binary, under both spl implementations, with a short
 //! interrupt storm.
 
+mod common;
+
 use std::process::Command;
 
 use serde_json::Value;
@@ -30,33 +32,7 @@ fn race(args: &[&str]) -> (bool, Vec<Value>, String) {
 
 fn check(args: &[&str]) -> String {
     let (ok, rows, stderr) = race(args);
-    assert_eq!(rows.len(), 16, "4 completion modes x 4 protections");
-    for r in &rows {
-        let c = r["completion"].as_str().unwrap();
-        let p = r["protection"].as_str().unwrap();
-        let inj = r["injections"].as_u64().unwrap();
-        let cor = r["corruptions"].as_u64().unwrap();
-        let exp = r["expected_corrupt"].as_bool().unwrap();
-        let predicted = match (p, c) {
-            (_, "thread") => false,
-            ("none", _) => true,
-            ("splimp" | "pool", _) => false,
-            ("safepoint", "ast") => false,
-            ("safepoint", _) => true,
-            _ => panic!("unknown row {c}/{p}"),
-        };
-        assert_eq!(exp, predicted, "{c}/{p}: expectation");
-        assert!(inj > 0, "{c}/{p}: no injection");
-        assert_eq!(
-            cor > 0,
-            exp,
-            "{c}/{p}: {cor} corruptions, expected_corrupt={exp}: {r}"
-        );
-        if exp {
-            // The deterministic injections alone corrupt once each.
-            assert!(cor >= 50, "{c}/{p}: only {cor} corruptions");
-        }
-    }
+    common::race::check_rows(&rows);
     assert!(ok, "dvma race exited non-zero although every row matched");
     stderr
 }

@@ -25,6 +25,7 @@
 
 pub mod client;
 pub mod fixture;
+pub mod race;
 pub mod raw;
 pub mod skip;
 pub mod table;
