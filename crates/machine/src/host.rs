@@ -36,6 +36,44 @@ pub fn unpin_current_thread() {
     }
 }
 
+/// The calling host thread's CPU affinity, to put back with
+/// [`Affinity::restore`] after pinning it.
+pub struct Affinity(libc::cpu_set_t);
+
+impl Affinity {
+    /// The calling thread's affinity now (every CPU if the host refuses to
+    /// say).
+    pub fn current() -> Affinity {
+        // SAFETY: `cpu_set_t` is plain data; `sched_getaffinity(0, ...)`
+        // writes at most its size into it.
+        unsafe {
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            if libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                for c in 0..libc::CPU_SETSIZE as usize {
+                    libc::CPU_SET(c, &mut set);
+                }
+            }
+            Affinity(set)
+        }
+    }
+
+    /// The host CPUs it allows, in order.
+    pub fn cpus(&self) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: reads the plain-data set.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &self.0) })
+            .collect()
+    }
+
+    /// Make it the calling thread's affinity again.
+    pub fn restore(&self) {
+        // SAFETY: `sched_setaffinity(0, ...)` only reads the set.
+        unsafe {
+            libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &self.0);
+        }
+    }
+}
+
 /// Nanoseconds per switch between two OS threads ping-ponging through a
 /// futex `iters` times each; both pinned to host CPU 0 if `same_cpu`,
 /// else to CPUs 0 and 1.

@@ -57,7 +57,13 @@ fn write_then_read_back_through_the_window() {
     let s = disk.stats();
     assert_eq!((s.ok, s.dma_faults, s.completed), (10, 0, 10));
     assert_eq!((s.bytes_written, s.bytes_read), (5 * 8192, 5 * 8192));
+    assert!(
+        disk.resident_bytes() >= 5 * 8192,
+        "the written pages are held"
+    );
     disk.stop();
+    // A leaked disk keeps nothing: `bench kernel` opens one per boot.
+    assert_eq!(disk.resident_bytes(), 0, "stop gives the medium back");
     m.shutdown().unwrap();
 }
 

@@ -176,6 +176,18 @@ pub struct KernelArgs {
     /// pairs (the mail's questions); `none`: skip them.
     #[arg(long, default_value = "permanent/intr")]
     ref_pair: String,
+    /// The host CPU the whole run is pinned to (the load generator's
+    /// vCPU, the machine's clock thread, everything the run starts):
+    /// `last` (the last CPU this process may use; CPU 0 takes more of the
+    /// host's interrupts), a CPU number, or `none`. Unpinned, the clock
+    /// thread wakes on the other CPU and leaves this process's address
+    /// space live there, so an unmap's TLB flush must sometimes signal it
+    /// and sometimes not, which widens strict mode's spread. Pinned, an
+    /// unmap flushes the local TLB only, as a one-CPU kernel's with a
+    /// device on the same CPU would (`bench dvma`'s live device measures
+    /// the cross-CPU shootdown).
+    #[arg(long, default_value = "last")]
+    pin: String,
 }
 
 /// The disk's size (the span of every workload).
@@ -283,6 +295,8 @@ pub struct Plan {
     curve_pairs: usize,
     curve_depths: Vec<usize>,
     ref_pair: Option<(DvmaMode, Completion)>,
+    /// The host CPU the run is pinned to, if any.
+    pin: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +387,20 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
             Completion::from_name(c).ok_or_else(|| format!("unknown completion `{c}`"))?,
         ))
     };
+    let allowed = machine::host::Affinity::current().cpus();
+    let pin = match a.pin.as_str() {
+        "none" => None,
+        "last" => allowed.last().copied(),
+        n => {
+            let c: usize = n
+                .parse()
+                .map_err(|_| format!("--pin `{n}`: last, none or a CPU number"))?;
+            if !allowed.contains(&c) {
+                return Err(format!("--pin {c}: this process may use CPUs {allowed:?}"));
+            }
+            Some(c)
+        }
+    };
     let (reps, ms) = if a.quick { (3, 60) } else { (7, 400) };
     Ok(Plan {
         pairs: modes
@@ -393,6 +421,7 @@ fn plan(a: &KernelArgs) -> Result<Plan, String> {
         curve_pairs: a.curve_pairs,
         curve_depths: a.curve_depths.clone(),
         ref_pair,
+        pin,
     })
 }
 
@@ -773,7 +802,17 @@ pub struct Written {
 pub fn run_into(a: &KernelArgs, progress: &dyn Fn(&str)) -> Result<Written, String> {
     let p = plan(a)?;
     std::fs::create_dir_all(&p.out).map_err(|e| format!("{}: {e}", p.out.display()))?;
-    let m = measure(&p, progress)?;
+    // Threads inherit their creator's affinity: pinning this thread pins
+    // every machine the run boots; it gets its own affinity back after.
+    let before = machine::host::Affinity::current();
+    if let Some(c) = p.pin
+        && !machine::host::pin_current_thread(c)
+    {
+        return Err(format!("--pin {c}: the host refused"));
+    }
+    let m = measure(&p, progress);
+    before.restore();
+    let m = m?;
     if p.medium == Medium::File {
         let _ = std::fs::remove_file(p.out.join("kernel-bench-sd0.img"));
     }

@@ -9,7 +9,9 @@
 //!   `medium` (`ram`: zero latency; `file`), `issuer` (`thread`: the load
 //!   generator's thread issues every I/O; `completion`: the completion's
 //!   callback does), `io_size`, `workloads`
-//!   (labels, e.g. `randread qd32`), `pairs`, `seconds` (the whole run).
+//!   (labels, e.g. `randread qd32`), `pairs`, `seconds` (the whole run),
+//!   `pinned_cpu` (the host CPU every thread of the run was pinned to, or
+//!   null: see `--pin`).
 //! * `noise`: over every pair and workload, the range of CPU ns per I/O
 //!   relative to its median ((max - min) / median): `cpu_ns_rel_range_median`,
 //!   `cpu_ns_rel_range_max`; the same for I/Os per second:
@@ -170,6 +172,7 @@ struct ConfigInfo {
     curve_pairs: usize,
     curve_depths: Vec<usize>,
     ref_pair: Option<String>,
+    pinned_cpu: Option<usize>,
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -487,6 +490,7 @@ pub fn build(m: &Measured) -> Report {
             curve_pairs: m.curve.len(),
             curve_depths: p.curve_depths.clone(),
             ref_pair: ref_pair.map(|(m, c)| format!("{m}/{c}")),
+            pinned_cpu: p.pin,
         },
         noise,
         protections: kern::bus_dma::DvmaMode::ALL
@@ -515,13 +519,17 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "# dvma bench kernel\n");
     let _ = writeln!(
         s,
-        "Machine: {} ({} host cores); the kernel booted with {} vCPU. Medium: `{}`{}. \
+        "Machine: {} ({} host cores); the kernel booted with {} vCPU{}. Medium: `{}`{}. \
          Issuer: `{}` ({}). \
          {} B I/Os; {} repetitions of a {} ms window per workload, every pair booted fresh, \
          pairs interleaved (reverse order on odd repetitions); {:.0} s in all.\n",
         r.machine.cpu_model,
         r.machine.host_cores,
         r.machine.vcpus,
+        match c.pinned_cpu {
+            Some(cpu) => format!(", every thread of the run pinned to host CPU {cpu}"),
+            None => ", threads not pinned".to_string(),
+        },
         c.medium,
         if c.medium == "ram" {
             " (zero latency: commands complete from memory on the doorbell, through the DVMA window)"
