@@ -71,8 +71,10 @@
 //!   per I/O / the mode's]`), and the checks of the published shape
 //!   (`strict_below_lazy`, `strict_far_below_lazy`,
 //!   `lazy_below_mapped_once`, `slots_near_permanent`, `shadow_between`,
-//!   `reproduced`; `medians_follow`: the same checks on the medians alone,
-//!   so a shape the noise hides is told from one the run contradicts).
+//!   `reproduced`; `medians_follow`: the same checks on the medians alone;
+//!   `contradicted`: the checks that fail even at the ends of the ranges
+//!   most favourable to the shape, so a shape the noise hides is told from
+//!   one the run contradicts).
 //! * `plots`: the SVG files written next to `kernel.json`:
 //!   `kernel-split-<workload>.svg` (CPU ns per I/O stacked by part, every
 //!   pair) and `kernel-iops-depth.svg` (the curve).
@@ -635,7 +637,9 @@ pub fn markdown(r: &Report) -> String {
     curve_section(&mut s, r);
     let _ = writeln!(
         s,
-        "## Not measured yet\n\nThree full runs that agree within 10% on every pair (issue 14).\n\n\
+        "## Repeatability\n\nOne run shows its own spread (above); whether separate runs agree \
+         is checked across their `kernel.json` files with `docs/bench/scripts/kernel-agree.py` \
+         (docs/bench/kernel/README.md: three full runs, every pair within 10%).\n\n\
          The fields of `kernel.json` are documented in `src/bench/kernel/report.rs`."
     );
     s
