@@ -331,3 +331,93 @@ fn connections_that_close_with_replies_owed_are_answered_then_closed() {
     );
     server.assert_healthy("connections closed with replies owed");
 }
+
+/// The congestion control of the server's side of a connection, as `ss`
+/// reports it (the socket whose local port is the server's).
+fn server_side_congestion(server: &Server) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "state", "established"])
+        .arg(format!("( sport = :{} )", server.addr.port()))
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ["cubic", "bbr", "reno", "dctcp", "htcp", "vegas", "westwood"]
+        .into_iter()
+        .find(|cc| text.split_whitespace().any(|w| w == *cc))
+        .unwrap_or_else(|| panic!("no congestion control in `ss` output: {text:?}"))
+        .to_string()
+}
+
+/// `--tcp-congestion`: the host's default by default; on every
+/// connection the algorithm asked for (reno and cubic: at least one of
+/// them is not the host's default); an algorithm the host does not allow
+/// is refused at start with its name and the host's list.
+#[test]
+fn connections_take_the_congestion_control_asked_for() {
+    let cfg = {
+        let mut t = machine_toml(1, "64M");
+        t += &disk_toml("sd0", "16M", "");
+        t
+    };
+    let host = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .expect("the host's congestion control")
+        .trim()
+        .to_string();
+    for (args, want) in [
+        (vec![], host.as_str()),
+        (vec!["--tcp-congestion", "reno"], "reno"),
+        (vec!["--tcp-congestion", "cubic"], "cubic"),
+    ] {
+        let server = Server::start_opts(ServerOpts {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..ServerOpts::config(&cfg)
+        });
+        let mut c = server.client("sd0");
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+        c.write(4096, &data).expect("write").expect("write ok");
+        assert_eq!(c.read(4096, 65536).expect("read").expect("read ok"), data);
+        assert_eq!(server_side_congestion(&server), want, "{args:?}");
+        drop(c);
+        server.stop().assert_clean("congestion control");
+    }
+    let dir = common::TempDir::new("cc-refused");
+    std::fs::write(dir.path().join("c.toml"), &cfg).expect("config");
+    let mut child = std::process::Command::new(common::dvma_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tcp-congestion",
+            "no-such-cc",
+        ])
+        .arg("--config")
+        .arg(dir.path().join("c.toml"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Refused at start: it must exit by itself (bounded: a server that
+    // serves instead is killed and the test fails).
+    let t0 = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("--tcp-congestion no-such-cc was not refused: the server runs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an unknown algorithm was accepted: {err}"
+    );
+    assert!(
+        err.contains("--tcp-congestion no-such-cc") && err.contains("this host allows"),
+        "refused without saying why: {err}"
+    );
+}

@@ -151,6 +151,9 @@ pub(super) fn tell_refusal(sock: &TcpStream, why: &str) -> io::Result<()> {
 /// connection is theirs now, and they count it out when it closes).
 pub(super) fn connection(sh: &Arc<Shared>, sock: TcpStream, id: u64, ip: Option<IpAddr>) -> bool {
     let _ = sock.set_nodelay(true);
+    if let Some(cc) = &sh.tcp_congestion {
+        let _ = machine::host::set_tcp_congestion(std::os::fd::AsFd::as_fd(&sock), cc);
+    }
     let mut hs = Io::new(&sock);
     // The whole handshake, TLS handshake included, by one deadline.
     hs.deadline = Some(Instant::now() + sh.handshake_timeout);

@@ -54,6 +54,19 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// The host refused `--tcp-congestion`'s algorithm.
+    #[error(
+        "--tcp-congestion {name}: {source} (this host allows: {allowed}; `system` keeps the host's default)"
+    )]
+    TcpCongestion {
+        /// The algorithm asked for.
+        name: String,
+        /// `net.ipv4.tcp_allowed_congestion_control`, or `?`.
+        allowed: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The bound socket's address could not be read.
     #[error("listening socket's address: {0}")]
     LocalAddr(#[source] io::Error),

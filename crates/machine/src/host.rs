@@ -74,6 +74,29 @@ impl Affinity {
     }
 }
 
+/// Set the congestion control of the TCP socket `fd` (`TCP_CONGESTION`,
+/// e.g. `cubic`; any the host allows unprivileged processes, listed in
+/// `net.ipv4.tcp_allowed_congestion_control`). Host or thread context.
+pub fn set_tcp_congestion(fd: std::os::fd::BorrowedFd<'_>, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `fd` is a live descriptor for the borrow; the option value
+    // is `name`'s bytes, valid for `name.len()` bytes during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Nanoseconds per switch between two OS threads ping-ponging through a
 /// futex `iters` times each; both pinned to host CPU 0 if `same_cpu`,
 /// else to CPUs 0 and 1.
