@@ -307,7 +307,7 @@ impl Drop for Machine {
 
 /// Tell Miri that the allocation of `p` is leaked on purpose (it lives for
 /// the rest of the process, reachable or not). Nothing outside Miri.
-fn keep_ref<T: ?Sized>(p: *const T) {
+pub(crate) fn keep_ref<T: ?Sized>(p: *const T) {
     #[cfg(miri)]
     {
         unsafe extern "Rust" {

@@ -2,6 +2,9 @@
 //!
 //! * [`intr_establish`] (attach time, thread or host context) gives a
 //!   handler a vector at a hardware IPL.
+//! * [`intr_disestablish`] (detach time, thread context) takes it back:
+//!   when it returns the handler runs on no CPU and never will again, and
+//!   the vector is free for the next `intr_establish`.
 //! * [`intr_post`] (any thread: a device) marks the vector pending on a CPU
 //!   and kicks the CPU only if it would not notice otherwise
 //!   ([`crate::pending`]).
@@ -31,13 +34,13 @@
 //! `Pool::get_nowait`.
 
 use alloc::boxed::Box;
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::AtomicPtr;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 
 use crate::cpu::{AST_BIT, Cpu, bit_level, curcpu_opt, hard_bits, unmasked};
-use crate::ctx::IntrCtx;
+use crate::ctx::{IntrCtx, ThreadCtx};
 use crate::ipl::Ipl;
 use crate::kernel::kernel;
-use crate::once::Once;
 use crate::pending::Post;
 use crate::statclock::{self, Part};
 
@@ -94,24 +97,86 @@ impl IntrHandle {
 pub(crate) struct Handler {
     f: Box<dyn Fn(&IntrCtx) + Send + Sync>,
     pub(crate) name: &'static str,
+    /// The next handler on the retired list ([`Vectors::retire`]).
+    next: AtomicPtr<Handler>,
 }
 
-/// The vector table: a handler per pending-word bit, each set once (by
-/// `intr_establish`), read lock-free by `dispatch`, dropped with the kernel
-/// (when no CPU can run one any more).
+/// The vector table: a handler per pending-word bit, read lock-free by
+/// `dispatch`.
+///
+/// A slot holds a `Box<Handler>` turned into a raw pointer, or null.
+/// `intr_establish` fills a null slot (compare-and-swap);
+/// `intr_disestablish` swaps it back to null and puts the handler on the
+/// retired list, which is only ever pushed to: a handler, once in the
+/// table, is freed only when the table is dropped with the kernel (when no
+/// CPU can run one any more). So a pointer loaded from a slot stays valid
+/// however long the dispatch that loaded it takes, and statistics may read
+/// a handler's name at any time; a retired handler costs its box (a few
+/// dozen bytes) until the kernel is torn down.
 pub(crate) struct Vectors {
-    slots: [Once<Handler>; 64],
+    slots: [AtomicPtr<Handler>; 64],
+    retired: AtomicPtr<Handler>,
 }
 
 impl Vectors {
     pub(crate) fn new() -> Self {
         Self {
-            slots: [const { Once::new() }; 64],
+            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; 64],
+            retired: AtomicPtr::new(core::ptr::null_mut()),
         }
     }
 
+    /// The handler of `bit`, if one is established.
+    #[inline]
+    fn get(&self, bit: u32) -> Option<&Handler> {
+        let p = self.slots[bit as usize].load(Acquire);
+        // SAFETY: a non-null slot holds a pointer from `Box::into_raw` of
+        // a handler that is freed only by `Drop` (see the type's docs):
+        // it lives as long as `self`.
+        unsafe { p.as_ref() }
+    }
+
     pub(crate) fn name(&self, bit: u32) -> Option<&'static str> {
-        self.slots[bit as usize].get().map(|h| h.name)
+        self.get(bit).map(|h| h.name)
+    }
+
+    /// Keep `h` (taken out of its slot) until the table is dropped.
+    fn retire(&self, h: *mut Handler) {
+        // SAFETY: `h` came out of a slot (so from `Box::into_raw`, live
+        // until `Drop`), and the swap that took it out gave it to us
+        // alone: nobody else writes its `next`.
+        let hr = unsafe { &*h };
+        let mut head = self.retired.load(Acquire);
+        loop {
+            hr.next.store(head, Relaxed);
+            match self.retired.compare_exchange_weak(head, h, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(now) => head = now,
+            }
+        }
+    }
+}
+
+impl Drop for Vectors {
+    fn drop(&mut self) {
+        let free = |p: *mut Handler| {
+            if !p.is_null() {
+                // SAFETY: every non-null pointer in a slot or on the
+                // retired list came from `Box::into_raw` and is on exactly
+                // one of them; `&mut self` means no CPU reads them now.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        };
+        for s in &mut self.slots {
+            free(*s.get_mut());
+        }
+        let mut p = *self.retired.get_mut();
+        while !p.is_null() {
+            // SAFETY: as above; `next` is read before the box is freed.
+            let next = unsafe { (*p).next.load(Relaxed) };
+            free(p);
+            p = next;
+        }
     }
 }
 
@@ -128,18 +193,71 @@ pub fn intr_establish(
         return Err(IntrError::NotHardLevel { level });
     }
     let (first, n) = hard_bits(level);
-    let mut h = Handler {
+    let h = Box::into_raw(Box::new(Handler {
         f: Box::new(handler),
         name,
-    };
+        next: AtomicPtr::new(core::ptr::null_mut()),
+    }));
     let k = kernel();
     for bit in first..first + n {
-        match k.vectors.slots[bit as usize].set(h) {
-            Ok(()) => return Ok(IntrHandle { bit: bit as u8 }),
-            Err(back) => h = back,
+        if k.vectors.slots[bit as usize]
+            .compare_exchange(core::ptr::null_mut(), h, AcqRel, Acquire)
+            .is_ok()
+        {
+            return Ok(IntrHandle { bit: bit as u8 });
         }
     }
+    // SAFETY: `h` is the box made above, which no slot took.
+    drop(unsafe { Box::from_raw(h) });
     Err(IntrError::NoVector { level })
+}
+
+/// Take vector `h` back from its handler (a driver's detach).
+///
+/// Thread context (it waits). When it returns, the handler is not running
+/// on any CPU and will never be called again; the vector is free for the
+/// next [`intr_establish`] (which may get it before this returns: its
+/// handler may then be called for a post meant for the old one, as a
+/// shared line's handler can be, and must tolerate it). The caller must
+/// make sure its device no longer posts `h` for it, or accept that those
+/// posts reach the vector's next owner.
+///
+/// How it waits: the slot is emptied, then every other CPU runs a short
+/// kernel thread and this one waits for them all (NetBSD's
+/// `intr_disestablish` waits the same way, with a cross-call). A CPU that
+/// runs thread code is not inside any interrupt dispatch (handlers never
+/// sleep or switch, and a dispatch runs to its end before the interrupted
+/// code resumes), so every dispatch that could have loaded the old
+/// handler has finished, and every later one finds the slot empty. This
+/// CPU needs no thread: its caller is thread code. The handler itself is
+/// retired, not freed: kept until the kernel is torn down, so that a
+/// dispatch or the statistics can still read it. Disestablishing a vector
+/// that is not established does nothing.
+pub fn intr_disestablish(ctx: &ThreadCtx, h: IntrHandle) {
+    let k = kernel();
+    let old = k.vectors.slots[h.bit as usize].swap(core::ptr::null_mut(), AcqRel);
+    if old.is_null() {
+        return;
+    }
+    k.vectors.retire(old);
+    quiesce(ctx);
+}
+
+/// Wait until every CPU has run thread code since the call (see
+/// [`intr_disestablish`]). Thread context.
+fn quiesce(ctx: &ThreadCtx) {
+    let k = kernel();
+    let me = ctx.cpu();
+    for c in 0..k.ncpu() {
+        if c == me {
+            continue;
+        }
+        // Without a thread (the kernel shutting down, no stacks left) the
+        // CPU is not waited for: at shutdown nothing posts any more.
+        if let Ok(t) = crate::sched::kthread_create(Some(c), "intrquiesce", |_| {}) {
+            let _ = t.join(ctx);
+        }
+    }
 }
 
 /// Post vector `h` on CPU `cpu`: any thread, any context (devices call it).
@@ -284,7 +402,7 @@ pub(crate) fn dispatch(cpu: &Cpu, s: u8, origin: Origin) -> bool {
             let level = bit_level(b);
             set_level(cpu, level as u8);
             if level.is_hard() {
-                if let Some(h) = k.vectors.slots[b as usize].get() {
+                if let Some(h) = k.vectors.get(b) {
                     (h.f)(&IntrCtx::new(level));
                 }
                 cpu.stats.intr[b as usize].inc();

@@ -391,7 +391,7 @@ pub struct DmaTag {
 }
 
 /// Tags a boot may create.
-const MAX_TAGS: usize = 64;
+const MAX_TAGS: usize = 256;
 
 /// Every tag created since boot (none when no kernel is booted). A tag
 /// lives as long as the boot: its memory is leaked with its mappings,

@@ -25,14 +25,32 @@
 //! simply waits for space. Device errors (a media error, a DMA fault)
 //! become EIO on that buf and nothing else.
 //!
+//! # Detach
+//! [`Sd::detach`] (thread context) gives back what the unit holds of the
+//! kernel's fixed tables that a later attach could run out of: its
+//! interrupt vector ([`crate::intr::intr_disestablish`]: there are 16 at
+//! IPL_BIO) and, in `thread` mode, its completion thread. A unit must be
+//! idle (nothing queued, nothing in flight) to detach. Its DMA tag and
+//! maps, its retry callout and (in `softint` and `ast` mode) its
+//! completion softint or AST stay, unused, until the kernel goes down
+//! (bounded tables: 256 tags, 128 callouts, 64 softints, 64 ASTs per
+//! boot); a softint or AST already scheduled when it detached finds the
+//! unit detached and does nothing, so it cannot take the completions of
+//! the controller's next unit. After detach `strategy` fails every buf
+//! with EIO. The controller keeps its unit's vector until the next
+//! attach points it elsewhere ([`DiskController::set_interrupt`]): a post
+//! in between reaches whichever handler has the vector then, which
+//! tolerates it.
+//!
 //! # Contexts
 //! `strategy`: any (it never sleeps). The work of completion runs in the
-//! context of the completion mode ([`super::completer`]).
+//! context of the completion mode ([`super::completer`]). `attach`: thread
+//! or host; `detach`: thread.
 
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 
 use super::completer::{self, Completer, WorkCtx};
 use super::{DiskCmd, DiskController, DiskGeometry, DiskOp, DiskStatus};
@@ -45,7 +63,8 @@ use crate::bus_dma::{
 };
 use crate::callout::{CalloutHandle, CalloutsFull, callout_establish, callout_schedule};
 use crate::completion::Completion;
-use crate::intr::{IntrError, intr_establish};
+use crate::ctx::ThreadCtx;
+use crate::intr::{IntrError, IntrHandle, intr_disestablish, intr_establish};
 use crate::ipl::Ipl;
 use crate::lock::SpinMutex;
 use crate::once::Once;
@@ -106,6 +125,27 @@ pub enum AttachError {
         /// Why.
         #[source]
         source: IntrError,
+    },
+}
+
+/// Errors of [`Sd::detach`], each naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DetachError {
+    /// I/O is queued or in flight: the unit stays attached.
+    #[error("{unit}: busy ({inflight} commands in flight, bufs queued: {queued})")]
+    Busy {
+        /// The unit.
+        unit: &'static str,
+        /// Commands in flight.
+        inflight: usize,
+        /// Whether bufs wait in its queue.
+        queued: bool,
+    },
+    /// It was detached already.
+    #[error("{unit}: already detached")]
+    Detached {
+        /// The unit.
+        unit: &'static str,
     },
 }
 
@@ -183,6 +223,10 @@ pub struct Sd {
     /// Retries the unit when it is starved of DVMA space with nothing in
     /// flight (set once at attach).
     retry: Once<CalloutHandle>,
+    /// Its interrupt vector (set once at attach).
+    vector: Once<IntrHandle>,
+    /// Set by `detach`: the completion work and `strategy` do nothing more.
+    detached: AtomicBool,
     /// Counters.
     pub stats: SdStats,
 }
@@ -248,6 +292,8 @@ impl Sd {
             slots,
             inflight: AtomicUsize::new(0),
             retry: Once::new(),
+            vector: Once::new(),
+            detached: AtomicBool::new(false),
             stats: SdStats::default(),
         }));
         let _ = cell.set(sd); // the only set
@@ -263,8 +309,43 @@ impl Sd {
             sd.completer.interrupt(ctx);
         })
         .map_err(|source| AttachError::Intr { unit, source })?;
+        let _ = sd.vector.set(vector); // the only set
         ctrl.set_interrupt(cfg.cpu, vector);
         Ok(sd)
+    }
+
+    /// Detach the unit (see the module docs): it must be idle. When this
+    /// returns its interrupt handler and completion work run nowhere and
+    /// will not run again, and its vector and thread are free for the
+    /// next attach. Thread context.
+    pub fn detach(&self, ctx: &ThreadCtx) -> Result<(), DetachError> {
+        {
+            let st = self.state.lock();
+            let inflight = self.inflight.load(Relaxed);
+            if inflight != 0 || !st.bufq.is_empty() {
+                return Err(DetachError::Busy {
+                    unit: self.name,
+                    inflight,
+                    queued: !st.bufq.is_empty(),
+                });
+            }
+            if self.detached.swap(true, AcqRel) {
+                return Err(DetachError::Detached { unit: self.name });
+            }
+        }
+        // After this no handler of ours runs anywhere; and every CPU has
+        // run thread code since `detached` was set, so a softint or AST
+        // of ours that runs later sees it.
+        if let Some(&v) = self.vector.get() {
+            intr_disestablish(ctx, v);
+        }
+        self.completer.detach(ctx);
+        Ok(())
+    }
+
+    /// Has it been detached?
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Acquire)
     }
 
     /// Its DMA tag.
@@ -498,6 +579,11 @@ impl Sd {
 
     /// The completion work: reap everything, finish it, start more.
     fn done(&self, ctx: WorkCtx<'_>) {
+        if self.detached.load(Acquire) {
+            // A softint or AST scheduled before the detach: the controller
+            // may belong to another unit now.
+            return;
+        }
         let _part = statclock::enter(Part::Driver);
         while let Some(d) = self.ctrl.reap() {
             self.finish(d.id, d.status);
@@ -525,9 +611,15 @@ impl BlockDev for Sd {
 
     fn strategy(&self, bp: BufBox) {
         let _part = statclock::enter(Part::Driver);
-        let Some(bp) = bounds_check(self, bp) else {
+        let Some(mut bp) = bounds_check(self, bp) else {
             return;
         };
+        if self.detached.load(Acquire) {
+            bp.error = Some(BioError::Io);
+            bp.resid = bp.bcount;
+            self.stats.errors.fetch_add(1, Relaxed);
+            return biodone(bp);
+        }
         self.state.lock().bufq.put(bp);
         if self.completer.mode() == Completion::Thread {
             // "Have each driver occupy one thread": it starts the I/O.

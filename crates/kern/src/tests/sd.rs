@@ -249,3 +249,169 @@ fn bounds_are_checked_before_the_device() {
     let errs: Vec<_> = done.borrow().iter().map(|b| b.error).collect();
     assert_eq!(errs, [Some(BioError::Inval), Some(BioError::NoSpc)]);
 }
+
+/// The 16 IPL_BIO vectors are a fixed table: once they are all taken,
+/// `intr_establish` refuses; `intr_disestablish` gives one back, its old
+/// handler is not called any more (a post of its vector runs the new
+/// one), and the next establish gets it.
+#[test]
+fn a_disestablished_vector_is_reused_and_its_handler_never_runs_again() {
+    use crate::ctx::ThreadCtx;
+    use crate::intr::{IntrError, intr_disestablish, intr_establish, intr_post};
+    use crate::ipl::Ipl;
+    use core::sync::atomic::AtomicU64;
+    static OLD: AtomicU64 = AtomicU64::new(0);
+    static NEW: AtomicU64 = AtomicU64::new(0);
+    OLD.store(0, Relaxed);
+    NEW.store(0, Relaxed);
+    let m = Machine::boot();
+    let mut hs = Vec::new();
+    loop {
+        match intr_establish(Ipl::Bio, "full", |_| {}) {
+            Ok(h) => hs.push(h),
+            Err(e) => {
+                assert_eq!(e, IntrError::NoVector { level: Ipl::Bio });
+                break;
+            }
+        }
+    }
+    assert_eq!(hs.len(), 16, "IPL_BIO has 16 vectors");
+    // Replace one by a counting handler: first free it.
+    let victim = hs[3];
+    intr_disestablish(&ThreadCtx::new(), victim);
+    let old = intr_establish(Ipl::Bio, "old", |_| {
+        OLD.fetch_add(1, Relaxed);
+    })
+    .expect("the freed vector");
+    assert_eq!(old.bit(), victim.bit(), "the one freed");
+    intr_post(0, old);
+    m.deliver();
+    assert_eq!(OLD.load(Relaxed), 1);
+    intr_disestablish(&ThreadCtx::new(), old);
+    // Disestablishing twice does nothing.
+    intr_disestablish(&ThreadCtx::new(), old);
+    // A post of the old vector with nothing established runs nothing.
+    intr_post(0, old);
+    m.deliver();
+    let new = intr_establish(Ipl::Bio, "new", |_| {
+        NEW.fetch_add(1, Relaxed);
+    })
+    .expect("the freed vector again");
+    assert_eq!(new.bit(), old.bit());
+    intr_post(0, old);
+    m.deliver();
+    assert_eq!(
+        (OLD.load(Relaxed), NEW.load(Relaxed)),
+        (1, 1),
+        "the old handler never runs again; the vector's post reaches the new one"
+    );
+    assert_eq!(
+        crate::stats::snapshot()
+            .vectors
+            .iter()
+            .filter(|v| v.name == "new")
+            .count(),
+        1,
+        "the statistics name the vector's new owner"
+    );
+}
+
+/// More sd attaches than there are IPL_BIO vectors, each detached after
+/// its I/O: every unit writes and reads back its own pattern through the
+/// same controller, and gets its interrupts (a detached unit's vector is
+/// the next one's). A busy unit refuses to detach; a detached one fails
+/// bufs with EIO and refuses a second detach.
+#[test]
+fn sd_attach_detach_cycles_past_the_vector_table() {
+    use crate::ctx::ThreadCtx;
+    use crate::dev::sd::DetachError;
+    let m = Machine::boot();
+    bio_init(16);
+    let disk = keep(FakeDisk::new(512, 4, 64 * 1024));
+    let done = Done::default();
+    let arg = &done as *const Done as usize;
+    let ctx = ThreadCtx::new();
+    let units = [
+        "sd0", "sd1", "sd2", "sd3", "sd4", "sd5", "sd6", "sd7", "sd8", "sd9",
+    ];
+    let mut last = None;
+    for cycle in 0..20u8 {
+        let sd = Sd::attach(
+            SdConfig {
+                name: units[cycle as usize % units.len()],
+                parent: "fakedisk0",
+                dma: TagConfig {
+                    maxsize: 64 * 1024,
+                    ..TagConfig::new(DvmaMode::Strict)
+                },
+                completion: if cycle % 2 == 0 {
+                    Completion::Intr
+                } else {
+                    Completion::Softint
+                },
+                cpu: 0,
+                bufq: BufqStrategy::Fcfs,
+                read_only: false,
+            },
+            disk,
+        )
+        .unwrap_or_else(|e| panic!("attach {cycle}: {e}"));
+        // Leaked for the boot, reachable from nothing once detached.
+        crate::fake::keep_ref(sd);
+        let bytes = pattern(2 * DEV_BSIZE, cycle);
+        let blk = 2 * u64::from(cycle);
+        for op in [BufOp::Write, BufOp::Read] {
+            let mut b = getbuf().expect("buf");
+            b.op = op;
+            b.blkno = blk;
+            b.bcount = bytes.len();
+            let mut data = sd.alloc_buf(b.bcount).expect("data");
+            match op {
+                BufOp::Write => data.as_mut_slice().copy_from_slice(&bytes),
+                _ => data.as_mut_slice().fill(0),
+            }
+            b.data = Some(data);
+            b.iodone = Some(IoDone::Call(record, arg));
+            sd.strategy(b);
+            if op == BufOp::Write {
+                assert_eq!(
+                    sd.detach(&ctx),
+                    Err(DetachError::Busy {
+                        unit: sd.name(),
+                        inflight: 1,
+                        queued: false
+                    })
+                );
+            }
+            assert_eq!(disk.complete_all().len(), 1);
+            m.deliver();
+            let bp = done.borrow_mut().pop().expect("done");
+            assert_eq!(bp.error, None, "cycle {cycle} {op:?}");
+            if op == BufOp::Read {
+                assert_eq!(bp.data.as_ref().expect("data").as_slice(), &bytes[..]);
+            }
+        }
+        assert_eq!(sd.stats.intrs.load(Relaxed), 2, "cycle {cycle}");
+        sd.detach(&ctx).expect("idle: detaches");
+        assert_eq!(
+            sd.detach(&ctx),
+            Err(DetachError::Detached { unit: sd.name() })
+        );
+        last = Some(sd);
+    }
+    // A detached unit fails what it is given, with EIO, without the
+    // device.
+    let sd = last.expect("a unit");
+    let started = disk.started().len();
+    let mut b = getbuf().expect("buf");
+    b.op = BufOp::Read;
+    b.blkno = 0;
+    b.bcount = DEV_BSIZE;
+    b.data = Some(sd.alloc_buf(DEV_BSIZE).expect("data"));
+    b.iodone = Some(IoDone::Call(record, arg));
+    sd.strategy(b);
+    let bp = done.borrow_mut().pop().expect("failed at once");
+    assert_eq!(bp.error, Some(BioError::Io));
+    assert_eq!(disk.started().len(), started, "the device saw nothing");
+    drop(bp);
+}
