@@ -36,8 +36,12 @@ pub struct MetalArgs {
     /// race, every completion mode x protection), `bench micro` (the
     /// mechanisms timed; under TCG the figures are the emulator's),
     /// `overflow` (a kernel stack overflow, which must be caught), `disk`
-    /// (kern's sd over a virtio-blk disk: patterned writes read back and
-    /// verified, in each DVMA x completion mode asked for).
+    /// (kern's sd over each virtio-blk disk, and with `--ccd` a ccd striped
+    /// over them: patterned writes read back and verified, in each DVMA x
+    /// completion mode asked for), `bench kernel` (kern's load generator
+    /// over sd on virtio-blk in each DVMA x completion mode: IOPS, CPU ns,
+    /// interrupts and IOMMU invalidations per I/O; under TCG the times are
+    /// the emulator's).
     program: String,
     /// Arguments passed to the program (on the kernel command line).
     args: Vec<String>,
@@ -71,20 +75,31 @@ pub struct MetalArgs {
     /// seconds (the LAPIC timer as the storm device).
     #[arg(long, value_name = "SECONDS")]
     storm: Option<f64>,
-    /// `disk`: the DVMA modes to run (`all`, or a comma list of strict,
-    /// lazy, slots, permanent, shadow).
+    /// `disk`, `bench kernel`: the DVMA modes to run (`all`, or a comma
+    /// list of strict, lazy, slots, permanent, shadow).
     #[arg(long)]
     dvma: Option<String>,
-    /// `disk`: the completion modes to run (`all`, or a comma list of intr,
-    /// softint, thread, ast).
+    /// `disk`, `bench kernel`: the completion modes to run (`all`, or a
+    /// comma list of intr, softint, thread, ast).
     #[arg(long)]
     completion: Option<String>,
-    /// `disk`: the raw disk image to give the guest (created, or truncated
-    /// and zeroed, 32 MiB); kept afterwards. Without it a
-    /// temporary image is made and removed.
+    /// `disk`, `bench kernel`: virtio-blk disks to give the guest (each a
+    /// fully allocated 64 MiB raw image, temporary unless named with
+    /// `--disk-image`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    disks: u32,
+    /// `disk`, `bench kernel`: a raw disk image to give the guest
+    /// (created, or truncated and zeroed, 64 MiB); kept afterwards. Once
+    /// per disk, in order; disks beyond those named get temporary images.
     #[arg(long, value_name = "FILE")]
-    disk_image: Option<PathBuf>,
-    /// `disk`: the IOMMU in front of the disk: `none` (the default: the
+    disk_image: Vec<PathBuf>,
+    /// `disk`: also stripe a ccd over the disks (needs `--disks 2` or more).
+    #[arg(long)]
+    ccd: bool,
+    /// `bench kernel`: the measured window per workload, ms (default 150).
+    #[arg(long)]
+    ms: Option<u64>,
+    /// `disk`, `bench kernel`: the IOMMU in front of the disks: `none` (the default: the
     /// device sees physical addresses) or `vtd` (QEMU's intel-iommu; the
     /// device gets IOVAs and negotiates VIRTIO_F_ACCESS_PLATFORM).
     #[arg(long, value_parser = ["none", "vtd"])]
@@ -97,14 +112,22 @@ pub struct MetalArgs {
     kernel: Option<PathBuf>,
 }
 
-/// Bytes of the `disk` program's image: 32 runs of 1 MiB.
-pub const DISK_BYTES: u64 = 32 << 20;
+/// Bytes of each disk image: the `disk` program's sd runs (1 MiB each)
+/// below 32 MiB, its ccd runs above.
+pub const DISK_BYTES: u64 = 64 << 20;
 
-/// Create (or truncate and zero) a raw image of [`DISK_BYTES`] at `path`.
+/// Create (or truncate) a raw image of [`DISK_BYTES`] at `path`, fully
+/// allocated: zeros written, not a sparse file.
 pub fn make_disk_image(path: &Path) -> Result<(), String> {
-    let f = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    f.set_len(DISK_BYTES)
-        .map_err(|e| format!("sizing {}: {e}", path.display()))
+    let mut f =
+        std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..DISK_BYTES / zeros.len() as u64 {
+        f.write_all(&zeros)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    f.sync_data()
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// A temporary disk image, removed when dropped.
@@ -289,32 +312,28 @@ struct Guest<'a> {
     cmdline: &'a str,
     cpus: u32,
     json: bool,
-    disk: Option<&'a Path>,
+    disks: &'a [PathBuf],
     vtd: bool,
 }
 
 fn run_once(q: &Qemu, g: &Guest<'_>, kvm: bool, deadline: Instant) -> Result<Run, String> {
     let json = g.json;
     let mut cmd = qemu_command(q, g.kernel, g.cmdline, kvm, g.cpus);
-    if let Some(d) = g.disk {
+    if g.vtd && !g.disks.is_empty() {
+        // The IOMMU must come before the devices it translates for.
+        cmd.args(["-device", "intel-iommu,intremap=off,caching-mode=on"]);
+    }
+    for (i, d) in g.disks.iter().enumerate() {
         // QEMU's option syntax: a comma in a value is written twice.
         let file = d
             .to_str()
             .ok_or_else(|| format!("{}: not a UTF-8 path", d.display()))?
             .replace(',', ",,");
-        let drive = format!("file={file},if=none,id=d0,format=raw,cache=unsafe");
-        if g.vtd {
-            // The IOMMU must come before the devices it translates for.
-            cmd.args(["-device", "intel-iommu,intremap=off,caching-mode=on"]);
-        }
-        cmd.arg("-drive").arg(drive).args([
-            "-device",
-            if g.vtd {
-                "virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on"
-            } else {
-                "virtio-blk-pci,drive=d0,disable-legacy=on"
-            },
-        ]);
+        let drive = format!("file={file},if=none,id=d{i},format=raw,cache=unsafe");
+        cmd.arg("-drive").arg(drive).arg("-device").arg(format!(
+            "virtio-blk-pci,drive=d{i},disable-legacy=on{}",
+            if g.vtd { ",iommu_platform=on" } else { "" }
+        ));
     }
     let mut child = cmd
         .spawn()
@@ -450,25 +469,35 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
         cmdline.push_str(" --iommu ");
         cmdline.push_str(i);
     }
+    if a.ccd {
+        cmdline.push_str(" --ccd");
+    }
+    if let Some(ms) = a.ms {
+        cmdline.push_str(&format!(" --ms {ms}"));
+    }
     if a.json {
         cmdline.push_str(" --json");
     }
-    let mut _temp = None;
-    let disk: Option<PathBuf> = if a.program == "disk" {
-        let p = match &a.disk_image {
-            Some(p) => p.clone(),
-            None => {
-                let p = std::env::temp_dir()
-                    .join(format!("dvma-metal-disk-{}.img", std::process::id()));
-                _temp = Some(TempImage(p.clone()));
-                p
-            }
-        };
-        make_disk_image(&p)?;
-        Some(p)
-    } else {
-        None
-    };
+    let mut _temp = Vec::new();
+    let mut disks: Vec<PathBuf> = Vec::new();
+    let wants_disks = a.program == "disk"
+        || (a.program == "bench" && a.args.first().map(String::as_str) == Some("kernel"));
+    if wants_disks {
+        let n = (a.disks as usize).max(a.disk_image.len());
+        for i in 0..n {
+            let p = match a.disk_image.get(i) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = std::env::temp_dir()
+                        .join(format!("dvma-metal-disk-{}-{i}.img", std::process::id()));
+                    _temp.push(TempImage(p.clone()));
+                    p
+                }
+            };
+            make_disk_image(&p)?;
+            disks.push(p);
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let mut kvm = kvm;
     let st = loop {
@@ -485,7 +514,7 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
             cmdline: &cmdline,
             cpus: a.cpus,
             json: a.json,
-            disk: disk.as_deref(),
+            disks: &disks,
             vtd: a.iommu.as_deref() == Some("vtd"),
         };
         match run_once(&q, &g, kvm, deadline)? {

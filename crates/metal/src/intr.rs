@@ -8,7 +8,7 @@
 //! | IPL | vector | CR8 while at that IPL (`mask` spl) |
 //! |---|---|---|
 //! | (wake an idle CPU) | 0x30 | |
-//! | bio (and the virtio-blk disk's MSI-X, 0x41) | 0x40 | 4 |
+//! | bio (and the virtio-blk disks' MSI-X, 0x41 + disk index) | 0x40 | 4 |
 //! | net | 0x50 | 5 |
 //! | tty | 0x60 | 6 |
 //! | vm | 0x70 | 7 |
@@ -68,18 +68,21 @@ pub const PIC_BASE: u8 = 0x20;
 pub const WAKE: u8 = 0x30;
 /// The LAPIC timer (the clock; IPL_SCHED's class).
 pub const TIMER: u8 = 0x81;
-/// The disk's MSI-X vector (IPL_BIO's class; `virtio.rs`).
+/// Disk 0's MSI-X vector (IPL_BIO's class; `virtio.rs`); disk `i` has
+/// `DISK + i`.
 pub const DISK: u8 = 0x41;
+/// Disks with a vector of their own (0x41..=0x48, all in IPL_BIO's class).
+pub const MAX_DISKS: usize = 8;
 
-/// The kern interrupt the disk's vector raises: its bit in the pending
+/// The kern interrupt each disk's vector raises: its bit in the pending
 /// word, or `u64::MAX` for none.
-static DISK_BIT: AtomicU64 = AtomicU64::new(u64::MAX);
+static DISK_BIT: [AtomicU64; MAX_DISKS] = [const { AtomicU64::new(u64::MAX) }; MAX_DISKS];
 
-/// From now on a [`DISK`] trap marks `h` pending on the CPU it lands on
-/// (the disk driver points the device's MSI-X message at the CPU kern
-/// chose). Any context.
-pub fn route_disk(h: kern::intr::IntrHandle) {
-    DISK_BIT.store(u64::from(h.bit()), Relaxed);
+/// From now on a trap of disk `disk`'s vector (`DISK + disk`) marks `h`
+/// pending on the CPU it lands on (the disk driver points the device's
+/// MSI-X message at the CPU kern chose). Any context.
+pub fn route_disk(disk: usize, h: kern::intr::IntrHandle) {
+    DISK_BIT[disk].store(u64::from(h.bit()), Relaxed);
 }
 /// The APIC's spurious vector.
 pub const SPURIOUS: u8 = 0xff;
@@ -202,6 +205,8 @@ impl TrapFrame for MetalFrame<'_> {
 
 /// A trap on vector 32..=255.
 pub fn interrupt(r: &mut Regs) {
+    // The CPU's halted time ends where its wake-up trap begins.
+    crate::md::end_halt();
     let v = r.vector as u8;
     if v == SPURIOUS {
         return; // no EOI for the spurious vector
@@ -228,8 +233,8 @@ pub fn interrupt(r: &mut Regs) {
         if let Some(kit) = unsafe { STORM.load(Relaxed).as_ref() } {
             kit.device_tick();
         }
-    } else if v == DISK {
-        let bit = DISK_BIT.load(Relaxed);
+    } else if (DISK..DISK + MAX_DISKS as u8).contains(&v) {
+        let bit = DISK_BIT[usize::from(v - DISK)].load(Relaxed);
         match (
             kern::kernel::try_kernel(),
             crate::md::PerCpu::current_index(),

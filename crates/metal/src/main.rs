@@ -24,7 +24,8 @@
 //! | `virtio` | virtio-blk (modern virtio-pci, MSI-X) as kern's `DiskController` |
 //! | `iommu` | `SoftIommu`: the IOVA translation table bus_dma needs without an IOMMU (no protection) |
 //! | `vtd` | Intel VT-d as kern's `Iommu` (`--iommu vtd`): root/context tables, second-level page tables, IOTLB invalidation, fault records |
-//! | `disk` | the `disk` program: sd over virtio-blk, written, read back, verified |
+//! | `disk` | the `disk` program: sd over every virtio-blk disk (and ccd over them), written, read back, verified |
+//! | `kbench` | the `bench kernel` program: kern's load generator over sd on virtio-blk, every DVMA x completion pair |
 //! | `smp` | INIT-SIPI-SIPI, the real-mode trampoline, the APs' entry |
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
@@ -33,12 +34,13 @@
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `disk`, `overflow` (a kernel thread
+//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `bench kernel`, `disk`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
 //! bench micro: repetitions; disk: writes per run), (race) `--storm-ms N` and (disk)
 //! `--dvma LIST` and `--completion LIST` (comma lists of mode names, or `all`) and
-//! `--iommu none|vtd`. Programs other
+//! `--iommu none|vtd` (disk, bench kernel), (disk) `--ccd` and (bench kernel)
+//! `--ms N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on CPU 0 of a booted
 //! kern with every CPU the MADT lists (QEMU's `-smp`, at most 8); the boot
 //! stack becomes CPU 0's idle context (`kern::sched::cpu_run`), and each
@@ -63,6 +65,7 @@ pub mod disk;
 pub mod heap;
 pub mod intr;
 pub mod iommu;
+pub mod kbench;
 pub mod lapic;
 pub mod md;
 pub mod mem;
@@ -137,6 +140,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
     if prog == "bench" {
         prog = match words.next() {
             Some("micro") => "bench micro",
+            Some("kernel") => "bench kernel",
             other => usage(&alloc::format!("bench {other:?}")),
         };
     }
@@ -147,6 +151,9 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         dvma: 1,
         completion: 0xf,
         vtd: false,
+        dvma_set: false,
+        ccd: false,
+        ms: None,
     };
     let mut spl = SplImpl::Lazy;
     while let Some(w) = words.next() {
@@ -165,7 +172,10 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                     .next()
                     .and_then(|w| disk::parse_set(w, &kern::bus_dma::DvmaMode::ALL, |m| m.name()))
                 {
-                    Some(set) => opts.dvma = set,
+                    Some(set) => {
+                        opts.dvma = set;
+                        opts.dvma_set = true;
+                    }
                     None => usage("--dvma wants all or a comma list of DVMA modes"),
                 }
             }
@@ -177,6 +187,11 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                     None => usage("--completion wants all or a comma list of completion modes"),
                 }
             }
+            "--ccd" => opts.ccd = true,
+            "--ms" => match words.next().and_then(|n| n.parse().ok()) {
+                Some(n) => opts.ms = Some(n),
+                None => usage("--ms wants a number"),
+            },
             "--iommu" => match words.next() {
                 Some("vtd") => opts.vtd = true,
                 Some("none") => opts.vtd = false,
@@ -221,6 +236,24 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
                     ops: o.iterations.unwrap_or(32),
                     dvma: o.dvma,
                     completion: o.completion,
+                    ccd: o.ccd,
+                },
+            )
+        },
+        "bench kernel" => |ctx, o| {
+            kbench::run(
+                ctx,
+                kbench::BenchOpts {
+                    json: o.json,
+                    // All 20 pairs unless --dvma says otherwise (the `disk`
+                    // program's default is strict only).
+                    dvma: if o.dvma_set {
+                        o.dvma
+                    } else {
+                        (1 << kern::bus_dma::DvmaMode::ALL.len()) - 1
+                    },
+                    completion: o.completion,
+                    ms: o.ms.unwrap_or(kbench::DEFAULT_MS),
                 },
             )
         },
@@ -257,7 +290,7 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro, disk; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N, --dvma LIST, --completion LIST)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro, bench kernel, disk; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N, --dvma LIST, --completion LIST, --iommu none|vtd, --ccd, --ms N)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -274,12 +307,18 @@ struct Opts {
     json: bool,
     iterations: Option<u32>,
     storm_ms: u64,
-    /// `disk`: the DVMA modes (bit set over `DvmaMode::ALL`).
+    /// `disk`, `bench kernel`: the DVMA modes (bit set over `DvmaMode::ALL`).
     dvma: u8,
+    /// `--dvma` was given.
+    dvma_set: bool,
     /// `disk`: the completion modes (bit set over `Completion::ALL`).
     completion: u8,
-    /// `disk`: put the disk behind VT-d (`--iommu vtd`).
+    /// `disk`, `bench kernel`: put the disks behind VT-d (`--iommu vtd`).
     vtd: bool,
+    /// `disk`: also stripe a ccd over the disks (`--ccd`).
+    ccd: bool,
+    /// `bench kernel`: the measured window, ms (`--ms`).
+    ms: Option<u64>,
 }
 
 /// A program: its kernel thread's body; returns the guest status.
@@ -289,26 +328,36 @@ type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 /// shuts down, exit with the body's status.
 fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp: usize) -> ! {
     clock::calibrate();
-    if name == "disk" {
+    if name == "disk" || name == "bench kernel" {
         // PCI before the other CPUs start: it maps registers uncached.
         match acpi::ecam(rsdp) {
             Some(e) => {
                 pci::init(e);
-                let f = virtio::VirtioBlk::find();
+                let mut fs = [pci::Function {
+                    bus: 0,
+                    dev: 0,
+                    func: 0,
+                }; intr::MAX_DISKS];
+                let n = virtio::VirtioBlk::find_all(&mut fs);
+                let fs = &fs[..n];
                 let mut vtd = false;
-                if let (true, Some(f)) = (opts.vtd, f) {
+                if opts.vtd && n > 0 {
                     match acpi::dmar_unit(rsdp) {
-                        Some((regs, _)) => match vtd::init(regs, f) {
+                        Some((regs, _)) => match vtd::init(regs, fs) {
                             Ok(()) => vtd = true,
                             Err(e) => kprintln!("metal: vt-d: {e}"),
                         },
                         None => kprintln!("metal: --iommu vtd but no ACPI DMAR"),
                     }
                 }
-                match f.map(|f| virtio::VirtioBlk::probe(f, vtd)) {
-                    Some(Ok(d)) => disk::DISK.store(Box::leak(Box::new(d)), Relaxed),
-                    Some(Err(e)) => kprintln!("metal: virtio-blk: {e}"),
-                    None => kprintln!("metal: no virtio-blk-pci (1af4:1042)"),
+                if n == 0 {
+                    kprintln!("metal: no virtio-blk-pci (1af4:1042)");
+                }
+                for (i, &f) in fs.iter().enumerate() {
+                    match virtio::VirtioBlk::probe(f, vtd, i) {
+                        Ok(d) => disk::add_disk(d),
+                        Err(e) => kprintln!("metal: virtio-blk{i}: {e}"),
+                    }
                 }
             }
             None => kprintln!("metal: no ACPI MCFG: no PCI"),

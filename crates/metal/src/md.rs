@@ -44,6 +44,13 @@ pub struct PerCpu {
     pub index: usize,
     /// Its local APIC id.
     pub apic_id: AtomicU64,
+    /// When its current `hlt` began (`clock::nanotime`), or 0 when it is
+    /// not halted.
+    halt_start: AtomicU64,
+    /// ns it has spent halted in `idle_wait` since boot: from the `hlt` to
+    /// the entry of the trap that ended it (the trap's own time is not
+    /// halted time). The bench's busy time is wall time minus this.
+    pub halted_ns: AtomicU64,
 }
 
 /// The per-CPU areas.
@@ -53,6 +60,8 @@ pub static PERCPU: [PerCpu; crate::acpi::MAXCPU] = {
             cpu: AtomicPtr::new(core::ptr::null_mut()),
             index: 0,
             apic_id: AtomicU64::new(0),
+            halt_start: AtomicU64::new(0),
+            halted_ns: AtomicU64::new(0),
         }
     }; crate::acpi::MAXCPU];
     let mut i = 0;
@@ -72,6 +81,30 @@ pub fn percpu_init(i: usize) {
     // SAFETY: IA32_GS_BASE exists in long mode; the area is a static that
     // lives forever, and nothing else uses `%gs`.
     unsafe { x86::wrmsr(IA32_GS_BASE, &PERCPU[i] as *const PerCpu as u64) };
+}
+
+/// End this CPU's halted period, if it is in one: called at every trap's
+/// entry (the interrupt that ends a `hlt` is taken before the `hlt`
+/// returns) and after the `hlt`. Interrupts disabled, or the CPU's own
+/// thread code (`swap` makes the two agree).
+pub fn end_halt() {
+    let Some(i) = PerCpu::current_index() else {
+        return;
+    };
+    let p = &PERCPU[i];
+    if p.halt_start.load(Relaxed) == 0 {
+        return;
+    }
+    let s = p.halt_start.swap(0, Relaxed);
+    if s != 0 {
+        p.halted_ns
+            .fetch_add(crate::clock::nanotime().saturating_sub(s), Relaxed);
+    }
+}
+
+/// ns CPU `cpu` has spent halted since boot ([`PerCpu::halted_ns`]).
+pub fn halted_ns(cpu: usize) -> u64 {
+    PERCPU[cpu].halted_ns.load(Relaxed)
 }
 
 /// The kernel's `curcpu()` hook.
@@ -223,7 +256,7 @@ impl Md for MetalMd {
         x86::write_cr8(cr8_of(level));
     }
 
-    fn idle_wait(&self, _cpu: usize, word: &core::sync::atomic::AtomicU32, expect: u32) {
+    fn idle_wait(&self, cpu: usize, word: &core::sync::atomic::AtomicU32, expect: u32) {
         // SAFETY: `cli` defers interrupts; `sti; hlt` re-enables them and
         // halts, with the `sti` shadow delaying any pending interrupt until
         // the `hlt` has begun, so a wake-up that arrived after the look
@@ -231,7 +264,12 @@ impl Md for MetalMd {
         unsafe {
             core::arch::asm!("cli", options(nomem, nostack));
             if word.load(Relaxed) == expect {
+                // Halted from here to the trap that ends it (`end_halt`).
+                PERCPU[cpu]
+                    .halt_start
+                    .store(crate::clock::nanotime().max(1), Relaxed);
                 core::arch::asm!("sti", "hlt", options(nomem, nostack));
+                end_halt();
             } else {
                 core::arch::asm!("sti", options(nomem, nostack));
             }

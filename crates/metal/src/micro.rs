@@ -42,7 +42,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The hypervisor's CPUID signature, or "none".
-fn hypervisor() -> String {
+pub fn hypervisor() -> String {
     let l1 = core::arch::x86_64::__cpuid(1);
     if l1.ecx & (1 << 31) == 0 {
         return "none".into();

@@ -2,7 +2,8 @@
 //! ACPI MCFG.
 //!
 //! [`init`] maps the window uncached ([`crate::boot::map_uncached`]) and
-//! [`find`] scans segment 0's buses for a vendor/device pair. A [`Function`]
+//! [`find`] and [`find_all`] scan segment 0's buses for a vendor/device
+//! pair. A [`Function`]
 //! reads and writes its configuration space, walks its capability list,
 //! and sizes and maps its memory BARs (uncached, as firmware assigned them:
 //! SeaBIOS, which runs before the PVH entry, has placed them below 4 GiB on
@@ -44,12 +45,31 @@ pub struct Function {
     pub func: u8,
 }
 
+impl Function {
+    /// Its requester id (source id) on the bus: bus, device, function.
+    pub fn sid(&self) -> u16 {
+        u16::from(self.bus) << 8 | u16::from(self.dev) << 3 | u16::from(self.func)
+    }
+}
+
 /// The first function with this vendor and device id, scanning every bus
 /// of the window (after [`init`]).
 pub fn find(vendor: u16, device: u16) -> Option<Function> {
+    let mut one = [Function {
+        bus: 0,
+        dev: 0,
+        func: 0,
+    }];
+    (find_all(vendor, device, &mut one) > 0).then_some(one[0])
+}
+
+/// Every function with this vendor and device id, in bus/device/function
+/// order, into `out` (as many as fit); how many were stored.
+pub fn find_all(vendor: u16, device: u16, out: &mut [Function]) -> usize {
     if ECAM_BASE.load(Relaxed) == 0 {
-        return None;
+        return 0;
     }
+    let mut n = 0;
     for bus in 0..=ECAM_BUS_END.load(Relaxed) as u8 {
         for dev in 0..32 {
             for func in 0..8 {
@@ -61,13 +81,14 @@ pub fn find(vendor: u16, device: u16) -> Option<Function> {
                     }
                     continue;
                 }
-                if id == u32::from(vendor) | (u32::from(device) << 16) {
-                    return Some(f);
+                if id == u32::from(vendor) | (u32::from(device) << 16) && n < out.len() {
+                    out[n] = f;
+                    n += 1;
                 }
             }
         }
     }
-    None
+    n
 }
 
 /// Configuration-space command register bits.

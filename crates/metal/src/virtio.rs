@@ -20,7 +20,8 @@
 //! at once with [`DiskStatus::DmaFault`], and its interrupt raised.
 //!
 //! Behind VT-d ([`crate::vtd`]) the driver negotiates
-//! `VIRTIO_F_ACCESS_PLATFORM`, maps its queue memory at [`RING_IOVA`], and
+//! `VIRTIO_F_ACCESS_PLATFORM`, maps its queue memory at [`RING_IOVA`] (plus
+//! 16 KiB per disk index: the disks share one VT-d domain), and
 //! gives the device the command's IOVA as one data descriptor: the unit
 //! translates every access. QEMU's virtio-blk completes a request whose
 //! data access the unit blocked with status OK; the unit's fault record
@@ -30,7 +31,8 @@
 //! # Completions
 //! MSI-X vector 0 of the device is queue 0's; [`VirtioBlk::set_interrupt`]
 //! points its message at the chosen CPU's local APIC with
-//! [`crate::intr::DISK`] (a vector of IPL_BIO's priority class), and the
+//! [`crate::intr::DISK`] plus the disk's index (a vector of IPL_BIO's
+//! priority class, one per disk, so several disks interrupt apart), and the
 //! trap of that vector marks the kern interrupt pending on that CPU
 //! ([`crate::intr::route_disk`]), as the Linux machine's devices post
 //! theirs: the handler, and whichever completion mode it hands the work
@@ -111,6 +113,10 @@ struct Ring {
 
 /// A virtio-blk device.
 pub struct VirtioBlk {
+    /// Its index among the disks (its vector is `DISK + index`).
+    index: usize,
+    /// Its PCI requester id (VT-d fault records name it).
+    sid: u16,
     common: usize,
     notify: usize,
     msix_table: usize,
@@ -194,11 +200,24 @@ impl VirtioBlk {
         crate::pci::find(VENDOR, DEVICE_BLK)
     }
 
-    /// Bring up the virtio-blk function `f` ([`VirtioBlk::find`]); `vtd`:
-    /// it sits behind VT-d (already translating for it): negotiate
+    /// Every virtio-blk function, in PCI order, into `out`; how many.
+    pub fn find_all(out: &mut [crate::pci::Function]) -> usize {
+        crate::pci::find_all(VENDOR, DEVICE_BLK, out)
+    }
+
+    /// Bring up the virtio-blk function `f` ([`VirtioBlk::find`]) as disk
+    /// `index` (below [`crate::intr::MAX_DISKS`]); `vtd`: it sits behind
+    /// VT-d (already translating for it): negotiate
     /// `VIRTIO_F_ACCESS_PLATFORM` and give it IOVAs. Boot CPU, before the
     /// others start, after [`crate::pci::init`].
-    pub fn probe(f: crate::pci::Function, vtd: bool) -> Result<VirtioBlk, &'static str> {
+    pub fn probe(
+        f: crate::pci::Function,
+        vtd: bool,
+        index: usize,
+    ) -> Result<VirtioBlk, &'static str> {
+        if index >= crate::intr::MAX_DISKS {
+            return Err("too many disks");
+        }
         f.enable(CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE);
         let mut bars = [None; 6];
         let mut bar = |i: u8| -> Result<usize, &'static str> {
@@ -283,10 +302,11 @@ impl VirtioBlk {
             return Err("no memory for the queue");
         }
         let mem_dev = if vtd {
-            if !crate::vtd::VTD.map_driver(RING_IOVA, mem as u64, 16 << 10) {
+            let iova = RING_IOVA + (index as u64) * (16 << 10);
+            if !crate::vtd::VTD.map_driver(iova, mem as u64, 16 << 10) {
                 return Err("could not map the queue in VT-d");
             }
-            RING_IOVA
+            iova
         } else {
             mem as u64
         };
@@ -303,12 +323,14 @@ impl VirtioBlk {
         w8(common + C_STATUS, st | STATUS_DRIVER_OK);
         let sectors = u64::from(r32(device)) | (u64::from(r32(device + 4)) << 32);
         kprintln!(
-            "virtio-blk: PCI {:02x}:{:02x}.{} common {common:#x} notify {notify:#x} MSI-X table {msix_table:#x}, {sectors} sectors, queue {qsize}, {depth} slots",
+            "virtio-blk{index}: PCI {:02x}:{:02x}.{} common {common:#x} notify {notify:#x} MSI-X table {msix_table:#x}, {sectors} sectors, queue {qsize}, {depth} slots",
             f.bus,
             f.dev,
             f.func
         );
         Ok(VirtioBlk {
+            index,
+            sid: f.sid(),
             common,
             notify,
             msix_table,
@@ -335,6 +357,16 @@ impl VirtioBlk {
         })
     }
 
+    /// Its MSI-X vector.
+    fn vector(&self) -> u8 {
+        crate::intr::DISK + self.index as u8
+    }
+
+    /// Its index among the disks.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     fn desc(&self, i: usize) -> *mut Desc {
         (self.mem + 16 * i) as *mut Desc
     }
@@ -359,7 +391,7 @@ impl VirtioBlk {
         if apic != u64::MAX {
             // What the device's MSI would send: the disk vector to that
             // CPU (an IPI, to itself too).
-            crate::lapic::send_ipi(crate::lapic::Dest::Apic(apic as u32), crate::intr::DISK);
+            crate::lapic::send_ipi(crate::lapic::Dest::Apic(apic as u32), self.vector());
         }
     }
 
@@ -522,6 +554,7 @@ impl DiskController for VirtioBlk {
         if self.vtd
             && self.spans[slot][1].load(Relaxed) != 0
             && crate::vtd::VTD.faulted_in(
+                self.sid,
                 self.spans[slot][0].load(Relaxed),
                 self.spans[slot][1].load(Relaxed) as usize,
             )
@@ -539,13 +572,13 @@ impl DiskController for VirtioBlk {
 
     fn set_interrupt(&self, cpu: usize, vector: IntrHandle) {
         let apic = crate::md::PERCPU[cpu].apic_id.load(Relaxed) as u32;
-        crate::intr::route_disk(vector);
+        crate::intr::route_disk(self.index, vector);
         self.intr.store(u64::from(apic), Relaxed);
         let e = self.msix_table;
         w32(e + 12, 1);
         w32(e, 0xfee0_0000 | (apic << 12));
         w32(e + 4, 0);
-        w32(e + 8, u32::from(crate::intr::DISK));
+        w32(e + 8, u32::from(self.vector()));
         w32(e + 12, 0);
         // A completion that came while masked is pending in the PBA and is
         // sent at the unmask; raise it anyway, in case the old route took

@@ -3,12 +3,29 @@
 //!
 //! [`init`] (boot CPU, before the other CPUs start) finds the remapping
 //! unit in the ACPI DMAR table, maps its registers uncached, builds one
-//! domain for one PCI function (the virtio-blk disk): a root entry for its
-//! bus, a context entry for its device/function pointing at a 3-level (or
-//! 4-level, as the unit's SAGAW allows) second-level table, whose leaf
-//! tables are all preallocated (static, zeroed) for [`SPAN`] bytes of IOVA
-//! space; then it sets the root table pointer, invalidates the context
-//! cache and the IOTLB (global), and enables translation.
+//! domain for the PCI functions it is given (every virtio-blk disk): a
+//! root entry for each of their buses, a context entry for each
+//! device/function, all pointing at the same 3-level (or 4-level, as the
+//! unit's SAGAW allows) second-level table, whose leaf tables are all
+//! preallocated (static, zeroed) for [`SPAN`] bytes of IOVA space; then it
+//! sets the root table pointer, invalidates the context cache and the
+//! IOTLB (global), and enables translation.
+//!
+//! # One shared domain
+//! Every disk is in domain 1, with one set of page tables. kern's bus_dma
+//! has one IOVA space per kernel (`kern::bus_dma::Domain`: one arena, one
+//! `Iommu`), and `Iommu::enter` is not told which device a mapping is
+//! for: an sd unit's tag allocates from the same window as every other
+//! unit's, and `permanent`/`shadow` share one pool (a ccd's buffer,
+//! allocated by its first component, is loaded by all of them). One
+//! domain per function would need a device in the `Iommu` interface and a
+//! window per device in kern, and `permanent` buffers mapped in each. The
+//! cost of sharing: a disk can reach what another disk's DVMA mappings
+//! expose (as every device of the Linux machine shares its DVMA window),
+//! though never memory nothing maps. Each driver's queue memory has its
+//! own IOVA above the window ([`Vtd::map_driver`]). A fault record names
+//! its requester (the function's source id), and [`Vtd::faulted_in`]
+//! matches it with the disk's commands only.
 //!
 //! kern's bus_dma gets the first [`WINDOW`] bytes ([`Iommu::size`]); the
 //! driver maps its own queue memory above them ([`Vtd::map_driver`]).
@@ -63,11 +80,15 @@ impl Table {
     }
 }
 
+/// PCI buses whose functions can be behind the unit (a context table
+/// each).
+const BUSES: usize = 4;
+
 /// The unit and its tables.
 pub struct Vtd {
     regs: AtomicUsize,
     root: Table,
-    context: Table,
+    context: [Table; BUSES],
     /// Upper levels: `upper[0]` the top (L4 or L3), `upper[1]` the L3
     /// under an L4, `upper[2]` the L2.
     upper: [Table; 3],
@@ -75,12 +96,14 @@ pub struct Vtd {
     /// The offset of the IOTLB registers (IVA; IOTLB at +8).
     iotlb: AtomicUsize,
     inval: AtomicBool,
+    /// Someone is collecting fault records (`take_faults`).
+    collecting: AtomicBool,
     /// IOTLB invalidations done.
     pub invalidations: AtomicU64,
     /// Faults recorded by the unit (counted by `take_faults`).
     pub faults: AtomicU64,
-    /// Page addresses of recent faults not yet claimed by a command
-    /// (`addr | 1`; 0: free).
+    /// Recent faults not yet claimed by a command: the requester's source
+    /// id in bits 48..64, the page address, bit 0 set (0: free).
     recent: [AtomicU64; 16],
 }
 
@@ -88,11 +111,12 @@ pub struct Vtd {
 pub static VTD: Vtd = Vtd {
     regs: AtomicUsize::new(0),
     root: Table::new(),
-    context: Table::new(),
+    context: [const { Table::new() }; BUSES],
     upper: [Table::new(), Table::new(), Table::new()],
     leaves: [const { Table::new() }; LEAVES],
     iotlb: AtomicUsize::new(0),
     inval: AtomicBool::new(false),
+    collecting: AtomicBool::new(false),
     invalidations: AtomicU64::new(0),
     faults: AtomicU64::new(0),
     recent: [const { AtomicU64::new(0) }; 16],
@@ -187,10 +211,12 @@ impl Vtd {
         iova >= WINDOW && iova + len as u64 <= SPAN && self.set(iova, pa, len, 3)
     }
 
-    /// Did the device fault inside `[iova, iova + len)`? Collects the
-    /// unit's new fault records first, and claims (forgets) the matching
-    /// ones. Any context; one caller at a time (the disk's ring lock).
-    pub fn faulted_in(&self, iova: u64, len: usize) -> bool {
+    /// Did the device with source id `sid` fault inside `[iova, iova +
+    /// len)`? Collects the unit's new fault records first, and claims
+    /// (forgets) the matching ones. Any context; one caller per device at
+    /// a time (its ring lock); the records are claimed with a
+    /// compare-and-swap, so two disks never claim the same one.
+    pub fn faulted_in(&self, sid: u16, iova: u64, len: usize) -> bool {
         if !self.enabled() {
             return false;
         }
@@ -199,8 +225,12 @@ impl Vtd {
         let mut hit = false;
         for e in &self.recent {
             let v = e.load(Relaxed);
-            if v != 0 && (first..iova + len as u64).contains(&(v & !1)) {
-                e.store(0, Relaxed);
+            let page = v & ((1 << 48) - 1) & !1;
+            if v != 0
+                && (v >> 48) as u16 == sid
+                && (first..iova + len as u64).contains(&page)
+                && e.compare_exchange(v, 0, Relaxed, Relaxed).is_ok()
+            {
                 hit = true;
             }
         }
@@ -209,10 +239,24 @@ impl Vtd {
 
     /// Count and clear the faults the unit has recorded (keeping their
     /// page addresses for [`Vtd::faulted_in`]); their number. Any context.
+    /// One collector at a time: a caller that finds another collecting
+    /// returns 0 at once (it never spins, so it cannot deadlock against
+    /// an interrupted collector of its own CPU).
     pub fn take_faults(&self) -> u64 {
-        if !self.enabled() {
+        if !self.enabled()
+            || self
+                .collecting
+                .compare_exchange(false, true, Acquire, Relaxed)
+                .is_err()
+        {
             return 0;
         }
+        let n = self.collect();
+        self.collecting.store(false, Release);
+        n
+    }
+
+    fn collect(&self) -> u64 {
         let cap = self.r64(CAP);
         let fro = ((cap >> 24) & 0x3ff) as usize * 16;
         let nfr = ((cap >> 40) & 0xff) as usize + 1;
@@ -221,10 +265,15 @@ impl Vtd {
             let hi = self.r64(fro + 16 * i + 8);
             if hi & (1 << 63) != 0 {
                 n += 1;
-                let page = self.r64(fro + 16 * i) & !(IOPAGE as u64 - 1);
-                if let Some(slot) = self.recent.iter().find(|e| e.load(Relaxed) == 0) {
-                    slot.store(page | 1, Relaxed);
-                }
+                let page = self.r64(fro + 16 * i) & !(IOPAGE as u64 - 1) & ((1 << 48) - 1);
+                // The source id: bits 64..80 of the record.
+                let v = (hi & 0xffff) << 48 | page | 1;
+                // Kept in the first free slot (lost if all 16 are taken:
+                // counted, not matched).
+                let _ = self
+                    .recent
+                    .iter()
+                    .any(|e| e.compare_exchange(0, v, Relaxed, Relaxed).is_ok());
                 // F is write-1-to-clear.
                 self.w64(fro + 16 * i + 8, 1 << 63);
             }
@@ -237,9 +286,19 @@ impl Vtd {
     }
 }
 
-/// Bring up the unit at `regs` for function `f` (the only device it lets
-/// do DMA). Boot CPU, before the others start, before the device starts.
-pub fn init(regs: usize, f: Function) -> Result<(), &'static str> {
+/// Bring up the unit at `regs` for the functions `fs` (the only devices
+/// it lets do DMA), all in one domain (see the module docs). Boot CPU,
+/// before the others start, before the devices start.
+pub fn init(regs: usize, fs: &[Function]) -> Result<(), &'static str> {
+    let mut buses = [None::<u8>; BUSES];
+    for f in fs {
+        if !buses.contains(&Some(f.bus)) {
+            let Some(free) = buses.iter_mut().find(|b| b.is_none()) else {
+                return Err("the disks are on more PCI buses than the tables cover");
+            };
+            *free = Some(f.bus);
+        }
+    }
     crate::boot::map_uncached(regs, 4096);
     let v = &VTD;
     v.regs.store(regs, Relaxed);
@@ -268,12 +327,20 @@ pub fn init(regs: usize, f: Function) -> Result<(), &'static str> {
         v.upper[0].0[0].store(pa_of(l2) | 3, Relaxed);
         &v.upper[0]
     };
-    // Context entry (16 bytes at devfn): P, TT = 0 (second-level only),
-    // the table; AW, domain 1.
-    let devfn = usize::from(f.dev) << 3 | usize::from(f.func);
-    v.context.0[2 * devfn + 1].store(if four { 2 } else { 1 } | (1 << 8), Relaxed);
-    v.context.0[2 * devfn].store(pa_of(top) | 1, Relaxed);
-    v.root.0[2 * usize::from(f.bus)].store(pa_of(&v.context) | 1, Relaxed);
+    // A context entry per function (16 bytes at devfn, in its bus's
+    // table): P, TT = 0 (second-level only), the shared table; AW,
+    // domain 1.
+    for f in fs {
+        let b = buses
+            .iter()
+            .position(|&b| b == Some(f.bus))
+            .unwrap_or_default();
+        let ctx = &v.context[b];
+        let devfn = usize::from(f.dev) << 3 | usize::from(f.func);
+        ctx.0[2 * devfn + 1].store(if four { 2 } else { 1 } | (1 << 8), Relaxed);
+        ctx.0[2 * devfn].store(pa_of(top) | 1, Relaxed);
+        v.root.0[2 * usize::from(f.bus)].store(pa_of(ctx) | 1, Relaxed);
+    }
     core::sync::atomic::fence(SeqCst);
     v.w64(RTADDR, pa_of(&v.root));
     v.w32(GCMD, GCMD_SRTP);
@@ -291,13 +358,12 @@ pub fn init(regs: usize, f: Function) -> Result<(), &'static str> {
         core::hint::spin_loop();
     }
     kprintln!(
-        "vt-d: unit at {regs:#x} version {:#x}, {}-level tables, caching mode {}, translating for {:02x}:{:02x}.{}",
+        "vt-d: unit at {regs:#x} version {:#x}, {}-level tables, caching mode {}, one domain translating for {} function(s): {:x?}",
         v.r32(VER),
         if four { 4 } else { 3 },
         (cap >> 7) & 1,
-        f.bus,
-        f.dev,
-        f.func
+        fs.len(),
+        fs.iter().map(|f| f.sid()).collect::<alloc::vec::Vec<_>>()
     );
     Ok(())
 }
