@@ -96,7 +96,7 @@ pub struct MetalArgs {
     /// `disk`: also stripe a ccd over the disks (needs `--disks 2` or more).
     #[arg(long)]
     ccd: bool,
-    /// `bench kernel`: the measured window per workload, ms (default 150).
+    /// `bench kernel`: the measured window per workload, ms (default 500).
     #[arg(long)]
     ms: Option<u64>,
     /// `disk`, `bench kernel`: the IOMMU in front of the disks: `none` (the default: the

@@ -59,7 +59,7 @@ use kern::loadgen::{Issuer, LoadGen, Pattern, Workload};
 use crate::disk::{attach_sd, disks, pairs};
 
 /// The measured window, ms, unless `--ms` says otherwise.
-pub const DEFAULT_MS: u64 = 150;
+pub const DEFAULT_MS: u64 = 500;
 /// The I/O size.
 pub const SIZE: usize = 4096;
 /// The queue depths.
