@@ -222,7 +222,11 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
         kprintln!("disk: the unmapped-IOVA command gave {bad:?}, {vtd_faults} VT-d faults");
     }
 
-    let sectors = disks.iter().map(|d| d.geometry().sectors).min().unwrap_or(0);
+    let sectors = disks
+        .iter()
+        .map(|d| d.geometry().sectors)
+        .min()
+        .unwrap_or(0);
     let mut out = String::new();
     let mut total = RunStats::default();
     let mut nruns = 0u64;
@@ -242,7 +246,12 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
             match attach_sd(name, d, mode, comp, 16) {
                 Ok(sd) => sds.push(sd),
                 Err(e) => {
-                    kprintln!("disk: {} {} disk {}: {e}", mode.name(), comp.name(), d.index());
+                    kprintln!(
+                        "disk: {} {} disk {}: {e}",
+                        mode.name(),
+                        comp.name(),
+                        d.index()
+                    );
                     return crate::EXIT_FAIL;
                 }
             }
@@ -278,7 +287,9 @@ pub fn run(ctx: &ThreadCtx, o: DiskOpts) -> u8 {
         }
         for (dev, disk, base) in devs {
             let (i0, f0) = (intrs_of(&sds), faults_of(&sds));
-            let st = match one(ctx, dev, base, r, o.ops) {
+            // Each device its own extents: the run and the disk (-1: the
+            // ccd) seed them.
+            let st = match one(ctx, dev, base, r * 64 + (disk + 1) as u64, o.ops) {
                 Ok(st) => st,
                 Err(e) => {
                     kprintln!("disk: {} {} {}: {e}", mode.name(), comp.name(), dev.name());
@@ -390,7 +401,8 @@ fn unmapped_iova_refused(disk: &VirtioBlk) -> (Option<DiskDone>, u64) {
     (done, crate::vtd::VTD.faults.load(Relaxed))
 }
 
-/// One run on `dev` in `[base, base + REGION)`: write, read back, verify.
+/// One run on `dev` in `[base, base + REGION)`: write, read back, verify;
+/// `run` seeds the extents.
 fn one(
     ctx: &ThreadCtx,
     dev: &'static dyn BlockDev,

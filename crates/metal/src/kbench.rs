@@ -172,7 +172,12 @@ pub fn run(ctx: &ThreadCtx, o: BenchOpts) -> u8 {
     }
     kern::bio::bio_init(DEPTHS[1] * disks.len() + 8);
     let k = kern::kernel();
-    let span = disks.iter().map(|d| d.geometry().sectors).min().unwrap_or(0) * 512;
+    let span = disks
+        .iter()
+        .map(|d| d.geometry().sectors)
+        .min()
+        .unwrap_or(0)
+        * 512;
     let ms = o.ms.max(1);
     let hv = crate::micro::hypervisor();
     let mut out = String::new();
