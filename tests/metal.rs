@@ -332,13 +332,28 @@ fn disk(r: DiskRun<'_>) {
     assert_eq!(v["unmapped_iova_status"], "Some(DmaFault)", "{}", text(&o));
     assert_eq!(v["iommu"], r.iommu, "{}", text(&o));
     if r.iommu == "vtd" {
-        // The unit itself blocked the device's access and recorded it.
+        // The unit itself blocked the device's access and recorded it,
+        // and its fault event interrupted the boot CPU.
         assert!(v["vtd_faults"].as_u64().unwrap_or(0) >= 1, "{}", text(&o));
+        assert!(
+            v["vtd_fault_intrs"].as_u64().unwrap_or(0) >= 1,
+            "{}",
+            text(&o)
+        );
+        // Every invalidation went through the invalidation queue.
+        assert_eq!(v["vtd_invalidation"], "queued", "{}", text(&o));
         assert!(
             v["vtd_invalidations"].as_u64().unwrap_or(0) > 0,
             "{}",
             text(&o)
         );
+        assert!(
+            v["vtd_queued_submissions"].as_u64().unwrap_or(0)
+                >= v["vtd_invalidations"].as_u64().unwrap_or(u64::MAX),
+            "{}",
+            text(&o)
+        );
+        assert_eq!(v["vtd_register_invalidations"], 0, "{}", text(&o));
     }
     let seed = v["seed"].as_u64().expect("seed");
     let ileave = v["ccd_interleave"].as_u64().expect("ccd_interleave");
@@ -568,4 +583,43 @@ fn bench_kernel_runs_every_pair_and_workload() {
         assert!(p["pages_peak"].as_u64().is_some(), "{p}");
         assert!(p["pages_reserved"].as_u64().is_some(), "{p}");
     }
+}
+
+/// Behind VT-d, the command naming an unmapped IOVA fails with a DMA
+/// fault, alone (the run after it writes and reads back without an
+/// error), and the fault is counted by the unit's fault-event interrupt:
+/// its handler ran and collected the record the driver failed the
+/// command on.
+#[test]
+fn vtd_unmapped_iova_fails_alone_counted_by_fault_interrupt() {
+    let Some(o) = metal(&[
+        "disk",
+        "--json",
+        "--dvma",
+        "strict",
+        "--completion",
+        "intr",
+        "--iommu",
+        "vtd",
+        "--iterations",
+        "8",
+    ]) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("disk printed no JSON ({e}): {}", text(&o)));
+    assert_eq!(v["iommu"], "vtd", "{}", text(&o));
+    assert_eq!(v["unmapped_iova_status"], "Some(DmaFault)", "{}", text(&o));
+    assert_eq!(v["unmapped_iova_refused"], true, "{}", text(&o));
+    assert_eq!(v["vtd_faults"], 1, "one fault, one record: {}", text(&o));
+    assert_eq!(v["vtd_fault_intrs"], 1, "one fault event: {}", text(&o));
+    assert_eq!(v["vtd_faults_by_intr"], 1, "{}", text(&o));
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{}", text(&o));
+    assert_eq!(runs[0]["ops"], 16, "{}", text(&o));
+    assert_eq!(runs[0]["errors"], 0, "{}", text(&o));
+    assert_eq!(runs[0]["mismatches"], 0, "{}", text(&o));
+    assert_eq!(runs[0]["dma_faults"], 0, "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }

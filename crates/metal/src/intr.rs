@@ -14,6 +14,7 @@
 //! | vm | 0x70 | 7 |
 //! | sched (and the LAPIC timer, 0x81) | 0x80 | 8 |
 //! | high | 0x90 | 9 |
+//! | (the VT-d fault event, [`VTD_FAULT`]) | 0xe0 | never held |
 //!
 //! A kick at level L is an IPI with L's vector: CR8 at L or above holds it
 //! in the APIC until the level drops (`mask`); with the `lazy` spl CR8 stays
@@ -73,6 +74,11 @@ pub const TIMER: u8 = 0x81;
 pub const DISK: u8 = 0x41;
 /// Disks with a vector of their own (0x41..=0x48, all in IPL_BIO's class).
 pub const MAX_DISKS: usize = 8;
+
+/// The VT-d unit's fault event (`vtd/fault.rs`): class 14, above every
+/// class CR8 holds, so no IPL defers it; its trap collects the fault
+/// records and returns without entering kern.
+pub const VTD_FAULT: u8 = 0xe0;
 
 /// The kern interrupt each disk's vector raises: its bit in the pending
 /// word, or `u64::MAX` for none.
@@ -217,6 +223,11 @@ pub fn interrupt(r: &mut Regs) {
         return;
     }
     lapic::eoi();
+    if v == VTD_FAULT {
+        // Not a kern interrupt: nothing to dispatch, no AST to push.
+        crate::vtd::VTD.fault.interrupt(&crate::vtd::VTD);
+        return;
+    }
     if v == TIMER {
         TICKS.fetch_add(1, Relaxed);
         let now = crate::clock::nanotime();

@@ -97,7 +97,7 @@ fn mark(sds: &[&'static Sd]) -> Mark {
         intrs: sds.iter().map(|s| s.stats.intrs.load(Relaxed)).sum(),
         traps: s.total(|c| c.traps),
         switches: s.total(|c| c.switches),
-        inval: crate::vtd::VTD.invalidations.load(Relaxed),
+        inval: crate::vtd::VTD.inv.stats.iotlb(),
     }
 }
 

@@ -23,7 +23,7 @@
 //! | `pci` | PCI configuration space (ECAM), capabilities, BARs mapped uncached |
 //! | `virtio` | virtio-blk (modern virtio-pci, MSI-X) as kern's `DiskController` |
 //! | `iommu` | `SoftIommu`: the IOVA translation table bus_dma needs without an IOMMU (no protection) |
-//! | `vtd` | Intel VT-d as kern's `Iommu` (`--iommu vtd`): root/context tables, second-level page tables, IOTLB invalidation, fault records |
+//! | `vtd` | Intel VT-d as kern's `Iommu` (`--iommu vtd`): root/context tables, second-level page tables; `vtd::inval`: queued (or register-based) invalidation; `vtd::fault`: fault records and the fault-event interrupt |
 //! | `disk` | the `disk` program: sd over every virtio-blk disk (and ccd over them), written, read back, verified |
 //! | `kbench` | the `bench kernel` program: kern's load generator over sd on virtio-blk, every DVMA x completion pair |
 //! | `smp` | INIT-SIPI-SIPI, the real-mode trampoline, the APs' entry |

@@ -1,5 +1,6 @@
 //! Intel VT-d as kern's `Iommu`: root and context tables, second-level
-//! page tables, register-based invalidation, fault recording.
+//! page tables; invalidation (queued, or register-based: [`inval`]) and
+//! fault recording with its interrupt ([`fault`]).
 //!
 //! [`init`] (boot CPU, before the other CPUs start) finds the remapping
 //! unit in the ACPI DMAR table, maps its registers uncached, builds one
@@ -8,8 +9,10 @@
 //! device/function, all pointing at the same 3-level (or 4-level, as the
 //! unit's SAGAW allows) second-level table, whose leaf tables are all
 //! preallocated (static, zeroed) for [`SPAN`] bytes of IOVA space; then it
-//! sets the root table pointer, invalidates the context cache and the
-//! IOTLB (global), and enables translation.
+//! sets the root table pointer, sets up queued invalidation if the unit
+//! has it (ECAP.QI), invalidates the context cache and the IOTLB
+//! (global), points the fault event at the boot CPU and enables
+//! translation.
 //!
 //! # One shared domain
 //! Every disk is in domain 1, with one set of page tables. kern's bus_dma
@@ -30,27 +33,38 @@
 //! kern's bus_dma gets the first [`WINDOW`] bytes ([`Iommu::size`]); the
 //! driver maps its own queue memory above them ([`Vtd::map_driver`]).
 //! `enter` and `remove` write leaf entries (atomic stores: no allocation)
-//! and then invalidate the IOTLB; QEMU's unit runs with `caching-mode=on`,
-//! so entries made present are invalidated too. The invalidation is
-//! register-based (one command at a time), serialised by a spin flag taken
-//! with interrupts disabled, so an interrupt handler that unloads a map
-//! cannot deadlock with thread code of its CPU.
+//! and then invalidate the IOTLB for the range (page-selective where the
+//! unit allows). `remove` always does; `enter` when it replaced a present
+//! entry (`slots` reusing a slot for another buffer) or when the unit is
+//! in caching mode (CAP.CM: it may cache not-present entries), which
+//! QEMU's unit is (`caching-mode=on`): there strict mode pays one
+//! invalidation per load as well as one per unload. An invalidation is a
+//! descriptor and a wait descriptor on the invalidation queue, the CPU
+//! polling the wait's status write ([`inval`]), serialised with
+//! interrupts disabled, so an interrupt handler that unloads a map cannot
+//! deadlock with thread code of its CPU.
 //!
 //! A device access to an IOVA that is not mapped (or not with the right
 //! it needs) is blocked by the unit and recorded in its fault recording
-//! registers; [`Vtd::take_faults`] counts and clears them.
+//! registers with the requester's source id; the fault event interrupt
+//! collects the records ([`fault::FaultLog::interrupt`]) and
+//! [`Vtd::faulted_in`] lets the driver fail the command whose IOVA
+//! faulted.
 //!
 //! # Contexts
 //! `init`, `map_driver`: boot CPU, at boot. `enter`, `remove`,
-//! `take_faults`: any context.
+//! `faulted_in`: any context. The fault event's kern interrupt handler
+//! (IPL_HIGH): `fault.interrupt` (see [`fault`]).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+pub mod fault;
+pub mod inval;
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 use kern::iommu::{DmaAccess, IOPAGE, Iommu, IommuError, Iova};
 use kern::vm::Paddr;
 
 use crate::pci::Function;
-use crate::x86;
 
 /// IOVA bytes given to kern's bus_dma.
 pub const WINDOW: u64 = 64 << 20;
@@ -64,11 +78,16 @@ const ECAP: usize = 0x10;
 const GCMD: usize = 0x18;
 const GSTS: usize = 0x1c;
 const RTADDR: usize = 0x20;
-const CCMD: usize = 0x28;
-const FSTS: usize = 0x34;
 
 const GCMD_TE: u32 = 1 << 31;
 const GCMD_SRTP: u32 = 1 << 30;
+const GCMD_QIE: u32 = 1 << 26;
+/// GCMD bits that stay set (GCMD is written whole; GSTS reports them):
+/// TE, QIE, IRE, CFI.
+const GCMD_KEEP: u32 = GCMD_TE | GCMD_QIE | (1 << 25) | (1 << 23);
+
+/// The domain id of every disk's context entry.
+const DOMAIN: u16 = 1;
 
 /// A 4 KiB table of 512 entries.
 #[repr(C, align(4096))]
@@ -93,18 +112,12 @@ pub struct Vtd {
     /// under an L4, `upper[2]` the L2.
     upper: [Table; 3],
     leaves: [Table; LEAVES],
-    /// The offset of the IOTLB registers (IVA; IOTLB at +8).
-    iotlb: AtomicUsize,
-    inval: AtomicBool,
-    /// Someone is collecting fault records (`take_faults`).
-    collecting: AtomicBool,
-    /// IOTLB invalidations done.
-    pub invalidations: AtomicU64,
-    /// Faults recorded by the unit (counted by `take_faults`).
-    pub faults: AtomicU64,
-    /// Recent faults not yet claimed by a command: the requester's source
-    /// id in bits 48..64, the page address, bit 0 set (0: free).
-    recent: [AtomicU64; 16],
+    /// CAP.CM: the unit may cache not-present entries.
+    caching: AtomicU64,
+    /// Invalidation (queued or register-based) and its counters.
+    pub inv: inval::Invalidator,
+    /// Fault records and the fault event.
+    pub fault: fault::FaultLog,
 }
 
 /// The one unit.
@@ -114,12 +127,9 @@ pub static VTD: Vtd = Vtd {
     context: [const { Table::new() }; BUSES],
     upper: [Table::new(), Table::new(), Table::new()],
     leaves: [const { Table::new() }; LEAVES],
-    iotlb: AtomicUsize::new(0),
-    inval: AtomicBool::new(false),
-    collecting: AtomicBool::new(false),
-    invalidations: AtomicU64::new(0),
-    faults: AtomicU64::new(0),
-    recent: [const { AtomicU64::new(0) }; 16],
+    caching: AtomicU64::new(0),
+    inv: inval::Invalidator::new(),
+    fault: fault::FaultLog::new(),
 };
 
 impl core::fmt::Debug for Vtd {
@@ -156,28 +166,23 @@ impl Vtd {
         self.regs.load(Relaxed) != 0
     }
 
-    /// Invalidate the whole IOTLB (register-based, global), waiting for
-    /// the unit. Any context.
-    fn flush(&self) {
-        x86::without_interrupts(|| {
-            while self
-                .inval
-                .compare_exchange_weak(false, true, Acquire, Relaxed)
-                .is_err()
-            {
-                core::hint::spin_loop();
-            }
-            // The leaf entries before the command.
-            core::sync::atomic::fence(SeqCst);
-            let r = self.iotlb.load(Relaxed) + 8;
-            // IVT | IIRG = global | drain reads and writes.
-            self.w64(r, (1 << 63) | (1 << 60) | (1 << 49) | (1 << 48));
-            while self.r64(r) & (1 << 63) != 0 {
-                core::hint::spin_loop();
-            }
-            self.invalidations.fetch_add(1, Relaxed);
-            self.inval.store(false, Release);
-        });
+    /// Is the unit in caching mode (CAP.CM: maps are invalidated too)?
+    pub fn caching_mode(&self) -> bool {
+        self.caching.load(Relaxed) != 0
+    }
+
+    /// Write GCMD: the persistent bits GSTS reports, plus `set`, minus
+    /// `clear`; wait until GSTS says so. Boot, or with no other command
+    /// in flight.
+    fn gcmd(&self, set: u32, clear: u32) {
+        let keep = self.r32(GSTS) & GCMD_KEEP;
+        self.w32(GCMD, (keep | set) & !clear);
+        let want = set & !GCMD_SRTP;
+        while self.r32(GSTS) & (want | clear) != want
+            || (set & GCMD_SRTP != 0 && self.r32(GSTS) & GCMD_SRTP == 0)
+        {
+            core::hint::spin_loop();
+        }
     }
 
     fn leaf(&self, iova: u64) -> Option<&AtomicU64> {
@@ -185,22 +190,27 @@ impl Vtd {
         self.leaves.get(page / 512).map(|t| &t.0[page % 512])
     }
 
-    fn set(&self, iova: u64, pa: u64, len: usize, rights: u64) -> bool {
+    /// Write the leaf entries of `[iova, iova + len)` (`rights` 0: clear
+    /// them), then invalidate the range for `cause`: always, except for a
+    /// map that only filled not-present entries on a unit not in caching
+    /// mode (nothing of the range can be cached then).
+    fn set(&self, iova: u64, pa: u64, len: usize, rights: u64, cause: inval::Cause) -> bool {
+        let mut replaced = false;
         for i in 0..len.div_ceil(IOPAGE) {
             let a = iova + (i * IOPAGE) as u64;
-            match self.leaf(a) {
-                Some(e) => e.store(
-                    if rights == 0 {
-                        0
-                    } else {
-                        (pa + (i * IOPAGE) as u64) | rights
-                    },
-                    Relaxed,
-                ),
-                None => return false,
-            }
+            let Some(e) = self.leaf(a) else {
+                return false;
+            };
+            let new = if rights == 0 {
+                0
+            } else {
+                (pa + (i * IOPAGE) as u64) | rights
+            };
+            replaced |= e.swap(new, Relaxed) & 3 != 0;
         }
-        self.flush();
+        if cause != inval::Cause::Map || replaced || self.caching.load(Relaxed) != 0 {
+            self.inv.iotlb(self, iova, len, cause);
+        }
         true
     }
 
@@ -208,81 +218,18 @@ impl Vtd {
     /// `len` bytes) at IOVA `iova` (at or above [`WINDOW`]), read-write.
     /// Boot, after `init`.
     pub fn map_driver(&self, iova: u64, pa: u64, len: usize) -> bool {
-        iova >= WINDOW && iova + len as u64 <= SPAN && self.set(iova, pa, len, 3)
+        iova >= WINDOW
+            && iova + len as u64 <= SPAN
+            && self.set(iova, pa, len, 3, inval::Cause::Other)
     }
 
     /// Did the device with source id `sid` fault inside `[iova, iova +
-    /// len)`? Collects the unit's new fault records first, and claims
-    /// (forgets) the matching ones. Any context; one caller per device at
-    /// a time (its ring lock); the records are claimed with a
-    /// compare-and-swap, so two disks never claim the same one.
+    /// len)`? Claims (forgets) the matching fault records the fault
+    /// interrupt collected (or collects a pending one itself:
+    /// [`fault::FaultLog::faulted_in`]); two disks never claim the same
+    /// one. Any context.
     pub fn faulted_in(&self, sid: u16, iova: u64, len: usize) -> bool {
-        if !self.enabled() {
-            return false;
-        }
-        self.take_faults();
-        let first = iova & !(IOPAGE as u64 - 1);
-        let mut hit = false;
-        for e in &self.recent {
-            let v = e.load(Relaxed);
-            let page = v & ((1 << 48) - 1) & !1;
-            if v != 0
-                && (v >> 48) as u16 == sid
-                && (first..iova + len as u64).contains(&page)
-                && e.compare_exchange(v, 0, Relaxed, Relaxed).is_ok()
-            {
-                hit = true;
-            }
-        }
-        hit
-    }
-
-    /// Count and clear the faults the unit has recorded (keeping their
-    /// page addresses for [`Vtd::faulted_in`]); their number. Any context.
-    /// One collector at a time: a caller that finds another collecting
-    /// returns 0 at once (it never spins, so it cannot deadlock against
-    /// an interrupted collector of its own CPU).
-    pub fn take_faults(&self) -> u64 {
-        if !self.enabled()
-            || self
-                .collecting
-                .compare_exchange(false, true, Acquire, Relaxed)
-                .is_err()
-        {
-            return 0;
-        }
-        let n = self.collect();
-        self.collecting.store(false, Release);
-        n
-    }
-
-    fn collect(&self) -> u64 {
-        let cap = self.r64(CAP);
-        let fro = ((cap >> 24) & 0x3ff) as usize * 16;
-        let nfr = ((cap >> 40) & 0xff) as usize + 1;
-        let mut n = 0;
-        for i in 0..nfr {
-            let hi = self.r64(fro + 16 * i + 8);
-            if hi & (1 << 63) != 0 {
-                n += 1;
-                let page = self.r64(fro + 16 * i) & !(IOPAGE as u64 - 1) & ((1 << 48) - 1);
-                // The source id: bits 64..80 of the record.
-                let v = (hi & 0xffff) << 48 | page | 1;
-                // Kept in the first free slot (lost if all 16 are taken:
-                // counted, not matched).
-                let _ = self
-                    .recent
-                    .iter()
-                    .any(|e| e.compare_exchange(0, v, Relaxed, Relaxed).is_ok());
-                // F is write-1-to-clear.
-                self.w64(fro + 16 * i + 8, 1 << 63);
-            }
-        }
-        // Primary fault overflow, pending fault: write-1-to-clear.
-        let fs = self.r32(FSTS);
-        self.w32(FSTS, fs & 3);
-        self.faults.fetch_add(n, Relaxed);
-        n
+        self.fault.faulted_in(self, sid, iova, len)
     }
 }
 
@@ -313,7 +260,7 @@ pub fn init(regs: usize, fs: &[Function]) -> Result<(), &'static str> {
         v.regs.store(0, Relaxed);
         return Err("the unit supports neither 3- nor 4-level tables");
     };
-    v.iotlb.store(((ecap >> 8) & 0x3ff) as usize * 16, Relaxed);
+    v.caching.store((cap >> 7) & 1, Relaxed);
     // Upper levels: top -> (L3 ->) L2 -> the leaves.
     let l2 = &v.upper[2];
     for (i, leaf) in v.leaves.iter().enumerate() {
@@ -337,31 +284,31 @@ pub fn init(regs: usize, fs: &[Function]) -> Result<(), &'static str> {
             .unwrap_or_default();
         let ctx = &v.context[b];
         let devfn = usize::from(f.dev) << 3 | usize::from(f.func);
-        ctx.0[2 * devfn + 1].store(if four { 2 } else { 1 } | (1 << 8), Relaxed);
+        ctx.0[2 * devfn + 1].store(if four { 2 } else { 1 } | (u64::from(DOMAIN) << 8), Relaxed);
         ctx.0[2 * devfn].store(pa_of(top) | 1, Relaxed);
         v.root.0[2 * usize::from(f.bus)].store(pa_of(ctx) | 1, Relaxed);
     }
     core::sync::atomic::fence(SeqCst);
     v.w64(RTADDR, pa_of(&v.root));
-    v.w32(GCMD, GCMD_SRTP);
-    while v.r32(GSTS) & GCMD_SRTP == 0 {
-        core::hint::spin_loop();
-    }
-    // Context cache: global invalidation.
-    v.w64(CCMD, (1 << 63) | (1 << 61));
-    while v.r64(CCMD) & (1 << 63) != 0 {
-        core::hint::spin_loop();
-    }
-    v.flush();
-    v.w32(GCMD, GCMD_TE);
-    while v.r32(GSTS) & GCMD_TE == 0 {
-        core::hint::spin_loop();
-    }
+    v.gcmd(GCMD_SRTP, 0);
+    // Queued invalidation if the unit has it; then the caches (global).
+    v.inv.init(v, cap, ecap, DOMAIN);
+    v.inv.context_global(v);
+    v.inv.iotlb(v, 0, 0, inval::Cause::Other);
+    v.fault.init(v, crate::lapic::id(), crate::intr::VTD_FAULT);
+    v.gcmd(GCMD_TE, 0);
     kprintln!(
-        "vt-d: unit at {regs:#x} version {:#x}, {}-level tables, caching mode {}, one domain translating for {} function(s): {:x?}",
+        "vt-d: unit at {regs:#x} version {:#x}, {}-level tables, caching mode {}, {} invalidation, fault event to APIC {} vector {:#x}, one domain translating for {} function(s): {:x?}",
         v.r32(VER),
         if four { 4 } else { 3 },
         (cap >> 7) & 1,
+        if v.inv.is_queued() {
+            "queued"
+        } else {
+            "register-based"
+        },
+        crate::lapic::id(),
+        crate::intr::VTD_FAULT,
         fs.len(),
         fs.iter().map(|f| f.sid()).collect::<alloc::vec::Vec<_>>()
     );
@@ -391,7 +338,7 @@ impl Iommu for Vtd {
             DmaAccess::ReadWrite => 3,
         };
         let phys = crate::iommu::SOFT_IOMMU.base() as u64 + pa.get();
-        if self.set(iova.get(), phys, len, rights) {
+        if self.set(iova.get(), phys, len, rights, inval::Cause::Map) {
             Ok(())
         } else {
             Err(IommuError::OutOfRange { iova, len })
@@ -399,6 +346,6 @@ impl Iommu for Vtd {
     }
 
     fn remove(&self, iova: Iova, len: usize) {
-        let _ = self.set(iova.get(), 0, len, 0);
+        let _ = self.set(iova.get(), 0, len, 0, inval::Cause::Unmap);
     }
 }
