@@ -35,13 +35,15 @@ pub struct MetalArgs {
     /// spl, interrupts, softints, threads, callouts), `race` (the 1995
     /// race, every completion mode x protection), `bench micro` (the
     /// mechanisms timed; under TCG the figures are the emulator's),
-    /// `overflow` (a kernel stack overflow, which must be caught), `disk`
-    /// (kern's sd over each virtio-blk disk, and with `--ccd` a ccd striped
-    /// over them: patterned writes read back and verified, in each DVMA x
-    /// completion mode asked for), `bench kernel` (kern's load generator
-    /// over sd on virtio-blk in each DVMA x completion mode: IOPS, CPU ns,
-    /// interrupts and IOMMU invalidations per I/O; under TCG the times are
-    /// the emulator's).
+    /// `bench dvma` (bus_dma load+sync+unload per DVMA mode, with the
+    /// IOMMU's invalidations counted and timed), `overflow` (a kernel
+    /// stack overflow, which must be caught), `disk` (kern's sd over each
+    /// virtio-blk disk, and with `--ccd` a ccd striped over them:
+    /// patterned writes read back and verified, in each DVMA x completion
+    /// mode asked for), `bench kernel` (kern's load generator over sd on
+    /// virtio-blk in each DVMA x completion mode: IOPS, CPU ns, interrupts
+    /// and IOMMU invalidations per I/O; under TCG the times are the
+    /// emulator's).
     program: String,
     /// Arguments passed to the program (on the kernel command line).
     args: Vec<String>,
@@ -99,9 +101,10 @@ pub struct MetalArgs {
     /// `bench kernel`: the measured window per workload, ms (default 500).
     #[arg(long)]
     ms: Option<u64>,
-    /// `disk`, `bench kernel`: the IOMMU in front of the disks: `none` (the default: the
-    /// device sees physical addresses) or `vtd` (QEMU's intel-iommu; the
-    /// device gets IOVAs and negotiates VIRTIO_F_ACCESS_PLATFORM).
+    /// `disk`, `bench kernel`, `bench dvma`: the IOMMU in front of the
+    /// disks: `none` (the default: the device sees physical addresses) or
+    /// `vtd` (QEMU's intel-iommu; the device gets IOVAs and negotiates
+    /// VIRTIO_F_ACCESS_PLATFORM; `bench dvma` gets a disk behind it).
     #[arg(long, value_parser = ["none", "vtd"])]
     iommu: Option<String>,
     /// Kill the guest after this many seconds.
@@ -480,8 +483,11 @@ pub fn main(a: MetalArgs) -> Result<ExitCode, String> {
     }
     let mut _temp = Vec::new();
     let mut disks: Vec<PathBuf> = Vec::new();
+    let bench =
+        |what: &str| a.program == "bench" && a.args.first().map(String::as_str) == Some(what);
     let wants_disks = a.program == "disk"
-        || (a.program == "bench" && a.args.first().map(String::as_str) == Some("kernel"));
+        || bench("kernel")
+        || (bench("dvma") && a.iommu.as_deref() == Some("vtd"));
     if wants_disks {
         let n = (a.disks as usize).max(a.disk_image.len());
         for i in 0..n {

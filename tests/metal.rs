@@ -623,3 +623,105 @@ fn vtd_unmapped_iova_fails_alone_counted_by_fault_interrupt() {
     assert_eq!(runs[0]["dma_faults"], 0, "{}", text(&o));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// `dvma metal bench dvma --json`: a figure per DVMA mode, with the
+/// counts per I/O. Behind VT-d (queued invalidation): strict invalidates
+/// the IOTLB on every unload, lazy at most that often, slots, permanent
+/// and shadow never; permanent and shadow map nothing per I/O, shadow
+/// copies; both invalidation flavours were timed. No speed is checked.
+fn bench_dvma(iommu: &str) -> serde_json::Value {
+    let Some(o) = metal(&[
+        "bench",
+        "dvma",
+        "--json",
+        "--iterations",
+        "1",
+        "--iommu",
+        iommu,
+    ]) else {
+        return serde_json::Value::Null;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bench dvma printed no JSON ({e}): {}", text(&o)));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(v["ok"], true, "{}", text(&o));
+    assert_eq!(v["iommu"], iommu, "{}", text(&o));
+    assert!(!v["hypervisor"].as_str().unwrap_or("").is_empty());
+    for m in ["strict", "lazy", "slots", "permanent", "shadow"] {
+        let f = &v["modes"][m];
+        for k in [
+            "ns_4k",
+            "ns_64k",
+            "enters_per_io",
+            "removes_per_io",
+            "iotlb_inv_per_load",
+            "iotlb_inv_per_unload",
+            "inv_cycles_per_io",
+            "bounce_bytes_per_io",
+        ] {
+            assert!(f[k].as_f64().is_some(), "{m}.{k}: {}", text(&o));
+        }
+        assert!(f["ns_4k"].as_f64().unwrap() > 0.0, "{m}: {}", text(&o));
+        assert!(f["ios"].as_u64().unwrap_or(0) >= 64, "{m}: {}", text(&o));
+    }
+    let per = |m: &str, k: &str| v["modes"][m][k].as_f64().unwrap();
+    for m in ["permanent", "shadow"] {
+        assert_eq!(
+            per(m, "enters_per_io"),
+            0.0,
+            "{m} maps nothing: {}",
+            text(&o)
+        );
+        assert_eq!(per(m, "removes_per_io"), 0.0, "{m}: {}", text(&o));
+    }
+    assert!(per("shadow", "bounce_bytes_per_io") > 0.0, "{}", text(&o));
+    assert!(per("strict", "enters_per_io") >= 1.0, "{}", text(&o));
+    for m in ["slots", "permanent", "shadow"] {
+        assert_eq!(per(m, "iotlb_inv_per_unload"), 0.0, "{m}: {}", text(&o));
+    }
+    if iommu == "vtd" {
+        assert_eq!(v["invalidation"], "queued", "{}", text(&o));
+        assert!(
+            per("strict", "iotlb_inv_per_unload") >= 1.0,
+            "strict invalidates at every unload: {}",
+            text(&o)
+        );
+        let lazy = per("lazy", "iotlb_inv_per_unload");
+        assert!(
+            lazy > 0.0 && lazy <= per("strict", "iotlb_inv_per_unload"),
+            "lazy invalidates, in batches: {}",
+            text(&o)
+        );
+        for m in ["permanent", "shadow"] {
+            assert_eq!(per(m, "iotlb_inv_per_load"), 0.0, "{m}: {}", text(&o));
+            assert_eq!(per(m, "inv_cycles_per_io"), 0.0, "{m}: {}", text(&o));
+        }
+        assert!(per("strict", "inv_cycles_per_io") > 0.0, "{}", text(&o));
+        for flavour in ["queued", "register"] {
+            assert!(
+                v["inval_cost"][flavour]["cycles"].as_f64().unwrap_or(0.0) > 0.0,
+                "{flavour}: {}",
+                text(&o)
+            );
+        }
+        assert!(v["strict_register_ns_4k"].as_f64().unwrap_or(0.0) > 0.0);
+    } else {
+        assert_eq!(v["invalidation"], "none", "{}", text(&o));
+        for m in ["strict", "lazy", "slots", "permanent", "shadow"] {
+            assert_eq!(per(m, "iotlb_inv_per_unload"), 0.0, "{m}: {}", text(&o));
+            assert_eq!(per(m, "iotlb_inv_per_load"), 0.0, "{m}: {}", text(&o));
+        }
+    }
+    v
+}
+
+#[test]
+fn bench_dvma_behind_vtd_strict_invalidates_permanent_does_not() {
+    bench_dvma("vtd");
+}
+
+#[test]
+fn bench_dvma_without_iommu_invalidates_nothing() {
+    bench_dvma("none");
+}

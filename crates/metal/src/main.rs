@@ -30,16 +30,17 @@
 //! | `selftest` | the `selftest` program |
 //! | `race` | the `race` program (kern's `RaceKit`) |
 //! | `micro` | the `bench micro` program |
+//! | `dvmabench` | the `bench dvma` program: bus_dma load+sync+unload per DVMA mode, IOTLB invalidations and their cost |
 //! | `x86` | privileged instructions |
 //!
 //! # Programs
 //! The kernel command line names a program and its flags:
-//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `bench kernel`, `disk`, `overflow` (a kernel thread
+//! `hello`, `fault`, `selftest`, `race`, `bench micro`, `bench dvma`, `bench kernel`, `disk`, `overflow` (a kernel thread
 //! that runs off its stack: the guard page must stop it), with the flags `--json`,
 //! `--spl lazy|mask`, `--intr-stack on|off`, `--iterations N` (race: injections per row;
-//! bench micro: repetitions; disk: writes per run), (race) `--storm-ms N` and (disk)
+//! bench micro, bench dvma: repetitions; disk: writes per run), (race) `--storm-ms N` and (disk)
 //! `--dvma LIST` and `--completion LIST` (comma lists of mode names, or `all`) and
-//! `--iommu none|vtd` (disk, bench kernel), (disk) `--ccd` and (bench kernel)
+//! `--iommu none|vtd` (disk, bench kernel, bench dvma), (disk) `--ccd` and (bench kernel)
 //! `--ms N`. Programs other
 //! than `hello` and `fault` run as a kernel thread on CPU 0 of a booted
 //! kern with every CPU the MADT lists (QEMU's `-smp`, at most 8); the boot
@@ -62,6 +63,7 @@ pub mod boot;
 pub mod console;
 pub mod clock;
 pub mod disk;
+pub mod dvmabench;
 pub mod heap;
 pub mod intr;
 pub mod iommu;
@@ -141,6 +143,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         prog = match words.next() {
             Some("micro") => "bench micro",
             Some("kernel") => "bench kernel",
+            Some("dvma") => "bench dvma",
             other => usage(&alloc::format!("bench {other:?}")),
         };
     }
@@ -228,6 +231,7 @@ pub extern "C" fn metal_main(start_info: u32) -> ! {
         "selftest" => |ctx, o| selftest::run(ctx, o.json),
         "race" => |ctx, o| race::run(ctx, o.json, o.iterations.unwrap_or(200), o.storm_ms),
         "bench micro" => |ctx, o| micro::run(ctx, o.json, o.iterations.unwrap_or(5)),
+        "bench dvma" => |ctx, o| dvmabench::run(ctx, o.json, o.iterations.unwrap_or(3)),
         "disk" => |ctx, o| {
             disk::run(
                 ctx,
@@ -290,7 +294,7 @@ fn recurse(n: u64) -> u64 {
 
 fn usage(what: &str) -> ! {
     kprintln!(
-        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro, bench kernel, disk; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N, --dvma LIST, --completion LIST, --iommu none|vtd, --ccd, --ms N)"
+        "metal: unknown program or flag {what:?} (programs: hello, fault, selftest, race, overflow, bench micro, bench dvma, bench kernel, disk; flags: --json, --spl lazy|mask, --intr-stack on|off, --iterations N, --storm-ms N, --dvma LIST, --completion LIST, --iommu none|vtd, --ccd, --ms N)"
     );
     console::exit(EXIT_USAGE)
 }
@@ -313,7 +317,7 @@ struct Opts {
     dvma_set: bool,
     /// `disk`: the completion modes (bit set over `Completion::ALL`).
     completion: u8,
-    /// `disk`, `bench kernel`: put the disks behind VT-d (`--iommu vtd`).
+    /// `disk`, `bench kernel`, `bench dvma`: put the disks behind VT-d (`--iommu vtd`).
     vtd: bool,
     /// `disk`: also stripe a ccd over the disks (`--ccd`).
     ccd: bool,
@@ -328,8 +332,9 @@ type Program = fn(&kern::ThreadCtx, Opts) -> u8;
 /// shuts down, exit with the body's status.
 fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp: usize) -> ! {
     clock::calibrate();
-    if name == "disk" || name == "bench kernel" {
+    if name == "disk" || name == "bench kernel" || (name == "bench dvma" && opts.vtd) {
         // PCI before the other CPUs start: it maps registers uncached.
+        // (`bench dvma` behind VT-d: the disk is the unit's device.)
         match acpi::ecam(rsdp) {
             Some(e) => {
                 pci::init(e);
