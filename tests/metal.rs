@@ -588,8 +588,8 @@ fn bench_kernel_runs_every_pair_and_workload() {
 /// Behind VT-d, the command naming an unmapped IOVA fails with a DMA
 /// fault, alone (the run after it writes and reads back without an
 /// error), and the fault is counted by the unit's fault-event interrupt:
-/// its handler ran and collected the record the driver failed the
-/// command on.
+/// its handler (kern's, at IPL_HIGH) ran and collected the record the
+/// driver failed the command on.
 #[test]
 fn vtd_unmapped_iova_fails_alone_counted_by_fault_interrupt() {
     let Some(o) = metal(&[
@@ -612,9 +612,17 @@ fn vtd_unmapped_iova_fails_alone_counted_by_fault_interrupt() {
     assert_eq!(v["iommu"], "vtd", "{}", text(&o));
     assert_eq!(v["unmapped_iova_status"], "Some(DmaFault)", "{}", text(&o));
     assert_eq!(v["unmapped_iova_refused"], true, "{}", text(&o));
-    assert_eq!(v["vtd_faults"], 1, "one fault, one record: {}", text(&o));
-    assert_eq!(v["vtd_fault_intrs"], 1, "one fault event: {}", text(&o));
-    assert_eq!(v["vtd_faults_by_intr"], 1, "{}", text(&o));
+    // The device may touch the page more than once: QEMU records one
+    // fault per access unless the previous record is still pending, so
+    // the records (and events) of this one command are one or more.
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    assert!(n("vtd_faults") >= 1, "{}", text(&o));
+    assert!(n("vtd_fault_intrs") >= 1, "no fault event: {}", text(&o));
+    assert!(
+        n("vtd_faults_by_intr") >= 1 && n("vtd_faults_by_intr") <= n("vtd_faults"),
+        "the interrupt collected the record(s): {}",
+        text(&o)
+    );
     let runs = v["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 1, "{}", text(&o));
     assert_eq!(runs[0]["ops"], 16, "{}", text(&o));

@@ -14,7 +14,7 @@
 //! | vm | 0x70 | 7 |
 //! | sched (and the LAPIC timer, 0x81) | 0x80 | 8 |
 //! | high | 0x90 | 9 |
-//! | (the VT-d fault event, [`VTD_FAULT`]) | 0xe0 | never held |
+//! | (the VT-d fault event, [`VTD_FAULT`]; its kern handler is at high) | 0xe0 | never held |
 //!
 //! A kick at level L is an IPI with L's vector: CR8 at L or above holds it
 //! in the APIC until the level drops (`mask`); with the `lazy` spl CR8 stays
@@ -76,8 +76,8 @@ pub const DISK: u8 = 0x41;
 pub const MAX_DISKS: usize = 8;
 
 /// The VT-d unit's fault event (`vtd/fault.rs`): class 14, above every
-/// class CR8 holds, so no IPL defers it; its trap collects the fault
-/// records and returns without entering kern.
+/// class CR8 holds; its trap marks the fault's kern interrupt (IPL_HIGH)
+/// pending on the CPU it lands on, as the disk's does.
 pub const VTD_FAULT: u8 = 0xe0;
 
 /// The kern interrupt each disk's vector raises: its bit in the pending
@@ -224,11 +224,8 @@ pub fn interrupt(r: &mut Regs) {
     }
     lapic::eoi();
     if v == VTD_FAULT {
-        // Not a kern interrupt: nothing to dispatch, no AST to push.
-        crate::vtd::VTD.fault.interrupt(&crate::vtd::VTD);
-        return;
-    }
-    if v == TIMER {
+        crate::vtd::fault::trap();
+    } else if v == TIMER {
         TICKS.fetch_add(1, Relaxed);
         let now = crate::clock::nanotime();
         if let Some(k) = kern::kernel::try_kernel()

@@ -402,6 +402,11 @@ fn run_kernel(name: &'static str, body: Program, opts: Opts, spl: SplImpl, rsdp:
         Ok(k) => k,
         Err(e) => panic!("kern boot: {e}"),
     };
+    if vtd::VTD.enabled()
+        && let Err(e) = vtd::fault::establish()
+    {
+        panic!("vt-d fault interrupt: {e}");
+    }
     if let Err(e) = kern::sched::kthread_create(Some(0), name, move |ctx| {
         let code = body(ctx, opts);
         RESULT.store(code, Relaxed);

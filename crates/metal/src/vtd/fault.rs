@@ -7,38 +7,71 @@
 //! event: an MSI with the message in FEADDR/FEDATA, unless FECTL.IM
 //! masks it. [`FaultLog::init`] points that message at the boot CPU's
 //! local APIC with [`crate::intr::VTD_FAULT`] (vector 0xe0: priority class
-//! 14, above every class CR8 holds under the `mask` spl, so the event is
-//! never held by the IPL) and unmasks it.
+//! 14, above every class CR8 holds under the `mask` spl) and unmasks it.
 //!
-//! The trap of that vector calls [`FaultLog::interrupt`]: it counts the
-//! interrupt, collects every record with F set (counts it, remembers its
-//! page address, clears F, which is write-1-to-clear) and clears the
-//! overflow bit. The disk driver, when it reaps a command, asks
+//! The event is a kern interrupt like the disk's: [`establish`] gives it
+//! a handler at IPL_HIGH (`vtd0 fault`), and the vector's trap
+//! ([`trap`]) marks it pending on the CPU, whose trap dispatch runs it
+//! unless the interrupted code is at IPL_HIGH (then `splx` does). The
+//! handler calls [`FaultLog::interrupt`]: it counts the interrupt,
+//! collects every record with F set (counts it, remembers its page
+//! address and source id, clears F, which is write-1-to-clear) and clears
+//! the overflow bit. The disk driver, when it reaps a command, asks
 //! [`FaultLog::faulted_in`] whether a remembered fault of its function
 //! (the record's source id) lies inside the command's IOVA range, and
-//! claims (forgets) it if so: that fails the command, and only that one. QEMU records the fault while the device
-//! maps the request, before it completes it, so the interrupt has
-//! normally run by the time the completion is reaped; when it has not
-//! (it goes to the boot CPU, which may have interrupts off, while the
-//! completion is reaped on another), the reaper collects the pending
-//! record itself (counted apart: [`FaultLog::by_intr`] is what the
-//! interrupt collected).
+//! claims (forgets) it if so: that fails the command, and only that one.
+//! QEMU records the fault while the device maps the request, before it
+//! completes it, so the interrupt has normally run by the time the
+//! completion is reaped; when it has not (it goes to the boot CPU, which
+//! may have interrupts off, while the completion is reaped on another),
+//! the reaper collects the pending record itself (counted apart:
+//! [`FaultLog::by_intr`] is what the interrupt collected).
 //!
 //! # Contexts
-//! [`FaultLog::interrupt`]: the fault vector's trap (interrupts off).
-//! It allocates nothing, prints nothing and takes no lock: the records
-//! are collected under a flag it only *tries* to take (if another CPU
-//! holds it, that CPU is collecting them). [`FaultLog::faulted_in`]: any
+//! [`FaultLog::interrupt`]: the kern handler of the fault event
+//! (interrupt context, IPL_HIGH, interrupts off; before [`establish`],
+//! the vector's trap itself). It allocates nothing, prints nothing and
+//! takes no lock: the records are collected under a flag it only *tries*
+//! to take (if another CPU holds it, that CPU is collecting them). [`FaultLog::faulted_in`]: any
 //! context; it may take the flag, with interrupts disabled (so the
 //! handler never finds its own CPU's thread code holding it), spinning
 //! only for another CPU's collection. [`FaultLog::init`]: boot.
+//! [`establish`]: boot CPU, after kern has booted, before interrupts are
+//! enabled. [`trap`]: the vector's trap.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 
 use kern::iommu::IOPAGE;
+use kern::ipl::Ipl;
 
-use super::Vtd;
+use super::{VTD, Vtd};
 use crate::x86;
+
+/// The kern interrupt the fault vector raises (its pending bit), or
+/// `u64::MAX` before [`establish`].
+static KERN_BIT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Give the fault event its kern interrupt handler (IPL_HIGH). Boot CPU,
+/// after kern has booted, before interrupts are enabled.
+pub fn establish() -> Result<(), kern::intr::IntrError> {
+    let h = kern::intr::intr_establish(Ipl::High, "vtd0 fault", |_| VTD.fault.interrupt(&VTD))?;
+    KERN_BIT.store(u64::from(h.bit()), Relaxed);
+    Ok(())
+}
+
+/// The fault vector's trap: mark the kern interrupt pending on this CPU
+/// (the trap's dispatch runs it), or, before [`establish`], collect the
+/// records here. Interrupts off.
+pub fn trap() {
+    let bit = KERN_BIT.load(Relaxed);
+    match (
+        kern::kernel::try_kernel(),
+        crate::md::PerCpu::current_index(),
+    ) {
+        (Some(k), Some(me)) if bit < 64 => k.cpu(me).line().set_local(1 << bit),
+        _ => VTD.fault.interrupt(&VTD),
+    }
+}
 
 const FSTS: usize = 0x34;
 const FECTL: usize = 0x38;
@@ -117,8 +150,9 @@ impl FaultLog {
         self.armed.load(Relaxed)
     }
 
-    /// The fault event's trap: collect the records. Interrupts off;
-    /// allocates nothing, prints nothing, takes no lock (module docs).
+    /// The fault event's handler: collect the records. Interrupt context,
+    /// interrupts off; allocates nothing, prints nothing, takes no lock
+    /// (module docs).
     pub fn interrupt(&self, v: &Vtd) {
         self.intrs.fetch_add(1, Relaxed);
         if !v.enabled() {
