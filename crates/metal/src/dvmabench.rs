@@ -17,7 +17,11 @@
 //!
 //! Per mode it reports the counts per I/O (IOMMU enters and removes, IOTLB
 //! invalidations per load and per unload, bytes copied) and the TSC
-//! cycles the invalidations took. Then, behind VT-d, the invalidation's
+//! cycles the invalidations took. With more than one CPU (`--cpus N`),
+//! the 4 KiB and 64 KiB loops then run on CPUs 0 and 1 at once
+//! (`contended_ns_*`, the mean of the two): the IOVA arena, the lazy
+//! queue, the slot set and, behind VT-d, the invalidation queue (one
+//! submission at a time) are shared. Then, behind VT-d, the invalidation's
 //! own cost: [`INVAL_N`] page-selective IOTLB invalidations, queued and
 //! register-based (the unit is switched between the two, with nothing
 //! else using it), and `strict`'s 4 KiB loop again with register-based
@@ -28,13 +32,14 @@
 //! (the JSON names the hypervisor).
 //!
 //! # Contexts
-//! [`run`]: the program's kernel thread on CPU 0, the only user of the
-//! unit while it runs (the disk, if any, is probed but idle).
+//! [`run`]: the program's kernel thread on CPU 0 (and, for the contended
+//! figures, one kernel thread on CPU 1), the only users of the unit while
+//! it runs (the disk, if any, is probed but idle).
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use kern::ThreadCtx;
 use kern::bus_dma::{
@@ -94,6 +99,23 @@ fn io_loop(tag: &'static DmaTag, len: usize, ms: u64) -> (f64, u64) {
     ((nanotime() - t0) as f64 / n as f64, n + 16)
 }
 
+/// ns per I/O of the `len`-byte loop run on CPUs 0 and 1 at once (the
+/// mean of the two), and the I/Os done. Thread context on CPU 0.
+fn contended(ctx: &ThreadCtx, tag: &'static DmaTag, len: usize, ms: u64) -> (f64, u64) {
+    let other = alloc::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let o = other.clone();
+    let t = kern::sched::kthread_create(Some(1), "bench dvma 1", move |_| {
+        let (ns, n) = io_loop(tag, len, ms);
+        o[0].store(ns.to_bits(), Relaxed);
+        o[1].store(n, Relaxed);
+    })
+    .expect("a thread on CPU 1");
+    let (ns, n) = io_loop(tag, len, ms);
+    let _ = t.join(ctx);
+    let ns1 = f64::from_bits(other[0].load(Relaxed));
+    ((ns + ns1) / 2.0, n + other[1].load(Relaxed))
+}
+
 /// The counters a mode's figures are differences of.
 #[derive(Clone, Copy, Default)]
 struct Snap {
@@ -147,11 +169,12 @@ fn inval_cycles(reps: usize, queued: bool) -> f64 {
 }
 
 /// Run the program; the guest status.
-pub fn run(_ctx: &ThreadCtx, json: bool, reps: u32) -> u8 {
+pub fn run(ctx: &ThreadCtx, json: bool, reps: u32) -> u8 {
     let reps = reps.clamp(1, 20) as usize;
     let vtd = VTD.enabled();
     let ghz = crate::clock::tsc_hz() as f64 / 1e9;
     let hv = crate::micro::hypervisor();
+    let ncpu = kern::kernel().ncpu();
     let mut modes = String::new();
     let mut ok = true;
     let (mut strict4k, mut perm4k) = (0.0, 0.0);
@@ -176,6 +199,13 @@ pub fn run(_ctx: &ThreadCtx, json: bool, reps: u32) -> u8 {
             v64.push(ns);
             ios += n;
         }
+        let (mut c4, mut c64) = (0.0, 0.0);
+        if ncpu > 1 {
+            let (ns, n) = contended(ctx, tag, 4096, MEASURE_MS);
+            (c4, ios) = (ns, ios + n);
+            let (ns, n) = contended(ctx, tag, 64 << 10, MEASURE_MS);
+            (c64, ios) = (ns, ios + n);
+        }
         // What lazy still holds is part of these I/Os' cost.
         tag.flush();
         let b = snap(tag);
@@ -193,7 +223,7 @@ pub fn run(_ctx: &ThreadCtx, json: bool, reps: u32) -> u8 {
         let cycles = (b.cycles - a.cycles) as f64 / ios.max(1) as f64;
         let _ = write!(
             modes,
-            "{}\"{}\":{{\"ns_4k\":{ns4:.1},\"ns_64k\":{ns64:.1},\"ios\":{ios},\
+            "{}\"{}\":{{\"ns_4k\":{ns4:.1},\"ns_64k\":{ns64:.1},\"contended_ns_4k\":{c4:.1},\"contended_ns_64k\":{c64:.1},\"ios\":{ios},\
              \"enters_per_io\":{:.3},\"removes_per_io\":{:.3},\
              \"iotlb_inv_per_load\":{per_load:.3},\"iotlb_inv_per_unload\":{per_unload:.3},\
              \"inv_cycles_per_io\":{cycles:.0},\"bounce_bytes_per_io\":{:.0},\
@@ -263,7 +293,7 @@ pub fn run(_ctx: &ThreadCtx, json: bool, reps: u32) -> u8 {
     if json {
         kprintln!(
             "json: {{\"program\":\"bench dvma\",\"hypervisor\":\"{hv}\",\"iommu\":\"{}\",\
-             \"invalidation\":\"{invalidation}\",\"caching_mode\":{},\"reps\":{reps},\
+             \"invalidation\":\"{invalidation}\",\"caching_mode\":{},\"cpus\":{ncpu},\"reps\":{reps},\
              \"ms\":{MEASURE_MS},\"buffers\":{BUFFERS},\"tsc_mhz\":{},\"modes\":{{{modes}}},\
              \"inval_cost\":{{{cost}}},\"strict_register_ns_4k\":{strict_reg:.1},\
              \"strict_over_permanent_4k\":{ratio:.2},\"ok\":{ok}}}",
