@@ -37,9 +37,8 @@ fn micro_json_has_every_figure() {
     );
     assert!(f("/switch_ns/os_thread") > f("/switch_ns/kthread"));
     // The AST figures are of what they say: in the timed loops every posted
-    // interrupt ran its handler; the plain variant pushed no AST frame and
-    // ran no AST, the other pushed one frame per interrupt, and each frame
-    // ran the AST handler once.
+    // interrupt ran its handler; the plain variant ran the bench's AST
+    // never, the other once per interrupt, each time from a pushed frame.
     let n = |p: &str| {
         let p = format!("/ast_ns/counts/{p}");
         v.pointer(&p)
@@ -55,22 +54,24 @@ fn micro_json_has_every_figure() {
             "{variant}: interrupts posted and handler runs differ"
         );
     }
-    assert_eq!(
-        n("plain/ast_pushed"),
-        0,
-        "the plain variant pushed AST frames"
-    );
+    // `ast_pushed` counts every AST frame of the CPU: the clock's
+    // round-robin preemption may add one now and then (one in 100,000
+    // was seen), never hundreds.
+    let others = |variant: &str, own: u64| {
+        let pushed = n(&format!("{variant}/ast_pushed"));
+        assert!(
+            pushed >= own && pushed - own <= n(&format!("{variant}/posted")) / 1000,
+            "{variant}: {pushed} AST frames pushed for {own} of the bench's own"
+        );
+    };
     assert_eq!(n("plain/ast_handlers"), 0, "the plain variant ran ASTs");
-    assert_eq!(
-        n("with_ast/ast_pushed"),
-        n("with_ast/interrupts"),
-        "not one AST frame per interrupt"
-    );
+    others("plain", 0);
     assert_eq!(
         n("with_ast/ast_handlers"),
-        n("with_ast/ast_pushed"),
-        "pushed AST frames and AST handler runs differ"
+        n("with_ast/interrupts"),
+        "not one run of the bench's AST per interrupt"
     );
+    others("with_ast", n("with_ast/interrupts"));
     // DVMA: every mode at both sizes; writing no PTE beats writing two.
     for size in ["4k", "64k"] {
         for mode in ["strict", "lazy", "slots", "permanent", "shadow"] {

@@ -87,9 +87,11 @@ pub struct PhaseCounts {
     pub posted: u64,
     /// Runs of the interrupt handler.
     pub interrupts: u64,
-    /// AST frames pushed at interrupt return (`ast_pushed`).
+    /// AST frames pushed at interrupt return on the CPU (`ast_pushed`):
+    /// the bench's, and any other AST's of that window (the clock's
+    /// round-robin preemption can push one).
     pub ast_pushed: u64,
-    /// AST handler runs (`ast_handlers`).
+    /// Runs of the bench's own AST handler.
     pub ast_handlers: u64,
 }
 #[derive(Serialize, Debug, Clone, Default)]
@@ -273,7 +275,7 @@ fn intr_and_ast(
                     let before = (
                         intr_runs.load(Relaxed),
                         st.ast_pushed.get(),
-                        st.ast_handlers.get(),
+                        ast_runs.load(Relaxed),
                     );
                     let t0 = now();
                     for _ in 0..n {
@@ -290,7 +292,7 @@ fn intr_and_ast(
                     c.posted += n;
                     c.interrupts += intr_runs.load(Relaxed) - before.0;
                     c.ast_pushed += st.ast_pushed.get() - before.1;
-                    c.ast_handlers += st.ast_handlers.get() - before.2;
+                    c.ast_handlers += ast_runs.load(Relaxed) - before.2;
                 }
             }
             (plain, asted, counts)
