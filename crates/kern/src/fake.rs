@@ -446,7 +446,8 @@ impl Iommu for FakeIommu {
         access: DmaAccess,
     ) -> Result<(), IommuError> {
         assert!(iova.get().is_multiple_of(IOPAGE as u64) && pa.get().is_multiple_of(IOPAGE as u64));
-        if iova.get() + len as u64 > IOVA_BYTES || pa.get() + len as u64 > RAM_BYTES as u64 {
+        IommuError::check(iova, len, IOVA_BYTES)?;
+        if pa.get() + len as u64 > RAM_BYTES as u64 {
             return Err(IommuError::OutOfRange { iova, len });
         }
         let mut s = self.lock();

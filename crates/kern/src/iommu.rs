@@ -90,6 +90,18 @@ impl core::fmt::Display for IommuError {
     }
 }
 
+impl IommuError {
+    /// `Ok` if `[iova, iova + len)` lies inside an IOVA space of `size`
+    /// bytes, else `OutOfRange` (an end past `u64::MAX` is out of range,
+    /// not wrapped). For [`Iommu::enter`] implementations. Any context.
+    pub fn check(iova: Iova, len: usize, size: u64) -> Result<(), IommuError> {
+        match iova.get().checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(IommuError::OutOfRange { iova, len }),
+        }
+    }
+}
+
 /// An IOMMU (provided by the machine).
 ///
 /// `enter` and `remove` may be called from any kernel context (interrupt
@@ -293,6 +305,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+
+    /// The range check every `enter` uses: the end may equal the size, not
+    /// pass it, and an end past `u64::MAX` is refused, not wrapped.
+    #[test]
+    fn range_check_refuses_past_the_end_and_wrapping() {
+        let size = 64 << 20;
+        assert_eq!(IommuError::check(Iova(size - 4096), 4096, size), Ok(()));
+        assert_eq!(IommuError::check(Iova(0), 0, size), Ok(()));
+        assert_eq!(
+            IommuError::check(Iova(size - 4096), 4097, size),
+            Err(IommuError::OutOfRange {
+                iova: Iova(size - 4096),
+                len: 4097
+            })
+        );
+        let top = Iova(u64::MAX - 4095);
+        assert_eq!(
+            IommuError::check(top, 8192, size),
+            Err(IommuError::OutOfRange {
+                iova: top,
+                len: 8192
+            })
+        );
+    }
 
     proptest! {
         /// Random allocations and frees on the arena (the global path: unit

@@ -413,8 +413,8 @@ impl Iommu for Window {
         len: usize,
         access: DmaAccess,
     ) -> Result<(), IommuError> {
-        let end = iova.get().checked_add(len as u64);
-        if end.is_none_or(|e| e > Iommu::size(self)) || pa.get() + len as u64 > self.ram {
+        IommuError::check(iova, len, Iommu::size(self))?;
+        if pa.get() + len as u64 > self.ram {
             return Err(IommuError::OutOfRange { iova, len });
         }
         let prot = match access {

@@ -118,9 +118,7 @@ impl Iommu for SoftIommu {
         len: usize,
         access: DmaAccess,
     ) -> Result<(), IommuError> {
-        if iova.get() + len as u64 > WINDOW {
-            return Err(IommuError::OutOfRange { iova, len });
-        }
+        IommuError::check(iova, len, WINDOW)?;
         let rights = match access {
             DmaAccess::Read => DEV_READ,
             DmaAccess::Write => DEV_WRITE,

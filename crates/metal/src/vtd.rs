@@ -327,9 +327,7 @@ impl Iommu for Vtd {
         len: usize,
         access: DmaAccess,
     ) -> Result<(), IommuError> {
-        if iova.get() + len as u64 > WINDOW {
-            return Err(IommuError::OutOfRange { iova, len });
-        }
+        IommuError::check(iova, len, WINDOW)?;
         let rights = match access {
             DmaAccess::Read => 1,
             // Write-only second-level entries are not portable (R=0 W=1);
