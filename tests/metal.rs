@@ -32,6 +32,14 @@ fn metal(args: &[&str]) -> Option<Output> {
     Some(out)
 }
 
+/// The JSON the program printed on stdout (`--json`), or a panic naming
+/// `what` with everything the run printed.
+fn json_of<T: serde::de::DeserializeOwned>(o: &Output, what: &str) -> T {
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}): {}", text(o)))
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
@@ -75,9 +83,7 @@ fn selftest(spl: &str, intr_stack: &str, cpus: &str) {
     ]) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("selftest printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "selftest");
     for check in [
         "intr_at_post",
         "intr_stack",
@@ -139,9 +145,7 @@ fn race(spl: &str, intr_stack: &str, storm: Option<&str>, cpus: &str) {
     let Some(o) = metal(&args) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("race printed no JSON ({e}): {}", text(&o)));
+    let rows: Vec<serde_json::Value> = json_of(&o, "race");
     common::race::check_rows(&rows);
     if storm.is_none() {
         for r in &rows {
@@ -196,9 +200,7 @@ fn bench_micro_runs_and_counts() {
     let Some(o) = metal(&["bench", "micro", "--json", "--iterations", "1"]) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("bench micro printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "bench micro");
     for f in [
         "spl_pair_ns",
         "switch_ns",
@@ -285,9 +287,7 @@ fn disk(r: DiskRun<'_>) {
     let Some(o) = metal(&args) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("disk printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "disk");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(v["ok"], true, "{}", text(&o));
     assert_eq!(v["disks"], r.disks, "{}", text(&o));
@@ -513,9 +513,7 @@ fn bench_kernel_runs_every_pair_and_workload() {
     ]) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("bench kernel printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "bench kernel");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(v["program"], "bench kernel", "{}", text(&o));
     assert_eq!(v["ok"], true, "{}", text(&o));
@@ -606,9 +604,7 @@ fn vtd_unmapped_iova_fails_alone_counted_by_fault_interrupt() {
     ]) else {
         return;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("disk printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "disk");
     assert_eq!(v["iommu"], "vtd", "{}", text(&o));
     assert_eq!(v["unmapped_iova_status"], "Some(DmaFault)", "{}", text(&o));
     assert_eq!(v["unmapped_iova_refused"], true, "{}", text(&o));
@@ -653,9 +649,7 @@ fn bench_dvma(iommu: &str, cpus: &str) -> serde_json::Value {
     ]) else {
         return serde_json::Value::Null;
     };
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("bench dvma printed no JSON ({e}): {}", text(&o)));
+    let v: serde_json::Value = json_of(&o, "bench dvma");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(v["ok"], true, "{}", text(&o));
     assert_eq!(v["iommu"], iommu, "{}", text(&o));
