@@ -493,7 +493,10 @@ fn disk_every_pair_in_one_boot() {
 /// every window did I/O without an error, and the counts that follow from
 /// the DVMA mode behind VT-d: strict invalidates the IOTLB on every I/O,
 /// permanent (its pool mapped at attach) never during a window. No speed
-/// is checked.
+/// is checked. One CPU: with two, TCG runs the windows erratically (125 to
+/// 5,129 IOPS for one pair, docs/bench/metal.md) and one clean-clone CI run
+/// went past the guest's 120 s timeout; two CPUs on metal are covered by
+/// the selftest, race and `bench dvma` tests.
 #[test]
 fn bench_kernel_runs_every_pair_and_workload() {
     let Some(o) = metal(&[
@@ -509,7 +512,7 @@ fn bench_kernel_runs_every_pair_and_workload() {
         "--iommu",
         "vtd",
         "--cpus",
-        "2",
+        "1",
     ]) else {
         return;
     };
@@ -519,7 +522,7 @@ fn bench_kernel_runs_every_pair_and_workload() {
     assert_eq!(v["ok"], true, "{}", text(&o));
     assert_eq!(v["errors"], 0, "{}", text(&o));
     assert_eq!(v["iommu"], "vtd", "{}", text(&o));
-    assert_eq!(v["cpus"], 2, "{}", text(&o));
+    assert_eq!(v["cpus"], 1, "{}", text(&o));
     let pairs = v["pairs"].as_array().expect("pairs");
     let names: Vec<String> = pairs
         .iter()
