@@ -33,6 +33,12 @@
 //! transitions. On x86 each fence is one `mfence`, paid on the device's
 //! post and on the CPU's way out of a handler, never on `spl`.
 //!
+//! The CPU's own interrupts are the other way to lose a wake-up: a handler
+//! that runs in the idle loop's sleep window (after the loop decided to
+//! sleep, before the machine's `idle_wait`) may queue a thread on this
+//! CPU, which posts nothing. So an interrupt that finds `SLEEP` leaves
+//! `POLL` behind ([`PendingLine::enter_intr`]) and the loop looks again.
+//!
 //! Thread code changes `ipl` with relaxed stores (the `lazy` spl hot path)
 //! while `RUNNING`; posters do not read `ipl` in that state, they always
 //! interrupt, and the handler defers what the IPL blocks.
@@ -200,9 +206,21 @@ impl PendingLine {
     }
 
     /// Enter the dispatch loop; returns the state to restore on leaving.
+    ///
+    /// An interrupt that finds the idle loop in `SLEEP` (between
+    /// [`PendingLine::idle_try_sleep`] and the machine's `idle_wait`, or
+    /// ending that wait) returns it to `POLL`, not `SLEEP`: its handler
+    /// may have made work that posts nothing (a thread made runnable on
+    /// this CPU's own run queue), so the machine's `idle_wait`, which
+    /// sleeps only while the word still says `SLEEP`, must not sleep, and
+    /// the idle loop looks again. (NetBSD's idle loop checks for work with
+    /// interrupts disabled for the same reason.)
     #[inline]
     pub fn enter_intr(&self) -> u32 {
-        self.state.swap(INTR, AcqRel)
+        match self.state.swap(INTR, AcqRel) {
+            SLEEP => POLL,
+            prev => prev,
+        }
     }
 
     /// Leave the dispatch loop, restoring `prev`; returns the bits in
@@ -394,6 +412,35 @@ impl IntrArm {
     }
 }
 
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// An interrupt taken in the idle loop's sleep window whose handler
+    /// makes a thread runnable on this CPU's own run queue (which posts
+    /// nothing): the state it leaves is not `SLEEP`, so the machine's
+    /// `idle_wait` does not sleep and the loop finds the thread. Before
+    /// `enter_intr` turned `SLEEP` into `POLL`, the CPU slept here with
+    /// the thread queued (a 2-CPU metal guest hung in 2 of 30 boots).
+    #[test]
+    fn interrupt_in_the_sleep_window_leaves_the_idle_loop_polling() {
+        let line = PendingLine::new();
+        line.idle_poll();
+        assert!(line.idle_try_sleep());
+        assert_eq!(line.state(), SLEEP);
+        let prev = line.enter_intr();
+        assert_eq!(line.state(), INTR);
+        // The handler runs here and queues a thread on this CPU.
+        assert_eq!(line.leave_intr(prev, u64::MAX), 0);
+        assert_eq!(line.state(), POLL, "idle_wait would sleep on it");
+        // Thread code interrupted: its state comes back unchanged.
+        line.idle_end();
+        let prev = line.enter_intr();
+        line.leave_intr(prev, u64::MAX);
+        assert_eq!(line.state(), RUNNING);
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_models {
     //! `RUSTFLAGS="--cfg loom" cargo test -p kern --release --lib loom`
@@ -434,6 +481,52 @@ mod loom_models {
                 "lost wakeup: asleep with the bit pending"
             );
             assert!(handled || pending || kicked.load(SeqCst));
+        });
+    }
+
+    /// Idle, with an interrupt in the sleep window: the CPU has decided to
+    /// sleep and found no work, then takes an interrupt before its
+    /// `idle_wait` (which sleeps only while the word says `SLEEP`).
+    /// Meanwhile another CPU makes a thread runnable here: it queues it
+    /// and notifies at thread level, which an interrupted CPU only
+    /// "notices". The CPU must not then sleep with the thread queued and
+    /// nobody waking it.
+    #[test]
+    fn interrupt_in_the_sleep_window_never_loses_a_runnable_thread() {
+        loom::model(|| {
+            let line = Arc::new(PendingLine::new());
+            let queued = Arc::new(AtomicBool::new(false));
+            let kicked = Arc::new(AtomicBool::new(false));
+            let (l2, q2, k2) = (line.clone(), queued.clone(), kicked.clone());
+            let other = thread::spawn(move || {
+                q2.store(true, SeqCst); // the inbox push
+                if let Post::Kick(Kick::Wake) = l2.notify(Ipl::None) {
+                    k2.store(true, SeqCst);
+                }
+            });
+            line.idle_poll();
+            let mut found = queued.load(SeqCst);
+            if !found && line.idle_try_sleep() {
+                found = queued.load(SeqCst);
+                if found {
+                    line.idle_poll();
+                } else {
+                    // The interrupt: its dispatch loop, nothing pending.
+                    let prev = line.enter_intr();
+                    line.leave_intr(prev, BIT);
+                    // idle_wait: the word still says SLEEP, or the loop
+                    // looks again.
+                    if line.state() != SLEEP {
+                        found = queued.load(SeqCst);
+                    }
+                }
+            }
+            other.join().unwrap();
+            let asleep = !found && line.state() == SLEEP;
+            assert!(
+                !(asleep && queued.load(SeqCst) && !kicked.load(SeqCst)),
+                "lost wakeup: asleep with a thread queued and no kick"
+            );
         });
     }
 
