@@ -276,6 +276,13 @@ impl Machine {
         }
     }
 
+    /// One trap at `level`, now, whether or not the CPU was kicked for
+    /// it; what [`crate::intr::trap`] returns.
+    pub(crate) fn trap(&self, level: Ipl) -> bool {
+        MD.signals.fetch_and(!(1 << level as u8), AcqRel);
+        crate::intr::trap(&mut FakeFrame { level })
+    }
+
     /// The fake IOMMU.
     pub(crate) fn iommu(&self) -> &'static FakeIommu {
         &IOMMU

@@ -345,9 +345,20 @@ pub enum Origin {
 /// Interrupt context. Runs what is pending above the interrupted IPL, then,
 /// at the outermost trap, pushes an AST frame if an AST is pending and the
 /// interrupted context is a safe point.
-pub fn trap(frame: &mut dyn TrapFrame) {
-    let Some(cpu) = curcpu_opt() else { return };
+///
+/// Returns true when it ran handlers in the idle loop's sleep window
+/// (the CPU's state said `SLEEP`): they may have queued a thread on this
+/// CPU, which changes no word the machine's [`crate::md::Md::idle_wait`]
+/// looks at, so a machine whose wait cannot be entered atomically with
+/// its look at the word (a system call after a load) must make that wait
+/// return at once. A machine that looks with interrupts disabled and
+/// sleeps with `sti; hlt` may ignore it.
+pub fn trap(frame: &mut dyn TrapFrame) -> bool {
+    let Some(cpu) = curcpu_opt() else {
+        return false;
+    };
     let part = statclock::enter_cpu(cpu, Part::IntrEntry);
+    let asleep = cpu.line.state() == crate::pending::SLEEP;
     cpu.stats.traps.inc();
     if cpu.in_alloc.get() != 0 {
         cpu.stats.traps_in_alloc.inc();
@@ -377,6 +388,7 @@ pub fn trap(frame: &mut dyn TrapFrame) {
         crate::ast::at_trap_exit(cpu, s, frame);
     }
     statclock::leave_cpu(cpu, part);
+    asleep && ran
 }
 
 /// Run every source pending above `s`, highest first, until none is left.

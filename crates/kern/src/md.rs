@@ -59,7 +59,10 @@ pub trait Md: Sync {
     /// or below `level` and unblock the others. Async-signal-safe.
     fn hw_mask(&self, level: Ipl);
     /// Idle the calling CPU until `word` no longer holds `expect` (or
-    /// spuriously). Host context of the CPU's own thread only.
+    /// spuriously). It must not sleep through an interrupt taken after its
+    /// look at `word` whose handlers queued work (see what
+    /// [`crate::intr::trap`] returns). Host context of the CPU's own thread
+    /// only.
     fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32);
     /// The idle CPU `cpu` looks at the host devices that deliver their
     /// events to its wait (a NIC's receive queue, say) and posts their

@@ -149,6 +149,9 @@ impl Md for LinuxMd {
     fn idle_wait(&self, cpu: usize, word: &AtomicU32, expect: u32) {
         // A waker changes the word before it writes the eventfd, and the
         // eventfd stays readable until this CPU reads it: no lost wake-up.
+        // An interrupt taken between the look and `epoll_wait` whose
+        // handlers may have queued a thread here writes the eventfd too
+        // (`signals::dvma_sig_body`, on `kern::intr::trap`'s word).
         if word.load(Relaxed) == expect {
             self.hlt[cpu].wait();
         }

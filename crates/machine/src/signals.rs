@@ -184,7 +184,15 @@ pub(crate) extern "C" fn dvma_sig_body(
         uc: uc as *mut libc::ucontext_t,
         sig,
     };
-    kern::intr::trap(&mut frame);
+    if kern::intr::trap(&mut frame) {
+        // Handlers ran in the idle loop's sleep window: this CPU may be
+        // between its look at the state word and `epoll_wait` (`Md::idle_wait`),
+        // and what they queued changes no word it looks at. One raw write of
+        // its eventfd makes that wait return at once.
+        if let (Some(k), Some(cpu)) = (kern::kernel::try_kernel(), kern::cpu::curcpu_opt()) {
+            k.md().kick(cpu.index(), kern::md::Kick::Wake);
+        }
+    }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
 }

@@ -256,6 +256,9 @@ pub fn interrupt(r: &mut Regs) {
         UNEXPECTED.fetch_add(1, Relaxed);
     }
     let cr8 = x86::read_cr8();
+    // What it returns (handlers ran in the idle loop's sleep window) needs
+    // nothing here: `idle_wait` looks at the word with interrupts disabled
+    // and sleeps with `sti; hlt`, and the handlers left the word at POLL.
     kern::intr::trap(&mut MetalFrame {
         level: level_of(v),
         r,

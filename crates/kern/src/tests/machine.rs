@@ -73,6 +73,36 @@ fn interrupts_are_delivered_and_deferred_by_the_ipl() {
     drop(s);
 }
 
+/// A signal sent while the CPU ran threads lands after its idle loop
+/// decided to sleep: the trap runs the handler, leaves the loop polling
+/// (the handler may have queued a thread here, which posts nothing), and
+/// tells the machine, whose wait may already be on its way into a system
+/// call. On thread code it says nothing.
+#[test]
+fn a_trap_in_the_idle_sleep_window_is_reported() {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let m = Machine::boot();
+    let v = intr_establish(Ipl::Bio, "test", |_| {
+        RUNS.fetch_add(1, Relaxed);
+    })
+    .expect("vector");
+    RUNS.store(0, Relaxed);
+    let line = m.cpu().line();
+
+    intr_post(0, v); // RUNNING: the poster sends a signal
+    line.idle_poll();
+    assert!(line.idle_try_sleep());
+    assert!(m.trap(Ipl::Bio), "ran handlers in the sleep window");
+    assert_eq!(RUNS.load(Relaxed), 1);
+    assert_eq!(line.state(), crate::pending::POLL);
+
+    line.idle_end();
+    intr_post(0, v);
+    assert!(!m.trap(Ipl::Bio), "thread code was interrupted");
+    assert_eq!(RUNS.load(Relaxed), 2);
+    assert_eq!(line.state(), crate::pending::RUNNING);
+}
+
 /// A softint runs at once from thread code below its level, at the `splx`
 /// from a level that blocks it, and on the return of the interrupt that
 /// scheduled it (after the handler, at its own level).
