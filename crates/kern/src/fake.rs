@@ -175,7 +175,9 @@ static BOOTED: Mutex<()> = Mutex::new(());
 pub(crate) struct Machine {
     k: &'static Kernel,
     ram: *mut u8,
-    _turn: MutexGuard<'static, ()>,
+    /// This test's turn with the machine (`None` once [`Machine::take_turn`]
+    /// has taken it).
+    turn: Option<MutexGuard<'static, ()>>,
 }
 
 fn ram_layout() -> core::alloc::Layout {
@@ -213,8 +215,17 @@ impl Machine {
         Machine {
             k,
             ram,
-            _turn: turn,
+            turn: Some(turn),
         }
+    }
+
+    /// Take this test's turn out of the machine, to hold it past the
+    /// machine's drop: no other test boots until the guard is dropped (to
+    /// look at what the teardown left). Let the machine go out of scope
+    /// rather than `drop(m)`: passed by value, its kernel reference would
+    /// be protected while the teardown frees the kernel (Miri).
+    pub(crate) fn take_turn(&mut self) -> MutexGuard<'static, ()> {
+        self.turn.take().expect("the turn")
     }
 
     /// The kernel.
