@@ -35,6 +35,8 @@ extern crate std;
 
 #[macro_use]
 mod addr;
+#[cfg(target_arch = "x86_64")]
+pub mod arch;
 pub mod ast;
 pub mod bio;
 pub mod blksrv;

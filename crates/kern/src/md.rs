@@ -14,6 +14,8 @@
 //!   `curcpu()` is a `%gs`-relative load in a real kernel.
 //! * `dvma_md_switch`: `cpu_switchto`, the context switch between two
 //!   kernel stacks, also a link-time hook because it is on every switch.
+//!   On x86-64, [`crate::arch`] provides it for every machine, with the
+//!   first frame of a new thread ([`crate::arch::thread_frame`]).
 //!
 //! # Contexts
 //! [`Md::kick`], [`Md::nanotime`] and [`Md::hw_mask`] are called from
@@ -104,11 +106,15 @@ unsafe extern "Rust" {
     /// async-signal-safe and return, on a CPU's thread, a pointer to that
     /// CPU's [`Cpu`] inside the booted kernel.
     safe fn dvma_md_curcpu() -> *const Cpu;
+}
 
+unsafe extern "C" {
     /// `cpu_switchto`: save the callee-saved registers and the stack pointer
     /// of the running context into `*from`, load `to` (a value saved by an
     /// earlier switch, or made by [`Md::thread_init`]) and continue there.
     /// Returns when some later switch loads what was saved in `*from`.
+    ///
+    /// On x86-64 it is [`crate::arch`]'s assembly (C calling convention).
     ///
     /// # Safety
     /// 1. `from` is valid for writes and stays so until the saved context is
@@ -149,7 +155,7 @@ mod test_md {
         core::ptr::null()
     }
     #[unsafe(no_mangle)]
-    fn dvma_md_switch(from: *mut usize, to: usize) {
+    extern "C" fn dvma_md_switch(from: *mut usize, to: usize) {
         #[cfg(not(loom))]
         crate::fake::threads::switch(from, to);
         #[cfg(loom)]

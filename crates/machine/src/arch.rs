@@ -90,31 +90,6 @@ core::arch::global_asm!(
     "ud2",
     ".globl dvma_sigreturn_end",
     "dvma_sigreturn_end:",
-    // ---- cpu_switchto: dvma_md_switch(from: *mut usize, to: usize) -----
-    // Callee-saved registers on the old stack, its rsp into *from; load
-    // `to` and pop the new context's registers. The MXCSR and x87 control
-    // words are callee-saved too, but kernel threads never change them.
-    ".p2align 4",
-    ".globl dvma_md_switch",
-    "dvma_md_switch:",
-    "push rbp", "push rbx", "push r12", "push r13", "push r14", "push r15",
-    "mov [rdi], rsp",
-    "mov rsp, rsi",
-    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbx", "pop rbp",
-    "ret",
-    // A new thread's first switch lands here (see `thread_init`): the entry
-    // is in r13, its argument in r12. It is the outermost frame.
-    ".p2align 4",
-    ".globl dvma_thread_start",
-    "dvma_thread_start:",
-    ".cfi_startproc",
-    ".cfi_undefined rip",
-    "mov rdi, r12",
-    "and rsp, -16",
-    "xor ebp, ebp",
-    "call r13",
-    "ud2",
-    ".cfi_endproc",
     // ---- the AST trampoline, full state ----------------------------------
     ".p2align 4",
     ".globl dvma_ast_tramp_full",
@@ -220,7 +195,6 @@ core::arch::global_asm!(
 );
 
 unsafe extern "C" {
-    fn dvma_thread_start();
     fn dvma_sigentry();
     fn dvma_sigentry_end();
     fn dvma_sigreturn();
@@ -383,29 +357,4 @@ pub fn init_trampoline(save: AstSave) -> XsaveInfo {
     };
     TRAMPOLINE.store(t, Relaxed);
     x
-}
-
-/// Build the initial frame of a kernel thread on `stack` (see
-/// `kern::md::Md::thread_init`): the first `dvma_md_switch` to the returned
-/// stack pointer pops zeroed callee-saved registers (r12 = `arg`, r13 =
-/// `entry`) and returns into `dvma_thread_start`.
-///
-/// # Safety
-/// 1. `top` is the 16-byte aligned top of a writable stack of at least 64
-///    bytes that nothing else uses.
-pub unsafe fn thread_frame(top: usize, entry: usize, arg: usize) -> usize {
-    let frame: [usize; 8] = [
-        0,                                       // r15
-        0,                                       // r14
-        entry,                                   // r13
-        arg,                                     // r12
-        0,                                       // rbx
-        0,                                       // rbp
-        dvma_thread_start as *const () as usize, // return address
-        0,                                       // end of the frame chain
-    ];
-    let sp = top - frame.len() * 8;
-    // SAFETY: by the contract, [sp, top) is ours to write.
-    unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), sp as *mut usize, frame.len()) };
-    sp
 }

@@ -137,9 +137,6 @@ pub fn raw_switch_ns(iters: u64) -> f64 {
     static MAIN_SP: AtomicUsize = AtomicUsize::new(0);
     static SP: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
     static LEFT: AtomicUsize = AtomicUsize::new(0);
-    unsafe extern "Rust" {
-        fn dvma_md_switch(from: *mut usize, to: usize);
-    }
     extern "C" fn bounce(me: usize) -> ! {
         loop {
             let n = LEFT.load(Relaxed);
@@ -151,7 +148,7 @@ pub fn raw_switch_ns(iters: u64) -> f64 {
             };
             // SAFETY: `to` is a context saved by the other bouncer (or by
             // the main loop), parked in this very call or at its start.
-            unsafe { dvma_md_switch(SP[me].as_ptr(), to) };
+            unsafe { kern::md::cpu_switchto(SP[me].as_ptr(), to) };
         }
     }
     let mut maps = Vec::new();
@@ -161,7 +158,7 @@ pub fn raw_switch_ns(iters: u64) -> f64 {
         };
         // SAFETY: a fresh stack of ours; its top is page-aligned.
         sp.store(
-            unsafe { crate::arch::thread_frame(addr + len, bounce as *const () as usize, i) },
+            unsafe { kern::arch::thread_frame(addr + len, bounce, i) },
             Relaxed,
         );
         maps.push((addr, len));
@@ -170,7 +167,7 @@ pub fn raw_switch_ns(iters: u64) -> f64 {
     let t0 = Instant::now();
     // SAFETY: SP[0] is bouncer 0's fresh context; the bouncers switch back
     // to MAIN_SP once they have switched `iters` times.
-    unsafe { dvma_md_switch(MAIN_SP.as_ptr(), SP[0].load(Relaxed)) };
+    unsafe { kern::md::cpu_switchto(MAIN_SP.as_ptr(), SP[0].load(Relaxed)) };
     let dt = t0.elapsed();
     for (addr, len) in maps {
         // SAFETY: both bouncers are parked in a switch and never resumed.

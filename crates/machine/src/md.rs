@@ -188,7 +188,7 @@ impl Md for LinuxMd {
     fn thread_init(&self, stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize {
         // SAFETY: `stack` came from `stack_alloc` (a fresh mapping, base
         // 16-byte aligned) and belongs to the thread being created.
-        unsafe { crate::arch::thread_frame(stack.base & !15, entry as usize, arg) }
+        unsafe { kern::arch::thread_frame(stack.base & !15, entry, arg) }
     }
 
     fn run_thread(&self, body: &mut dyn FnMut()) {

@@ -15,7 +15,7 @@
 //! | `intr` | vectors per IPL, the kern trap entry, the AST frame push |
 //! | `lapic` | the local APIC: EOI, timer, IPIs |
 //! | `clock` | TSC and LAPIC timer calibrated against the PIT |
-//! | `md` | `kern::md::Md` for metal, `curcpu`, `cpu_switchto`, the AST trampoline |
+//! | `md` | `kern::md::Md` for metal, `curcpu`, the AST trampoline (`cpu_switchto` is `kern::arch`'s) |
 //! | `heap` | the global allocator |
 //! | `pvh` | the PVH start info (command line, memory map) |
 //! | `stacks` | kernel-thread stacks with unmapped guard pages |

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | CPUs | the boot CPU and the MADT's others (`smp.rs`), each with its [`PerCpu`] |
 //! | `dvma_md_curcpu` | a `%gs`-relative load: `IA32_GS_BASE` points at the CPU's [`PerCpu`], whose first word is its `kern::cpu::Cpu` |
-//! | `dvma_md_switch` | `cpu_switchto` in assembly: push the callee-saved registers, swap `rsp`, pop, `ret` |
+//! | `dvma_md_switch` | `cpu_switchto` from `kern::arch`, shared with the Linux machine: push the callee-saved registers, swap `rsp`, pop, `ret` |
 //! | `kick(cpu, Interrupt(l))` | an IPI with `l`'s vector (`intr.rs`); to itself with the "self" shorthand, and then, if the CPU takes interrupts at that class, a wait until the APIC has delivered it, so the interrupt lands right there as a signal to oneself does on Linux |
 //! | `kick(cpu, Wake)` | an IPI with the wake vector, which ends the target's `hlt` |
 //! | `nanotime` | the TSC, calibrated against the PIT (`clock.rs`) |
@@ -122,25 +122,6 @@ pub fn dvma_md_curcpu() -> *const Cpu {
 
 core::arch::global_asm!(
     ".pushsection .text.dvma_md, \"ax\"",
-    // ---- cpu_switchto: dvma_md_switch(from: *mut usize, to: usize) ------
-    ".p2align 4",
-    ".globl dvma_md_switch",
-    "dvma_md_switch:",
-    "push rbp", "push rbx", "push r12", "push r13", "push r14", "push r15",
-    "mov [rdi], rsp",
-    "mov rsp, rsi",
-    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbx", "pop rbp",
-    "ret",
-    // A new thread's first switch lands here (`thread_init`): entry in r13,
-    // its argument in r12.
-    ".p2align 4",
-    ".globl dvma_thread_start",
-    "dvma_thread_start:",
-    "mov rdi, r12",
-    "and rsp, -16",
-    "xor ebp, ebp",
-    "call r13",
-    "ud2",
     // ---- the AST trampoline (intr.rs: the push) ----------------------------
     ".p2align 4",
     ".globl dvma_metal_ast_tramp",
@@ -167,7 +148,6 @@ core::arch::global_asm!(
 );
 
 unsafe extern "C" {
-    fn dvma_thread_start();
     fn dvma_metal_ast_tramp();
     fn dvma_metal_ast_tramp_end();
 }
@@ -296,22 +276,9 @@ impl Md for MetalMd {
     }
 
     fn thread_init(&self, stack: StackMem, entry: extern "C" fn(usize) -> !, arg: usize) -> usize {
-        let top = stack.base & !15;
-        let frame: [usize; 8] = [
-            0,                                       // r15
-            0,                                       // r14
-            entry as usize,                          // r13
-            arg,                                     // r12
-            0,                                       // rbx
-            0,                                       // rbp
-            dvma_thread_start as *const () as usize, // return address
-            0,                                       // end of the frame chain
-        ];
-        let sp = top - frame.len() * 8;
         // SAFETY: `stack` came from `stack_alloc` (its top pages are
         // mapped) and belongs to the thread being created.
-        unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), sp as *mut usize, frame.len()) };
-        sp
+        unsafe { kern::arch::thread_frame(stack.base & !15, entry, arg) }
     }
 
     fn run_thread(&self, body: &mut dyn FnMut()) {
