@@ -123,7 +123,7 @@ fn header(out: &mut String, results: &Results, analysis: &Analysis) {
     line!(out, "- Date: {}", esc(&m.date));
     line!(
         out,
-        "- Machine: {} ({} CPUs), kernel {}, TCP congestion control {}",
+        "- Machine: {} ({} CPUs), kernel {}, TCP congestion control {}, CPU idle {}",
         esc(&m.model),
         m.cpus,
         esc(&m.kernel),
@@ -131,6 +131,11 @@ fn header(out: &mut String, results: &Results, analysis: &Analysis) {
             "unknown".to_string()
         } else {
             format!("`{}`", esc(&m.tcp_congestion))
+        },
+        if m.cpu_idle.is_empty() {
+            "unknown".to_string()
+        } else {
+            format!("`{}`", esc(&m.cpu_idle))
         }
     );
     line!(

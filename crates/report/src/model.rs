@@ -105,6 +105,15 @@ pub struct MachineInfo {
     /// docs/bench/rtc.md, "seqread: the gap is TCP's").
     #[serde(default)]
     pub tcp_congestion: String,
+    /// How the host idles a CPU with nothing to run: the cpuidle driver
+    /// and, with the guest `haltpoll` driver, how long it polls before it
+    /// halts (`guest_halt_poll_ns`), e.g. `haltpoll, guest_halt_poll_ns 0`.
+    /// At queue depth 1 a client sleeps between requests, so this sets
+    /// what each reply costs to wake it: on a VM that halts at once, an
+    /// IPI to a halted vCPU (docs/bench/rtc.md, "qd1: the client's
+    /// wake-up"). Empty when it cannot be read.
+    #[serde(default)]
+    pub cpu_idle: String,
     /// When the benchmark ran (free text, e.g. RFC 3339).
     pub date: String,
 }
@@ -161,8 +170,8 @@ impl Results {
 
 impl MachineInfo {
     /// Describes this machine from `/proc` (CPU count, model, kernel
-    /// release, TCP congestion control); fields that cannot be read are left empty. `date` is taken
-    /// as given.
+    /// release, TCP congestion control, CPU idle policy); fields that
+    /// cannot be read are left empty. `date` is taken as given.
     pub fn detect(date: impl Into<String>) -> Self {
         let cpus = std::thread::available_parallelism()
             .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
@@ -187,8 +196,25 @@ impl MachineInfo {
             model,
             kernel,
             tcp_congestion,
+            cpu_idle: detect_cpu_idle(),
             date: date.into(),
         }
+    }
+}
+
+/// The host's CPU idle policy (see [`MachineInfo::cpu_idle`]).
+fn detect_cpu_idle() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let Some(driver) = read("/sys/devices/system/cpu/cpuidle/current_driver") else {
+        return String::new();
+    };
+    match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        Some(ns) if driver == "haltpoll" => format!("{driver}, guest_halt_poll_ns {ns}"),
+        _ => driver,
     }
 }
 

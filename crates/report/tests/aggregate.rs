@@ -289,7 +289,14 @@ fn results_json_has_the_contract_keys_and_round_trips() {
     ] {
         assert!(v.get(key).is_some(), "results lacks {key}");
     }
-    for key in ["cpus", "model", "kernel", "date"] {
+    for key in [
+        "cpus",
+        "model",
+        "kernel",
+        "tcp_congestion",
+        "cpu_idle",
+        "date",
+    ] {
         assert!(v["machine"].get(key).is_some(), "machine lacks {key}");
     }
     // Exact round trip, floats included.
@@ -305,4 +312,5 @@ fn results_json_has_the_contract_keys_and_round_trips() {
     assert_eq!(m.runs[0].dvma_mode, None);
     assert!(m.runs[0].latency_cdf.is_empty());
     assert!(!m.quick);
+    assert!(m.machine.cpu_idle.is_empty() && m.machine.tcp_congestion.is_empty());
 }

@@ -263,6 +263,20 @@ fn missing_peer_still_produces_a_report_that_says_so() {
 }
 
 #[test]
+fn machine_facts_that_could_not_be_read_say_unknown() {
+    let mut r = results(vec![dvma("lazy", "intr", RR, 0, 30.0)]);
+    r.machine.tcp_congestion.clear();
+    r.machine.cpu_idle.clear();
+    let (_dir, _files, md) = write(&r);
+    assert!(
+        md.contains(
+            "- Machine: Test CPU (2 CPUs), kernel 6.1.0-test, TCP congestion control unknown, CPU idle unknown"
+        ),
+        "{md}"
+    );
+}
+
+#[test]
 fn no_peers_and_no_dvma_runs_render() {
     // Only a peer ran: no best configuration, no CDF data for dvma.
     let (_dir, files, md) = write(&results(vec![peer("nbdkit", SR, 0, 100.0)]));
@@ -303,7 +317,7 @@ fn micro_protection_and_header_sections() {
     let (_dir, _files, md) = write(&r);
     assert!(
         md.contains(
-            "- Machine: Test CPU (2 CPUs), kernel 6.1.0-test, TCP congestion control `bbr`"
+            "- Machine: Test CPU (2 CPUs), kernel 6.1.0-test, TCP congestion control `bbr`, CPU idle `haltpoll, guest_halt_poll_ns 0`"
         )
     );
     assert!(md.contains("**quick run**"));

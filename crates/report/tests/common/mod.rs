@@ -65,6 +65,7 @@ pub fn results(runs: Vec<Run>) -> Results {
             model: "Test CPU".to_string(),
             kernel: "6.1.0-test".to_string(),
             tcp_congestion: "bbr".to_string(),
+            cpu_idle: "haltpoll, guest_halt_poll_ns 0".to_string(),
             date: "2026-01-02T03:04:05Z".to_string(),
         },
         duration_s: 123.0,
