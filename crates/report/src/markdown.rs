@@ -118,6 +118,15 @@ pub fn render_markdown(results: &Results, analysis: &Analysis) -> String {
     out
 }
 
+/// A machine fact as code, or "unknown" when it could not be read.
+fn fact(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".to_string()
+    } else {
+        format!("`{}`", esc(s))
+    }
+}
+
 fn header(out: &mut String, results: &Results, analysis: &Analysis) {
     let m = &results.machine;
     line!(out, "- Date: {}", esc(&m.date));
@@ -127,16 +136,8 @@ fn header(out: &mut String, results: &Results, analysis: &Analysis) {
         esc(&m.model),
         m.cpus,
         esc(&m.kernel),
-        if m.tcp_congestion.is_empty() {
-            "unknown".to_string()
-        } else {
-            format!("`{}`", esc(&m.tcp_congestion))
-        },
-        if m.cpu_idle.is_empty() {
-            "unknown".to_string()
-        } else {
-            format!("`{}`", esc(&m.cpu_idle))
-        }
+        fact(&m.tcp_congestion),
+        fact(&m.cpu_idle)
     );
     line!(
         out,
