@@ -1,13 +1,16 @@
 #!/bin/bash
-# 4 KiB random reads at depth 1 against dvma and nbdkit under three host
-# idle policies (docs/bench/rtc.md, "qd1: the client's wake-up"):
+# 4 KiB random reads at depth 1 against dvma and nbdkit under four host
+# idle placements and policies (docs/bench/rtc.md, "qd1: the client's wake-up"):
 #   halt   the machine as it is (on the development VM: the guest haltpoll
 #          cpuidle driver with guest_halt_poll_ns = 0: an idle CPU halts at
 #          once, and waking it takes an IPI to a halted vCPU);
 #   poll   guest_halt_poll_ns = 200000 (the Linux default: an idle CPU
 #          polls 200 us before it halts);
 #   spin   as `halt`, with a nice-19 busy loop that keeps the other host
-#          CPU from idling.
+#          CPU from idling;
+#   pin    as `halt`, with the server and fio both pinned to host CPU 0
+#          (`taskset -c 0`; dvma with `--cpus 1`): client and server share
+#          one core, so neither waits for a halted one.
 # Servers: `dvma serve` with no flags, `dvma serve --completion thread`,
 # nbdkit's file plugin with -t 16. REPS repetitions (default 5); within one,
 # every (policy, server) runs once, in reverse order on odd repetitions.
@@ -21,41 +24,51 @@ reps=${1:-5}
 dvma=${DVMA:-/work/main/target/release/dvma}
 dir=${DIR:-/tmp/q1}
 mkdir -p "$dir"
+out="$dir/qd1-idle.txt"
+: > "$out"
 [ -s "$dir/img" ] || head -c 268435456 /dev/urandom > "$dir/img"
 printf '[[disk]]\nname = "sd0"\nfile = "%s/img"\n' "$dir" > "$dir/d.toml"
 hp=/sys/module/haltpoll/parameters/guest_halt_poll_ns
-orig=$(cat $hp 2>/dev/null || echo)
-spin=
+orig=$(cat $hp 2>/dev/null)
+policies="halt poll spin pin"
+if [ -z "$orig" ] || ! [ -w $hp ]; then
+    echo "qd1-idle: $hp cannot be read or written here: skipping the poll policy" >&2
+    policies="halt spin pin"
+fi
+spin= pid=
 cleanup() {
-    [ -n "$orig" ] && echo "$orig" > $hp
+    [ -n "$orig" ] && [ -w $hp ] && echo "$orig" > $hp
     [ -n "$spin" ] && kill "$spin" 2>/dev/null
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-one() { # policy server rep
-    local port=$((20000 + RANDOM % 10000)) exp=sd0 pid f u0 s0 u1 s1
+one() { # policy server rep: one line to $out
+    local port=$((20000 + RANDOM % 10000)) exp=sd0 f u0 s0 u1 s1 pin= cpus=
     case $1 in
         poll) echo 200000 > $hp;;
-        *) echo "$orig" > $hp;;
+        *) [ -n "$orig" ] && [ -w $hp ] && echo "$orig" > $hp;;
     esac
     [ "$1" = spin ] && { nice -n 19 sh -c 'while :; do :; done' & spin=$!; }
+    [ "$1" = pin ] && { pin="taskset -c 0"; cpus="--cpus 1"; }
     case $2 in
-        dvma) "$dvma" serve --config "$dir/d.toml" --listen 127.0.0.1:$port >/dev/null 2>&1 & pid=$!;;
-        dvma-thread) "$dvma" serve --config "$dir/d.toml" --completion thread --listen 127.0.0.1:$port >/dev/null 2>&1 & pid=$!;;
-        nbdkit) nbdkit -f -p $port -t 16 file "$dir/img" & pid=$!; exp=;;
+        dvma) $pin "$dvma" serve --config "$dir/d.toml" $cpus --listen 127.0.0.1:$port >/dev/null 2>&1 & pid=$!;;
+        dvma-thread) $pin "$dvma" serve --config "$dir/d.toml" $cpus --completion thread --listen 127.0.0.1:$port >/dev/null 2>&1 & pid=$!;;
+        nbdkit) $pin nbdkit -f -p $port -t 16 file "$dir/img" & pid=$!; exp=;;
     esac
     sleep 0.8
     cat "$dir/img" > /dev/null
-    fio --name=t --ioengine=nbd --uri=nbd://127.0.0.1:$port/$exp --rw=randread --bs=4k \
+    $pin fio --name=t --ioengine=nbd --uri=nbd://127.0.0.1:$port/$exp --rw=randread --bs=4k \
         --iodepth=1 --size=256M --time_based --runtime=3 --ramp_time=0.5 --lat_percentiles=1 \
         --output-format=json > "$dir/fio.json" 2>/dev/null & f=$!
     sleep 1.5
     read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat); sleep 1
     read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
     wait $f
-    kill $pid; wait $pid 2>/dev/null
+    kill $pid; wait $pid 2>/dev/null; pid=
     [ -n "$spin" ] && { kill "$spin"; wait "$spin" 2>/dev/null; spin=; }
-    python3 - "$1" "$2" "$3" $((u1 + s1 - u0 - s0)) "$dir/fio.json" <<'PY'
+    python3 - "$1" "$2" "$3" $((u1 + s1 - u0 - s0)) "$dir/fio.json" >> "$out" <<'PY'
 import json, sys
 pol, srv, rep, ticks, path = sys.argv[1:]
 s = open(path).read()
@@ -66,14 +79,12 @@ PY
 }
 
 runs=()
-for p in halt poll spin; do
+for p in $policies; do
     for s in dvma dvma-thread nbdkit; do
-        [ $p = spin ] && [ $s = dvma-thread ] && continue
+        [ $p != halt ] && [ $p != poll ] && [ $s = dvma-thread ] && continue
         runs+=("$p $s")
     done
 done
-out="$dir/qd1-idle.txt"
-: > "$out"
 for ((r = 0; r < reps; r++)); do
     order=("${runs[@]}")
     if ((r % 2)); then
@@ -81,7 +92,8 @@ for ((r = 0; r < reps; r++)); do
         for ((i = ${#runs[@]} - 1; i >= 0; i--)); do order+=("${runs[i]}"); done
     fi
     for x in "${order[@]}"; do
-        one $x $r | tee -a "$out"
+        one $x $r
+        tail -n 1 "$out"
     done
 done
 python3 - "$out" <<'PY'
